@@ -1,0 +1,164 @@
+"""Configuration from the environment, parsed once, failing fast.
+
+Every service builds a frozen settings dataclass through ``Env``, which
+collects *every* problem before raising, so an operator fixes a broken
+deployment in one pass instead of one variable at a time.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from belfry.errors import ConfigError
+
+
+class Env:
+    """Typed reads from an environment mapping; ``check()`` raises all problems at once."""
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        self._environ = os.environ if environ is None else environ
+        self._problems: list[str] = []
+
+    def str(self, name: str, default: str | None = None) -> str:
+        """A string; missing without a default is a problem."""
+        value = self._environ.get(name, "").strip()
+        if value:
+            return value
+        if default is None:
+            self._problems.append(f"{name} is required but not set")
+            return ""
+        return default
+
+    def int(self, name: str, default: int, *, minimum: int = 0) -> int:
+        """An integer no smaller than ``minimum``."""
+        raw = self._environ.get(name, "").strip()
+        if not raw:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            self._problems.append(f"{name} must be an integer, got {raw!r}")
+            return default
+        if value < minimum:
+            self._problems.append(f"{name} must be at least {minimum}, got {value}")
+        return value
+
+    def float(self, name: str, default: float, *, minimum: float = 0.0) -> float:
+        """A number no smaller than ``minimum``."""
+        raw = self._environ.get(name, "").strip()
+        if not raw:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            self._problems.append(f"{name} must be a number, got {raw!r}")
+            return default
+        if value < minimum:
+            self._problems.append(f"{name} must be at least {minimum}, got {value}")
+        return value
+
+    def bool(self, name: str, default: bool) -> bool:
+        """``1/true/yes/on`` or ``0/false/no/off``."""
+        raw = self._environ.get(name, "").strip().lower()
+        if not raw:
+            return default
+        if raw in {"1", "true", "yes", "on"}:
+            return True
+        if raw in {"0", "false", "no", "off"}:
+            return False
+        self._problems.append(f"{name} must be true or false, got {raw!r}")
+        return default
+
+    def path(self, name: str) -> Path | None:
+        """An optional path to an existing file."""
+        raw = self._environ.get(name, "").strip()
+        if not raw:
+            return None
+        path = Path(raw)
+        if not path.is_file():
+            self._problems.append(f"{name} points to {raw!r}, which is not a readable file")
+        return path
+
+    def problem(self, message: str) -> None:
+        """Record a problem found by a caller's own validation."""
+        self._problems.append(message)
+
+    def check(self) -> None:
+        """Raise one ConfigError naming every problem seen so far."""
+        if self._problems:
+            raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(self._problems))
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """Mutual TLS material. With ``ca`` set, servers require client certificates."""
+
+    cert: Path | None
+    key: Path | None
+    ca: Path | None
+
+    @property
+    def enabled(self) -> bool:
+        """True when a certificate and key are configured."""
+        return self.cert is not None and self.key is not None
+
+
+@dataclass(frozen=True)
+class CommonSettings:
+    """What every service reads: database, listen address, logs, metrics, TLS, tokens."""
+
+    service: str
+    database_url: str
+    grpc_address: str
+    metrics_address: str
+    log_level: str
+    log_json: bool
+    drain_seconds: float
+    db_pool_min: int
+    db_pool_max: int
+    tls: TlsSettings
+    token_keys: dict[str, bytes]
+    token_active_kid: str
+    token_ttl_seconds: int
+
+
+def parse_token_keys(raw: str) -> dict[str, bytes]:
+    """``kid1=secret1,kid2=secret2`` → {kid: secret}. Several keys allow rotation."""
+    keys: dict[str, bytes] = {}
+    for part in filter(None, (p.strip() for p in raw.split(","))):
+        kid, sep, secret = part.partition("=")
+        if not sep or not kid or len(secret) < 32:
+            raise ConfigError("BELFRY_TOKEN_KEYS entries must be kid=secret with a secret of at least 32 characters")
+        keys[kid] = secret.encode()
+    return keys
+
+
+def load_common(service: str, env: Env, *, default_port: int) -> CommonSettings:
+    """Read the settings shared by every service (call ``env.check()`` after service-specific reads)."""
+    raw_keys = env.str("BELFRY_TOKEN_KEYS", "")
+    try:
+        keys = parse_token_keys(raw_keys)
+    except ConfigError as exc:
+        env.problem(exc.message)
+        keys = {}
+    active = env.str("BELFRY_TOKEN_ACTIVE_KID", next(iter(keys), ""))
+    if keys and active not in keys:
+        env.problem(f"BELFRY_TOKEN_ACTIVE_KID={active!r} is not one of the kids in BELFRY_TOKEN_KEYS")
+    return CommonSettings(
+        service=service,
+        database_url=env.str("BELFRY_DATABASE_URL", os.environ.get("DATABASE_URL")),
+        grpc_address=env.str("BELFRY_GRPC_ADDRESS", f"[::]:{default_port}"),
+        metrics_address=env.str("BELFRY_METRICS_ADDRESS", "0.0.0.0:9464"),
+        log_level=env.str("BELFRY_LOG_LEVEL", "info").lower(),
+        log_json=env.bool("BELFRY_LOG_JSON", True),
+        drain_seconds=env.float("BELFRY_DRAIN_SECONDS", 10.0),
+        db_pool_min=env.int("BELFRY_DB_POOL_MIN", 2, minimum=1),
+        db_pool_max=env.int("BELFRY_DB_POOL_MAX", 10, minimum=1),
+        tls=TlsSettings(env.path("BELFRY_TLS_CERT"), env.path("BELFRY_TLS_KEY"), env.path("BELFRY_TLS_CA")),
+        token_keys=keys,
+        token_active_kid=active,
+        token_ttl_seconds=env.int("BELFRY_TOKEN_TTL_SECONDS", 900, minimum=30),
+    )

@@ -1,0 +1,29 @@
+"""asyncpg pool creation: one pool per process, passed explicitly."""
+
+from __future__ import annotations
+
+import json
+
+import asyncpg
+
+Pool = asyncpg.Pool
+Connection = asyncpg.Connection
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    # jsonb columns come back as Python objects instead of strings.
+    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+    await conn.set_type_codec("json", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+async def create_pool(dsn: str, *, application_name: str, min_size: int = 2, max_size: int = 10) -> asyncpg.Pool:
+    """Open a pool whose connections decode JSON and name the service in ``pg_stat_activity``."""
+    pool = await asyncpg.create_pool(
+        dsn,
+        min_size=min_size,
+        max_size=max_size,
+        init=_init_connection,
+        server_settings={"application_name": application_name},
+    )
+    assert pool is not None  # create_pool only returns None when awaited without init
+    return pool
