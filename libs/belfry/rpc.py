@@ -2,15 +2,14 @@
 
 ``create_server`` builds a grpc.aio server with the standard health and
 reflection services and the error/logging/metrics interceptor, binds it
-(port 0 in tests) and returns it with the bound port; ``serve`` runs it until
-SIGTERM, then drains. Typed errors are mapped to status codes here and
+(port 0 in tests) and returns it with the bound port (``belfry.service`` runs
+it and drains on SIGTERM). Typed errors are mapped to status codes here and
 nowhere else.
 """
 
 from __future__ import annotations
 
 import asyncio
-import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -215,32 +214,3 @@ async def create_server(
     for name in [*service_names, ""]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return server, port, health_servicer
-
-
-async def serve(
-    server: grpc.aio.Server,
-    health_servicer: health.aio.HealthServicer,
-    *,
-    drain_seconds: float,
-    background: Sequence[Awaitable[None]] = (),
-) -> None:
-    """Start, run until SIGTERM/SIGINT, then drain: health goes NOT_SERVING first
-    so load balancers stop routing, in-flight RPCs get ``drain_seconds``."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await server.start()
-    tasks = [asyncio.ensure_future(job) for job in background]
-    waiter = asyncio.ensure_future(stop.wait())
-    await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
-    for task in tasks:
-        if task.done() and task.exception() is not None:
-            _LOG.error("background task failed", error=repr(task.exception()))
-    _LOG.info("draining", seconds=drain_seconds)
-    await health_servicer.enter_graceful_shutdown()
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    await server.stop(drain_seconds)
-    _LOG.info("stopped")

@@ -23,33 +23,36 @@ _sym_db = _symbol_database.Default()
 
 
 from belfry.api.common.v1 import common_pb2 as belfry_dot_api_dot_common_dot_v1_dot_common__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+belfry/api/preferences/v1/preferences.proto\x12\x19\x62\x65lfry.api.preferences.v1\x1a!belfry/api/common/v1/common.proto\"X\n\x06\x43hoice\x12\r\n\x05topic\x18\x01 \x01(\t\x12.\n\x07\x63hannel\x18\x02 \x01(\x0e\x32\x1d.belfry.api.common.v1.Channel\x12\x0f\n\x07\x65nabled\x18\x03 \x01(\x08\"\x17\n\x15GetPreferencesRequest\"]\n\x16GetPreferencesResponse\x12\x32\n\x07\x63hoices\x18\x01 \x03(\x0b\x32!.belfry.api.preferences.v1.Choice\x12\x0f\n\x07version\x18\x02 \x01(\x03\"c\n\x14SetPreferenceRequest\x12\x31\n\x06\x63hoice\x18\x01 \x01(\x0b\x32!.belfry.api.preferences.v1.Choice\x12\x18\n\x10\x65xpected_version\x18\x02 \x01(\x03\"(\n\x15SetPreferenceResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\"q\n\x0f\x43hannelDecision\x12.\n\x07\x63hannel\x18\x01 \x01(\x0e\x32\x1d.belfry.api.common.v1.Channel\x12\x0f\n\x07\x65nabled\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\r\n\x05sound\x18\x04 \x01(\t\"z\n\x11RecipientDecision\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12<\n\x08\x63hannels\x18\x02 \x03(\x0b\x32*.belfry.api.preferences.v1.ChannelDecision\x12\x16\n\x0ein_quiet_hours\x18\x03 \x01(\x08\"L\n\x15\x45\x66\x66\x65\x63tiveBatchRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\r\n\x05topic\x18\x02 \x01(\t\x12\x10\n\x08user_ids\x18\x03 \x03(\t\"Z\n\x16\x45\x66\x66\x65\x63tiveBatchResponse\x12@\n\nrecipients\x18\x01 \x03(\x0b\x32,.belfry.api.preferences.v1.RecipientDecision2\xf6\x02\n\x12PreferencesService\x12u\n\x0eGetPreferences\x12\x30.belfry.api.preferences.v1.GetPreferencesRequest\x1a\x31.belfry.api.preferences.v1.GetPreferencesResponse\x12r\n\rSetPreference\x12/.belfry.api.preferences.v1.SetPreferenceRequest\x1a\x30.belfry.api.preferences.v1.SetPreferenceResponse\x12u\n\x0e\x45\x66\x66\x65\x63tiveBatch\x12\x30.belfry.api.preferences.v1.EffectiveBatchRequest\x1a\x31.belfry.api.preferences.v1.EffectiveBatchResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+belfry/api/preferences/v1/preferences.proto\x12\x19\x62\x65lfry.api.preferences.v1\x1a!belfry/api/common/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"X\n\x06\x43hoice\x12\r\n\x05topic\x18\x01 \x01(\t\x12.\n\x07\x63hannel\x18\x02 \x01(\x0e\x32\x1d.belfry.api.common.v1.Channel\x12\x0f\n\x07\x65nabled\x18\x03 \x01(\x08\"\x17\n\x15GetPreferencesRequest\"]\n\x16GetPreferencesResponse\x12\x32\n\x07\x63hoices\x18\x01 \x03(\x0b\x32!.belfry.api.preferences.v1.Choice\x12\x0f\n\x07version\x18\x02 \x01(\x03\"c\n\x14SetPreferenceRequest\x12\x31\n\x06\x63hoice\x18\x01 \x01(\x0b\x32!.belfry.api.preferences.v1.Choice\x12\x18\n\x10\x65xpected_version\x18\x02 \x01(\x03\"(\n\x15SetPreferenceResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\"q\n\x0f\x43hannelDecision\x12.\n\x07\x63hannel\x18\x01 \x01(\x0e\x32\x1d.belfry.api.common.v1.Channel\x12\x0f\n\x07\x65nabled\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\r\n\x05sound\x18\x04 \x01(\t\"\xab\x01\n\x11RecipientDecision\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12<\n\x08\x63hannels\x18\x02 \x03(\x0b\x32*.belfry.api.preferences.v1.ChannelDecision\x12\x16\n\x0ein_quiet_hours\x18\x03 \x01(\x08\x12/\n\x0bquiet_until\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"L\n\x15\x45\x66\x66\x65\x63tiveBatchRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\r\n\x05topic\x18\x02 \x01(\t\x12\x10\n\x08user_ids\x18\x03 \x03(\t\"O\n\tTopicInfo\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06locked\x18\x02 \x01(\x08\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\x03\x12\x10\n\x08\x63\x61tegory\x18\x04 \x01(\t\"\x8f\x01\n\x16\x45\x66\x66\x65\x63tiveBatchResponse\x12@\n\nrecipients\x18\x01 \x03(\x0b\x32,.belfry.api.preferences.v1.RecipientDecision\x12\x33\n\x05topic\x18\x02 \x01(\x0b\x32$.belfry.api.preferences.v1.TopicInfo2\xf6\x02\n\x12PreferencesService\x12u\n\x0eGetPreferences\x12\x30.belfry.api.preferences.v1.GetPreferencesRequest\x1a\x31.belfry.api.preferences.v1.GetPreferencesResponse\x12r\n\rSetPreference\x12/.belfry.api.preferences.v1.SetPreferenceRequest\x1a\x30.belfry.api.preferences.v1.SetPreferenceResponse\x12u\n\x0e\x45\x66\x66\x65\x63tiveBatch\x12\x30.belfry.api.preferences.v1.EffectiveBatchRequest\x1a\x31.belfry.api.preferences.v1.EffectiveBatchResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'belfry.api.preferences.v1.preferences_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CHOICE']._serialized_start=109
-  _globals['_CHOICE']._serialized_end=197
-  _globals['_GETPREFERENCESREQUEST']._serialized_start=199
-  _globals['_GETPREFERENCESREQUEST']._serialized_end=222
-  _globals['_GETPREFERENCESRESPONSE']._serialized_start=224
-  _globals['_GETPREFERENCESRESPONSE']._serialized_end=317
-  _globals['_SETPREFERENCEREQUEST']._serialized_start=319
-  _globals['_SETPREFERENCEREQUEST']._serialized_end=418
-  _globals['_SETPREFERENCERESPONSE']._serialized_start=420
-  _globals['_SETPREFERENCERESPONSE']._serialized_end=460
-  _globals['_CHANNELDECISION']._serialized_start=462
-  _globals['_CHANNELDECISION']._serialized_end=575
-  _globals['_RECIPIENTDECISION']._serialized_start=577
-  _globals['_RECIPIENTDECISION']._serialized_end=699
-  _globals['_EFFECTIVEBATCHREQUEST']._serialized_start=701
-  _globals['_EFFECTIVEBATCHREQUEST']._serialized_end=777
-  _globals['_EFFECTIVEBATCHRESPONSE']._serialized_start=779
-  _globals['_EFFECTIVEBATCHRESPONSE']._serialized_end=869
-  _globals['_PREFERENCESSERVICE']._serialized_start=872
-  _globals['_PREFERENCESSERVICE']._serialized_end=1246
+  _globals['_CHOICE']._serialized_start=142
+  _globals['_CHOICE']._serialized_end=230
+  _globals['_GETPREFERENCESREQUEST']._serialized_start=232
+  _globals['_GETPREFERENCESREQUEST']._serialized_end=255
+  _globals['_GETPREFERENCESRESPONSE']._serialized_start=257
+  _globals['_GETPREFERENCESRESPONSE']._serialized_end=350
+  _globals['_SETPREFERENCEREQUEST']._serialized_start=352
+  _globals['_SETPREFERENCEREQUEST']._serialized_end=451
+  _globals['_SETPREFERENCERESPONSE']._serialized_start=453
+  _globals['_SETPREFERENCERESPONSE']._serialized_end=493
+  _globals['_CHANNELDECISION']._serialized_start=495
+  _globals['_CHANNELDECISION']._serialized_end=608
+  _globals['_RECIPIENTDECISION']._serialized_start=611
+  _globals['_RECIPIENTDECISION']._serialized_end=782
+  _globals['_EFFECTIVEBATCHREQUEST']._serialized_start=784
+  _globals['_EFFECTIVEBATCHREQUEST']._serialized_end=860
+  _globals['_TOPICINFO']._serialized_start=862
+  _globals['_TOPICINFO']._serialized_end=941
+  _globals['_EFFECTIVEBATCHRESPONSE']._serialized_start=944
+  _globals['_EFFECTIVEBATCHRESPONSE']._serialized_end=1087
+  _globals['_PREFERENCESSERVICE']._serialized_start=1090
+  _globals['_PREFERENCESSERVICE']._serialized_end=1464
 # @@protoc_insertion_point(module_scope)

@@ -7,6 +7,7 @@ from belfry.api.common.v1 import common_pb2 as _common_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
@@ -172,20 +173,26 @@ class RecipientDecision(_message.Message):
     USER_ID_FIELD_NUMBER: _builtins.int
     CHANNELS_FIELD_NUMBER: _builtins.int
     IN_QUIET_HOURS_FIELD_NUMBER: _builtins.int
+    QUIET_UNTIL_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     in_quiet_hours: _builtins.bool
     @_builtins.property
     def channels(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChannelDecision]: ...
+    @_builtins.property
+    def quiet_until(self) -> _timestamp_pb2.Timestamp:
+        """When in quiet hours: the moment they end (deliveries are held until then)."""
+
     def __init__(
         self,
         *,
         user_id: _builtins.str = ...,
         channels: _abc.Iterable[Global___ChannelDecision] | None = ...,
         in_quiet_hours: _builtins.bool = ...,
+        quiet_until: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["quiet_until", b"quiet_until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channels", b"channels", "in_quiet_hours", b"in_quiet_hours", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channels", b"channels", "in_quiet_hours", b"in_quiet_hours", "quiet_until", b"quiet_until", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -222,20 +229,56 @@ class EffectiveBatchRequest(_message.Message):
 Global___EffectiveBatchRequest: _TypeAlias = EffectiveBatchRequest  # noqa: Y015
 
 @_typing.final
+class TopicInfo(_message.Message):
+    """What the dispatcher needs to know about the topic itself."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    LOCKED_FIELD_NUMBER: _builtins.int
+    TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    CATEGORY_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    locked: _builtins.bool
+    """support/billing: always on, bypasses quiet hours"""
+    ttl_seconds: _builtins.int
+    """deliveries older than this are expired, not sent"""
+    category: _builtins.str
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        locked: _builtins.bool = ...,
+        ttl_seconds: _builtins.int = ...,
+        category: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "key", b"key", "locked", b"locked", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TopicInfo: _TypeAlias = TopicInfo  # noqa: Y015
+
+@_typing.final
 class EffectiveBatchResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RECIPIENTS_FIELD_NUMBER: _builtins.int
+    TOPIC_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def recipients(self) -> _containers.RepeatedCompositeFieldContainer[Global___RecipientDecision]: ...
+    @_builtins.property
+    def topic(self) -> Global___TopicInfo: ...
     def __init__(
         self,
         *,
         recipients: _abc.Iterable[Global___RecipientDecision] | None = ...,
+        topic: Global___TopicInfo | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["topic", b"topic"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["recipients", b"recipients"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["recipients", b"recipients", "topic", b"topic"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

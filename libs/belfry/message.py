@@ -1,0 +1,59 @@
+"""The rendered notification every sender receives in a delivery's payload.
+
+The dispatcher (or batching, for merged notifications and digests) builds one
+``Message`` per notification and stores it as JSON in each delivery row; every
+sender reads the same shape. Text fields are untrusted producer input: senders
+escape them for their medium (HTML, headers, JSON), never interpret them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Item:
+    """One object behind a (possibly merged) notification."""
+
+    type: str
+    id: str
+    display_name: str
+    url: str
+
+
+@dataclass(frozen=True)
+class Message:
+    """What to tell one user about one notification, on any channel."""
+
+    notification_id: str
+    account_id: str
+    user_id: str
+    topic: str
+    title: str
+    body: str
+    url: str
+    occurred_at: str  # ISO 8601, UTC
+    actor_user_id: str = ""
+    sound: str = ""  # pop-up sound; empty = silent
+    popup: bool = False  # show a toast (the bell delivery carries it)
+    locked: bool = False  # support/billing: bypasses quiet hours and switches
+    locale: str = "en"
+    items: tuple[Item, ...] = ()  # merged notifications name every object
+    variables: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def merged_count(self) -> int:
+        """How many objects this notification stands for (1 when not merged)."""
+        return max(1, len(self.items))
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict for the delivery payload."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Message:
+        """Parse a delivery payload (unknown keys are ignored, so old rows keep working)."""
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        known["items"] = tuple(Item(**i) for i in known.get("items", ()))
+        return cls(**known)

@@ -1,0 +1,251 @@
+"""SQL of the delivery queue: the only module that touches ``queue.deliveries``.
+
+Delivery is at-least-once with the delivery id as the dedup key. Each claim
+takes a lease with an expiry and a fresh fencing token; a settle carrying a
+stale token (the lease expired and someone else claimed the row) changes
+nothing, so a paused sender that wakes up late cannot overwrite the work of
+the replica that rescued its delivery.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+CHANNELS = ("email", "bell", "browser", "mobile", "other_apps", "batching")
+
+
+def notify_channel(channel: str) -> str:
+    """The LISTEN/NOTIFY channel that wakes the senders of ``channel``."""
+    return f"belfry_queue_{channel}"
+
+
+@dataclass(frozen=True)
+class NewDelivery:
+    """A delivery to enqueue (inside the producer's own transaction)."""
+
+    account_id: str
+    notification_id: uuid.UUID
+    user_id: str
+    channel: str
+    topic: str
+    payload: dict[str, Any]
+    expires_at: datetime
+    available_at: datetime | None = None
+    max_attempts: int = 8
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A claimed delivery; ``token`` fences every later state change."""
+
+    delivery_id: int
+    account_id: str
+    notification_id: uuid.UUID
+    user_id: str
+    channel: str
+    topic: str
+    payload: dict[str, Any]
+    attempts: int  # including this one
+    max_attempts: int
+    token: int
+    expires_at: datetime
+
+
+@dataclass(frozen=True)
+class Sent:
+    """Delivered (or handed to the next hop, which owns it now)."""
+
+
+@dataclass(frozen=True)
+class Retry:
+    """Transient failure: try again later, no earlier than ``retry_after`` seconds."""
+
+    error: str
+    retry_after: float | None = None
+
+
+@dataclass(frozen=True)
+class Fail:
+    """Permanent failure: goes to the dead-letter state with its error history."""
+
+    error: str
+
+
+@dataclass(frozen=True)
+class Drop:
+    """Nothing to do on purpose (e.g. the user has a live tab): not an error."""
+
+    reason: str
+
+
+Outcome = Sent | Retry | Fail | Drop
+
+
+def backoff(attempts: int, *, base: float = 2.0, cap: float = 900.0) -> float:
+    """Exponential backoff with full jitter (seconds) before attempt ``attempts + 1``."""
+    ceiling = min(cap, base * (2 ** max(0, attempts - 1)))
+    return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not cryptography
+
+
+async def enqueue(conn: asyncpg.Connection, deliveries: Sequence[NewDelivery]) -> int:
+    """Insert deliveries (duplicates of (notification, user, channel) are ignored) and wake senders."""
+    if not deliveries:
+        return 0
+    rows = await conn.fetch(
+        """
+        insert into queue.deliveries
+            (account_id, notification_id, user_id, channel, topic, payload, expires_at, available_at, max_attempts)
+        select a, n, u, c, t, p, e, coalesce(v, now()), m
+        from unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::jsonb[],
+                    $7::timestamptz[], $8::timestamptz[], $9::int[]) as x(a, n, u, c, t, p, e, v, m)
+        on conflict (notification_id, user_id, channel) do nothing
+        returning channel
+        """,
+        [d.account_id for d in deliveries],
+        [d.notification_id for d in deliveries],
+        [d.user_id for d in deliveries],
+        [d.channel for d in deliveries],
+        [d.topic for d in deliveries],
+        [d.payload for d in deliveries],
+        [d.expires_at for d in deliveries],
+        [d.available_at for d in deliveries],
+        [d.max_attempts for d in deliveries],
+    )
+    # NOTIFY is transactional: senders wake only once the producer commits.
+    for channel in {r["channel"] for r in rows}:
+        await conn.execute("select pg_notify($1, '')", notify_channel(channel))
+    return len(rows)
+
+
+class Queue:
+    """One channel's view of the queue, used by that channel's sender replicas."""
+
+    def __init__(self, pool: asyncpg.Pool, channel: str, *, worker: str, lease_seconds: float = 30.0) -> None:
+        if channel not in CHANNELS:
+            raise ValueError(f"unknown channel {channel!r}; expected one of {', '.join(CHANNELS)}")
+        self.pool = pool
+        self.channel = channel
+        self.worker = worker
+        self.lease_seconds = lease_seconds
+
+    async def claim(self, limit: int) -> list[Lease]:
+        """Lease up to ``limit`` due deliveries, oldest first, skipping rows other replicas hold."""
+        rows = await self.pool.fetch(
+            """
+            with picked as (
+                select delivery_id from queue.deliveries
+                where channel = $1 and state = 'queued' and available_at <= now()
+                order by available_at
+                limit $2
+                for update skip locked
+            )
+            update queue.deliveries d
+            set state = 'leased', attempts = d.attempts + 1, lease_token = nextval('queue.lease_tokens'),
+                lease_expires_at = now() + make_interval(secs => $3), leased_by = $4
+            from picked where d.delivery_id = picked.delivery_id
+            returning d.delivery_id, d.account_id, d.notification_id, d.user_id, d.channel, d.topic,
+                      d.payload, d.attempts, d.max_attempts, d.lease_token, d.expires_at
+            """,
+            self.channel,
+            limit,
+            self.lease_seconds,
+            self.worker,
+        )
+        return [
+            Lease(
+                delivery_id=r["delivery_id"],
+                account_id=r["account_id"],
+                notification_id=r["notification_id"],
+                user_id=r["user_id"],
+                channel=r["channel"],
+                topic=r["topic"],
+                payload=r["payload"],
+                attempts=r["attempts"],
+                max_attempts=r["max_attempts"],
+                token=r["lease_token"],
+                expires_at=r["expires_at"],
+            )
+            for r in rows
+        ]
+
+    async def settle(self, results: Sequence[tuple[Lease, Outcome]]) -> int:
+        """Record outcomes in one statement; rows whose token is stale are left alone.
+
+        Returns how many rows changed (fewer than given means some leases were lost).
+        """
+        if not results:
+            return 0
+        ids: list[int] = []
+        tokens: list[int] = []
+        states: list[str] = []
+        delays: list[float] = []
+        errs: list[str | None] = []
+        for lease, outcome in results:
+            ids.append(lease.delivery_id)
+            tokens.append(lease.token)
+            if isinstance(outcome, Sent):
+                states.append("sent")
+                delays.append(0.0)
+                errs.append(None)
+            elif isinstance(outcome, Drop):
+                states.append("dropped")
+                delays.append(0.0)
+                errs.append(outcome.reason)
+            elif isinstance(outcome, Fail) or lease.attempts >= lease.max_attempts:
+                states.append("dead")
+                delays.append(0.0)
+                errs.append(outcome.error)
+            else:
+                states.append("queued")
+                delays.append(max(backoff(lease.attempts), outcome.retry_after or 0.0))
+                errs.append(outcome.error)
+        status = await self.pool.execute(
+            """
+            update queue.deliveries d
+            set state = x.state,
+                available_at = case when x.state = 'queued' then now() + make_interval(secs => x.delay) else d.available_at end,
+                finished_at = case when x.state = 'queued' then null else now() end,
+                lease_token = null, lease_expires_at = null, leased_by = null,
+                errors = case when x.err is null then d.errors
+                              else d.errors || jsonb_build_array(jsonb_build_object(
+                                  'at', now(), 'attempt', d.attempts, 'error', x.err, 'worker', $6::text)) end
+            from unnest($1::bigint[], $2::bigint[], $3::text[], $4::float8[], $5::text[]) as x(id, token, state, delay, err)
+            where d.delivery_id = x.id and d.lease_token = x.token and d.state = 'leased'
+            """,
+            ids,
+            tokens,
+            states,
+            delays,
+            errs,
+            self.worker,
+        )
+        return int(status.split()[-1])
+
+    async def rescue(self) -> int:
+        """Make deliveries whose lease expired (their sender died or stalled) claimable again."""
+        status = await self.pool.execute(
+            """
+            update queue.deliveries set state = 'queued', lease_token = null, lease_expires_at = null, leased_by = null
+            where channel = $1 and state = 'leased' and lease_expires_at < now()
+            """,
+            self.channel,
+        )
+        return int(status.split()[-1])
+
+    async def expire(self) -> int:
+        """Deliveries past their time to live are expired, never sent late."""
+        status = await self.pool.execute(
+            """
+            update queue.deliveries set state = 'expired', finished_at = now()
+            where channel = $1 and state = 'queued' and expires_at <= now()
+            """,
+            self.channel,
+        )
+        return int(status.split()[-1])

@@ -1,0 +1,141 @@
+"""The one shape every service has: build → start (tests, port 0) → run (processes).
+
+A service module provides ``load_settings(environ)`` and ``build(settings, pool)``
+returning a :class:`Built`; ``start`` opens the pool, binds the gRPC server and
+starts the background loops, and ``main`` is what ``python -m services.<name>``
+calls. Tests start the very same servers in-process on port 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import asyncpg
+import grpc
+from grpc_health.v1 import health
+
+from belfry import db, log, metrics, rpc
+from belfry.config import CommonSettings
+from belfry.errors import ConfigError
+
+_LOG = log.get(__name__)
+
+# A background loop runs until its stop event is set (sender workers, schedulers).
+Background = Callable[[asyncio.Event], Awaitable[None]]
+
+
+class HasCommon(Protocol):
+    """Service settings embed the common block."""
+
+    @property
+    def common(self) -> CommonSettings:
+        """The settings every service shares."""
+
+
+@dataclass
+class Built:
+    """What a service contributes: servicers, their names, background loops, cleanup."""
+
+    registrations: Sequence[rpc.Registration] = ()
+    service_names: Sequence[str] = ()
+    background: Sequence[Background] = ()
+    cleanup: Sequence[Callable[[], Awaitable[None]]] = ()
+
+
+@dataclass
+class Running:
+    """A started service: its port, pool and loops; ``stop()`` drains it."""
+
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    pool: asyncpg.Pool
+    built: Built
+    stop_event: asyncio.Event = field(default_factory=asyncio.Event)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    async def stop(self, grace: float = 1.0) -> None:
+        """Stop routing, stop loops, drain RPCs, close resources."""
+        await self.health.enter_graceful_shutdown()
+        self.stop_event.set()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.server.stop(grace)
+        for cleanup in self.built.cleanup:
+            await cleanup()
+        await self.pool.close()
+
+
+async def start(
+    name: str,
+    common: CommonSettings,
+    build: Callable[[asyncpg.Pool], Awaitable[Built]],
+    *,
+    pool: asyncpg.Pool | None = None,
+) -> Running:
+    """Open the pool, build the service, bind and start its server and loops."""
+    own_pool = pool or await db.create_pool(
+        common.database_url, application_name=f"belfry-{name}", min_size=common.db_pool_min, max_size=common.db_pool_max
+    )
+    built = await build(own_pool)
+    server, port, health_servicer = await rpc.create_server(
+        name, built.registrations, built.service_names, common.grpc_address, common.tls
+    )
+    await server.start()
+    running = Running(server, port, health_servicer, own_pool, built)
+
+    def spawn(loop: Background) -> asyncio.Task[None]:
+        async def guarded() -> None:
+            try:
+                await loop(running.stop_event)
+            except Exception:
+                _LOG.exception("background loop crashed; the service stops so the orchestrator restarts it")
+                running.stop_event.set()
+                raise
+
+        return asyncio.create_task(guarded())
+
+    running.tasks = [spawn(loop) for loop in built.background]
+    return running
+
+
+async def _run(name: str, common: CommonSettings, build: Callable[[asyncpg.Pool], Awaitable[Built]]) -> None:
+    import signal  # noqa: PLC0415 - only processes (not tests) handle signals
+
+    metrics_port = metrics.serve_metrics(common.metrics_address)
+    running = await start(name, common, build)
+    # Supervisors (``belfry up``, tests) read the bound port from this line.
+    _LOG.info("serving", port=running.port, metrics_port=metrics_port)
+    print(f"BELFRY_READY {name} {running.port}", file=sys.stderr, flush=True)  # noqa: T201
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, running.stop_event.set)
+    await running.stop_event.wait()
+    _LOG.info("draining", seconds=common.drain_seconds)
+    await running.stop(common.drain_seconds)
+    _LOG.info("stopped")
+
+
+def main(
+    name: str,
+    load: Callable[[Mapping[str, str]], HasCommon],
+    build_for: Callable[[HasCommon], Callable[[asyncpg.Pool], Awaitable[Built]]],
+) -> None:
+    """Entry point of ``python -m services.<name>``: settings, logging, uvloop, run."""
+    try:
+        settings = load(os.environ)
+    except ConfigError as exc:
+        print(f"belfry-{name}: {exc.message}", file=sys.stderr)  # noqa: T201
+        raise SystemExit(2) from exc
+    common = settings.common
+    log.configure(service=name, level=common.log_level, json=common.log_json)
+    with contextlib.suppress(ImportError):
+        import uvloop  # noqa: PLC0415 - optional speed-up
+
+        uvloop.install()
+    asyncio.run(_run(name, common, build_for(settings)))
