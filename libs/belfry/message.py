@@ -35,8 +35,13 @@ class Message:
     url: str
     occurred_at: str  # ISO 8601, UTC
     actor_user_id: str = ""
+    recipient_email: str = ""  # the email delivery's address (from the directory)
+    recipient_name: str = ""
+    # The in-app ("bell") delivery carries what the live tab should do with it:
+    bell: bool = True  # keep it in the feed behind the bell
+    popup: bool = False  # show a toast
+    browser: bool = False  # show an OS-level notification from the live tab
     sound: str = ""  # pop-up sound; empty = silent
-    popup: bool = False  # show a toast (the bell delivery carries it)
     locked: bool = False  # support/billing: bypasses quiet hours and switches
     locale: str = "en"
     items: tuple[Item, ...] = ()  # merged notifications name every object

@@ -33,7 +33,9 @@ OWNERS: tuple[tuple[str, Path], ...] = (
     ("dispatcher", _SERVICES / "dispatcher" / "migrations"),
     ("batching", _SERVICES / "batching" / "migrations"),
     ("gateway", _SERVICES / "gateway" / "migrations"),
-    ("push", _SERVICES / "push" / "migrations"),
+    ("webpush", _SERVICES / "webpush" / "migrations"),
+    ("mobile", _SERVICES / "mobile" / "migrations"),
+    ("webhooks", _SERVICES / "webhooks" / "migrations"),
     ("email", _SERVICES / "email" / "migrations"),
 )
 

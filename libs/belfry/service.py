@@ -57,6 +57,7 @@ class Running:
     health: health.aio.HealthServicer
     pool: asyncpg.Pool
     built: Built
+    owns_pool: bool = True
     stop_event: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -68,7 +69,8 @@ class Running:
         await self.server.stop(grace)
         for cleanup in self.built.cleanup:
             await cleanup()
-        await self.pool.close()
+        if self.owns_pool:
+            await self.pool.close()
 
 
 async def start(
@@ -87,7 +89,7 @@ async def start(
         name, built.registrations, built.service_names, common.grpc_address, common.tls
     )
     await server.start()
-    running = Running(server, port, health_servicer, own_pool, built)
+    running = Running(server, port, health_servicer, own_pool, built, owns_pool=pool is None)
 
     def spawn(loop: Background) -> asyncio.Task[None]:
         async def guarded() -> None:

@@ -174,8 +174,21 @@ class RecipientDecision(_message.Message):
     CHANNELS_FIELD_NUMBER: _builtins.int
     IN_QUIET_HOURS_FIELD_NUMBER: _builtins.int
     QUIET_UNTIL_FIELD_NUMBER: _builtins.int
+    KNOWN_FIELD_NUMBER: _builtins.int
+    EMAIL_FIELD_NUMBER: _builtins.int
+    DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    LOCALE_FIELD_NUMBER: _builtins.int
+    TIME_ZONE_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     in_quiet_hours: _builtins.bool
+    known: _builtins.bool
+    """Directory facts the dispatcher and senders need; known=false means the
+    user is not an active member of the account (the dispatcher refuses it).
+    """
+    email: _builtins.str
+    display_name: _builtins.str
+    locale: _builtins.str
+    time_zone: _builtins.str
     @_builtins.property
     def channels(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChannelDecision]: ...
     @_builtins.property
@@ -189,10 +202,15 @@ class RecipientDecision(_message.Message):
         channels: _abc.Iterable[Global___ChannelDecision] | None = ...,
         in_quiet_hours: _builtins.bool = ...,
         quiet_until: _timestamp_pb2.Timestamp | None = ...,
+        known: _builtins.bool = ...,
+        email: _builtins.str = ...,
+        display_name: _builtins.str = ...,
+        locale: _builtins.str = ...,
+        time_zone: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["quiet_until", b"quiet_until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channels", b"channels", "in_quiet_hours", b"in_quiet_hours", "quiet_until", b"quiet_until", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channels", b"channels", "display_name", b"display_name", "email", b"email", "in_quiet_hours", b"in_quiet_hours", "known", b"known", "locale", b"locale", "quiet_until", b"quiet_until", "time_zone", b"time_zone", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -238,12 +256,18 @@ class TopicInfo(_message.Message):
     LOCKED_FIELD_NUMBER: _builtins.int
     TTL_SECONDS_FIELD_NUMBER: _builtins.int
     CATEGORY_FIELD_NUMBER: _builtins.int
+    BATCHING_FIELD_NUMBER: _builtins.int
+    ALLOWED_CHANNELS_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     locked: _builtins.bool
     """support/billing: always on, bypasses quiet hours"""
     ttl_seconds: _builtins.int
     """deliveries older than this are expired, not sent"""
     category: _builtins.str
+    batching: _builtins.str
+    """"assignment": held and merged by batching; "digest": digest fact; "" = immediate"""
+    @_builtins.property
+    def allowed_channels(self) -> _containers.RepeatedScalarFieldContainer[_common_pb2.Channel.ValueType]: ...
     def __init__(
         self,
         *,
@@ -251,10 +275,12 @@ class TopicInfo(_message.Message):
         locked: _builtins.bool = ...,
         ttl_seconds: _builtins.int = ...,
         category: _builtins.str = ...,
+        batching: _builtins.str = ...,
+        allowed_channels: _abc.Iterable[_common_pb2.Channel.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "key", b"key", "locked", b"locked", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_channels", b"allowed_channels", "batching", b"batching", "category", b"category", "key", b"key", "locked", b"locked", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
