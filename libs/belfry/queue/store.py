@@ -105,7 +105,7 @@ async def enqueue(conn: asyncpg.Connection, deliveries: Sequence[NewDelivery]) -
         select a, n, u, c, t, p, e, coalesce(v, now()), m
         from unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::jsonb[],
                     $7::timestamptz[], $8::timestamptz[], $9::int[]) as x(a, n, u, c, t, p, e, v, m)
-        on conflict (notification_id, user_id, channel) do nothing
+        on conflict (account_id, notification_id, user_id, channel) do nothing
         returning channel
         """,
         [d.account_id for d in deliveries],
@@ -149,7 +149,7 @@ class Queue:
             update queue.deliveries d
             set state = 'leased', attempts = d.attempts + 1, lease_token = nextval('queue.lease_tokens'),
                 lease_expires_at = now() + make_interval(secs => $3), leased_by = $4
-            from picked where d.delivery_id = picked.delivery_id
+            from picked where d.account_id = picked.account_id and d.delivery_id = picked.delivery_id
             returning d.delivery_id, d.account_id, d.notification_id, d.user_id, d.channel, d.topic,
                       d.payload, d.attempts, d.max_attempts, d.lease_token, d.expires_at
             """,
@@ -182,12 +182,14 @@ class Queue:
         """
         if not results:
             return 0
+        accounts: list[str] = []
         ids: list[int] = []
         tokens: list[int] = []
         states: list[str] = []
         delays: list[float] = []
         errs: list[str | None] = []
         for lease, outcome in results:
+            accounts.append(lease.account_id)
             ids.append(lease.delivery_id)
             tokens.append(lease.token)
             if isinstance(outcome, Sent):
@@ -216,8 +218,9 @@ class Queue:
                 errors = case when x.err is null then d.errors
                               else d.errors || jsonb_build_array(jsonb_build_object(
                                   'at', now(), 'attempt', d.attempts, 'error', x.err, 'worker', $6::text)) end
-            from unnest($1::bigint[], $2::bigint[], $3::text[], $4::float8[], $5::text[]) as x(id, token, state, delay, err)
-            where d.delivery_id = x.id and d.lease_token = x.token and d.state = 'leased'
+            from unnest($1::bigint[], $2::bigint[], $3::text[], $4::float8[], $5::text[], $7::text[])
+                as x(id, token, state, delay, err, account)
+            where d.account_id = x.account and d.delivery_id = x.id and d.lease_token = x.token and d.state = 'leased'
             """,
             ids,
             tokens,
@@ -225,6 +228,7 @@ class Queue:
             delays,
             errs,
             self.worker,
+            accounts,
         )
         return int(status.split()[-1])
 

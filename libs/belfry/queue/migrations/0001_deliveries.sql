@@ -4,8 +4,8 @@
 create schema if not exists queue;
 
 create table queue.deliveries (
-    delivery_id     bigint generated always as identity primary key,
     account_id      text        not null,
+    delivery_id     bigint generated always as identity,
     notification_id uuid        not null,
     user_id         text        not null,
     channel         text        not null,   -- email | bell | browser | mobile | other_apps | batching
@@ -23,7 +23,8 @@ create table queue.deliveries (
     errors          jsonb       not null default '[]'::jsonb,
     created_at      timestamptz not null default now(),
     finished_at     timestamptz,
-    unique (notification_id, user_id, channel)
+    primary key (account_id, delivery_id),
+    unique (account_id, notification_id, user_id, channel)
 );
 
 -- Hot path: what is claimable per channel. Finished rows fall out of it.
@@ -33,7 +34,7 @@ create index deliveries_leased on queue.deliveries (channel, lease_expires_at)
     where state = 'leased';
 create index deliveries_finished on queue.deliveries (finished_at)
     where finished_at is not null;
-create index deliveries_dead on queue.deliveries (account_id, channel)
+create index deliveries_dead on queue.deliveries (account_id, channel, delivery_id)
     where state = 'dead';
 
 create sequence queue.lease_tokens;
