@@ -140,7 +140,7 @@ class Queue:
         rows = await self.pool.fetch(
             """
             with picked as (
-                select delivery_id from queue.deliveries
+                select account_id, delivery_id from queue.deliveries
                 where channel = $1 and state = 'queued' and available_at <= now()
                 order by available_at
                 limit $2
