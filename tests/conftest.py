@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
-
 from belfry import db, migrate
 
 ADMIN_DSN = os.environ.get("BELFRY_TEST_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")

@@ -42,7 +42,14 @@ class TokenIssuer:
     def issue(self, account_id: str, user_id: str, *, now: float | None = None) -> str:
         """A token for (account, user), valid for the configured time to live."""
         issued = int(time.time() if now is None else now)
-        claims = {"iss": ISSUER, "aud": AUDIENCE, "acc": account_id, "sub": user_id, "iat": issued, "exp": issued + self._ttl}
+        claims = {
+            "iss": ISSUER,
+            "aud": AUDIENCE,
+            "acc": account_id,
+            "sub": user_id,
+            "iat": issued,
+            "exp": issued + self._ttl,
+        }
         return jwt.encode(claims, self._key, algorithm=_ALGORITHM, headers={"kid": self._kid})
 
 

@@ -7,6 +7,7 @@ deployment in one pass instead of one variable at a time.
 
 from __future__ import annotations
 
+import builtins
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ class Env:
         self._environ = os.environ if environ is None else environ
         self._problems: list[str] = []
 
-    def str(self, name: str, default: str | None = None) -> str:
+    def str(self, name: builtins.str, default: builtins.str | None = None) -> builtins.str:
         """A string; missing without a default is a problem."""
         value = self._environ.get(name, "").strip()
         if value:
@@ -32,7 +33,7 @@ class Env:
             return ""
         return default
 
-    def int(self, name: str, default: int, *, minimum: int = 0) -> int:
+    def int(self, name: builtins.str, default: builtins.int, *, minimum: builtins.int = 0) -> builtins.int:
         """An integer no smaller than ``minimum``."""
         raw = self._environ.get(name, "").strip()
         if not raw:
@@ -46,7 +47,7 @@ class Env:
             self._problems.append(f"{name} must be at least {minimum}, got {value}")
         return value
 
-    def float(self, name: str, default: float, *, minimum: float = 0.0) -> float:
+    def float(self, name: builtins.str, default: builtins.float, *, minimum: builtins.float = 0.0) -> builtins.float:
         """A number no smaller than ``minimum``."""
         raw = self._environ.get(name, "").strip()
         if not raw:
@@ -60,7 +61,7 @@ class Env:
             self._problems.append(f"{name} must be at least {minimum}, got {value}")
         return value
 
-    def bool(self, name: str, default: bool) -> bool:
+    def bool(self, name: builtins.str, default: builtins.bool) -> builtins.bool:
         """``1/true/yes/on`` or ``0/false/no/off``."""
         raw = self._environ.get(name, "").strip().lower()
         if not raw:
@@ -72,7 +73,7 @@ class Env:
         self._problems.append(f"{name} must be true or false, got {raw!r}")
         return default
 
-    def path(self, name: str) -> Path | None:
+    def path(self, name: builtins.str) -> Path | None:
         """An optional path to an existing file."""
         raw = self._environ.get(name, "").strip()
         if not raw:
@@ -82,7 +83,7 @@ class Env:
             self._problems.append(f"{name} points to {raw!r}, which is not a readable file")
         return path
 
-    def problem(self, message: str) -> None:
+    def problem(self, message: builtins.str) -> None:
         """Record a problem found by a caller's own validation."""
         self._problems.append(message)
 

@@ -24,5 +24,5 @@ def serve_metrics(address: str) -> int:
     if address in {"", "off", "none"}:
         return 0
     host, _, port = address.rpartition(":")
-    server, _thread = start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0")
+    server, _thread = start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0")  # noqa: S104 - scraped from inside the cluster
     return int(server.server_port)

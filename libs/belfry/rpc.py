@@ -49,7 +49,7 @@ def status_code_of(exc: errors.BelfryError) -> grpc.StatusCode:
     """The gRPC status for a typed error (the most specific class wins)."""
     for cls in type(exc).__mro__:
         if cls in _CODES:
-            return _CODES[cls]  # type: ignore[index]
+            return _CODES[cls]
     return grpc.StatusCode.INTERNAL
 
 
@@ -59,7 +59,11 @@ def to_status(exc: errors.BelfryError) -> grpc.Status:
     details: list[any_pb2.Any] = []
     if exc.field is not None:
         packed = any_pb2.Any()
-        packed.Pack(error_details_pb2.BadRequest(field_violations=[error_details_pb2.BadRequest.FieldViolation(field=exc.field, description=exc.message)]))
+        packed.Pack(
+            error_details_pb2.BadRequest(
+                field_violations=[error_details_pb2.BadRequest.FieldViolation(field=exc.field, description=exc.message)]
+            )
+        )
         details.append(packed)
     if exc.retry_after is not None:
         packed = any_pb2.Any()
@@ -71,7 +75,7 @@ def to_status(exc: errors.BelfryError) -> grpc.Status:
     return rpc_status.to_status(proto)
 
 
-class _Interceptor(grpc.aio.ServerInterceptor):
+class _Interceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ships no type stubs
     """Binds log context, maps typed errors, counts and times every RPC."""
 
     def __init__(self, service: str) -> None:
@@ -101,7 +105,7 @@ class _Interceptor(grpc.aio.ServerInterceptor):
                 code = grpc.StatusCode.CANCELLED
                 raise
             except grpc.aio.AbortError:
-                code = context.code() or grpc.StatusCode.UNKNOWN  # type: ignore[assignment]
+                code = context.code() or grpc.StatusCode.UNKNOWN
                 raise
             except Exception:
                 code = grpc.StatusCode.INTERNAL
@@ -124,7 +128,9 @@ class _Interceptor(grpc.aio.ServerInterceptor):
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 return await observe(context, lambda: inner_uu(request, context))
 
-            return grpc.unary_unary_rpc_method_handler(unary_unary, handler.request_deserializer, handler.response_serializer)
+            return grpc.unary_unary_rpc_method_handler(
+                unary_unary, handler.request_deserializer, handler.response_serializer
+            )
         if handler.stream_stream or handler.unary_stream:
             streaming = handler.unary_stream or handler.stream_stream
 
@@ -141,14 +147,18 @@ class _Interceptor(grpc.aio.ServerInterceptor):
 
                 await observe(context, drain)
 
-            factory = grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler
+            factory = (
+                grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler
+            )
             return factory(stream, handler.request_deserializer, handler.response_serializer)
         inner_su = handler.stream_unary
 
         async def stream_unary(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
             return await observe(context, lambda: inner_su(requests, context))
 
-        return grpc.stream_unary_rpc_method_handler(stream_unary, handler.request_deserializer, handler.response_serializer)
+        return grpc.stream_unary_rpc_method_handler(
+            stream_unary, handler.request_deserializer, handler.response_serializer
+        )
 
 
 def server_credentials(tls: TlsSettings) -> grpc.ServerCredentials | None:

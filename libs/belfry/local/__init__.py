@@ -1,0 +1,1 @@
+"""The embedded local run behind ``belfry up``: private PostgreSQL, mail catcher, supervisor."""

@@ -1,0 +1,30 @@
+"""The private PostgreSQL of the embedded local run.
+
+Never the machine's shared cluster: a data directory of our own, started with
+the PostgreSQL binaries shipped in the ``pgserver`` wheel (Unix socket only;
+run as root it drops to its own unprivileged system user).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from pathlib import Path
+from typing import Any
+
+
+def start(data_dir: Path) -> tuple[Any, str]:
+    """Start (or reuse) the private server; return its handle and DSN."""
+    import pgserver  # noqa: PLC0415 - only the local run needs the embedded binaries
+
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs warns about XDG_RUNTIME_DIR under root
+        server = pgserver.get_server(data_dir, cleanup_mode="stop")
+    return server, str(server.get_uri())
+
+
+def stop(server: Any) -> None:
+    """Stop the private server (it keeps its data for the next run)."""
+    with contextlib.suppress(Exception):
+        server.cleanup()

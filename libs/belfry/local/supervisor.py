@@ -1,0 +1,189 @@
+"""``belfry up``: every service as its own process, started and stopped cleanly.
+
+On the embedded defaults (nothing configured) it starts a private PostgreSQL
+and a mail catcher under ``BELFRY_HOME`` (default ``./.belfry``); with
+``BELFRY_DATABASE_URL``/``DATABASE_URL`` or ``BELFRY_SMTP_HOST`` set, the same
+services use the real ones. Children report readiness on stderr
+(``BELFRY_READY <name> <port>``); if one dies, the supervisor stops the rest,
+so a half-running mesh never pretends to be healthy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import signal
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from belfry import migrate
+from belfry.local import database, mailcatcher
+
+# Start order: what others call comes first.
+SERVICES: tuple[str, ...] = (
+    "preferences",
+    "webpush",
+    "dispatcher",
+    "batching",
+    "email",
+    "mobile",
+    "webhooks",
+    "gateway",
+)
+GRPC_PORTS: dict[str, int] = {
+    "preferences": 50051,
+    "dispatcher": 50052,
+    "batching": 50053,
+    "email": 50054,
+    "webpush": 50055,
+    "mobile": 50056,
+    "webhooks": 50057,
+    "gateway": 50058,
+}
+HTTP_PORT = 8080
+READY_TIMEOUT = 60.0
+
+
+@dataclass
+class Child:
+    """One service process."""
+
+    name: str
+    process: asyncio.subprocess.Process
+    ready: asyncio.Future[int]
+    pump: asyncio.Task[None]
+
+
+def _secrets(home: Path) -> dict[str, str]:
+    """Token-signing keys, made once per BELFRY_HOME so tokens survive restarts."""
+    path = home / "secrets.env"
+    if not path.exists():
+        path.write_text(f"BELFRY_TOKEN_KEYS=local1={secrets.token_urlsafe(48)}\nBELFRY_TOKEN_ACTIVE_KID=local1\n")
+        path.chmod(0o600)
+    pairs = (line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+    return dict(pairs)
+
+
+def mesh_env(home: Path, database_url: str, smtp: tuple[str, int] | None, environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment every child gets: the caller's, with local defaults filled in."""
+    env = dict(environ)
+    for key, value in _secrets(home).items():
+        env.setdefault(key, value)
+    env["BELFRY_DATABASE_URL"] = database_url
+    env.setdefault("BELFRY_LOG_JSON", "false" if sys.stdout.isatty() else "true")
+    env.setdefault("BELFRY_METRICS_ADDRESS", "127.0.0.1:0")
+    env.setdefault("BELFRY_PREFERENCES_ADDRESS", f"127.0.0.1:{GRPC_PORTS['preferences']}")
+    env.setdefault("BELFRY_DISPATCHER_ADDRESS", f"127.0.0.1:{GRPC_PORTS['dispatcher']}")
+    env.setdefault("BELFRY_WEBPUSH_ADDRESS", f"127.0.0.1:{GRPC_PORTS['webpush']}")
+    env.setdefault("BELFRY_HTTP_ADDRESS", f"127.0.0.1:{HTTP_PORT}")
+    env.setdefault("BELFRY_GATEWAY_DEV_LOGIN", "true")
+    env.setdefault("BELFRY_GATEWAY_ALLOWED_ORIGINS", f"http://127.0.0.1:{HTTP_PORT},http://localhost:{HTTP_PORT}")
+    env.setdefault("BELFRY_VAPID_PRIVATE_KEY_FILE", str(home / "vapid_private.pem"))
+    env.setdefault("BELFRY_SMTP_FROM", "Belfry <notifications@belfry.localhost>")
+    if smtp is not None:
+        env["BELFRY_SMTP_HOST"], env["BELFRY_SMTP_PORT"] = smtp[0], str(smtp[1])
+        env.setdefault("BELFRY_SMTP_STARTTLS", "false")
+    return env
+
+
+async def _spawn(name: str, env: dict[str, str]) -> Child:
+    child_env = dict(
+        env, BELFRY_GRPC_ADDRESS=env.get(f"BELFRY_{name.upper()}_GRPC_ADDRESS", f"127.0.0.1:{GRPC_PORTS[name]}")
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", f"services.{name}", env=child_env, stdout=None, stderr=asyncio.subprocess.PIPE
+    )
+    ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    async def pump() -> None:
+        # Forward the child's stderr and watch for its readiness line.
+        assert process.stderr is not None
+        async for raw in process.stderr:
+            line = raw.decode(errors="replace").rstrip()
+            if line.startswith("BELFRY_READY ") and not ready.done():
+                ready.set_result(int(line.split()[-1]))
+                continue
+            print(f"[{name}] {line}", file=sys.stderr, flush=True)  # noqa: T201
+        if not ready.done():
+            ready.set_exception(RuntimeError(f"{name} exited with code {await process.wait()} before it was ready"))
+
+    return Child(name, process, ready, asyncio.create_task(pump()))
+
+
+async def stop_all(children: list[Child], grace: float) -> None:
+    """SIGTERM every child (reverse order), then SIGKILL what is still running after ``grace``."""
+    for child in reversed(children):
+        if child.process.returncode is None:
+            child.process.send_signal(signal.SIGTERM)
+    for child in reversed(children):
+        try:
+            await asyncio.wait_for(child.process.wait(), grace)
+        except TimeoutError:
+            child.process.kill()
+            await child.process.wait()
+        child.pump.cancel()
+
+
+async def start_mesh(env: dict[str, str], names: tuple[str, ...] = SERVICES) -> list[Child]:
+    """Start the services in order, each waiting for the previous to be ready."""
+    children: list[Child] = []
+    try:
+        for name in names:
+            child = await _spawn(name, env)
+            children.append(child)
+            await asyncio.wait_for(asyncio.shield(child.ready), READY_TIMEOUT)
+    except BaseException:
+        await stop_all(children, 5.0)
+        raise
+    return children
+
+
+async def up(home: Path, environ: Mapping[str, str], *, on_ready: Any = None) -> int:
+    """Run the whole mesh until SIGINT/SIGTERM or until a service dies."""
+    await asyncio.to_thread(home.mkdir, parents=True, exist_ok=True)
+    pg = None
+    database_url = environ.get("BELFRY_DATABASE_URL") or environ.get("DATABASE_URL")
+    if not database_url:
+        pg, database_url = database.start(home / "postgres")
+        print(f"belfry: private PostgreSQL in {home / 'postgres'}", flush=True)  # noqa: T201
+    catcher = None
+    smtp: tuple[str, int] | None = None
+    if not environ.get("BELFRY_SMTP_HOST"):
+        catcher, port = mailcatcher.start(home / "mail")
+        smtp = ("127.0.0.1", port)
+        print(f"belfry: mail catcher on 127.0.0.1:{port}; list caught mail with `belfry mail`", flush=True)  # noqa: T201
+    try:
+        applied = await migrate.migrate_url(database_url)
+        print(f"belfry: database ready ({len(applied)} migrations applied)", flush=True)  # noqa: T201
+        env = mesh_env(home, database_url, smtp, environ)
+        children = await start_mesh(env)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        if on_ready is not None:
+            await on_ready(env)
+        watchers = [asyncio.ensure_future(c.process.wait()) for c in children]
+        await asyncio.wait([asyncio.ensure_future(stop.wait()), *watchers], return_when=asyncio.FIRST_COMPLETED)
+        dead = [c.name for c in children if c.process.returncode is not None]
+        if dead:
+            print(f"belfry: {', '.join(dead)} stopped unexpectedly; stopping the mesh", file=sys.stderr)  # noqa: T201
+        print("belfry: stopping", flush=True)  # noqa: T201
+        await stop_all(children, float(env.get("BELFRY_DRAIN_SECONDS", "10")) + 5)
+        return 1 if dead else 0
+    finally:
+        if catcher is not None:
+            with contextlib.suppress(Exception):
+                catcher.stop()
+        if pg is not None:
+            database.stop(pg)
+
+
+def default_home() -> Path:
+    """Where the local run keeps its database, caught mail and secrets."""
+    return Path(os.environ.get("BELFRY_HOME", ".belfry")).resolve()
