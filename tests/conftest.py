@@ -1,7 +1,9 @@
 """Shared fixtures: one real PostgreSQL database per test session.
 
 The server is chosen by ``BELFRY_TEST_ADMIN_DSN`` (default: the local
-PostgreSQL on 127.0.0.1:5432 as ``postgres``). Each session creates its own
+PostgreSQL on 127.0.0.1:5432 as ``postgres``); when that default is not
+reachable, an embedded server (the ``pgserver`` wheel) is started for the
+run instead. Each session creates its own
 database, migrates it with the same runner deployments use, and drops it at
 the end, so parallel runs never collide. Tests isolate themselves by using a
 fresh account id (tenancy keeps them apart), not by truncating tables.
@@ -10,34 +12,58 @@ fresh account id (tenancy keeps them apart), not by truncating tables.
 from __future__ import annotations
 
 import os
+import tempfile
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
 from belfry import db, migrate
+from belfry.local import database as embedded
 
-ADMIN_DSN = os.environ.get("BELFRY_TEST_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+_DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
-def _dsn_for(database: str) -> str:
-    base, _, _ = ADMIN_DSN.rpartition("/")
-    return f"{base}/{database}"
+def _dsn_for(admin_dsn: str, database: str) -> str:
+    parts = urlsplit(admin_dsn)
+    return urlunsplit(parts._replace(path=f"/{database}"))
 
 
 @pytest.fixture(scope="session")
-async def database_url() -> AsyncIterator[str]:
+def admin_dsn() -> Iterator[str]:
+    """The server's maintenance database: configured, local, or embedded for the run."""
+    configured = os.environ.get("BELFRY_TEST_ADMIN_DSN")
+    if configured:
+        yield configured
+        return
+    import socket  # noqa: PLC0415 - only needed for this probe
+
+    try:
+        socket.create_connection(("127.0.0.1", 5432), timeout=1).close()
+    except OSError:
+        with tempfile.TemporaryDirectory(prefix="belfry-pg-") as tmp:
+            server, dsn = embedded.start(Path(tmp) / "data")
+            yield dsn
+            embedded.stop(server)
+        return
+    yield _DEFAULT_DSN
+
+
+@pytest.fixture(scope="session")
+async def database_url(admin_dsn: str) -> AsyncIterator[str]:
     """A freshly migrated database for this test session."""
     name = f"belfry_test_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(ADMIN_DSN)
+    admin = await asyncpg.connect(admin_dsn)
     try:
         await admin.execute(f'create database "{name}"')
     finally:
         await admin.close()
-    url = _dsn_for(name)
+    url = _dsn_for(admin_dsn, name)
     await migrate.migrate_url(url)
     yield url
-    admin = await asyncpg.connect(ADMIN_DSN)
+    admin = await asyncpg.connect(admin_dsn)
     try:
         await admin.execute(f'drop database if exists "{name}" with (force)')
     finally:
