@@ -130,13 +130,18 @@ async def stop_all(children: list[Child], grace: float) -> None:
 
 
 async def start_mesh(env: dict[str, str], names: tuple[str, ...] = SERVICES) -> list[Child]:
-    """Start the services in order, each waiting for the previous to be ready."""
+    """Start the services in order, each waiting for the previous to be ready.
+
+    ``env`` is updated with every service's ``BELFRY_<NAME>_ADDRESS`` as it comes up.
+    """
     children: list[Child] = []
     try:
         for name in names:
             child = await _spawn(name, env)
             children.append(child)
-            await asyncio.wait_for(asyncio.shield(child.ready), READY_TIMEOUT)
+            port = await asyncio.wait_for(asyncio.shield(child.ready), READY_TIMEOUT)
+            # Later services reach this one where it actually bound (port 0 in tests).
+            env[f"BELFRY_{name.upper()}_ADDRESS"] = f"127.0.0.1:{port}"
     except BaseException:
         await stop_all(children, 5.0)
         raise
