@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,12 @@ class _Store:
 
 
 def start(folder: Path, host: str = "127.0.0.1", port: int = 0) -> tuple[Controller, int]:
-    """Start the catcher in its own thread; return it and the bound port."""
+    """Start the catcher in its own thread; return it and the bound port (0 = any free port)."""
+    if port == 0:
+        # aiosmtpd's controller probes the port it was given, so it cannot take 0 itself.
+        with socket.socket() as probe:
+            probe.bind((host, 0))
+            port = probe.getsockname()[1]
     controller = Controller(_Store(folder), hostname=host, port=port)
     controller.start()
     server = controller.server
