@@ -10,7 +10,12 @@ import asyncpg
 
 
 async def touch(
-    conn: asyncpg.Connection | asyncpg.Pool, account_id: str, user_id: str, connection: str, replica: str, ttl_seconds: float
+    conn: asyncpg.Connection | asyncpg.Pool,
+    account_id: str,
+    user_id: str,
+    connection: str,
+    replica: str,
+    ttl_seconds: float,
 ) -> None:
     """Record (or refresh) one live tab for ``ttl_seconds``."""
     await conn.execute(

@@ -20,6 +20,18 @@ import asyncpg
 
 CHANNELS = ("email", "bell", "browser", "mobile", "other_apps", "batching")
 
+# Attempts before a delivery becomes a dead letter, per channel. Email and
+# webhooks face remote servers that recover slowly; the bell and batching are
+# local and either work quickly or have a bug that retrying will not fix.
+MAX_ATTEMPTS: dict[str, int] = {
+    "email": 10,
+    "bell": 5,
+    "browser": 8,
+    "mobile": 8,
+    "other_apps": 12,
+    "batching": 5,
+}
+
 
 def notify_channel(channel: str) -> str:
     """The LISTEN/NOTIFY channel that wakes the senders of ``channel``."""
@@ -38,7 +50,7 @@ class NewDelivery:
     payload: dict[str, Any]
     expires_at: datetime
     available_at: datetime | None = None
-    max_attempts: int = 8
+    max_attempts: int | None = None  # None: the channel's MAX_ATTEMPTS
 
 
 @dataclass(frozen=True)
@@ -116,7 +128,7 @@ async def enqueue(conn: asyncpg.Connection, deliveries: Sequence[NewDelivery]) -
         [d.payload for d in deliveries],
         [d.expires_at for d in deliveries],
         [d.available_at for d in deliveries],
-        [d.max_attempts for d in deliveries],
+        [d.max_attempts or MAX_ATTEMPTS.get(d.channel, 8) for d in deliveries],
     )
     # NOTIFY is transactional: senders wake only once the producer commits.
     for channel in {r["channel"] for r in rows}:
@@ -127,37 +139,41 @@ async def enqueue(conn: asyncpg.Connection, deliveries: Sequence[NewDelivery]) -
 class Queue:
     """One channel's view of the queue, used by that channel's sender replicas."""
 
-    def __init__(self, pool: asyncpg.Pool, channel: str, *, worker: str, lease_seconds: float = 30.0) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        channel: str,
+        *,
+        worker: str,
+        lease_seconds: float = 30.0,
+        max_attempts: int | None = None,
+    ) -> None:
         if channel not in CHANNELS:
             raise ValueError(f"unknown channel {channel!r}; expected one of {', '.join(CHANNELS)}")
         self.pool = pool
         self.channel = channel
         self.worker = worker
         self.lease_seconds = lease_seconds
+        # The channel's ceiling applies even to rows enqueued with a higher one.
+        self.max_attempts = max_attempts or MAX_ATTEMPTS[channel]
+        # Round-robin position: the next claim starts after the last account served.
+        self._cursor = ""
 
     async def claim(self, limit: int) -> list[Lease]:
-        """Lease up to ``limit`` due deliveries, oldest first, skipping rows other replicas hold."""
-        rows = await self.pool.fetch(
-            """
-            with picked as (
-                select account_id, delivery_id from queue.deliveries
-                where channel = $1 and state = 'queued' and available_at <= now()
-                order by available_at
-                limit $2
-                for update skip locked
-            )
-            update queue.deliveries d
-            set state = 'leased', attempts = d.attempts + 1, lease_token = nextval('queue.lease_tokens'),
-                lease_expires_at = now() + make_interval(secs => $3), leased_by = $4
-            from picked where d.account_id = picked.account_id and d.delivery_id = picked.delivery_id
-            returning d.delivery_id, d.account_id, d.notification_id, d.user_id, d.channel, d.topic,
-                      d.payload, d.attempts, d.max_attempts, d.lease_token, d.expires_at
-            """,
-            self.channel,
-            limit,
-            self.lease_seconds,
-            self.worker,
-        )
+        """Lease up to ``limit`` due deliveries, shared fairly across accounts.
+
+        Accounts are visited round-robin from where the previous claim stopped;
+        each gets an equal share of ``limit`` (oldest first within the account),
+        so a burst in one account delays another account's delivery by at most
+        ``ceil(active accounts / limit)`` claims. Rows other replicas hold are skipped.
+        """
+        rows = await self.pool.fetch(_CLAIM, self.channel, limit, self.lease_seconds, self.worker, self._cursor)
+        last = rows
+        if len(rows) < limit and self._cursor:
+            # Wrap around to the accounts before the cursor.
+            last = await self.pool.fetch(_CLAIM, self.channel, limit - len(rows), self.lease_seconds, self.worker, "")
+            rows += last
+        self._cursor = max((r["account_id"] for r in last), default="")
         return [
             Lease(
                 delivery_id=r["delivery_id"],
@@ -200,7 +216,7 @@ class Queue:
                 states.append("dropped")
                 delays.append(0.0)
                 errs.append(outcome.reason)
-            elif isinstance(outcome, Fail) or lease.attempts >= lease.max_attempts:
+            elif isinstance(outcome, Fail) or lease.attempts >= min(lease.max_attempts, self.max_attempts):
                 states.append("dead")
                 delays.append(0.0)
                 errs.append(outcome.error)
@@ -211,9 +227,11 @@ class Queue:
         status = await self.pool.execute(
             """
             update queue.deliveries d
-            set state = x.state,
+            set state = case when x.state = 'queued' and now() + make_interval(secs => x.delay) >= d.expires_at
+                             then 'expired' else x.state end,
                 available_at = case when x.state = 'queued' then now() + make_interval(secs => x.delay) else d.available_at end,
-                finished_at = case when x.state = 'queued' then null else now() end,
+                finished_at = case when x.state = 'queued' and now() + make_interval(secs => x.delay) < d.expires_at
+                                   then null else now() end,
                 lease_token = null, lease_expires_at = null, leased_by = null,
                 errors = case when x.err is null then d.errors
                               else d.errors || jsonb_build_array(jsonb_build_object(
@@ -253,3 +271,38 @@ class Queue:
             self.channel,
         )
         return int(status.split()[-1])
+
+
+# One statement: walk the accounts with due work (a loose index scan on
+# deliveries_fair: one probe per account), give each an equal share of the
+# limit, lock those rows (skipping other replicas' locks) and lease them.
+_CLAIM = """
+with recursive walk(account_id, n) as (
+    (select account_id, 1 from queue.deliveries
+     where channel = $1 and state = 'queued' and available_at <= now() and account_id > $5
+     order by account_id limit 1)
+    union all
+    select nxt.account_id, w.n + 1 from walk w,
+    lateral (select d.account_id from queue.deliveries d
+             where d.channel = $1 and d.state = 'queued' and d.available_at <= now()
+               and d.account_id > w.account_id
+             order by d.account_id limit 1) nxt
+    where w.n < $2
+),
+share as (select greatest(1, ceil($2::float8 / nullif(count(*), 0)))::int as per from walk),
+picked as (
+    select p.account_id, p.delivery_id from walk w, share s,
+    lateral (select d.account_id, d.delivery_id from queue.deliveries d
+             where d.channel = $1 and d.account_id = w.account_id and d.state = 'queued'
+               and d.available_at <= now() and d.expires_at > now()
+             order by d.available_at limit s.per
+             for update skip locked) p
+    limit $2
+)
+update queue.deliveries d
+set state = 'leased', attempts = d.attempts + 1, lease_token = nextval('queue.lease_tokens'),
+    lease_expires_at = now() + make_interval(secs => $3), leased_by = $4
+from picked where d.account_id = picked.account_id and d.delivery_id = picked.delivery_id
+returning d.delivery_id, d.account_id, d.notification_id, d.user_id, d.channel, d.topic,
+          d.payload, d.attempts, d.max_attempts, d.lease_token, d.expires_at
+"""

@@ -3,16 +3,20 @@
 Idle senders sleep on LISTEN/NOTIFY and wake within milliseconds of a commit;
 ``poll_seconds`` is the fallback when a notification is missed (a dropped
 listener connection, deliveries that become due by time rather than insert).
+Outcomes are written in batches: one statement settles a whole claim.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from collections.abc import Awaitable, Callable
 
 import asyncpg
 
 from belfry import log
+from belfry.queue import ops
 from belfry.queue.store import Lease, Outcome, Queue, Retry, notify_channel
 
 _LOG = log.get(__name__)
@@ -28,10 +32,16 @@ async def run(
     batch: int = 100,
     concurrency: int = 20,
     poll_seconds: float = 1.0,
+    rescue_seconds: float = 1.0,
 ) -> None:
-    """Drain ``queue`` with ``handle`` until ``stop`` is set."""
+    """Drain ``queue`` with ``handle`` until ``stop`` is set.
+
+    Expired leases are rescued and deliveries past their time to live expired
+    at most every ``rescue_seconds`` (not on every claim: under load the claim
+    loop runs thousands of times a second).
+    """
     wake = asyncio.Event()
-    listener: asyncpg.Connection = await queue.pool.acquire()
+    listener: asyncpg.pool.PoolConnectionProxy = await queue.pool.acquire()
 
     def on_notify(*_: object) -> None:
         wake.set()
@@ -47,16 +57,22 @@ async def run(
                 _LOG.exception("handler crashed", delivery_id=lease.delivery_id)
                 return lease, Retry(f"handler crashed: {exc!r}")
 
+    last_rescue = 0.0
     try:
         while not stop.is_set():
-            await queue.rescue()
-            await queue.expire()
+            if time.monotonic() - last_rescue >= rescue_seconds:
+                await queue.rescue()
+                await queue.expire()
+                last_rescue = time.monotonic()
+            # Clear before claiming: a NOTIFY that lands while we claim must wake the next wait.
+            wake.clear()
             leases = await queue.claim(batch)
             if leases:
                 results = await asyncio.gather(*(guarded(lease) for lease in leases))
-                await queue.settle(results)
+                lost = len(results) - await queue.settle(results)
+                if lost:
+                    _LOG.warning("leases lost before settle (another replica owns them now)", count=lost)
                 continue
-            wake.clear()
             waiters = [asyncio.ensure_future(wake.wait()), asyncio.ensure_future(stop.wait())]
             await asyncio.wait(waiters, timeout=poll_seconds, return_when=asyncio.FIRST_COMPLETED)
             for waiter in waiters:
@@ -64,3 +80,32 @@ async def run(
     finally:
         await listener.remove_listener(notify_channel(queue.channel), on_notify)
         await queue.pool.release(listener)
+
+
+async def maintain(
+    pool: asyncpg.Pool,
+    *,
+    stop: asyncio.Event,
+    retention_seconds: float = 7 * 86400.0,
+    every_seconds: float = 60.0,
+    gauges_seconds: float = 5.0,
+) -> None:
+    """Keep the queue table small and its gauges fresh until ``stop`` is set.
+
+    Every ``every_seconds`` finished deliveries older than ``retention_seconds``
+    are purged; every ``gauges_seconds`` QUEUE_DEPTH / QUEUE_AGE are refreshed.
+    Any number of replicas may run it (purges skip each other's locked rows).
+    """
+    last_purge = float("-inf")
+    while not stop.is_set():
+        try:
+            await ops.update_gauges(pool)
+            if time.monotonic() - last_purge >= every_seconds:
+                purged = await ops.purge(pool, older_than_seconds=retention_seconds)
+                last_purge = time.monotonic()
+                if purged:
+                    _LOG.info("purged finished deliveries", count=purged)
+        except (OSError, asyncpg.PostgresError) as exc:  # the database may be restarting: try again later
+            _LOG.warning("queue maintenance failed", error=str(exc))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=gauges_seconds)

@@ -6,7 +6,6 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
-
 from belfry.queue import Fail, NewDelivery, Queue, Retry, Sent, enqueue
 
 
@@ -56,9 +55,13 @@ async def test_retry_then_dead_letter_keeps_history(pool: asyncpg.Pool, account_
         item.notification_id,
     )
     assert row["state"] == "queued" and row["wait"] >= timedelta(seconds=59)
-    await pool.execute("update queue.deliveries set available_at = now() where notification_id = $1", item.notification_id)
+    await pool.execute(
+        "update queue.deliveries set available_at = now() where notification_id = $1", item.notification_id
+    )
     [lease] = [x for x in await queue.claim(100) if x.notification_id == item.notification_id]
     await queue.settle([(lease, Fail("410 gone"))])
-    row = await pool.fetchrow("select state, errors from queue.deliveries where notification_id = $1", item.notification_id)
+    row = await pool.fetchrow(
+        "select state, errors from queue.deliveries where notification_id = $1", item.notification_id
+    )
     assert row["state"] == "dead"
     assert [e["error"] for e in row["errors"]] == ["503", "410 gone"]

@@ -1,0 +1,174 @@
+"""Operating the queue: dead letters, requeue, statistics, retention, gauges.
+
+Everything here is SQL on ``queue.deliveries`` (this package owns the table);
+``belfry.queue.admin`` exposes the account-scoped parts over gRPC and
+``belfry.queue.worker.maintain`` runs retention and the gauges on a schedule.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from belfry import metrics
+from belfry.queue.store import CHANNELS, notify_channel
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A delivery that ran out of attempts or failed permanently, with its error history."""
+
+    delivery_id: int
+    account_id: str
+    notification_id: uuid.UUID
+    user_id: str
+    channel: str
+    topic: str
+    attempts: int
+    errors: tuple[dict[str, Any], ...]
+    created_at: datetime
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True)
+class ChannelStats:
+    """One channel's counts by state, and how long its oldest due delivery has waited."""
+
+    channel: str
+    counts: dict[str, int]
+    oldest_due_seconds: float
+
+
+async def list_dead(
+    pool: asyncpg.Pool, account_id: str, *, channel: str = "", after_id: int = 0, limit: int = 100
+) -> list[DeadLetter]:
+    """An account's dead letters in id order, from ``after_id`` (keyset pagination)."""
+    rows = await pool.fetch(
+        """
+        select delivery_id, account_id, notification_id, user_id, channel, topic, attempts, errors,
+               created_at, finished_at
+        from queue.deliveries
+        where account_id = $1 and state = 'dead' and delivery_id > $2 and ($3 = '' or channel = $3)
+        order by delivery_id
+        limit $4
+        """,
+        account_id,
+        after_id,
+        channel,
+        limit,
+    )
+    return [
+        DeadLetter(
+            delivery_id=r["delivery_id"],
+            account_id=r["account_id"],
+            notification_id=r["notification_id"],
+            user_id=r["user_id"],
+            channel=r["channel"],
+            topic=r["topic"],
+            attempts=r["attempts"],
+            errors=tuple(r["errors"]),
+            created_at=r["created_at"],
+            finished_at=r["finished_at"],
+        )
+        for r in rows
+    ]
+
+
+async def requeue(pool: asyncpg.Pool, account_id: str, delivery_ids: Sequence[int], *, by: str) -> list[int]:
+    """Send dead letters again with a fresh attempt budget; the error history is kept.
+
+    Returns the ids that were requeued (ids that are not this account's dead
+    letters are left alone and not returned). The time to live is not
+    extended: a requeued delivery past it is expired, never sent late.
+    """
+    async with pool.acquire() as conn:
+        rows = await conn.fetch(
+            """
+            update queue.deliveries
+            set state = 'queued', attempts = 0, available_at = now(), finished_at = null,
+                errors = errors || jsonb_build_array(jsonb_build_object('at', now(), 'requeued_by', $3::text))
+            where account_id = $1 and delivery_id = any($2::bigint[]) and state = 'dead'
+            returning delivery_id, channel
+            """,
+            account_id,
+            list(delivery_ids),
+            by,
+        )
+        for channel in {r["channel"] for r in rows}:
+            await conn.execute("select pg_notify($1, '')", notify_channel(channel))
+    return sorted(r["delivery_id"] for r in rows)
+
+
+async def stats(pool: asyncpg.Pool, account_id: str | None = None) -> list[ChannelStats]:
+    """Counts by channel and state (one account's, or all when ``account_id`` is None)."""
+    rows = await pool.fetch(
+        """
+        select channel, state, count(*) as n,
+               coalesce(extract(epoch from now() - min(available_at))
+                        filter (where state = 'queued' and available_at <= now()), 0)::float8 as age
+        from queue.deliveries
+        where $1::text is null or account_id = $1
+        group by channel, state
+        order by channel, state
+        """,
+        account_id,
+    )
+    by_channel: dict[str, ChannelStats] = {}
+    for r in rows:
+        current = by_channel.setdefault(r["channel"], ChannelStats(r["channel"], {}, 0.0))
+        current.counts[r["state"]] = r["n"]
+        if r["age"] > current.oldest_due_seconds:
+            by_channel[r["channel"]] = ChannelStats(r["channel"], current.counts, float(r["age"]))
+    return list(by_channel.values())
+
+
+async def update_gauges(pool: asyncpg.Pool) -> dict[str, tuple[int, float]]:
+    """Set QUEUE_DEPTH / QUEUE_AGE for every channel from the claimable rows; return them."""
+    rows = await pool.fetch(
+        """
+        select channel, count(*) as depth, coalesce(extract(epoch from now() - min(available_at)), 0)::float8 as age
+        from queue.deliveries
+        where state = 'queued' and available_at <= now()
+        group by channel
+        """
+    )
+    found = {r["channel"]: (int(r["depth"]), float(r["age"])) for r in rows}
+    for channel in CHANNELS:
+        depth, age = found.get(channel, (0, 0.0))
+        metrics.QUEUE_DEPTH.labels(channel).set(depth)
+        metrics.QUEUE_AGE.labels(channel).set(age)
+    return found
+
+
+async def purge(pool: asyncpg.Pool, *, older_than_seconds: float, batch: int = 5000) -> int:
+    """Delete finished deliveries (sent, dropped, expired) older than the retention; return how many.
+
+    Dead letters stay until requeued or purged by an operator: they are the
+    record of what could not be delivered. Deletes run in small batches that
+    skip locked rows, so several replicas can purge at once without blocking
+    the claim path.
+    """
+    total = 0
+    while True:
+        status = await pool.execute(
+            """
+            delete from queue.deliveries d
+            using (select account_id, delivery_id from queue.deliveries
+                   where finished_at < now() - make_interval(secs => $1)
+                     and state in ('sent', 'dropped', 'expired')
+                   limit $2
+                   for update skip locked) old
+            where d.account_id = old.account_id and d.delivery_id = old.delivery_id
+            """,
+            older_than_seconds,
+            batch,
+        )
+        deleted = int(status.split()[-1])
+        total += deleted
+        if deleted < batch:
+            return total
