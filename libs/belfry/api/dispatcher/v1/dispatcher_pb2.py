@@ -22,29 +22,67 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from belfry.api.common.v1 import common_pb2 as belfry_dot_api_dot_common_dot_v1_dot_common__pb2
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)belfry/api/dispatcher/v1/dispatcher.proto\x12\x18\x62\x65lfry.api.dispatcher.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1cgoogle/protobuf/struct.proto\"O\n\x05\x41\x63tor\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x35\n\x06source\x18\x02 \x01(\x0e\x32%.belfry.api.dispatcher.v1.ActorSource\"_\n\tObjectRef\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12\x0b\n\x03url\x18\x04 \x01(\t\x12\x15\n\rowner_user_id\x18\x05 \x01(\t\"\xb1\x03\n\x05\x45vent\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\r\n\x05topic\x18\x02 \x01(\t\x12/\n\x0boccurred_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x05\x61\x63tor\x18\x04 \x01(\x0b\x32\x1f.belfry.api.dispatcher.v1.Actor\x12\x33\n\x06object\x18\x05 \x01(\x0b\x32#.belfry.api.dispatcher.v1.ObjectRef\x12\x16\n\x0eowner_user_ids\x18\x06 \x03(\t\x12 \n\x18\x63ustom_property_user_ids\x18\x07 \x03(\t\x12\x1a\n\x12recipient_user_ids\x18\x08 \x03(\t\x12\x1a\n\x12mentioned_user_ids\x18\t \x03(\t\x12*\n\tvariables\x18\n \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x17\n\x0fidempotency_key\x18\x0b \x01(\t\x12\x13\n\x0b\x61\x63tivity_id\x18\x0c \x01(\t\x12\x0f\n\x07team_id\x18\r \x01(\t\x12\x12\n\nunassigned\x18\x0e \x01(\x08\"@\n\x0ePublishRequest\x12.\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1f.belfry.api.dispatcher.v1.Event\"<\n\x0fPublishResponse\x12\x17\n\x0fnotification_id\x18\x01 \x01(\t\x12\x10\n\x08replayed\x18\x02 \x01(\x08*\x8a\x01\n\x0b\x41\x63torSource\x12\x1c\n\x18\x41\x43TOR_SOURCE_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x41\x43TOR_SOURCE_UI\x10\x01\x12\x14\n\x10\x41\x43TOR_SOURCE_API\x10\x02\x12\x17\n\x13\x41\x43TOR_SOURCE_IMPORT\x10\x03\x12\x19\n\x15\x41\x43TOR_SOURCE_WORKFLOW\x10\x04\x32s\n\x11\x44ispatcherService\x12^\n\x07Publish\x12(.belfry.api.dispatcher.v1.PublishRequest\x1a).belfry.api.dispatcher.v1.PublishResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)belfry/api/dispatcher/v1/dispatcher.proto\x12\x18\x62\x65lfry.api.dispatcher.v1\x1a!belfry/api/common/v1/common.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1cgoogle/protobuf/struct.proto\"O\n\x05\x41\x63tor\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x35\n\x06source\x18\x02 \x01(\x0e\x32%.belfry.api.dispatcher.v1.ActorSource\"_\n\tObjectRef\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12\x0b\n\x03url\x18\x04 \x01(\t\x12\x15\n\rowner_user_id\x18\x05 \x01(\t\"\xb1\x03\n\x05\x45vent\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\r\n\x05topic\x18\x02 \x01(\t\x12/\n\x0boccurred_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x05\x61\x63tor\x18\x04 \x01(\x0b\x32\x1f.belfry.api.dispatcher.v1.Actor\x12\x33\n\x06object\x18\x05 \x01(\x0b\x32#.belfry.api.dispatcher.v1.ObjectRef\x12\x16\n\x0eowner_user_ids\x18\x06 \x03(\t\x12 \n\x18\x63ustom_property_user_ids\x18\x07 \x03(\t\x12\x1a\n\x12recipient_user_ids\x18\x08 \x03(\t\x12\x1a\n\x12mentioned_user_ids\x18\t \x03(\t\x12*\n\tvariables\x18\n \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x17\n\x0fidempotency_key\x18\x0b \x01(\t\x12\x13\n\x0b\x61\x63tivity_id\x18\x0c \x01(\t\x12\x0f\n\x07team_id\x18\r \x01(\t\x12\x12\n\nunassigned\x18\x0e \x01(\x08\"@\n\x0ePublishRequest\x12.\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1f.belfry.api.dispatcher.v1.Event\"<\n\x0fPublishResponse\x12\x17\n\x0fnotification_id\x18\x01 \x01(\t\x12\x10\n\x08replayed\x18\x02 \x01(\x08\"\xc7\x01\n\x0b\x45ventStatus\x12\r\n\x05index\x18\x01 \x01(\r\x12\x32\n\x07outcome\x18\x02 \x01(\x0e\x32!.belfry.api.dispatcher.v1.Outcome\x12\x17\n\x0fnotification_id\x18\x03 \x01(\t\x12\x0c\n\x04\x63ode\x18\x04 \x01(\x05\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\r\n\x05\x66ield\x18\x06 \x01(\t\x12.\n\x0bretry_after\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\"F\n\x13PublishBatchRequest\x12/\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1f.belfry.api.dispatcher.v1.Event\"O\n\x14PublishBatchResponse\x12\x37\n\x08statuses\x18\x01 \x03(\x0b\x32%.belfry.api.dispatcher.v1.EventStatus\"X\n\x14PublishStreamRequest\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12.\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x1f.belfry.api.dispatcher.v1.Event\"[\n\x10PublishStreamAck\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x35\n\x06status\x18\x02 \x01(\x0b\x32%.belfry.api.dispatcher.v1.EventStatus\">\n\x17RecordInboxVisitRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\"P\n\x18RecordInboxVisitResponse\x12\x34\n\x10\x66irst_visited_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"w\n\rTimelineEntry\x12.\n\x05state\x18\x01 \x01(\x0e\x32\x1f.belfry.api.dispatcher.v1.State\x12&\n\x02\x61t\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x7f\n\rChannelStatus\x12.\n\x07\x63hannel\x18\x01 \x01(\x0e\x32\x1d.belfry.api.common.v1.Channel\x12.\n\x05state\x18\x02 \x01(\x0e\x32\x1f.belfry.api.dispatcher.v1.State\x12\x0e\n\x06reason\x18\x03 \x01(\t\"t\n\x0e\x44\x65liveryStatus\x12\x15\n\rqueue_channel\x18\x01 \x01(\t\x12\x39\n\x08timeline\x18\x02 \x03(\x0b\x32\'.belfry.api.dispatcher.v1.TimelineEntry\x12\x10\n\x08\x61ttempts\x18\x03 \x01(\x05\"\xdb\x01\n\x0fRecipientStatus\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12.\n\x05state\x18\x02 \x01(\x0e\x32\x1f.belfry.api.dispatcher.v1.State\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x39\n\x08\x63hannels\x18\x04 \x03(\x0b\x32\'.belfry.api.dispatcher.v1.ChannelStatus\x12<\n\ndeliveries\x18\x05 \x03(\x0b\x32(.belfry.api.dispatcher.v1.DeliveryStatus\"\xd0\x02\n\x0cNotification\x12\x17\n\x0fnotification_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\r\n\x05topic\x18\x03 \x01(\t\x12/\n\x0boccurred_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x61\x63\x63\x65pted_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x05\x61\x63tor\x18\x06 \x01(\x0b\x32\x1f.belfry.api.dispatcher.v1.Actor\x12\x33\n\x06object\x18\x07 \x01(\x0b\x32#.belfry.api.dispatcher.v1.ObjectRef\x12=\n\nrecipients\x18\x08 \x03(\x0b\x32).belfry.api.dispatcher.v1.RecipientStatus\"E\n\x16GetNotificationRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x17\n\x0fnotification_id\x18\x02 \x01(\t\"W\n\x17GetNotificationResponse\x12<\n\x0cnotification\x18\x01 \x01(\x0b\x32&.belfry.api.dispatcher.v1.Notification\"p\n\x18ListNotificationsRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12/\n\x04page\x18\x03 \x01(\x0b\x32!.belfry.api.common.v1.PageRequest\"s\n\x19ListNotificationsResponse\x12=\n\rnotifications\x18\x01 \x03(\x0b\x32&.belfry.api.dispatcher.v1.Notification\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\x8a\x01\n\x0b\x41\x63torSource\x12\x1c\n\x18\x41\x43TOR_SOURCE_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x41\x43TOR_SOURCE_UI\x10\x01\x12\x14\n\x10\x41\x43TOR_SOURCE_API\x10\x02\x12\x17\n\x13\x41\x43TOR_SOURCE_IMPORT\x10\x03\x12\x19\n\x15\x41\x43TOR_SOURCE_WORKFLOW\x10\x04*d\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x14\n\x10OUTCOME_ACCEPTED\x10\x01\x12\x14\n\x10OUTCOME_REPLAYED\x10\x02\x12\x14\n\x10OUTCOME_REJECTED\x10\x03*\xed\x01\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x12\n\x0eSTATE_ACCEPTED\x10\x01\x12\x14\n\x10STATE_SUPPRESSED\x10\x02\x12\x0e\n\nSTATE_HELD\x10\x03\x12\x10\n\x0cSTATE_QUEUED\x10\x04\x12\x11\n\rSTATE_SENDING\x10\x05\x12\x0e\n\nSTATE_SENT\x10\x06\x12\x13\n\x0fSTATE_DELIVERED\x10\x07\x12\x10\n\x0cSTATE_FAILED\x10\x08\x12\x11\n\rSTATE_EXPIRED\x10\t\x12\x11\n\rSTATE_DROPPED\x10\n\x12\x11\n\rSTATE_BATCHED\x10\x0b\x32\xc4\x05\n\x11\x44ispatcherService\x12^\n\x07Publish\x12(.belfry.api.dispatcher.v1.PublishRequest\x1a).belfry.api.dispatcher.v1.PublishResponse\x12m\n\x0cPublishBatch\x12-.belfry.api.dispatcher.v1.PublishBatchRequest\x1a..belfry.api.dispatcher.v1.PublishBatchResponse\x12o\n\rPublishStream\x12..belfry.api.dispatcher.v1.PublishStreamRequest\x1a*.belfry.api.dispatcher.v1.PublishStreamAck(\x01\x30\x01\x12y\n\x10RecordInboxVisit\x12\x31.belfry.api.dispatcher.v1.RecordInboxVisitRequest\x1a\x32.belfry.api.dispatcher.v1.RecordInboxVisitResponse\x12v\n\x0fGetNotification\x12\x30.belfry.api.dispatcher.v1.GetNotificationRequest\x1a\x31.belfry.api.dispatcher.v1.GetNotificationResponse\x12|\n\x11ListNotifications\x12\x32.belfry.api.dispatcher.v1.ListNotificationsRequest\x1a\x33.belfry.api.dispatcher.v1.ListNotificationsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'belfry.api.dispatcher.v1.dispatcher_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ACTORSOURCE']._serialized_start=877
-  _globals['_ACTORSOURCE']._serialized_end=1015
-  _globals['_ACTOR']._serialized_start=134
-  _globals['_ACTOR']._serialized_end=213
-  _globals['_OBJECTREF']._serialized_start=215
-  _globals['_OBJECTREF']._serialized_end=310
-  _globals['_EVENT']._serialized_start=313
-  _globals['_EVENT']._serialized_end=746
-  _globals['_PUBLISHREQUEST']._serialized_start=748
-  _globals['_PUBLISHREQUEST']._serialized_end=812
-  _globals['_PUBLISHRESPONSE']._serialized_start=814
-  _globals['_PUBLISHRESPONSE']._serialized_end=874
-  _globals['_DISPATCHERSERVICE']._serialized_start=1017
-  _globals['_DISPATCHERSERVICE']._serialized_end=1132
+  _globals['_ACTORSOURCE']._serialized_start=2948
+  _globals['_ACTORSOURCE']._serialized_end=3086
+  _globals['_OUTCOME']._serialized_start=3088
+  _globals['_OUTCOME']._serialized_end=3188
+  _globals['_STATE']._serialized_start=3191
+  _globals['_STATE']._serialized_end=3428
+  _globals['_ACTOR']._serialized_start=201
+  _globals['_ACTOR']._serialized_end=280
+  _globals['_OBJECTREF']._serialized_start=282
+  _globals['_OBJECTREF']._serialized_end=377
+  _globals['_EVENT']._serialized_start=380
+  _globals['_EVENT']._serialized_end=813
+  _globals['_PUBLISHREQUEST']._serialized_start=815
+  _globals['_PUBLISHREQUEST']._serialized_end=879
+  _globals['_PUBLISHRESPONSE']._serialized_start=881
+  _globals['_PUBLISHRESPONSE']._serialized_end=941
+  _globals['_EVENTSTATUS']._serialized_start=944
+  _globals['_EVENTSTATUS']._serialized_end=1143
+  _globals['_PUBLISHBATCHREQUEST']._serialized_start=1145
+  _globals['_PUBLISHBATCHREQUEST']._serialized_end=1215
+  _globals['_PUBLISHBATCHRESPONSE']._serialized_start=1217
+  _globals['_PUBLISHBATCHRESPONSE']._serialized_end=1296
+  _globals['_PUBLISHSTREAMREQUEST']._serialized_start=1298
+  _globals['_PUBLISHSTREAMREQUEST']._serialized_end=1386
+  _globals['_PUBLISHSTREAMACK']._serialized_start=1388
+  _globals['_PUBLISHSTREAMACK']._serialized_end=1479
+  _globals['_RECORDINBOXVISITREQUEST']._serialized_start=1481
+  _globals['_RECORDINBOXVISITREQUEST']._serialized_end=1543
+  _globals['_RECORDINBOXVISITRESPONSE']._serialized_start=1545
+  _globals['_RECORDINBOXVISITRESPONSE']._serialized_end=1625
+  _globals['_TIMELINEENTRY']._serialized_start=1627
+  _globals['_TIMELINEENTRY']._serialized_end=1746
+  _globals['_CHANNELSTATUS']._serialized_start=1748
+  _globals['_CHANNELSTATUS']._serialized_end=1875
+  _globals['_DELIVERYSTATUS']._serialized_start=1877
+  _globals['_DELIVERYSTATUS']._serialized_end=1993
+  _globals['_RECIPIENTSTATUS']._serialized_start=1996
+  _globals['_RECIPIENTSTATUS']._serialized_end=2215
+  _globals['_NOTIFICATION']._serialized_start=2218
+  _globals['_NOTIFICATION']._serialized_end=2554
+  _globals['_GETNOTIFICATIONREQUEST']._serialized_start=2556
+  _globals['_GETNOTIFICATIONREQUEST']._serialized_end=2625
+  _globals['_GETNOTIFICATIONRESPONSE']._serialized_start=2627
+  _globals['_GETNOTIFICATIONRESPONSE']._serialized_end=2714
+  _globals['_LISTNOTIFICATIONSREQUEST']._serialized_start=2716
+  _globals['_LISTNOTIFICATIONSREQUEST']._serialized_end=2828
+  _globals['_LISTNOTIFICATIONSRESPONSE']._serialized_start=2830
+  _globals['_LISTNOTIFICATIONSRESPONSE']._serialized_end=2945
+  _globals['_DISPATCHERSERVICE']._serialized_start=3431
+  _globals['_DISPATCHERSERVICE']._serialized_end=4139
 # @@protoc_insertion_point(module_scope)

@@ -39,13 +39,74 @@ class DispatcherServiceStub:
                 request_serializer=belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.PublishRequest.SerializeToString,
                 response_deserializer=belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.PublishResponse.FromString,
                 _registered_method=True)
+        self.PublishBatch = channel.unary_unary(
+                '/belfry.api.dispatcher.v1.DispatcherService/PublishBatch',
+                request_serializer=belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.PublishBatchRequest.SerializeToString,
+                response_deserializer=belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.PublishBatchResponse.FromString,
+                _registered_method=True)
+        self.PublishStream = channel.stream_stream(
+                '/belfry.api.dispatcher.v1.DispatcherService/PublishStream',
+                request_serializer=belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.PublishStreamRequest.SerializeToString,
+                response_deserializer=belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.PublishStreamAck.FromString,
+                _registered_method=True)
+        self.RecordInboxVisit = channel.unary_unary(
+                '/belfry.api.dispatcher.v1.DispatcherService/RecordInboxVisit',
+                request_serializer=belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.RecordInboxVisitRequest.SerializeToString,
+                response_deserializer=belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.RecordInboxVisitResponse.FromString,
+                _registered_method=True)
+        self.GetNotification = channel.unary_unary(
+                '/belfry.api.dispatcher.v1.DispatcherService/GetNotification',
+                request_serializer=belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.GetNotificationRequest.SerializeToString,
+                response_deserializer=belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.GetNotificationResponse.FromString,
+                _registered_method=True)
+        self.ListNotifications = channel.unary_unary(
+                '/belfry.api.dispatcher.v1.DispatcherService/ListNotifications',
+                request_serializer=belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.ListNotificationsRequest.SerializeToString,
+                response_deserializer=belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.ListNotificationsResponse.FromString,
+                _registered_method=True)
 
 
 class DispatcherServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Publish(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Publish one event; idempotent on (account, idempotency key) for 24 hours.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PublishBatch(self, request, context):
+        """Publish up to 1,000 events; each is atomic on its own and gets its own status.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PublishStream(self, request_iterator, context):
+        """High-rate form: every event sent is acknowledged with its sequence.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RecordInboxVisit(self, request, context):
+        """Record that a user visited the conversations inbox.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetNotification(self, request, context):
+        """One notification's timeline per recipient and channel.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListNotifications(self, request, context):
+        """A user's notifications, newest first, paged.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -57,6 +118,31 @@ def add_DispatcherServiceServicer_to_server(servicer, server):
                     servicer.Publish,
                     request_deserializer=belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.PublishRequest.FromString,
                     response_serializer=belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.PublishResponse.SerializeToString,
+            ),
+            'PublishBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.PublishBatch,
+                    request_deserializer=belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.PublishBatchRequest.FromString,
+                    response_serializer=belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.PublishBatchResponse.SerializeToString,
+            ),
+            'PublishStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.PublishStream,
+                    request_deserializer=belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.PublishStreamRequest.FromString,
+                    response_serializer=belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.PublishStreamAck.SerializeToString,
+            ),
+            'RecordInboxVisit': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordInboxVisit,
+                    request_deserializer=belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.RecordInboxVisitRequest.FromString,
+                    response_serializer=belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.RecordInboxVisitResponse.SerializeToString,
+            ),
+            'GetNotification': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetNotification,
+                    request_deserializer=belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.GetNotificationRequest.FromString,
+                    response_serializer=belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.GetNotificationResponse.SerializeToString,
+            ),
+            'ListNotifications': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListNotifications,
+                    request_deserializer=belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.ListNotificationsRequest.FromString,
+                    response_serializer=belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.ListNotificationsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -86,6 +172,141 @@ class DispatcherService:
             '/belfry.api.dispatcher.v1.DispatcherService/Publish',
             belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.PublishRequest.SerializeToString,
             belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.PublishResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PublishBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/belfry.api.dispatcher.v1.DispatcherService/PublishBatch',
+            belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.PublishBatchRequest.SerializeToString,
+            belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.PublishBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PublishStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/belfry.api.dispatcher.v1.DispatcherService/PublishStream',
+            belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.PublishStreamRequest.SerializeToString,
+            belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.PublishStreamAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordInboxVisit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/belfry.api.dispatcher.v1.DispatcherService/RecordInboxVisit',
+            belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.RecordInboxVisitRequest.SerializeToString,
+            belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.RecordInboxVisitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetNotification(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/belfry.api.dispatcher.v1.DispatcherService/GetNotification',
+            belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.GetNotificationRequest.SerializeToString,
+            belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.GetNotificationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListNotifications(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/belfry.api.dispatcher.v1.DispatcherService/ListNotifications',
+            belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.ListNotificationsRequest.SerializeToString,
+            belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.ListNotificationsResponse.FromString,
             options,
             channel_credentials,
             insecure,
