@@ -1,0 +1,8 @@
+"""``python -m services.email``."""
+
+from belfry import service
+
+from services.email.server import build_for
+from services.email.settings import load_settings
+
+service.main("email", load_settings, build_for)  # type: ignore[arg-type]  # Settings satisfies HasCommon structurally

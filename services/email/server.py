@@ -1,0 +1,51 @@
+"""Wiring of the email service: the QueueAdmin API, the sender loop, maintenance."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import asyncpg
+from belfry.auth import TokenVerifier
+from belfry.queue import Queue, admin, worker
+from belfry.service import Built
+
+from services.email import store
+from services.email.compose import Composer
+from services.email.sender import EmailSender
+from services.email.settings import Settings
+from services.email.smtp import SmtpPool
+from services.email.templates import Templates
+from services.email.unsubscribe import Signer
+
+
+def build_for(settings: Settings) -> Callable[[asyncpg.Pool], Awaitable[Built]]:
+    """The service's ``build(pool)`` for ``belfry.service.start``."""
+
+    async def build(pool: asyncpg.Pool) -> Built:
+        smtp = SmtpPool(settings.smtp)
+        composer = Composer(
+            templates=Templates(),
+            signer=Signer(settings.unsubscribe_key, ttl_seconds=settings.unsubscribe_ttl_seconds),
+            sender=settings.from_address,
+            public_url=settings.public_url,
+        )
+        sender = EmailSender(pool=pool, smtp=smtp, composer=composer, daily_cap=settings.daily_cap)
+        queue = Queue(pool, "email", worker=settings.worker_id, lease_seconds=settings.lease_seconds)
+
+        async def send_loop(stop: asyncio.Event) -> None:
+            await worker.run(queue, sender.handle, stop=stop, batch=settings.batch, concurrency=settings.concurrency)
+
+        async def maintenance(stop: asyncio.Event) -> None:
+            await store.purge_counts(pool)
+            await worker.maintain(pool, stop=stop, retention_seconds=settings.retention_seconds)
+
+        servicer = admin.QueueAdminServicer(pool, TokenVerifier(settings.common.token_keys))
+        return Built(
+            registrations=[admin.registration(servicer)],
+            service_names=[admin.SERVICE_NAME],
+            background=[send_loop, maintenance],
+            cleanup=[smtp.close],
+        )
+
+    return build

@@ -1,0 +1,97 @@
+"""Settings of the email sender, read once from the environment."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from email.headerregistry import Address
+from email.utils import parseaddr
+
+from belfry.config import CommonSettings, Env, load_common
+
+
+@dataclass(frozen=True)
+class SmtpSettings:
+    """Where and how to hand messages over."""
+
+    host: str
+    port: int
+    user: str
+    password: str
+    starttls: bool  # upgrade a plain connection (submission on 587)
+    implicit_tls: bool  # TLS from the first byte (465)
+    timeout: float
+    pool_size: int
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything ``python -m services.email`` needs."""
+
+    common: CommonSettings
+    smtp: SmtpSettings
+    from_address: Address
+    public_url: str  # where the web app is served: preferences page and unsubscribe endpoint
+    unsubscribe_key: bytes
+    unsubscribe_ttl_seconds: int
+    daily_cap: int
+    worker_id: str
+    batch: int
+    concurrency: int
+    lease_seconds: float
+    retention_seconds: float
+
+
+def load_settings(environ: Mapping[str, str]) -> Settings:
+    """Parse and check the environment; every problem is reported at once."""
+    env = Env(environ)
+    common = load_common("email", env, default_port=50054)
+    implicit_tls = env.bool("BELFRY_SMTP_TLS", False)
+    smtp = SmtpSettings(
+        host=env.str("BELFRY_SMTP_HOST", "localhost"),
+        port=env.int("BELFRY_SMTP_PORT", 465 if implicit_tls else 25, minimum=1),
+        user=env.str("BELFRY_SMTP_USER", ""),
+        password=env.str("BELFRY_SMTP_PASSWORD", ""),
+        starttls=env.bool("BELFRY_SMTP_STARTTLS", False),
+        implicit_tls=implicit_tls,
+        timeout=env.float("BELFRY_SMTP_TIMEOUT", 30.0, minimum=0.1),
+        pool_size=env.int("BELFRY_SMTP_POOL_SIZE", 8, minimum=1),
+    )
+    if smtp.starttls and smtp.implicit_tls:
+        env.problem("set only one of BELFRY_SMTP_STARTTLS and BELFRY_SMTP_TLS")
+    if bool(smtp.user) != bool(smtp.password):
+        env.problem("BELFRY_SMTP_USER and BELFRY_SMTP_PASSWORD go together")
+    name, addr = parseaddr(env.str("BELFRY_EMAIL_FROM", "Belfry <notifications@localhost>"))
+    from_address = Address("Belfry", "notifications", "localhost")
+    try:
+        from_address = Address(display_name=name, addr_spec=addr)
+    except (ValueError, IndexError):
+        env.problem("BELFRY_EMAIL_FROM must be an address such as 'Belfry <notifications@example.com>'")
+    if "@" not in addr:
+        env.problem("BELFRY_EMAIL_FROM must contain an address with a domain")
+    public_url = env.str("BELFRY_PUBLIC_URL", "http://localhost:8080").rstrip("/")
+    if not public_url.startswith(("https://", "http://")):
+        env.problem("BELFRY_PUBLIC_URL must start with https:// (or http:// for a local run)")
+    key = env.str("BELFRY_UNSUBSCRIBE_KEY", "")
+    if len(key) < 32:
+        env.problem(
+            "BELFRY_UNSUBSCRIBE_KEY must be set to a secret of at least 32 characters (it signs unsubscribe links)"
+        )
+    settings = Settings(
+        common=common,
+        smtp=smtp,
+        from_address=from_address,
+        public_url=public_url,
+        unsubscribe_key=key.encode(),
+        unsubscribe_ttl_seconds=env.int("BELFRY_UNSUBSCRIBE_TTL_SECONDS", 60 * 86400, minimum=3600),
+        daily_cap=env.int("BELFRY_EMAIL_DAILY_CAP", 1000, minimum=1),
+        worker_id=env.str("BELFRY_WORKER_ID", f"{socket.gethostname()}-{os.getpid()}"),
+        batch=env.int("BELFRY_EMAIL_BATCH", 200, minimum=1),
+        concurrency=env.int("BELFRY_EMAIL_CONCURRENCY", 64, minimum=1),
+        lease_seconds=env.float("BELFRY_EMAIL_LEASE_SECONDS", 60.0, minimum=0.1),
+        retention_seconds=env.float("BELFRY_QUEUE_RETENTION_SECONDS", 7 * 86400.0, minimum=0.0),
+    )
+    env.check()
+    return settings
