@@ -8,10 +8,13 @@ deployment in one pass instead of one variable at a time.
 from __future__ import annotations
 
 import builtins
+import datetime
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+from cryptography import x509
 
 from belfry.errors import ConfigError
 
@@ -95,7 +98,7 @@ class Env:
 
 @dataclass(frozen=True)
 class TlsSettings:
-    """Mutual TLS material. With ``ca`` set, servers require client certificates."""
+    """Mutual TLS material: configured together (``check_tls``), servers then require client certificates."""
 
     cert: Path | None
     key: Path | None
@@ -126,6 +129,31 @@ class CommonSettings:
     token_ttl_seconds: int
 
 
+def check_tls(env: Env, tls: TlsSettings, *, now: datetime.datetime | None = None) -> None:
+    """Record TLS problems at startup: half-configured material, unreadable or expired certificates.
+
+    A certificate that is expired (or not yet valid) would otherwise surface only
+    as failed handshakes on the peers, far from the misconfigured service.
+    """
+    given = {"BELFRY_TLS_CERT": tls.cert, "BELFRY_TLS_KEY": tls.key, "BELFRY_TLS_CA": tls.ca}
+    if any(given.values()) and not all(given.values()):
+        missing = ", ".join(name for name, path in given.items() if path is None)
+        env.problem(f"mutual TLS needs BELFRY_TLS_CERT, BELFRY_TLS_KEY and BELFRY_TLS_CA together; missing {missing}")
+    moment = now or datetime.datetime.now(datetime.UTC)
+    for name, path in (("BELFRY_TLS_CERT", tls.cert), ("BELFRY_TLS_CA", tls.ca)):
+        if path is None or not path.is_file():
+            continue
+        try:
+            cert = x509.load_pem_x509_certificate(path.read_bytes())
+        except ValueError:
+            env.problem(f"{name} ({path}) does not hold a PEM certificate")
+            continue
+        if cert.not_valid_after_utc <= moment:
+            env.problem(f"{name} ({path}) expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; renew it")
+        elif cert.not_valid_before_utc > moment:
+            env.problem(f"{name} ({path}) is not valid before {cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC")
+
+
 def parse_token_keys(raw: str) -> dict[str, bytes]:
     """``kid1=secret1,kid2=secret2`` → {kid: secret}. Several keys allow rotation."""
     keys: dict[str, bytes] = {}
@@ -148,6 +176,8 @@ def load_common(service: str, env: Env, *, default_port: int) -> CommonSettings:
     active = env.str("BELFRY_TOKEN_ACTIVE_KID", next(iter(keys), ""))
     if keys and active not in keys:
         env.problem(f"BELFRY_TOKEN_ACTIVE_KID={active!r} is not one of the kids in BELFRY_TOKEN_KEYS")
+    tls = TlsSettings(env.path("BELFRY_TLS_CERT"), env.path("BELFRY_TLS_KEY"), env.path("BELFRY_TLS_CA"))
+    check_tls(env, tls)
     return CommonSettings(
         service=service,
         database_url=env.str("BELFRY_DATABASE_URL", os.environ.get("DATABASE_URL")),
@@ -158,7 +188,7 @@ def load_common(service: str, env: Env, *, default_port: int) -> CommonSettings:
         drain_seconds=env.float("BELFRY_DRAIN_SECONDS", 10.0),
         db_pool_min=env.int("BELFRY_DB_POOL_MIN", 2, minimum=1),
         db_pool_max=env.int("BELFRY_DB_POOL_MAX", 10, minimum=1),
-        tls=TlsSettings(env.path("BELFRY_TLS_CERT"), env.path("BELFRY_TLS_KEY"), env.path("BELFRY_TLS_CA")),
+        tls=tls,
         token_keys=keys,
         token_active_kid=active,
         token_ttl_seconds=env.int("BELFRY_TOKEN_TTL_SECONDS", 900, minimum=30),
