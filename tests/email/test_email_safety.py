@@ -7,10 +7,10 @@ import uuid
 
 import asyncpg
 from belfry import service
+
 from services.email import headers
 from services.email.server import build_for
 from services.email.settings import load_settings
-
 from tests.email.email_helpers import Capture, email_env, enqueue_messages, message, wait_until_finished
 
 HOSTILE = [

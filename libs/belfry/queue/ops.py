@@ -109,8 +109,8 @@ async def stats(pool: asyncpg.Pool, account_id: str | None = None) -> list[Chann
     rows = await pool.fetch(
         """
         select channel, state, count(*) as n,
-               coalesce(extract(epoch from now() - min(available_at))
-                        filter (where state = 'queued' and available_at <= now()), 0)::float8 as age
+               coalesce(extract(epoch from now() - min(available_at)
+                                 filter (where state = 'queued' and available_at <= now())), 0)::float8 as age
         from queue.deliveries
         where $1::text is null or account_id = $1
         group by channel, state

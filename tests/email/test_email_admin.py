@@ -1,0 +1,73 @@
+"""QueueAdmin over real gRPC on the email service: dead letters, requeue, stats, validation."""
+
+from __future__ import annotations
+
+import asyncpg
+import grpc
+import pytest
+from belfry import rpc, service
+from belfry.api.queue.v1 import queue_pb2 as pb
+from belfry.api.queue.v1 import queue_pb2_grpc as pb_grpc
+from belfry.auth import TokenIssuer
+from belfry.config import TlsSettings
+
+from services.email.server import build_for
+from services.email.settings import load_settings
+from tests.email.email_helpers import Capture, email_env, enqueue_messages, message, wait_until_finished
+
+
+async def test_dead_letters_listed_requeued_and_scoped_to_the_account(
+    database_url: str, token_keys: dict[str, bytes], pool: asyncpg.Pool, smtp: tuple[Capture, int], account_id: str
+) -> None:
+    _, port = smtp
+    settings = load_settings(email_env(database_url, token_keys, port))
+    running = await service.start("email", settings.common, build_for(settings))
+    channel = rpc.connect(f"127.0.0.1:{running.port}", TlsSettings(None, None, None))
+    stub = pb_grpc.QueueAdminStub(channel)
+    issuer = TokenIssuer(token_keys, "k1")
+    mine = [("authorization", f"Bearer {issuer.issue(account_id, 'admin')}")]
+    theirs = [("authorization", f"Bearer {issuer.issue(account_id + '-other', 'admin')}")]
+    try:
+        await enqueue_messages(pool, [message(account_id, user_id="r", recipient_email="reject@example.test")])
+        [dead] = await wait_until_finished(pool, account_id, 1, states=("dead",))
+
+        listed = await stub.ListDeadLetters(pb.ListDeadLettersRequest(channel="email"), metadata=mine)
+        [letter] = listed.dead_letters
+        assert letter.delivery_id == dead["delivery_id"] and letter.topic == "contacts.contact_assigned"
+        assert letter.errors[0].attempt == 1 and "550" in letter.errors[0].error
+        assert letter.errors[0].worker == settings.worker_id
+
+        other = await stub.ListDeadLetters(pb.ListDeadLettersRequest(), metadata=theirs)
+        assert list(other.dead_letters) == []
+        refused = await stub.Requeue(pb.RequeueRequest(delivery_ids=[dead["delivery_id"]]), metadata=theirs)
+        assert list(refused.requeued) == [] and list(refused.not_dead) == [dead["delivery_id"]]
+
+        stats = await stub.GetStats(pb.GetStatsRequest(), metadata=mine)
+        assert {s.channel: dict(s.counts) for s in stats.channels} == {"email": {"dead": 1}}
+
+        # Requeued: it is tried again (and refused again), the history grows.
+        done = await stub.Requeue(pb.RequeueRequest(delivery_ids=[dead["delivery_id"]]), metadata=mine)
+        assert list(done.requeued) == [dead["delivery_id"]]
+        await wait_until_finished(pool, account_id, 1, states=("dead",))
+        errors = await pool.fetchval(
+            "select errors from queue.deliveries where account_id = $1 and state = 'dead'", account_id
+        )
+        # The first refusal, the requeue note, the second refusal.
+        assert [("requeued_by" in e, "550" in e.get("error", "")) for e in errors] == [
+            (False, True),
+            (True, False),
+            (False, True),
+        ]
+
+        with pytest.raises(grpc.aio.AioRpcError) as bad:
+            await stub.ListDeadLetters(pb.ListDeadLettersRequest(page_size=5000), metadata=mine)
+        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "page_size" in (bad.value.details() or "")
+        with pytest.raises(grpc.aio.AioRpcError) as empty:
+            await stub.Requeue(pb.RequeueRequest(), metadata=mine)
+        assert empty.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.aio.AioRpcError) as anonymous:
+            await stub.GetStats(pb.GetStatsRequest())
+        assert anonymous.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        await channel.close()
+        await running.stop(0.1)
