@@ -127,6 +127,8 @@ class CommonSettings:
     token_keys: dict[str, bytes]
     token_active_kid: str
     token_ttl_seconds: int
+    # Plaintext gRPC health only, for kubelet probes (they cannot present a client certificate).
+    health_address: str = ""
 
 
 def check_tls(env: Env, tls: TlsSettings, *, now: datetime.datetime | None = None) -> None:
@@ -192,4 +194,5 @@ def load_common(service: str, env: Env, *, default_port: int) -> CommonSettings:
         token_keys=keys,
         token_active_kid=active,
         token_ttl_seconds=env.int("BELFRY_TOKEN_TTL_SECONDS", 900, minimum=30),
+        health_address=env.str("BELFRY_HEALTH_ADDRESS", ""),
     )

@@ -200,6 +200,22 @@ def connect(target: str, tls: TlsSettings, *, override_authority: str | None = N
     return grpc.aio.secure_channel(target, creds, options=options)
 
 
+async def create_health_server(address: str, health_servicer: health.aio.HealthServicer) -> tuple[grpc.aio.Server, int]:
+    """A plaintext server with only the standard health service (started), sharing the main server's state.
+
+    Kubernetes gRPC probes speak plaintext and present no certificate, so with
+    mutual TLS on the service port they get a port of their own that exposes
+    nothing but serving status.
+    """
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"could not bind the gRPC health server to {address}")
+    await server.start()
+    return server, port
+
+
 async def create_server(
     service: str,
     registrations: Sequence[Registration],

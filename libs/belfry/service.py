@@ -58,6 +58,8 @@ class Running:
     pool: asyncpg.Pool
     built: Built
     owns_pool: bool = True
+    probe: grpc.aio.Server | None = None  # plaintext health-only server for kubelet probes
+    probe_port: int = 0
     stop_event: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -67,6 +69,8 @@ class Running:
         self.stop_event.set()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         await self.server.stop(grace)
+        if self.probe is not None:
+            await self.probe.stop(0)
         for cleanup in self.built.cleanup:
             await cleanup()
         if self.owns_pool:
@@ -90,6 +94,8 @@ async def start(
     )
     await server.start()
     running = Running(server, port, health_servicer, own_pool, built, owns_pool=pool is None)
+    if common.health_address:
+        running.probe, running.probe_port = await rpc.create_health_server(common.health_address, health_servicer)
 
     def spawn(loop: Background) -> asyncio.Task[None]:
         async def guarded() -> None:

@@ -33,6 +33,7 @@ class Mesh:
     """One running service with TLS and the material peers may hold."""
 
     port: int
+    probe_port: int
     mesh: Authority
     peer: TlsSettings
     foreign: TlsSettings
@@ -54,6 +55,7 @@ async def mesh(
         BELFRY_TLS_CERT=str(own.cert),
         BELFRY_TLS_KEY=str(own.key),
         BELFRY_TLS_CA=str(own.ca),
+        BELFRY_HEALTH_ADDRESS="127.0.0.1:0",
     )
     reader = Env(env)
     common = load_common("preferences", reader, default_port=50051)
@@ -66,6 +68,7 @@ async def mesh(
     try:
         yield Mesh(
             port=running.port,
+            probe_port=running.probe_port,
             mesh=ca,
             peer=ca.issue("dispatcher"),
             foreign=Authority.create(folder, "foreign").issue("dispatcher"),
@@ -139,6 +142,22 @@ async def test_client_refuses_server_outside_its_ca(mesh: Mesh) -> None:
     tls = TlsSettings(mesh.peer.cert, mesh.peer.key, mesh.foreign.ca)
     channel = rpc.connect(f"127.0.0.1:{mesh.port}", tls, override_authority="localhost")
     assert await _refused(channel) == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_probe_port_serves_plaintext_health_and_nothing_else(mesh: Mesh) -> None:
+    # What a kubelet gRPC probe does: plaintext, no certificate, standard health service.
+    channel = rpc.connect(f"127.0.0.1:{mesh.probe_port}", TlsSettings(None, None, None))
+    try:
+        assert await _health(channel) == health_pb2.HealthCheckResponse.SERVING
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in stub.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=_CALL_TIMEOUT
+            ):
+                pass
+        assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        await channel.close()
 
 
 def test_startup_rejects_expired_certificate(tmp_path: Path) -> None:
