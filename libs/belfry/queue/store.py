@@ -167,13 +167,21 @@ class Queue:
         so a burst in one account delays another account's delivery by at most
         ``ceil(active accounts / limit)`` claims. Rows other replicas hold are skipped.
         """
-        rows = await self.pool.fetch(_CLAIM, self.channel, limit, self.lease_seconds, self.worker, self._cursor)
-        last = rows
-        if len(rows) < limit and self._cursor:
-            # Wrap around to the accounts before the cursor.
-            last = await self.pool.fetch(_CLAIM, self.channel, limit - len(rows), self.lease_seconds, self.worker, "")
-            rows += last
-        self._cursor = max((r["account_id"] for r in last), default="")
+        rows = list(await self.pool.fetch(_CLAIM, self.channel, limit, self.lease_seconds, self.worker, self._cursor))
+        served = {r["account_id"] for r in rows}
+        # More accounts may wait past the last one served when each got one slot.
+        next_cursor = max(served) if len(served) >= limit else ""
+        # Wrap around to the accounts before the cursor, then top up from the
+        # accounts that had more than their share (a few rounds at most).
+        for _ in range(3):
+            want = limit - len(rows)
+            if want <= 0:
+                break
+            more = await self.pool.fetch(_CLAIM, self.channel, want, self.lease_seconds, self.worker, "")
+            if not more:
+                break
+            rows += more
+        self._cursor = next_cursor
         return [
             Lease(
                 delivery_id=r["delivery_id"],
