@@ -71,21 +71,31 @@ class GetPreferencesResponse(_message.Message):
 
     CHOICES_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    SETTINGS_FIELD_NUMBER: _builtins.int
+    TOPIC_SOUNDS_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """etag for optimistic concurrency"""
     @_builtins.property
     def choices(self) -> _containers.RepeatedCompositeFieldContainer[Global___Choice]:
         """the user's own explicit choices"""
 
+    @_builtins.property
+    def settings(self) -> Global___ChannelSettings: ...
+    @_builtins.property
+    def topic_sounds(self) -> _containers.RepeatedCompositeFieldContainer[Global___TopicSound]:
+        """per-topic pop-up sound overrides"""
+
     def __init__(
         self,
         *,
         choices: _abc.Iterable[Global___Choice] | None = ...,
         version: _builtins.int = ...,
+        settings: Global___ChannelSettings | None = ...,
+        topic_sounds: _abc.Iterable[Global___TopicSound] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["settings", b"settings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["choices", b"choices", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["choices", b"choices", "settings", b"settings", "topic_sounds", b"topic_sounds", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -98,7 +108,9 @@ class SetPreferenceRequest(_message.Message):
     CHOICE_FIELD_NUMBER: _builtins.int
     EXPECTED_VERSION_FIELD_NUMBER: _builtins.int
     expected_version: _builtins.int
-    """0 = don't check"""
+    """The version the page last read. 0 = don't check; otherwise a different
+    current version answers ABORTED naming the current version.
+    """
     @_builtins.property
     def choice(self) -> Global___Choice: ...
     def __init__(
@@ -117,6 +129,8 @@ Global___SetPreferenceRequest: _TypeAlias = SetPreferenceRequest  # noqa: Y015
 
 @_typing.final
 class SetPreferenceResponse(_message.Message):
+    """Every write answers the user's new version (etag)."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     VERSION_FIELD_NUMBER: _builtins.int
@@ -133,6 +147,815 @@ class SetPreferenceResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SetPreferenceResponse: _TypeAlias = SetPreferenceResponse  # noqa: Y015
+
+@_typing.final
+class ChannelSwitch(_message.Message):
+    """A channel's master switch. Off turns every unlocked topic off on it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    ENABLED_FIELD_NUMBER: _builtins.int
+    channel: _common_pb2.Channel.ValueType
+    enabled: _builtins.bool
+    def __init__(
+        self,
+        *,
+        channel: _common_pb2.Channel.ValueType = ...,
+        enabled: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "enabled", b"enabled"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChannelSwitch: _TypeAlias = ChannelSwitch  # noqa: Y015
+
+@_typing.final
+class QuietHours(_message.Message):
+    """Do-not-disturb hours in the user's time zone (the directory's time_zone)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENABLED_FIELD_NUMBER: _builtins.int
+    DAYS_FIELD_NUMBER: _builtins.int
+    START_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    enabled: _builtins.bool
+    start: _builtins.str
+    """"HH:MM", local time"""
+    end: _builtins.str
+    """"HH:MM"; earlier than start = ends the next day"""
+    @_builtins.property
+    def days(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """ISO weekdays the hours start on: 1 = Monday … 7 = Sunday"""
+
+    def __init__(
+        self,
+        *,
+        enabled: _builtins.bool = ...,
+        days: _abc.Iterable[_builtins.int] | None = ...,
+        start: _builtins.str = ...,
+        end: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["days", b"days", "enabled", b"enabled", "end", b"end", "start", b"start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QuietHours: _TypeAlias = QuietHours  # noqa: Y015
+
+@_typing.final
+class ChannelSettings(_message.Message):
+    """The user's channel-level settings (Email, Desktop, Other apps, Mobile tabs)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SWITCHES_FIELD_NUMBER: _builtins.int
+    RED_DOT_FIELD_NUMBER: _builtins.int
+    DEFAULT_SOUND_FIELD_NUMBER: _builtins.int
+    MUTED_FIELD_NUMBER: _builtins.int
+    QUIET_HOURS_FIELD_NUMBER: _builtins.int
+    red_dot: _builtins.bool
+    """red dot in the browser tab (favicon) while bell items are unread"""
+    default_sound: _builtins.str
+    """one of ListTopicsResponse.sounds"""
+    muted: _builtins.bool
+    """pop-ups play no sound"""
+    @_builtins.property
+    def switches(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChannelSwitch]:
+        """all six channels; missing = on"""
+
+    @_builtins.property
+    def quiet_hours(self) -> Global___QuietHours: ...
+    def __init__(
+        self,
+        *,
+        switches: _abc.Iterable[Global___ChannelSwitch] | None = ...,
+        red_dot: _builtins.bool = ...,
+        default_sound: _builtins.str = ...,
+        muted: _builtins.bool = ...,
+        quiet_hours: Global___QuietHours | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["quiet_hours", b"quiet_hours"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_sound", b"default_sound", "muted", b"muted", "quiet_hours", b"quiet_hours", "red_dot", b"red_dot", "switches", b"switches"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChannelSettings: _TypeAlias = ChannelSettings  # noqa: Y015
+
+@_typing.final
+class TopicSound(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOPIC_FIELD_NUMBER: _builtins.int
+    SOUND_FIELD_NUMBER: _builtins.int
+    topic: _builtins.str
+    sound: _builtins.str
+    """"" = use the default sound"""
+    def __init__(
+        self,
+        *,
+        topic: _builtins.str = ...,
+        sound: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sound", b"sound", "topic", b"topic"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TopicSound: _TypeAlias = TopicSound  # noqa: Y015
+
+@_typing.final
+class UpdateSettingsRequest(_message.Message):
+    """User-facing: replace the channel settings block (read it first with GetPreferences)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SETTINGS_FIELD_NUMBER: _builtins.int
+    EXPECTED_VERSION_FIELD_NUMBER: _builtins.int
+    expected_version: _builtins.int
+    """0 = don't check"""
+    @_builtins.property
+    def settings(self) -> Global___ChannelSettings: ...
+    def __init__(
+        self,
+        *,
+        settings: Global___ChannelSettings | None = ...,
+        expected_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["settings", b"settings"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expected_version", b"expected_version", "settings", b"settings"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateSettingsRequest: _TypeAlias = UpdateSettingsRequest  # noqa: Y015
+
+@_typing.final
+class SetMutedRequest(_message.Message):
+    """User-facing: mute or unmute pop-up sounds (the pop-up's "Mute" action)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MUTED_FIELD_NUMBER: _builtins.int
+    EXPECTED_VERSION_FIELD_NUMBER: _builtins.int
+    muted: _builtins.bool
+    expected_version: _builtins.int
+    def __init__(
+        self,
+        *,
+        muted: _builtins.bool = ...,
+        expected_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expected_version", b"expected_version", "muted", b"muted"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetMutedRequest: _TypeAlias = SetMutedRequest  # noqa: Y015
+
+@_typing.final
+class SetTopicSoundRequest(_message.Message):
+    """User-facing: the pop-up sound of one topic ("" resets it to the default sound)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOPIC_FIELD_NUMBER: _builtins.int
+    SOUND_FIELD_NUMBER: _builtins.int
+    EXPECTED_VERSION_FIELD_NUMBER: _builtins.int
+    topic: _builtins.str
+    sound: _builtins.str
+    expected_version: _builtins.int
+    def __init__(
+        self,
+        *,
+        topic: _builtins.str = ...,
+        sound: _builtins.str = ...,
+        expected_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expected_version", b"expected_version", "sound", b"sound", "topic", b"topic"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetTopicSoundRequest: _TypeAlias = SetTopicSoundRequest  # noqa: Y015
+
+@_typing.final
+class ClearChannelRequest(_message.Message):
+    """User-facing: "Clear all preferences" on one tab: every unlocked topic the
+    user may see switched off on each channel of that tab.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANNELS_FIELD_NUMBER: _builtins.int
+    EXPECTED_VERSION_FIELD_NUMBER: _builtins.int
+    expected_version: _builtins.int
+    @_builtins.property
+    def channels(self) -> _containers.RepeatedScalarFieldContainer[_common_pb2.Channel.ValueType]:
+        """The tab's channels: [EMAIL], [BELL, POPUP, BROWSER], [OTHER_APPS] or [MOBILE]."""
+
+    def __init__(
+        self,
+        *,
+        channels: _abc.Iterable[_common_pb2.Channel.ValueType] | None = ...,
+        expected_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channels", b"channels", "expected_version", b"expected_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClearChannelRequest: _TypeAlias = ClearChannelRequest  # noqa: Y015
+
+@_typing.final
+class DontShowAgainRequest(_message.Message):
+    """User-facing: "Don't show me these again" from a pop-up or the bell: the
+    topic off for that channel. Never version-checked (it is a one-click action).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOPIC_FIELD_NUMBER: _builtins.int
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    topic: _builtins.str
+    channel: _common_pb2.Channel.ValueType
+    def __init__(
+        self,
+        *,
+        topic: _builtins.str = ...,
+        channel: _common_pb2.Channel.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "topic", b"topic"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DontShowAgainRequest: _TypeAlias = DontShowAgainRequest  # noqa: Y015
+
+@_typing.final
+class ResetToDefaultsRequest(_message.Message):
+    """User-facing: forget every own choice, switch and sound (defaults apply again)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXPECTED_VERSION_FIELD_NUMBER: _builtins.int
+    expected_version: _builtins.int
+    def __init__(
+        self,
+        *,
+        expected_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expected_version", b"expected_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResetToDefaultsRequest: _TypeAlias = ResetToDefaultsRequest  # noqa: Y015
+
+@_typing.final
+class EffectiveRequest(_message.Message):
+    """User-facing: the caller's effective answer for one topic (what would
+    happen now if it were published to them).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOPIC_FIELD_NUMBER: _builtins.int
+    topic: _builtins.str
+    def __init__(
+        self,
+        *,
+        topic: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["topic", b"topic"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EffectiveRequest: _TypeAlias = EffectiveRequest  # noqa: Y015
+
+@_typing.final
+class EffectiveResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DECISION_FIELD_NUMBER: _builtins.int
+    TOPIC_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def decision(self) -> Global___RecipientDecision: ...
+    @_builtins.property
+    def topic(self) -> Global___TopicInfo: ...
+    def __init__(
+        self,
+        *,
+        decision: Global___RecipientDecision | None = ...,
+        topic: Global___TopicInfo | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision", "topic", b"topic"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision", "topic", b"topic"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EffectiveResponse: _TypeAlias = EffectiveResponse  # noqa: Y015
+
+@_typing.final
+class ListTopicsRequest(_message.Message):
+    """User-facing: the catalogue as the settings page shows it, filtered to the
+    topics the caller may see, with the caller's effective state.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOCALE_FIELD_NUMBER: _builtins.int
+    locale: _builtins.str
+    """"en" or "fr"; empty = the user's locale"""
+    def __init__(
+        self,
+        *,
+        locale: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["locale", b"locale"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTopicsRequest: _TypeAlias = ListTopicsRequest  # noqa: Y015
+
+@_typing.final
+class ChannelState(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    ENABLED_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    PRODUCT_DEFAULT_FIELD_NUMBER: _builtins.int
+    channel: _common_pb2.Channel.ValueType
+    enabled: _builtins.bool
+    source: _builtins.str
+    """Where the answer came from: "locked", "user", "role_profile",
+    "account_default", "product_default", "master_off".
+    """
+    product_default: _builtins.bool
+    """the product's own default, for "reset" previews"""
+    def __init__(
+        self,
+        *,
+        channel: _common_pb2.Channel.ValueType = ...,
+        enabled: _builtins.bool = ...,
+        source: _builtins.str = ...,
+        product_default: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "enabled", b"enabled", "product_default", b"product_default", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChannelState: _TypeAlias = ChannelState  # noqa: Y015
+
+@_typing.final
+class TopicView(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    LOCKED_FIELD_NUMBER: _builtins.int
+    CHANNELS_FIELD_NUMBER: _builtins.int
+    SOUND_FIELD_NUMBER: _builtins.int
+    TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    name: _builtins.str
+    locked: _builtins.bool
+    sound: _builtins.str
+    """the topic's pop-up sound override, "" = default"""
+    ttl_seconds: _builtins.int
+    @_builtins.property
+    def channels(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChannelState]:
+        """allowed channels only"""
+
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        name: _builtins.str = ...,
+        locked: _builtins.bool = ...,
+        channels: _abc.Iterable[Global___ChannelState] | None = ...,
+        sound: _builtins.str = ...,
+        ttl_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channels", b"channels", "key", b"key", "locked", b"locked", "name", b"name", "sound", b"sound", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TopicView: _TypeAlias = TopicView  # noqa: Y015
+
+@_typing.final
+class CategoryView(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    TOPICS_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    name: _builtins.str
+    @_builtins.property
+    def topics(self) -> _containers.RepeatedCompositeFieldContainer[Global___TopicView]: ...
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        name: _builtins.str = ...,
+        topics: _abc.Iterable[Global___TopicView] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "name", b"name", "topics", b"topics"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CategoryView: _TypeAlias = CategoryView  # noqa: Y015
+
+@_typing.final
+class ListTopicsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CATEGORIES_FIELD_NUMBER: _builtins.int
+    SOUNDS_FIELD_NUMBER: _builtins.int
+    SETTINGS_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    @_builtins.property
+    def categories(self) -> _containers.RepeatedCompositeFieldContainer[Global___CategoryView]: ...
+    @_builtins.property
+    def sounds(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """the six pop-up sounds, default first"""
+
+    @_builtins.property
+    def settings(self) -> Global___ChannelSettings: ...
+    def __init__(
+        self,
+        *,
+        categories: _abc.Iterable[Global___CategoryView] | None = ...,
+        sounds: _abc.Iterable[_builtins.str] | None = ...,
+        settings: Global___ChannelSettings | None = ...,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["settings", b"settings"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["categories", b"categories", "settings", b"settings", "sounds", b"sounds", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTopicsResponse: _TypeAlias = ListTopicsResponse  # noqa: Y015
+
+@_typing.final
+class GetAccountDefaultsRequest(_message.Message):
+    """Admin (super admins of enterprise accounts): the account's defaults."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAccountDefaultsRequest: _TypeAlias = GetAccountDefaultsRequest  # noqa: Y015
+
+@_typing.final
+class AccountDefaults(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHOICES_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    @_builtins.property
+    def choices(self) -> _containers.RepeatedCompositeFieldContainer[Global___Choice]: ...
+    def __init__(
+        self,
+        *,
+        choices: _abc.Iterable[Global___Choice] | None = ...,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["choices", b"choices", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AccountDefaults: _TypeAlias = AccountDefaults  # noqa: Y015
+
+@_typing.final
+class SetAccountDefaultsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHOICES_FIELD_NUMBER: _builtins.int
+    EXPECTED_VERSION_FIELD_NUMBER: _builtins.int
+    expected_version: _builtins.int
+    """0 = don't check"""
+    @_builtins.property
+    def choices(self) -> _containers.RepeatedCompositeFieldContainer[Global___Choice]:
+        """replaces the whole set; locked topics refused"""
+
+    def __init__(
+        self,
+        *,
+        choices: _abc.Iterable[Global___Choice] | None = ...,
+        expected_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["choices", b"choices", "expected_version", b"expected_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetAccountDefaultsRequest: _TypeAlias = SetAccountDefaultsRequest  # noqa: Y015
+
+@_typing.final
+class RoleProfile(_message.Message):
+    """Admin: a notification profile refines the defaults for one permission set."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PERMISSION_SET_FIELD_NUMBER: _builtins.int
+    CHOICES_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    permission_set: _builtins.str
+    version: _builtins.int
+    @_builtins.property
+    def choices(self) -> _containers.RepeatedCompositeFieldContainer[Global___Choice]: ...
+    def __init__(
+        self,
+        *,
+        permission_set: _builtins.str = ...,
+        choices: _abc.Iterable[Global___Choice] | None = ...,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["choices", b"choices", "permission_set", b"permission_set", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RoleProfile: _TypeAlias = RoleProfile  # noqa: Y015
+
+@_typing.final
+class ListRoleProfilesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRoleProfilesRequest: _TypeAlias = ListRoleProfilesRequest  # noqa: Y015
+
+@_typing.final
+class ListRoleProfilesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROFILES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def profiles(self) -> _containers.RepeatedCompositeFieldContainer[Global___RoleProfile]: ...
+    def __init__(
+        self,
+        *,
+        profiles: _abc.Iterable[Global___RoleProfile] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["profiles", b"profiles"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRoleProfilesResponse: _TypeAlias = ListRoleProfilesResponse  # noqa: Y015
+
+@_typing.final
+class GetRoleProfileRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PERMISSION_SET_FIELD_NUMBER: _builtins.int
+    permission_set: _builtins.str
+    def __init__(
+        self,
+        *,
+        permission_set: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["permission_set", b"permission_set"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRoleProfileRequest: _TypeAlias = GetRoleProfileRequest  # noqa: Y015
+
+@_typing.final
+class CreateRoleProfileRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROFILE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def profile(self) -> Global___RoleProfile: ...
+    def __init__(
+        self,
+        *,
+        profile: Global___RoleProfile | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["profile", b"profile"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["profile", b"profile"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateRoleProfileRequest: _TypeAlias = CreateRoleProfileRequest  # noqa: Y015
+
+@_typing.final
+class UpdateRoleProfileRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROFILE_FIELD_NUMBER: _builtins.int
+    EXPECTED_VERSION_FIELD_NUMBER: _builtins.int
+    expected_version: _builtins.int
+    """0 = don't check"""
+    @_builtins.property
+    def profile(self) -> Global___RoleProfile: ...
+    def __init__(
+        self,
+        *,
+        profile: Global___RoleProfile | None = ...,
+        expected_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["profile", b"profile"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expected_version", b"expected_version", "profile", b"profile"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateRoleProfileRequest: _TypeAlias = UpdateRoleProfileRequest  # noqa: Y015
+
+@_typing.final
+class DeleteRoleProfileRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PERMISSION_SET_FIELD_NUMBER: _builtins.int
+    EXPECTED_VERSION_FIELD_NUMBER: _builtins.int
+    permission_set: _builtins.str
+    expected_version: _builtins.int
+    def __init__(
+        self,
+        *,
+        permission_set: _builtins.str = ...,
+        expected_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expected_version", b"expected_version", "permission_set", b"permission_set"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteRoleProfileRequest: _TypeAlias = DeleteRoleProfileRequest  # noqa: Y015
+
+@_typing.final
+class DeleteRoleProfileResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteRoleProfileResponse: _TypeAlias = DeleteRoleProfileResponse  # noqa: Y015
+
+@_typing.final
+class AuditEntry(_message.Message):
+    """One change of preferences, as the audit log keeps it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    ACTOR_USER_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    VIA_FIELD_NUMBER: _builtins.int
+    WHAT_FIELD_NUMBER: _builtins.int
+    OLD_VALUE_FIELD_NUMBER: _builtins.int
+    NEW_VALUE_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    actor_user_id: _builtins.str
+    """who made the change ("" for the system)"""
+    user_id: _builtins.str
+    """whose preferences ("" = the account's defaults or a profile)"""
+    via: _builtins.str
+    """"user", "admin_default", "role_profile", "api" """
+    what: _builtins.str
+    """e.g. "choice", "settings", "clear_channel", "account_defaults" """
+    old_value: _builtins.str
+    """JSON"""
+    new_value: _builtins.str
+    """JSON"""
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        at: _timestamp_pb2.Timestamp | None = ...,
+        actor_user_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        via: _builtins.str = ...,
+        what: _builtins.str = ...,
+        old_value: _builtins.str = ...,
+        new_value: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor_user_id", b"actor_user_id", "at", b"at", "id", b"id", "new_value", b"new_value", "old_value", b"old_value", "user_id", b"user_id", "via", b"via", "what", b"what"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditEntry: _TypeAlias = AuditEntry  # noqa: Y015
+
+@_typing.final
+class ListAuditLogRequest(_message.Message):
+    """User-facing: a user lists their own entries; a super admin may name
+    another user of the account or set account=true for the account's log.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    ACCOUNT_FIELD_NUMBER: _builtins.int
+    PAGE_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """"" = the caller"""
+    account: _builtins.bool
+    @_builtins.property
+    def page(self) -> _common_pb2.PageRequest: ...
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        account: _builtins.bool = ...,
+        page: _common_pb2.PageRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["page", b"page"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "page", b"page", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAuditLogRequest: _TypeAlias = ListAuditLogRequest  # noqa: Y015
+
+@_typing.final
+class ListAuditLogResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuditEntry]:
+        """newest first"""
+
+    def __init__(
+        self,
+        *,
+        entries: _abc.Iterable[Global___AuditEntry] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAuditLogResponse: _TypeAlias = ListAuditLogResponse  # noqa: Y015
 
 @_typing.final
 class ChannelDecision(_message.Message):

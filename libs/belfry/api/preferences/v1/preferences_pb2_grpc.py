@@ -26,7 +26,11 @@ if _version_not_supported:
 
 
 class PreferencesServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """Every RPC but EffectiveBatch is user-facing: it needs "authorization:
+    Bearer <token>" metadata and acts for the token's user only. Roles, tier and
+    tool access come from the directory, never from the request. Writes answer
+    the user's new version; a stale expected_version answers ABORTED.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -49,25 +53,215 @@ class PreferencesServiceStub:
                 request_serializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.EffectiveBatchRequest.SerializeToString,
                 response_deserializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.EffectiveBatchResponse.FromString,
                 _registered_method=True)
+        self.Effective = channel.unary_unary(
+                '/belfry.api.preferences.v1.PreferencesService/Effective',
+                request_serializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.EffectiveRequest.SerializeToString,
+                response_deserializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.EffectiveResponse.FromString,
+                _registered_method=True)
+        self.ListTopics = channel.unary_unary(
+                '/belfry.api.preferences.v1.PreferencesService/ListTopics',
+                request_serializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.ListTopicsRequest.SerializeToString,
+                response_deserializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.ListTopicsResponse.FromString,
+                _registered_method=True)
+        self.UpdateSettings = channel.unary_unary(
+                '/belfry.api.preferences.v1.PreferencesService/UpdateSettings',
+                request_serializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.UpdateSettingsRequest.SerializeToString,
+                response_deserializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.SetPreferenceResponse.FromString,
+                _registered_method=True)
+        self.SetMuted = channel.unary_unary(
+                '/belfry.api.preferences.v1.PreferencesService/SetMuted',
+                request_serializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.SetMutedRequest.SerializeToString,
+                response_deserializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.SetPreferenceResponse.FromString,
+                _registered_method=True)
+        self.SetTopicSound = channel.unary_unary(
+                '/belfry.api.preferences.v1.PreferencesService/SetTopicSound',
+                request_serializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.SetTopicSoundRequest.SerializeToString,
+                response_deserializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.SetPreferenceResponse.FromString,
+                _registered_method=True)
+        self.ClearChannel = channel.unary_unary(
+                '/belfry.api.preferences.v1.PreferencesService/ClearChannel',
+                request_serializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.ClearChannelRequest.SerializeToString,
+                response_deserializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.SetPreferenceResponse.FromString,
+                _registered_method=True)
+        self.DontShowAgain = channel.unary_unary(
+                '/belfry.api.preferences.v1.PreferencesService/DontShowAgain',
+                request_serializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.DontShowAgainRequest.SerializeToString,
+                response_deserializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.SetPreferenceResponse.FromString,
+                _registered_method=True)
+        self.ResetToDefaults = channel.unary_unary(
+                '/belfry.api.preferences.v1.PreferencesService/ResetToDefaults',
+                request_serializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.ResetToDefaultsRequest.SerializeToString,
+                response_deserializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.SetPreferenceResponse.FromString,
+                _registered_method=True)
+        self.GetAccountDefaults = channel.unary_unary(
+                '/belfry.api.preferences.v1.PreferencesService/GetAccountDefaults',
+                request_serializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.GetAccountDefaultsRequest.SerializeToString,
+                response_deserializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.AccountDefaults.FromString,
+                _registered_method=True)
+        self.SetAccountDefaults = channel.unary_unary(
+                '/belfry.api.preferences.v1.PreferencesService/SetAccountDefaults',
+                request_serializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.SetAccountDefaultsRequest.SerializeToString,
+                response_deserializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.AccountDefaults.FromString,
+                _registered_method=True)
+        self.ListRoleProfiles = channel.unary_unary(
+                '/belfry.api.preferences.v1.PreferencesService/ListRoleProfiles',
+                request_serializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.ListRoleProfilesRequest.SerializeToString,
+                response_deserializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.ListRoleProfilesResponse.FromString,
+                _registered_method=True)
+        self.GetRoleProfile = channel.unary_unary(
+                '/belfry.api.preferences.v1.PreferencesService/GetRoleProfile',
+                request_serializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.GetRoleProfileRequest.SerializeToString,
+                response_deserializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.RoleProfile.FromString,
+                _registered_method=True)
+        self.CreateRoleProfile = channel.unary_unary(
+                '/belfry.api.preferences.v1.PreferencesService/CreateRoleProfile',
+                request_serializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.CreateRoleProfileRequest.SerializeToString,
+                response_deserializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.RoleProfile.FromString,
+                _registered_method=True)
+        self.UpdateRoleProfile = channel.unary_unary(
+                '/belfry.api.preferences.v1.PreferencesService/UpdateRoleProfile',
+                request_serializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.UpdateRoleProfileRequest.SerializeToString,
+                response_deserializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.RoleProfile.FromString,
+                _registered_method=True)
+        self.DeleteRoleProfile = channel.unary_unary(
+                '/belfry.api.preferences.v1.PreferencesService/DeleteRoleProfile',
+                request_serializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.DeleteRoleProfileRequest.SerializeToString,
+                response_deserializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.DeleteRoleProfileResponse.FromString,
+                _registered_method=True)
+        self.ListAuditLog = channel.unary_unary(
+                '/belfry.api.preferences.v1.PreferencesService/ListAuditLog',
+                request_serializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.ListAuditLogRequest.SerializeToString,
+                response_deserializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.ListAuditLogResponse.FromString,
+                _registered_method=True)
 
 
 class PreferencesServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Every RPC but EffectiveBatch is user-facing: it needs "authorization:
+    Bearer <token>" metadata and acts for the token's user only. Roles, tier and
+    tool access come from the directory, never from the request. Writes answer
+    the user's new version; a stale expected_version answers ABORTED.
+    """
 
     def GetPreferences(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The caller's own choices, channel settings, sounds and version.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def SetPreference(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """One (topic, channel) choice. Locked topics cannot be switched off
+        (FAILED_PRECONDITION); a channel the topic does not allow is INVALID_ARGUMENT.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def EffectiveBatch(self, request, context):
+        """Internal (dispatcher): many recipients of one topic; at most 1,000 users.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Effective(self, request, context):
+        """The caller's effective decision for one topic.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTopics(self, request, context):
+        """The settings page: visible categories and topics with effective state.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateSettings(self, request, context):
+        """Replace master switches, red dot, default sound, mute and quiet hours.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetMuted(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetTopicSound(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClearChannel(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DontShowAgain(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResetToDefaults(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetAccountDefaults(self, request, context):
+        """Admin RPCs: super admins of enterprise accounts only (PERMISSION_DENIED
+        for other users, FAILED_PRECONDITION for accounts below enterprise).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetAccountDefaults(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRoleProfiles(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRoleProfile(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateRoleProfile(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateRoleProfile(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteRoleProfile(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAuditLog(self, request, context):
+        """The audit log: own entries for users; the account's for super admins.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -90,6 +284,86 @@ def add_PreferencesServiceServicer_to_server(servicer, server):
                     request_deserializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.EffectiveBatchRequest.FromString,
                     response_serializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.EffectiveBatchResponse.SerializeToString,
             ),
+            'Effective': grpc.unary_unary_rpc_method_handler(
+                    servicer.Effective,
+                    request_deserializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.EffectiveRequest.FromString,
+                    response_serializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.EffectiveResponse.SerializeToString,
+            ),
+            'ListTopics': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTopics,
+                    request_deserializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.ListTopicsRequest.FromString,
+                    response_serializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.ListTopicsResponse.SerializeToString,
+            ),
+            'UpdateSettings': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateSettings,
+                    request_deserializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.UpdateSettingsRequest.FromString,
+                    response_serializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.SetPreferenceResponse.SerializeToString,
+            ),
+            'SetMuted': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetMuted,
+                    request_deserializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.SetMutedRequest.FromString,
+                    response_serializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.SetPreferenceResponse.SerializeToString,
+            ),
+            'SetTopicSound': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetTopicSound,
+                    request_deserializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.SetTopicSoundRequest.FromString,
+                    response_serializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.SetPreferenceResponse.SerializeToString,
+            ),
+            'ClearChannel': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClearChannel,
+                    request_deserializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.ClearChannelRequest.FromString,
+                    response_serializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.SetPreferenceResponse.SerializeToString,
+            ),
+            'DontShowAgain': grpc.unary_unary_rpc_method_handler(
+                    servicer.DontShowAgain,
+                    request_deserializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.DontShowAgainRequest.FromString,
+                    response_serializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.SetPreferenceResponse.SerializeToString,
+            ),
+            'ResetToDefaults': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetToDefaults,
+                    request_deserializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.ResetToDefaultsRequest.FromString,
+                    response_serializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.SetPreferenceResponse.SerializeToString,
+            ),
+            'GetAccountDefaults': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAccountDefaults,
+                    request_deserializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.GetAccountDefaultsRequest.FromString,
+                    response_serializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.AccountDefaults.SerializeToString,
+            ),
+            'SetAccountDefaults': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetAccountDefaults,
+                    request_deserializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.SetAccountDefaultsRequest.FromString,
+                    response_serializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.AccountDefaults.SerializeToString,
+            ),
+            'ListRoleProfiles': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRoleProfiles,
+                    request_deserializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.ListRoleProfilesRequest.FromString,
+                    response_serializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.ListRoleProfilesResponse.SerializeToString,
+            ),
+            'GetRoleProfile': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRoleProfile,
+                    request_deserializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.GetRoleProfileRequest.FromString,
+                    response_serializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.RoleProfile.SerializeToString,
+            ),
+            'CreateRoleProfile': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateRoleProfile,
+                    request_deserializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.CreateRoleProfileRequest.FromString,
+                    response_serializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.RoleProfile.SerializeToString,
+            ),
+            'UpdateRoleProfile': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateRoleProfile,
+                    request_deserializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.UpdateRoleProfileRequest.FromString,
+                    response_serializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.RoleProfile.SerializeToString,
+            ),
+            'DeleteRoleProfile': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteRoleProfile,
+                    request_deserializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.DeleteRoleProfileRequest.FromString,
+                    response_serializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.DeleteRoleProfileResponse.SerializeToString,
+            ),
+            'ListAuditLog': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditLog,
+                    request_deserializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.ListAuditLogRequest.FromString,
+                    response_serializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.ListAuditLogResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'belfry.api.preferences.v1.PreferencesService', rpc_method_handlers)
@@ -99,7 +373,11 @@ def add_PreferencesServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class PreferencesService:
-    """Missing associated documentation comment in .proto file."""
+    """Every RPC but EffectiveBatch is user-facing: it needs "authorization:
+    Bearer <token>" metadata and acts for the token's user only. Roles, tier and
+    tool access come from the directory, never from the request. Writes answer
+    the user's new version; a stale expected_version answers ABORTED.
+    """
 
     @staticmethod
     def GetPreferences(request,
@@ -172,6 +450,438 @@ class PreferencesService:
             '/belfry.api.preferences.v1.PreferencesService/EffectiveBatch',
             belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.EffectiveBatchRequest.SerializeToString,
             belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.EffectiveBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Effective(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/belfry.api.preferences.v1.PreferencesService/Effective',
+            belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.EffectiveRequest.SerializeToString,
+            belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.EffectiveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTopics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/belfry.api.preferences.v1.PreferencesService/ListTopics',
+            belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.ListTopicsRequest.SerializeToString,
+            belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.ListTopicsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateSettings(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/belfry.api.preferences.v1.PreferencesService/UpdateSettings',
+            belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.UpdateSettingsRequest.SerializeToString,
+            belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.SetPreferenceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetMuted(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/belfry.api.preferences.v1.PreferencesService/SetMuted',
+            belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.SetMutedRequest.SerializeToString,
+            belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.SetPreferenceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetTopicSound(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/belfry.api.preferences.v1.PreferencesService/SetTopicSound',
+            belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.SetTopicSoundRequest.SerializeToString,
+            belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.SetPreferenceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClearChannel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/belfry.api.preferences.v1.PreferencesService/ClearChannel',
+            belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.ClearChannelRequest.SerializeToString,
+            belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.SetPreferenceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DontShowAgain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/belfry.api.preferences.v1.PreferencesService/DontShowAgain',
+            belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.DontShowAgainRequest.SerializeToString,
+            belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.SetPreferenceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResetToDefaults(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/belfry.api.preferences.v1.PreferencesService/ResetToDefaults',
+            belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.ResetToDefaultsRequest.SerializeToString,
+            belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.SetPreferenceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAccountDefaults(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/belfry.api.preferences.v1.PreferencesService/GetAccountDefaults',
+            belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.GetAccountDefaultsRequest.SerializeToString,
+            belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.AccountDefaults.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetAccountDefaults(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/belfry.api.preferences.v1.PreferencesService/SetAccountDefaults',
+            belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.SetAccountDefaultsRequest.SerializeToString,
+            belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.AccountDefaults.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRoleProfiles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/belfry.api.preferences.v1.PreferencesService/ListRoleProfiles',
+            belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.ListRoleProfilesRequest.SerializeToString,
+            belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.ListRoleProfilesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRoleProfile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/belfry.api.preferences.v1.PreferencesService/GetRoleProfile',
+            belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.GetRoleProfileRequest.SerializeToString,
+            belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.RoleProfile.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateRoleProfile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/belfry.api.preferences.v1.PreferencesService/CreateRoleProfile',
+            belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.CreateRoleProfileRequest.SerializeToString,
+            belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.RoleProfile.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateRoleProfile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/belfry.api.preferences.v1.PreferencesService/UpdateRoleProfile',
+            belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.UpdateRoleProfileRequest.SerializeToString,
+            belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.RoleProfile.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteRoleProfile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/belfry.api.preferences.v1.PreferencesService/DeleteRoleProfile',
+            belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.DeleteRoleProfileRequest.SerializeToString,
+            belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.DeleteRoleProfileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuditLog(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/belfry.api.preferences.v1.PreferencesService/ListAuditLog',
+            belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.ListAuditLogRequest.SerializeToString,
+            belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.ListAuditLogResponse.FromString,
             options,
             channel_credentials,
             insecure,

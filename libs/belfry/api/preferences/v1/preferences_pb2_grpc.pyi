@@ -27,41 +27,239 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class PreferencesServiceStub:
+    """Every RPC but EffectiveBatch is user-facing: it needs "authorization:
+    Bearer <token>" metadata and acts for the token's user only. Roles, tier and
+    tool access come from the directory, never from the request. Writes answer
+    the user's new version; a stale expected_version answers ABORTED.
+    """
+
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> PreferencesServiceAsyncStub: ...
     GetPreferences: _grpc.UnaryUnaryMultiCallable[_preferences_pb2.GetPreferencesRequest, _preferences_pb2.GetPreferencesResponse]
+    """The caller's own choices, channel settings, sounds and version."""
     SetPreference: _grpc.UnaryUnaryMultiCallable[_preferences_pb2.SetPreferenceRequest, _preferences_pb2.SetPreferenceResponse]
+    """One (topic, channel) choice. Locked topics cannot be switched off
+    (FAILED_PRECONDITION); a channel the topic does not allow is INVALID_ARGUMENT.
+    """
     EffectiveBatch: _grpc.UnaryUnaryMultiCallable[_preferences_pb2.EffectiveBatchRequest, _preferences_pb2.EffectiveBatchResponse]
+    """Internal (dispatcher): many recipients of one topic; at most 1,000 users."""
+    Effective: _grpc.UnaryUnaryMultiCallable[_preferences_pb2.EffectiveRequest, _preferences_pb2.EffectiveResponse]
+    """The caller's effective decision for one topic."""
+    ListTopics: _grpc.UnaryUnaryMultiCallable[_preferences_pb2.ListTopicsRequest, _preferences_pb2.ListTopicsResponse]
+    """The settings page: visible categories and topics with effective state."""
+    UpdateSettings: _grpc.UnaryUnaryMultiCallable[_preferences_pb2.UpdateSettingsRequest, _preferences_pb2.SetPreferenceResponse]
+    """Replace master switches, red dot, default sound, mute and quiet hours."""
+    SetMuted: _grpc.UnaryUnaryMultiCallable[_preferences_pb2.SetMutedRequest, _preferences_pb2.SetPreferenceResponse]
+    SetTopicSound: _grpc.UnaryUnaryMultiCallable[_preferences_pb2.SetTopicSoundRequest, _preferences_pb2.SetPreferenceResponse]
+    ClearChannel: _grpc.UnaryUnaryMultiCallable[_preferences_pb2.ClearChannelRequest, _preferences_pb2.SetPreferenceResponse]
+    DontShowAgain: _grpc.UnaryUnaryMultiCallable[_preferences_pb2.DontShowAgainRequest, _preferences_pb2.SetPreferenceResponse]
+    ResetToDefaults: _grpc.UnaryUnaryMultiCallable[_preferences_pb2.ResetToDefaultsRequest, _preferences_pb2.SetPreferenceResponse]
+    GetAccountDefaults: _grpc.UnaryUnaryMultiCallable[_preferences_pb2.GetAccountDefaultsRequest, _preferences_pb2.AccountDefaults]
+    """Admin RPCs: super admins of enterprise accounts only (PERMISSION_DENIED
+    for other users, FAILED_PRECONDITION for accounts below enterprise).
+    """
+    SetAccountDefaults: _grpc.UnaryUnaryMultiCallable[_preferences_pb2.SetAccountDefaultsRequest, _preferences_pb2.AccountDefaults]
+    ListRoleProfiles: _grpc.UnaryUnaryMultiCallable[_preferences_pb2.ListRoleProfilesRequest, _preferences_pb2.ListRoleProfilesResponse]
+    GetRoleProfile: _grpc.UnaryUnaryMultiCallable[_preferences_pb2.GetRoleProfileRequest, _preferences_pb2.RoleProfile]
+    CreateRoleProfile: _grpc.UnaryUnaryMultiCallable[_preferences_pb2.CreateRoleProfileRequest, _preferences_pb2.RoleProfile]
+    UpdateRoleProfile: _grpc.UnaryUnaryMultiCallable[_preferences_pb2.UpdateRoleProfileRequest, _preferences_pb2.RoleProfile]
+    DeleteRoleProfile: _grpc.UnaryUnaryMultiCallable[_preferences_pb2.DeleteRoleProfileRequest, _preferences_pb2.DeleteRoleProfileResponse]
+    ListAuditLog: _grpc.UnaryUnaryMultiCallable[_preferences_pb2.ListAuditLogRequest, _preferences_pb2.ListAuditLogResponse]
+    """The audit log: own entries for users; the account's for super admins."""
 
 @_typing.type_check_only
 class PreferencesServiceAsyncStub(PreferencesServiceStub):
+    """Every RPC but EffectiveBatch is user-facing: it needs "authorization:
+    Bearer <token>" metadata and acts for the token's user only. Roles, tier and
+    tool access come from the directory, never from the request. Writes answer
+    the user's new version; a stale expected_version answers ABORTED.
+    """
+
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetPreferences: _aio.UnaryUnaryMultiCallable[_preferences_pb2.GetPreferencesRequest, _preferences_pb2.GetPreferencesResponse]  # type: ignore[assignment]
+    """The caller's own choices, channel settings, sounds and version."""
     SetPreference: _aio.UnaryUnaryMultiCallable[_preferences_pb2.SetPreferenceRequest, _preferences_pb2.SetPreferenceResponse]  # type: ignore[assignment]
+    """One (topic, channel) choice. Locked topics cannot be switched off
+    (FAILED_PRECONDITION); a channel the topic does not allow is INVALID_ARGUMENT.
+    """
     EffectiveBatch: _aio.UnaryUnaryMultiCallable[_preferences_pb2.EffectiveBatchRequest, _preferences_pb2.EffectiveBatchResponse]  # type: ignore[assignment]
+    """Internal (dispatcher): many recipients of one topic; at most 1,000 users."""
+    Effective: _aio.UnaryUnaryMultiCallable[_preferences_pb2.EffectiveRequest, _preferences_pb2.EffectiveResponse]  # type: ignore[assignment]
+    """The caller's effective decision for one topic."""
+    ListTopics: _aio.UnaryUnaryMultiCallable[_preferences_pb2.ListTopicsRequest, _preferences_pb2.ListTopicsResponse]  # type: ignore[assignment]
+    """The settings page: visible categories and topics with effective state."""
+    UpdateSettings: _aio.UnaryUnaryMultiCallable[_preferences_pb2.UpdateSettingsRequest, _preferences_pb2.SetPreferenceResponse]  # type: ignore[assignment]
+    """Replace master switches, red dot, default sound, mute and quiet hours."""
+    SetMuted: _aio.UnaryUnaryMultiCallable[_preferences_pb2.SetMutedRequest, _preferences_pb2.SetPreferenceResponse]  # type: ignore[assignment]
+    SetTopicSound: _aio.UnaryUnaryMultiCallable[_preferences_pb2.SetTopicSoundRequest, _preferences_pb2.SetPreferenceResponse]  # type: ignore[assignment]
+    ClearChannel: _aio.UnaryUnaryMultiCallable[_preferences_pb2.ClearChannelRequest, _preferences_pb2.SetPreferenceResponse]  # type: ignore[assignment]
+    DontShowAgain: _aio.UnaryUnaryMultiCallable[_preferences_pb2.DontShowAgainRequest, _preferences_pb2.SetPreferenceResponse]  # type: ignore[assignment]
+    ResetToDefaults: _aio.UnaryUnaryMultiCallable[_preferences_pb2.ResetToDefaultsRequest, _preferences_pb2.SetPreferenceResponse]  # type: ignore[assignment]
+    GetAccountDefaults: _aio.UnaryUnaryMultiCallable[_preferences_pb2.GetAccountDefaultsRequest, _preferences_pb2.AccountDefaults]  # type: ignore[assignment]
+    """Admin RPCs: super admins of enterprise accounts only (PERMISSION_DENIED
+    for other users, FAILED_PRECONDITION for accounts below enterprise).
+    """
+    SetAccountDefaults: _aio.UnaryUnaryMultiCallable[_preferences_pb2.SetAccountDefaultsRequest, _preferences_pb2.AccountDefaults]  # type: ignore[assignment]
+    ListRoleProfiles: _aio.UnaryUnaryMultiCallable[_preferences_pb2.ListRoleProfilesRequest, _preferences_pb2.ListRoleProfilesResponse]  # type: ignore[assignment]
+    GetRoleProfile: _aio.UnaryUnaryMultiCallable[_preferences_pb2.GetRoleProfileRequest, _preferences_pb2.RoleProfile]  # type: ignore[assignment]
+    CreateRoleProfile: _aio.UnaryUnaryMultiCallable[_preferences_pb2.CreateRoleProfileRequest, _preferences_pb2.RoleProfile]  # type: ignore[assignment]
+    UpdateRoleProfile: _aio.UnaryUnaryMultiCallable[_preferences_pb2.UpdateRoleProfileRequest, _preferences_pb2.RoleProfile]  # type: ignore[assignment]
+    DeleteRoleProfile: _aio.UnaryUnaryMultiCallable[_preferences_pb2.DeleteRoleProfileRequest, _preferences_pb2.DeleteRoleProfileResponse]  # type: ignore[assignment]
+    ListAuditLog: _aio.UnaryUnaryMultiCallable[_preferences_pb2.ListAuditLogRequest, _preferences_pb2.ListAuditLogResponse]  # type: ignore[assignment]
+    """The audit log: own entries for users; the account's for super admins."""
 
 class PreferencesServiceServicer(metaclass=_abc_1.ABCMeta):
+    """Every RPC but EffectiveBatch is user-facing: it needs "authorization:
+    Bearer <token>" metadata and acts for the token's user only. Roles, tier and
+    tool access come from the directory, never from the request. Writes answer
+    the user's new version; a stale expected_version answers ABORTED.
+    """
+
     @_abc_1.abstractmethod
     def GetPreferences(
         self,
         request: _preferences_pb2.GetPreferencesRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_preferences_pb2.GetPreferencesResponse, _abc.Awaitable[_preferences_pb2.GetPreferencesResponse]]: ...
+    ) -> _typing.Union[_preferences_pb2.GetPreferencesResponse, _abc.Awaitable[_preferences_pb2.GetPreferencesResponse]]:
+        """The caller's own choices, channel settings, sounds and version."""
 
     @_abc_1.abstractmethod
     def SetPreference(
         self,
         request: _preferences_pb2.SetPreferenceRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_preferences_pb2.SetPreferenceResponse, _abc.Awaitable[_preferences_pb2.SetPreferenceResponse]]: ...
+    ) -> _typing.Union[_preferences_pb2.SetPreferenceResponse, _abc.Awaitable[_preferences_pb2.SetPreferenceResponse]]:
+        """One (topic, channel) choice. Locked topics cannot be switched off
+        (FAILED_PRECONDITION); a channel the topic does not allow is INVALID_ARGUMENT.
+        """
 
     @_abc_1.abstractmethod
     def EffectiveBatch(
         self,
         request: _preferences_pb2.EffectiveBatchRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_preferences_pb2.EffectiveBatchResponse, _abc.Awaitable[_preferences_pb2.EffectiveBatchResponse]]: ...
+    ) -> _typing.Union[_preferences_pb2.EffectiveBatchResponse, _abc.Awaitable[_preferences_pb2.EffectiveBatchResponse]]:
+        """Internal (dispatcher): many recipients of one topic; at most 1,000 users."""
+
+    @_abc_1.abstractmethod
+    def Effective(
+        self,
+        request: _preferences_pb2.EffectiveRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_preferences_pb2.EffectiveResponse, _abc.Awaitable[_preferences_pb2.EffectiveResponse]]:
+        """The caller's effective decision for one topic."""
+
+    @_abc_1.abstractmethod
+    def ListTopics(
+        self,
+        request: _preferences_pb2.ListTopicsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_preferences_pb2.ListTopicsResponse, _abc.Awaitable[_preferences_pb2.ListTopicsResponse]]:
+        """The settings page: visible categories and topics with effective state."""
+
+    @_abc_1.abstractmethod
+    def UpdateSettings(
+        self,
+        request: _preferences_pb2.UpdateSettingsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_preferences_pb2.SetPreferenceResponse, _abc.Awaitable[_preferences_pb2.SetPreferenceResponse]]:
+        """Replace master switches, red dot, default sound, mute and quiet hours."""
+
+    @_abc_1.abstractmethod
+    def SetMuted(
+        self,
+        request: _preferences_pb2.SetMutedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_preferences_pb2.SetPreferenceResponse, _abc.Awaitable[_preferences_pb2.SetPreferenceResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def SetTopicSound(
+        self,
+        request: _preferences_pb2.SetTopicSoundRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_preferences_pb2.SetPreferenceResponse, _abc.Awaitable[_preferences_pb2.SetPreferenceResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ClearChannel(
+        self,
+        request: _preferences_pb2.ClearChannelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_preferences_pb2.SetPreferenceResponse, _abc.Awaitable[_preferences_pb2.SetPreferenceResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def DontShowAgain(
+        self,
+        request: _preferences_pb2.DontShowAgainRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_preferences_pb2.SetPreferenceResponse, _abc.Awaitable[_preferences_pb2.SetPreferenceResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ResetToDefaults(
+        self,
+        request: _preferences_pb2.ResetToDefaultsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_preferences_pb2.SetPreferenceResponse, _abc.Awaitable[_preferences_pb2.SetPreferenceResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetAccountDefaults(
+        self,
+        request: _preferences_pb2.GetAccountDefaultsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_preferences_pb2.AccountDefaults, _abc.Awaitable[_preferences_pb2.AccountDefaults]]:
+        """Admin RPCs: super admins of enterprise accounts only (PERMISSION_DENIED
+        for other users, FAILED_PRECONDITION for accounts below enterprise).
+        """
+
+    @_abc_1.abstractmethod
+    def SetAccountDefaults(
+        self,
+        request: _preferences_pb2.SetAccountDefaultsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_preferences_pb2.AccountDefaults, _abc.Awaitable[_preferences_pb2.AccountDefaults]]: ...
+
+    @_abc_1.abstractmethod
+    def ListRoleProfiles(
+        self,
+        request: _preferences_pb2.ListRoleProfilesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_preferences_pb2.ListRoleProfilesResponse, _abc.Awaitable[_preferences_pb2.ListRoleProfilesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetRoleProfile(
+        self,
+        request: _preferences_pb2.GetRoleProfileRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_preferences_pb2.RoleProfile, _abc.Awaitable[_preferences_pb2.RoleProfile]]: ...
+
+    @_abc_1.abstractmethod
+    def CreateRoleProfile(
+        self,
+        request: _preferences_pb2.CreateRoleProfileRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_preferences_pb2.RoleProfile, _abc.Awaitable[_preferences_pb2.RoleProfile]]: ...
+
+    @_abc_1.abstractmethod
+    def UpdateRoleProfile(
+        self,
+        request: _preferences_pb2.UpdateRoleProfileRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_preferences_pb2.RoleProfile, _abc.Awaitable[_preferences_pb2.RoleProfile]]: ...
+
+    @_abc_1.abstractmethod
+    def DeleteRoleProfile(
+        self,
+        request: _preferences_pb2.DeleteRoleProfileRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_preferences_pb2.DeleteRoleProfileResponse, _abc.Awaitable[_preferences_pb2.DeleteRoleProfileResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListAuditLog(
+        self,
+        request: _preferences_pb2.ListAuditLogRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_preferences_pb2.ListAuditLogResponse, _abc.Awaitable[_preferences_pb2.ListAuditLogResponse]]:
+        """The audit log: own entries for users; the account's for super admins."""
 
 def add_PreferencesServiceServicer_to_server(servicer: PreferencesServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

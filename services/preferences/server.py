@@ -1,0 +1,45 @@
+"""Wiring of the preferences service: catalogue, directory, engine and servicers."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import asyncpg
+from belfry.api.directory.v1 import directory_pb2, directory_pb2_grpc
+from belfry.api.preferences.v1 import preferences_pb2, preferences_pb2_grpc
+from belfry.auth import TokenVerifier
+from belfry.service import Built
+
+from services.preferences import catalogue as catalogue_module
+from services.preferences import store
+from services.preferences.directory import Directory
+from services.preferences.directory_servicer import DirectoryServicer
+from services.preferences.engine import Clock, Engine
+from services.preferences.operations import Operations
+from services.preferences.servicer import PreferencesServicer
+from services.preferences.settings import Settings
+
+
+def build_for(settings: Settings, *, clock: Clock = store.utcnow) -> Callable[[asyncpg.Pool], Awaitable[Built]]:
+    """The service's build step; tests may inject a clock."""
+    catalogue = catalogue_module.load()
+
+    async def build(pool: asyncpg.Pool) -> Built:
+        directory = Directory(pool, settings.max_batch)
+        engine = Engine(pool, catalogue, clock, settings.max_batch)
+        operations = Operations(pool, engine, app_url=settings.app_url)
+        prefs = PreferencesServicer(engine, operations, TokenVerifier(settings.common.token_keys))
+        return Built(
+            registrations=[
+                lambda server: preferences_pb2_grpc.add_PreferencesServiceServicer_to_server(prefs, server),
+                lambda server: directory_pb2_grpc.add_DirectoryServiceServicer_to_server(
+                    DirectoryServicer(directory), server
+                ),
+            ],
+            service_names=[
+                preferences_pb2.DESCRIPTOR.services_by_name["PreferencesService"].full_name,
+                directory_pb2.DESCRIPTOR.services_by_name["DirectoryService"].full_name,
+            ],
+        )
+
+    return build
