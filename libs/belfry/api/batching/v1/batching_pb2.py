@@ -22,19 +22,26 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%belfry/api/batching/v1/batching.proto\x12\x16\x62\x65lfry.api.batching.v1\"\x12\n\x10GetStatusRequest\"B\n\x11GetStatusResponse\x12\x14\n\x0copen_windows\x18\x01 \x01(\x03\x12\x17\n\x0fheld_deliveries\x18\x02 \x01(\x03\x32s\n\x0f\x42\x61tchingService\x12`\n\tGetStatus\x12(.belfry.api.batching.v1.GetStatusRequest\x1a).belfry.api.batching.v1.GetStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%belfry/api/batching/v1/batching.proto\x12\x16\x62\x65lfry.api.batching.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"&\n\x10GetStatusRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\"\xc2\x01\n\x11GetStatusResponse\x12\x14\n\x0copen_windows\x18\x01 \x01(\x03\x12\x17\n\x0fheld_deliveries\x18\x02 \x01(\x03\x12\x18\n\x10windows_retrying\x18\x03 \x01(\x03\x12\x17\n\x0f\x64igest_subjects\x18\x04 \x01(\x03\x12\x14\n\x0c\x64igests_sent\x18\x05 \x01(\x03\x12\x35\n\x11oldest_due_window\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"L\n\x16ListOpenWindowsRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\r\n\x05limit\x18\x03 \x01(\x05\"\xec\x01\n\nOpenWindow\x12\x11\n\twindow_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x13\n\x0bobject_type\x18\x03 \x01(\t\x12\r\n\x05topic\x18\x04 \x01(\t\x12-\n\topened_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tcloses_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nobject_ids\x18\x07 \x03(\t\x12\x10\n\x08\x61ttempts\x18\x08 \x01(\x05\x12\x12\n\nlast_error\x18\t \x01(\t\"N\n\x17ListOpenWindowsResponse\x12\x33\n\x07windows\x18\x01 \x03(\x0b\x32\".belfry.api.batching.v1.OpenWindow2\xe7\x01\n\x0f\x42\x61tchingService\x12`\n\tGetStatus\x12(.belfry.api.batching.v1.GetStatusRequest\x1a).belfry.api.batching.v1.GetStatusResponse\x12r\n\x0fListOpenWindows\x12..belfry.api.batching.v1.ListOpenWindowsRequest\x1a/.belfry.api.batching.v1.ListOpenWindowsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'belfry.api.batching.v1.batching_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GETSTATUSREQUEST']._serialized_start=65
-  _globals['_GETSTATUSREQUEST']._serialized_end=83
-  _globals['_GETSTATUSRESPONSE']._serialized_start=85
-  _globals['_GETSTATUSRESPONSE']._serialized_end=151
-  _globals['_BATCHINGSERVICE']._serialized_start=153
-  _globals['_BATCHINGSERVICE']._serialized_end=268
+  _globals['_GETSTATUSREQUEST']._serialized_start=98
+  _globals['_GETSTATUSREQUEST']._serialized_end=136
+  _globals['_GETSTATUSRESPONSE']._serialized_start=139
+  _globals['_GETSTATUSRESPONSE']._serialized_end=333
+  _globals['_LISTOPENWINDOWSREQUEST']._serialized_start=335
+  _globals['_LISTOPENWINDOWSREQUEST']._serialized_end=411
+  _globals['_OPENWINDOW']._serialized_start=414
+  _globals['_OPENWINDOW']._serialized_end=650
+  _globals['_LISTOPENWINDOWSRESPONSE']._serialized_start=652
+  _globals['_LISTOPENWINDOWSRESPONSE']._serialized_end=730
+  _globals['_BATCHINGSERVICE']._serialized_start=733
+  _globals['_BATCHINGSERVICE']._serialized_end=964
 # @@protoc_insertion_point(module_scope)

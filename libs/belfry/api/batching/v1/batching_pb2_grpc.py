@@ -39,13 +39,26 @@ class BatchingServiceStub:
                 request_serializer=belfry_dot_api_dot_batching_dot_v1_dot_batching__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=belfry_dot_api_dot_batching_dot_v1_dot_batching__pb2.GetStatusResponse.FromString,
                 _registered_method=True)
+        self.ListOpenWindows = channel.unary_unary(
+                '/belfry.api.batching.v1.BatchingService/ListOpenWindows',
+                request_serializer=belfry_dot_api_dot_batching_dot_v1_dot_batching__pb2.ListOpenWindowsRequest.SerializeToString,
+                response_deserializer=belfry_dot_api_dot_batching_dot_v1_dot_batching__pb2.ListOpenWindowsResponse.FromString,
+                _registered_method=True)
 
 
 class BatchingServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def GetStatus(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Counts operators watch: open and retrying windows, held deliveries, digests.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListOpenWindows(self, request, context):
+        """One account's open assignment windows and what is in them.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -57,6 +70,11 @@ def add_BatchingServiceServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=belfry_dot_api_dot_batching_dot_v1_dot_batching__pb2.GetStatusRequest.FromString,
                     response_serializer=belfry_dot_api_dot_batching_dot_v1_dot_batching__pb2.GetStatusResponse.SerializeToString,
+            ),
+            'ListOpenWindows': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListOpenWindows,
+                    request_deserializer=belfry_dot_api_dot_batching_dot_v1_dot_batching__pb2.ListOpenWindowsRequest.FromString,
+                    response_serializer=belfry_dot_api_dot_batching_dot_v1_dot_batching__pb2.ListOpenWindowsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -86,6 +104,33 @@ class BatchingService:
             '/belfry.api.batching.v1.BatchingService/GetStatus',
             belfry_dot_api_dot_batching_dot_v1_dot_batching__pb2.GetStatusRequest.SerializeToString,
             belfry_dot_api_dot_batching_dot_v1_dot_batching__pb2.GetStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListOpenWindows(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/belfry.api.batching.v1.BatchingService/ListOpenWindows',
+            belfry_dot_api_dot_batching_dot_v1_dot_batching__pb2.ListOpenWindowsRequest.SerializeToString,
+            belfry_dot_api_dot_batching_dot_v1_dot_batching__pb2.ListOpenWindowsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,1 @@
+"""The batching service: assignment windows, weekly and Friday digests, quiet hours."""

@@ -1,0 +1,90 @@
+"""What batching asks the preferences service: who the user is, their time zone, quiet hours.
+
+One ``EffectiveBatch`` call per (account, topic) and group of users; the
+answer is turned into frozen dataclasses here, so protobuf stops at this edge.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import grpc
+from belfry.api.common.v1 import common_pb2
+from belfry.api.preferences.v1 import preferences_pb2, preferences_pb2_grpc
+from belfry.errors import Unavailable
+
+# Preference channels → queue channels (the pop-up rides on the bell delivery).
+QUEUE_CHANNEL = {
+    common_pb2.CHANNEL_EMAIL: "email",
+    common_pb2.CHANNEL_BELL: "bell",
+    common_pb2.CHANNEL_BROWSER: "browser",
+    common_pb2.CHANNEL_MOBILE: "mobile",
+    common_pb2.CHANNEL_OTHER_APPS: "other_apps",
+}
+_BATCH = 1000  # EffectiveBatch takes at most this many users per call
+
+
+@dataclass(frozen=True)
+class Recipient:
+    """One user's answer for one topic."""
+
+    user_id: str
+    known: bool
+    email: str = ""
+    display_name: str = ""
+    locale: str = "en"
+    time_zone: str = "UTC"
+    enabled: frozenset[str] = frozenset()  # queue channels switched on for the topic
+    in_quiet_hours: bool = False
+    quiet_until: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Answer:
+    """Recipients by user id, and whether the topic is locked (locked topics bypass quiet hours)."""
+
+    recipients: dict[str, Recipient]
+    locked: bool
+
+
+class Preferences:
+    """A client of ``PreferencesService.EffectiveBatch`` over one reused channel."""
+
+    def __init__(self, channel: grpc.aio.Channel, *, timeout: float = 5.0) -> None:
+        self._stub = preferences_pb2_grpc.PreferencesServiceStub(channel)
+        self._timeout = timeout
+
+    async def effective(self, account_id: str, topic: str, user_ids: Sequence[str]) -> Answer:
+        """The recipients' decisions for ``topic``; raises Unavailable when preferences cannot answer."""
+        recipients: dict[str, Recipient] = {}
+        locked = False
+        unique = list(dict.fromkeys(user_ids))
+        for start in range(0, len(unique), _BATCH):
+            request = preferences_pb2.EffectiveBatchRequest(
+                account_id=account_id, topic=topic, user_ids=unique[start : start + _BATCH]
+            )
+            try:
+                response = await self._stub.EffectiveBatch(request, timeout=self._timeout)
+            except grpc.aio.AioRpcError as exc:
+                raise Unavailable(f"preferences did not answer for {topic}: {exc.code().name} {exc.details()}") from exc
+            locked = response.topic.locked
+            for r in response.recipients:
+                recipients[r.user_id] = _recipient(r)
+        return Answer(recipients, locked)
+
+
+def _recipient(r: preferences_pb2.RecipientDecision) -> Recipient:
+    quiet_until = r.quiet_until.ToDatetime(tzinfo=UTC) if r.in_quiet_hours and r.HasField("quiet_until") else None
+    return Recipient(
+        user_id=r.user_id,
+        known=r.known,
+        email=r.email,
+        display_name=r.display_name,
+        locale=r.locale or "en",
+        time_zone=r.time_zone or "UTC",
+        enabled=frozenset(QUEUE_CHANNEL[c.channel] for c in r.channels if c.enabled and c.channel in QUEUE_CHANNEL),
+        in_quiet_hours=r.in_quiet_hours and quiet_until is not None,
+        quiet_until=quiet_until,
+    )

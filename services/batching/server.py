@@ -1,0 +1,76 @@
+"""Wiring of the batching service: intake worker, window closer, digests, operator RPCs."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+
+import asyncpg
+from belfry import log, rpc
+from belfry.api.batching.v1 import batching_pb2, batching_pb2_grpc
+from belfry.queue import Queue
+from belfry.queue import worker as queue_worker
+from belfry.service import Built
+
+from services.batching import status, store
+from services.batching.clock import Clock, SystemClock
+from services.batching.digests import Digests
+from services.batching.intake import Intake
+from services.batching.prefs import Preferences
+from services.batching.servicer import BatchingServicer
+from services.batching.settings import Settings
+from services.batching.windows import Closer
+
+_LOG = log.get(__name__)
+_PURGE_EVERY = 3600.0
+
+
+def build_for(settings: Settings, *, clock: Clock | None = None) -> Callable[[asyncpg.Pool], Awaitable[Built]]:
+    """The service's build step; tests inject a manual clock."""
+    the_clock: Clock = clock or SystemClock()
+
+    async def build(pool: asyncpg.Pool) -> Built:
+        channel = rpc.connect(settings.preferences_address, settings.common.tls)
+        preferences = Preferences(channel)
+        lease = timedelta(seconds=settings.lease_seconds)
+        intake = Intake(pool, the_clock, window=timedelta(seconds=settings.window_seconds))
+        closer = Closer(
+            pool, preferences, the_clock, worker=settings.worker, lease=lease, tick_seconds=settings.tick_seconds
+        )
+        digests = Digests(
+            pool,
+            preferences,
+            the_clock,
+            worker=settings.worker,
+            schedules={"tasks": settings.task_digest, "workflows": settings.workflow_digest},
+            topics={"tasks": settings.task_digest_topic, "workflows": settings.workflow_digest_topic},
+            ttl=timedelta(seconds=settings.digest_ttl_seconds),
+            lease=lease,
+            tick_seconds=settings.digest_tick_seconds,
+        )
+
+        async def take_handoffs(stop: asyncio.Event) -> None:
+            queue = Queue(pool, "batching", worker=settings.worker, lease_seconds=settings.lease_seconds)
+            await queue_worker.run(queue, intake.handle, stop=stop)
+
+        async def housekeeping(stop: asyncio.Event) -> None:
+            while not stop.is_set():
+                try:
+                    before = the_clock.now() - timedelta(seconds=settings.retention_seconds)
+                    purged = await store.purge(pool, before)
+                    if purged:
+                        _LOG.info("purged old batching records", count=purged)
+                except (OSError, asyncpg.PostgresError) as exc:
+                    _LOG.warning("batching housekeeping failed", error=str(exc))
+                await SystemClock().wait(_PURGE_EVERY, stop)
+
+        servicer = BatchingServicer(status.Reader(pool, the_clock))
+        return Built(
+            registrations=[lambda server: batching_pb2_grpc.add_BatchingServiceServicer_to_server(servicer, server)],
+            service_names=[batching_pb2.DESCRIPTOR.services_by_name["BatchingService"].full_name],
+            background=[take_handoffs, closer.run, digests.run, housekeeping],
+            cleanup=[channel.close],
+        )
+
+    return build

@@ -1,0 +1,276 @@
+"""SQL of assignment windows (schema ``batching``): intake, undo, claim and close.
+
+Times come from the service's clock as parameters, never from ``now()``, so
+a test's manual clock drives windows exactly as the wall clock does in
+production. Closing is claimed with a lease (``FOR UPDATE SKIP LOCKED`` plus a
+fencing token), so any number of replicas can run the closer.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, TypeAlias
+
+import asyncpg
+
+# A connection, or one borrowed from a pool.
+Conn: TypeAlias = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+
+
+@dataclass(frozen=True)
+class AssignmentRow:
+    """One assignment as the intake stores it."""
+
+    account_id: str
+    delivery_id: int
+    user_id: str
+    actor_user_id: str
+    object_type: str
+    object_id: str
+    topic: str
+    assigned_at: datetime
+    expires_at: datetime
+    channels: tuple[str, ...]
+    message: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class DueWindow:
+    """A window this replica leased for closing."""
+
+    account_id: str
+    window_id: uuid.UUID
+    user_id: str
+    object_type: str
+    topic: str
+    token: int
+    attempts: int
+
+
+@dataclass(frozen=True)
+class WindowItem:
+    """One assignment still in a window at close time."""
+
+    object_id: str
+    assigned_at: datetime
+    expires_at: datetime
+    channels: tuple[str, ...]
+    message: dict[str, Any]
+
+
+async def mark_received(conn: Conn, account_id: str, delivery_id: int, now: datetime) -> bool:
+    """Record a delivery as applied; False when it was applied before (a redelivery)."""
+    row = await conn.fetchval(
+        """
+        insert into batching.received (account_id, delivery_id, received_at) values ($1, $2, $3)
+        on conflict do nothing returning true
+        """,
+        account_id,
+        delivery_id,
+        now,
+    )
+    return bool(row)
+
+
+async def add_assignment(conn: Conn, a: AssignmentRow, now: datetime, window: timedelta) -> str:
+    """Apply one assignment in the caller's transaction; returns what happened.
+
+    ``stale``: a newer assignment of the object was seen already. Otherwise the
+    object leaves every other user's open window (the assignment was undone),
+    then ``self`` (self-assignment: nothing to tell) or ``added`` to the
+    user's open window for the object type, opening it if needed.
+    """
+    newest = await conn.fetchval(
+        """
+        insert into batching.assignees as x (account_id, object_type, object_id, user_id, assigned_at)
+        values ($1, $2, $3, $4, $5)
+        on conflict (account_id, object_type, object_id) do update
+            set user_id = excluded.user_id, assigned_at = excluded.assigned_at
+            where x.assigned_at <= excluded.assigned_at
+        returning true
+        """,
+        a.account_id,
+        a.object_type,
+        a.object_id,
+        a.user_id,
+        a.assigned_at,
+    )
+    if not newest:
+        return "stale"
+    await conn.execute(
+        """
+        delete from batching.window_items i using batching.windows w
+        where w.account_id = $1 and w.object_type = $2 and w.state = 'open' and w.user_id <> $3
+          and i.account_id = w.account_id and i.window_id = w.window_id and i.object_id = $4
+        """,
+        a.account_id,
+        a.object_type,
+        a.user_id,
+        a.object_id,
+    )
+    if a.actor_user_id and a.actor_user_id == a.user_id:
+        return "self"
+    window_id = await _open_window(conn, a, now, window)
+    await conn.execute(
+        """
+        insert into batching.window_items as i
+            (account_id, window_id, object_id, delivery_id, assigned_at, expires_at, channels, message)
+        values ($1, $2, $3, $4, $5, $6, $7, $8)
+        on conflict (account_id, window_id, object_id) do update
+            set delivery_id = excluded.delivery_id, assigned_at = excluded.assigned_at,
+                expires_at = excluded.expires_at, channels = excluded.channels, message = excluded.message
+            where i.assigned_at <= excluded.assigned_at
+        """,
+        a.account_id,
+        window_id,
+        a.object_id,
+        a.delivery_id,
+        a.assigned_at,
+        a.expires_at,
+        list(a.channels),
+        a.message,
+    )
+    return "added"
+
+
+async def _open_window(conn: Conn, a: AssignmentRow, now: datetime, window: timedelta) -> uuid.UUID:
+    """The user's open window for the object type, locked; opened at the assignment when there is none."""
+    opened = min(a.assigned_at, now)
+    while True:
+        await conn.execute(
+            """
+            insert into batching.windows (account_id, window_id, user_id, object_type, topic, opened_at, closes_at)
+            values ($1, $2, $3, $4, $5, $6, $7)
+            on conflict (account_id, user_id, object_type) where state = 'open' do nothing
+            """,
+            a.account_id,
+            uuid.uuid4(),
+            a.user_id,
+            a.object_type,
+            a.topic,
+            opened,
+            opened + window,
+        )
+        # A closer may have closed it between the insert and this lock: then open another.
+        found: uuid.UUID | None = await conn.fetchval(
+            """
+            select window_id from batching.windows
+            where account_id = $1 and user_id = $2 and object_type = $3 and state = 'open'
+            for update
+            """,
+            a.account_id,
+            a.user_id,
+            a.object_type,
+        )
+        if found is not None:
+            return found
+
+
+async def claim_due(pool: asyncpg.Pool, now: datetime, *, lease: timedelta, worker: str, limit: int) -> list[DueWindow]:
+    """Lease up to ``limit`` windows whose time is up (rows other replicas hold are skipped)."""
+    rows = await pool.fetch(
+        """
+        update batching.windows w
+        set lease_token = nextval('batching.lease_tokens'), lease_by = $3, lease_until = $2, attempts = w.attempts + 1
+        from (select account_id, window_id from batching.windows
+              where state = 'open' and closes_at <= $1 and (lease_until is null or lease_until <= $1)
+              order by closes_at limit $4
+              for update skip locked) due
+        where w.account_id = due.account_id and w.window_id = due.window_id
+        returning w.account_id, w.window_id, w.user_id, w.object_type, w.topic, w.lease_token, w.attempts
+        """,
+        now,
+        now + lease,
+        worker,
+        limit,
+    )
+    return [
+        DueWindow(
+            r["account_id"], r["window_id"], r["user_id"], r["object_type"], r["topic"], r["lease_token"], r["attempts"]
+        )
+        for r in rows
+    ]
+
+
+async def lock_for_close(conn: Conn, w: DueWindow) -> list[WindowItem] | None:
+    """Lock a leased window and its items (oldest first); None when the lease was lost."""
+    held = await conn.fetchval(
+        """
+        select true from batching.windows
+        where account_id = $1 and window_id = $2 and state = 'open' and lease_token = $3
+        for update
+        """,
+        w.account_id,
+        w.window_id,
+        w.token,
+    )
+    if not held:
+        return None
+    rows = await conn.fetch(
+        """
+        select object_id, assigned_at, expires_at, channels, message from batching.window_items
+        where account_id = $1 and window_id = $2
+        order by assigned_at, object_id
+        for update
+        """,
+        w.account_id,
+        w.window_id,
+    )
+    return [
+        WindowItem(r["object_id"], r["assigned_at"], r["expires_at"], tuple(r["channels"]), r["message"]) for r in rows
+    ]
+
+
+async def finish(
+    conn: Conn,
+    w: DueWindow,
+    *,
+    state: str,
+    now: datetime,
+    worker: str,
+    notification_id: uuid.UUID | None,
+    count: int,
+    note: str = "",
+) -> None:
+    """Close a window for good (in the transaction that enqueued its notification)."""
+    await conn.execute(
+        """
+        update batching.windows
+        set state = $3, closed_at = $4, closed_by = $5, notification_id = $6, item_count = $7,
+            last_error = nullif($8, ''), lease_token = null, lease_by = null, lease_until = null
+        where account_id = $1 and window_id = $2
+        """,
+        w.account_id,
+        w.window_id,
+        state,
+        now,
+        worker,
+        notification_id,
+        count,
+        note,
+    )
+
+
+async def postpone(pool: asyncpg.Pool, w: DueWindow, *, retry_at: datetime, error: str) -> None:
+    """Keep a window that could not close open, retried at ``retry_at`` (it is never dropped)."""
+    await pool.execute(
+        """
+        update batching.windows set lease_until = $4, last_error = $5, lease_by = null
+        where account_id = $1 and window_id = $2 and lease_token = $3 and state = 'open'
+        """,
+        w.account_id,
+        w.window_id,
+        w.token,
+        retry_at,
+        error[:2000],
+    )
+
+
+async def purge(pool: asyncpg.Pool, before: datetime) -> int:
+    """Forget applied delivery ids and closed windows older than ``before`` (the queue keeps its own record)."""
+    a = await pool.execute("delete from batching.received where received_at < $1", before)
+    b = await pool.execute("delete from batching.windows where state <> 'open' and closed_at < $1", before)
+    c = await pool.execute("delete from batching.workflow_changes where occurred_at < $1", before)
+    return sum(int(s.split()[-1]) for s in (a, b, c))
