@@ -1,0 +1,1 @@
+"""The dispatcher: the producer API, recipient rules, routing and delivery status."""

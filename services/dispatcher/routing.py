@@ -1,0 +1,189 @@
+"""From one recipient's preferences to queue deliveries (pure: no I/O).
+
+Preference channels map to queue channels as the senders expect them:
+email → "email"; bell, pop-up and browser → one "bell" delivery whose
+message carries the three flags (the gateway shows it in live tabs), plus a
+"browser" delivery when the browser channel is on (web push drops it when a
+live tab has it); mobile → "mobile"; other apps → "other_apps". Assignment
+topics go to batching instead, which merges them over its window.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from typing import Any
+
+from belfry.handoff import Assignment, DigestFact, to_payload
+from belfry.message import Message
+from belfry.queue import NewDelivery
+
+from services.dispatcher.model import CHANNELS, Event, Recipient, Topic
+
+ACCEPTED = "accepted"
+SUPPRESSED = "suppressed"
+HELD = "held"
+BATCHED = "batched"
+
+QUIET_HOURS = "quiet_hours"
+PREFERENCE_OFF = "preference_off"
+NOT_ALLOWED = "channel_not_allowed"
+EMAIL_ONLY = "email_only"
+
+# Digest facts share the queue key (account, notification, user, channel)
+# with an assignment of the same event, so they travel under an id derived
+# from the notification's.
+_DIGEST_NAMESPACE = uuid.UUID("5d0c8c4e-52a4-4b8e-9a43-2f6f3d1b7f10")
+
+
+@dataclass(frozen=True)
+class Routed:
+    """One recipient's channel decisions and the deliveries that carry them."""
+
+    channels: list[dict[str, str]]  # [{"c": channel, "s": state, "r": reason}]
+    deliveries: list[NewDelivery]
+    held_until: datetime | None
+
+
+def digest_notification_id(notification_id: uuid.UUID) -> uuid.UUID:
+    """The id a digest fact travels under (distinct from an assignment of the same event)."""
+    return uuid.uuid5(_DIGEST_NAMESPACE, str(notification_id))
+
+
+def expires_at(event: Event, topic: Topic) -> datetime:
+    """The topic's time to live, counted from when the event happened."""
+    return event.occurred_at + timedelta(seconds=topic.ttl_seconds)
+
+
+def _decide(topic: Topic, recipient: Recipient, email_only: bool) -> dict[str, tuple[bool, str, str]]:
+    """channel → (enabled, reason when off, sound) after the topic's and the rule's limits."""
+    answers = {c.channel: c for c in recipient.channels}
+    out: dict[str, tuple[bool, str, str]] = {}
+    for channel in CHANNELS:
+        choice = answers.get(channel)
+        if channel not in topic.allowed_channels:
+            out[channel] = (False, NOT_ALLOWED, "")
+        elif email_only and channel != "email":
+            out[channel] = (False, EMAIL_ONLY, "")
+        elif choice is None or not choice.enabled:
+            out[channel] = (False, (choice.reason if choice else "") or PREFERENCE_OFF, "")
+        else:
+            out[channel] = (True, "", choice.sound)
+    return out
+
+
+def route(
+    notification_id: uuid.UUID,
+    event: Event,
+    topic: Topic,
+    recipient: Recipient,
+    message: Message,
+    *,
+    email_only: bool = False,
+) -> Routed:
+    """The deliveries for one recipient who passed the rules."""
+    decided = _decide(topic, recipient, email_only)
+    on = {c for c, (enabled, _, _) in decided.items() if enabled}
+    expiry = expires_at(event, topic)
+    quiet = recipient.in_quiet_hours and not topic.locked and recipient.quiet_until is not None
+    held_until = recipient.quiet_until if quiet else None
+
+    def new(channel: str, payload: dict[str, Any], available_at: datetime | None = None) -> NewDelivery:
+        return NewDelivery(
+            account_id=event.account_id,
+            notification_id=notification_id,
+            user_id=recipient.user_id,
+            channel=channel,
+            topic=event.topic,
+            payload=payload,
+            expires_at=expiry,
+            available_at=available_at,
+        )
+
+    queue_channels = _queue_channels(on)
+    if topic.batching == "assignment":
+        assignment = Assignment(
+            message=message,
+            channels=queue_channels,
+            object_type=event.object.type,
+            object_id=event.object.id,
+            assigned_at=event.occurred_at.isoformat(),
+            expires_at=expiry.isoformat(),
+        )
+        deliveries = [new("batching", to_payload(assignment))] if on else []
+        return Routed(_record(decided, dict.fromkeys(on, (BATCHED, ""))), deliveries, None)
+
+    state: dict[str, tuple[str, str]] = {}
+    deliveries = []
+    desktop = on & {"bell", "popup", "browser"}
+    if desktop:
+        # In quiet hours the bell collects silently: no toast, no sound, no OS notification now.
+        flags = replace(
+            message,
+            bell="bell" in on,
+            popup="popup" in on and not quiet,
+            browser="browser" in on and not quiet,
+            sound=decided["popup"][2] if "popup" in on and not quiet else "",
+        )
+        if flags.bell or flags.popup or flags.browser:
+            deliveries.append(new("bell", flags.to_json()))
+    for channel in sorted(on):
+        if quiet and channel == "popup":
+            state[channel] = (SUPPRESSED, QUIET_HOURS)
+        elif quiet and channel != "bell":
+            state[channel] = (HELD, QUIET_HOURS)
+        else:
+            state[channel] = (ACCEPTED, "")
+    for channel in ("browser", "email", "mobile", "other_apps"):
+        if channel in on:
+            body = replace(message, bell=False, browser=channel == "browser").to_json()
+            deliveries.append(new(channel, body, held_until))
+    return Routed(_record(decided, state), deliveries, held_until)
+
+
+def _queue_channels(on: set[str]) -> tuple[str, ...]:
+    """The queue channels that carry the enabled preference channels."""
+    out: list[str] = []
+    if on & {"bell", "popup", "browser"}:
+        out.append("bell")
+    out.extend(c for c in ("browser", "email", "mobile", "other_apps") if c in on)
+    return tuple(out)
+
+
+def _record(decided: dict[str, tuple[bool, str, str]], state: dict[str, tuple[str, str]]) -> list[dict[str, str]]:
+    """Every preference channel's decision, as stored for the status API."""
+    out = []
+    for channel in CHANNELS:
+        enabled, reason, _ = decided[channel]
+        if enabled:
+            s, r = state.get(channel, (ACCEPTED, ""))
+        else:
+            s, r = SUPPRESSED, reason
+        out.append({"c": channel, "s": s, "r": r})
+    return out
+
+
+def digest_fact(notification_id: uuid.UUID, event: Event, user_id: str) -> NewDelivery:
+    """A task/workflow fact for the digests, on the batching channel."""
+    fact = DigestFact(
+        account_id=event.account_id,
+        user_id=user_id,
+        topic=event.topic,
+        object_type=event.object.type,
+        object_id=event.object.id,
+        display_name=event.object.display_name,
+        url=event.object.url,
+        occurred_at=event.occurred_at.isoformat(),
+        data=dict(event.variables),
+    )
+    return NewDelivery(
+        account_id=event.account_id,
+        notification_id=digest_notification_id(notification_id),
+        user_id=user_id,
+        channel="batching",
+        topic=event.topic,
+        payload=to_payload(fact),
+        # Digests are weekly: a fact is worth keeping until the next one is sent.
+        expires_at=event.occurred_at + timedelta(days=8),
+    )

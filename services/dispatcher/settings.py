@@ -1,0 +1,57 @@
+"""The dispatcher's settings, read once from the environment."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from belfry.config import CommonSettings, Env, load_common
+
+from services.dispatcher import backpressure, render, validate
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Common settings plus the dispatcher's own."""
+
+    common: CommonSettings
+    preferences_address: str
+    preferences_deadline: float
+    catalogue: Path
+    limits: validate.Limits
+    backpressure: backpressure.Limits
+    max_batch: int
+    key_hours: float
+    retention_days: float
+    purge_seconds: float
+
+
+def load_settings(environ: Mapping[str, str]) -> Settings:
+    """Read and check every setting; raise one ConfigError naming all problems."""
+    env = Env(environ)
+    common = load_common("dispatcher", env, default_port=50052)
+    settings = Settings(
+        common=common,
+        preferences_address=env.str("BELFRY_PREFERENCES_ADDRESS", "127.0.0.1:50051"),
+        preferences_deadline=env.float("BELFRY_DISPATCHER_PREFERENCES_DEADLINE", 5.0, minimum=0.1),
+        catalogue=Path(env.str("BELFRY_DISPATCHER_CATALOGUE", str(render.DEFAULT_CATALOGUE))),
+        limits=validate.Limits(
+            max_event_bytes=env.int("BELFRY_DISPATCHER_MAX_EVENT_BYTES", 64 * 1024, minimum=1024),
+            max_future=timedelta(seconds=env.float("BELFRY_DISPATCHER_MAX_FUTURE_SECONDS", 300.0)),
+        ),
+        backpressure=backpressure.Limits(
+            max_depth=env.int("BELFRY_DISPATCHER_MAX_QUEUE_DEPTH", 1_000_000),
+            max_lag_seconds=env.float("BELFRY_DISPATCHER_MAX_QUEUE_LAG_SECONDS", 300.0),
+            account_rate=env.float("BELFRY_DISPATCHER_ACCOUNT_RATE", 0.0),
+            account_burst=env.float("BELFRY_DISPATCHER_ACCOUNT_BURST", 0.0),
+            refresh_seconds=env.float("BELFRY_DISPATCHER_BACKLOG_REFRESH_SECONDS", 1.0, minimum=0.01),
+        ),
+        max_batch=env.int("BELFRY_DISPATCHER_MAX_BATCH", 1000, minimum=1),
+        key_hours=env.float("BELFRY_DISPATCHER_IDEMPOTENCY_HOURS", 24.0, minimum=0.001),
+        retention_days=env.float("BELFRY_DISPATCHER_RETENTION_DAYS", 30.0, minimum=0.001),
+        purge_seconds=env.float("BELFRY_DISPATCHER_PURGE_SECONDS", 60.0, minimum=0.01),
+    )
+    env.check()
+    return settings

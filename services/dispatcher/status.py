@@ -1,0 +1,109 @@
+"""The status API's answers: stored decisions and queue rows as timelines."""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from datetime import datetime, timedelta
+
+from belfry import errors
+from belfry.api.common.v1 import common_pb2
+from belfry.api.dispatcher.v1 import dispatcher_pb2 as pb
+
+from services.dispatcher import store
+from services.dispatcher.preferences import CHANNEL_NAMES
+
+_CHANNEL_ENUMS = {name: value for value, name in CHANNEL_NAMES.items()}
+_DECISION_STATES = {
+    "accepted": pb.STATE_ACCEPTED,
+    "suppressed": pb.STATE_SUPPRESSED,
+    "held": pb.STATE_HELD,
+    "batched": pb.STATE_BATCHED,
+}
+# Queue states (belfry.queue) → the API's words.
+_QUEUE_STATES = {
+    "leased": pb.STATE_SENDING,
+    "sent": pb.STATE_SENT,
+    "failed": pb.STATE_FAILED,
+    "dead": pb.STATE_FAILED,
+    "expired": pb.STATE_EXPIRED,
+    "dropped": pb.STATE_DROPPED,
+}
+
+
+def _entry(state: int, at: datetime | None, reason: str = "") -> pb.TimelineEntry:
+    entry = pb.TimelineEntry(state=state, reason=reason)  # type: ignore[arg-type]  # enum values are ints
+    if at is not None:
+        entry.at.FromDatetime(at)
+    return entry
+
+
+def timeline(d: store.DeliveryRecord) -> list[pb.TimelineEntry]:
+    """A delivery's life: queued (or held until its release), then where it stands now."""
+    held = d.available_at - d.created_at > timedelta(seconds=1)
+    first = (
+        _entry(pb.STATE_HELD, d.created_at, f"until {d.available_at.isoformat()}")
+        if held
+        else _entry(pb.STATE_QUEUED, d.created_at)
+    )
+    entries = [first]
+    if d.state in _QUEUE_STATES:
+        entries.append(_entry(_QUEUE_STATES[d.state], d.finished_at, d.last_error))
+    elif d.state == "queued" and d.attempts:
+        entries.append(_entry(pb.STATE_QUEUED, d.available_at, f"retry after: {d.last_error}"))
+    return entries
+
+
+def to_proto(record: store.NotificationRecord) -> pb.Notification:
+    """A stored notification as the API shows it."""
+    obj = record.object
+    answer = pb.Notification(
+        notification_id=str(record.notification_id),
+        account_id=record.account_id,
+        topic=record.topic,
+        actor=pb.Actor(user_id=record.actor_user_id, source=record.actor_source),  # type: ignore[arg-type]  # stored enum value
+        object=pb.ObjectRef(
+            type=obj.get("type", ""),
+            id=obj.get("id", ""),
+            display_name=obj.get("display_name", ""),
+            url=obj.get("url", ""),
+            owner_user_id=obj.get("owner_user_id", ""),
+        ),
+    )
+    answer.occurred_at.FromDatetime(record.occurred_at)
+    answer.accepted_at.FromDatetime(record.accepted_at)
+    for r in record.recipients:
+        answer.recipients.append(
+            pb.RecipientStatus(
+                user_id=r.user_id,
+                state=pb.STATE_ACCEPTED if r.state == "accepted" else pb.STATE_SUPPRESSED,
+                reason=r.reason,
+                channels=[
+                    pb.ChannelStatus(
+                        channel=_CHANNEL_ENUMS.get(c["c"], common_pb2.CHANNEL_UNSPECIFIED),
+                        state=_DECISION_STATES.get(c["s"], pb.STATE_UNSPECIFIED),
+                        reason=c["r"],
+                    )
+                    for c in r.channels
+                ],
+                deliveries=[
+                    pb.DeliveryStatus(queue_channel=d.channel, timeline=timeline(d), attempts=d.attempts)
+                    for d in r.deliveries
+                ],
+            )
+        )
+    return answer
+
+
+def encode_token(key: tuple[datetime, uuid.UUID]) -> str:
+    """An opaque page token for the position after ``key``."""
+    return base64.urlsafe_b64encode(f"{key[0].isoformat()}|{key[1]}".encode()).decode()
+
+
+def decode_token(token: str) -> tuple[datetime, uuid.UUID]:
+    """The position a page token names."""
+    try:
+        at, _, nid = base64.urlsafe_b64decode(token.encode()).decode().partition("|")
+        return datetime.fromisoformat(at), uuid.UUID(nid)
+    except ValueError as exc:
+        raise errors.InvalidArgument("page.page_token is not a token this API issued", field="page.page_token") from exc

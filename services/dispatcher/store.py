@@ -1,0 +1,366 @@
+"""All of the dispatcher's SQL.
+
+Writes happen inside the caller's transaction (with the queue's enqueue), so
+an event's notification, decisions, mention claims and deliveries commit or
+vanish together. Bulk statements use ``unnest`` so a batch of a thousand
+events costs a handful of round trips.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, TypeAlias
+
+import asyncpg
+
+# A connection, or one borrowed from the pool (the same API for our purposes).
+Conn: TypeAlias = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+
+
+@dataclass(frozen=True)
+class NotificationRow:
+    """The record of one accepted event."""
+
+    account_id: str
+    notification_id: uuid.UUID
+    idempotency_key: str
+    body_hash: bytes
+    topic: str
+    occurred_at: datetime
+    actor_user_id: str
+    actor_source: int
+    object: dict[str, str]
+
+
+@dataclass(frozen=True)
+class RecipientRow:
+    """One candidate's rule outcome and channel decisions."""
+
+    account_id: str
+    notification_id: uuid.UUID
+    user_id: str
+    state: str
+    reason: str
+    channels: list[dict[str, str]]
+    held_until: datetime | None
+
+
+@dataclass(frozen=True)
+class DeliveryRecord:
+    """A queue delivery as the status API reports it."""
+
+    channel: str
+    state: str
+    attempts: int
+    created_at: datetime
+    available_at: datetime
+    finished_at: datetime | None
+    last_error: str
+
+
+@dataclass(frozen=True)
+class RecipientRecord:
+    """A recipient's stored decisions and the deliveries made for them."""
+
+    user_id: str
+    state: str
+    reason: str
+    channels: list[dict[str, str]]
+    held_until: datetime | None
+    deliveries: tuple[DeliveryRecord, ...]
+
+
+@dataclass(frozen=True)
+class NotificationRecord:
+    """A notification with every recipient's timeline."""
+
+    account_id: str
+    notification_id: uuid.UUID
+    topic: str
+    occurred_at: datetime
+    accepted_at: datetime
+    actor_user_id: str
+    actor_source: int
+    object: dict[str, Any]
+    recipients: tuple[RecipientRecord, ...]
+
+
+async def find_keys(
+    conn: Conn | asyncpg.Pool, keys: Sequence[tuple[str, str]]
+) -> dict[tuple[str, str], tuple[uuid.UUID, bytes]]:
+    """Notifications already recorded under these (account, idempotency key) pairs."""
+    if not keys:
+        return {}
+    rows = await conn.fetch(
+        """
+        select n.account_id, n.idempotency_key, n.notification_id, n.body_hash
+        from unnest($1::text[], $2::text[]) as k(a, key)
+        join dispatcher.notifications n on n.account_id = k.a and n.idempotency_key = k.key
+        """,
+        [a for a, _ in keys],
+        [k for _, k in keys],
+    )
+    return {(r["account_id"], r["idempotency_key"]): (r["notification_id"], bytes(r["body_hash"])) for r in rows}
+
+
+async def insert_notifications(conn: Conn, rows: Sequence[NotificationRow]) -> set[uuid.UUID]:
+    """Insert notifications; a key taken meanwhile by a concurrent publisher is skipped.
+
+    Returns the ids actually inserted. A concurrent insert of the same key
+    waits for the other transaction and then skips, which is what makes
+    concurrent duplicates produce exactly one notification.
+    """
+    if not rows:
+        return set()
+    # Sorted keys: two batches sharing keys lock them in the same order (no deadlock).
+    ordered = sorted(rows, key=lambda r: (r.account_id, r.idempotency_key))
+    inserted = await conn.fetch(
+        """
+        insert into dispatcher.notifications
+            (account_id, notification_id, idempotency_key, body_hash, topic, occurred_at,
+             actor_user_id, actor_source, object)
+        select * from unnest($1::text[], $2::uuid[], $3::text[], $4::bytea[], $5::text[], $6::timestamptz[],
+                             $7::text[], $8::smallint[], $9::jsonb[])
+        on conflict (account_id, idempotency_key) where idempotency_key is not null do nothing
+        returning notification_id
+        """,
+        [r.account_id for r in ordered],
+        [r.notification_id for r in ordered],
+        [r.idempotency_key for r in ordered],
+        [r.body_hash for r in ordered],
+        [r.topic for r in ordered],
+        [r.occurred_at for r in ordered],
+        [r.actor_user_id for r in ordered],
+        [r.actor_source for r in ordered],
+        [r.object for r in ordered],
+    )
+    return {r["notification_id"] for r in inserted}
+
+
+async def claim_mentions(conn: Conn, claims: Sequence[tuple[str, str, str, uuid.UUID]]) -> set[tuple[str, str, str]]:
+    """Record (account, activity, user, notification) mentions; return those that were the first."""
+    if not claims:
+        return set()
+    ordered = sorted(claims)
+    rows = await conn.fetch(
+        """
+        insert into dispatcher.mentions (account_id, activity_id, user_id, notification_id)
+        select * from unnest($1::text[], $2::text[], $3::text[], $4::uuid[])
+        on conflict do nothing
+        returning account_id, activity_id, user_id
+        """,
+        [c[0] for c in ordered],
+        [c[1] for c in ordered],
+        [c[2] for c in ordered],
+        [c[3] for c in ordered],
+    )
+    return {(r["account_id"], r["activity_id"], r["user_id"]) for r in rows}
+
+
+async def insert_recipients(conn: Conn, rows: Sequence[RecipientRow]) -> None:
+    """Record every candidate's outcome."""
+    if not rows:
+        return
+    await conn.execute(
+        """
+        insert into dispatcher.recipients (account_id, notification_id, user_id, state, reason, channels, held_until)
+        select * from unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::jsonb[], $7::timestamptz[])
+        """,
+        [r.account_id for r in rows],
+        [r.notification_id for r in rows],
+        [r.user_id for r in rows],
+        [r.state for r in rows],
+        [r.reason for r in rows],
+        [r.channels for r in rows],
+        [r.held_until for r in rows],
+    )
+
+
+async def visited(pool: asyncpg.Pool, account_id: str, user_ids: Sequence[str]) -> set[str]:
+    """Which of ``user_ids`` have visited the conversations inbox."""
+    rows = await pool.fetch(
+        "select user_id from dispatcher.inbox_visits where account_id = $1 and user_id = any($2::text[])",
+        account_id,
+        list(user_ids),
+    )
+    return {r["user_id"] for r in rows}
+
+
+async def record_visit(pool: asyncpg.Pool, account_id: str, user_id: str) -> datetime:
+    """Remember a visit to the conversations inbox; return the first visit's time."""
+    when: datetime = await pool.fetchval(
+        """
+        with ins as (
+            insert into dispatcher.inbox_visits (account_id, user_id) values ($1, $2)
+            on conflict do nothing returning first_visited_at
+        )
+        select first_visited_at from ins
+        union all
+        select first_visited_at from dispatcher.inbox_visits where account_id = $1 and user_id = $2
+        limit 1
+        """,
+        account_id,
+        user_id,
+    )
+    return when
+
+
+_NOTIFICATION_COLUMNS = (
+    "account_id, notification_id, topic, occurred_at, accepted_at, actor_user_id, actor_source, object"
+)
+
+
+async def get_notification(
+    pool: asyncpg.Pool, account_id: str, notification_id: uuid.UUID
+) -> NotificationRecord | None:
+    """One notification with every recipient and delivery, or None."""
+    found = await load_notifications(pool, account_id, [notification_id], user_id=None)
+    return found[0] if found else None
+
+
+async def load_notifications(
+    pool: asyncpg.Pool, account_id: str, ids: Sequence[uuid.UUID], *, user_id: str | None
+) -> list[NotificationRecord]:
+    """Notifications by id (in the given order), recipients limited to ``user_id`` when given."""
+    async with pool.acquire() as conn:
+        heads = await conn.fetch(
+            f"select {_NOTIFICATION_COLUMNS} from dispatcher.notifications"
+            " where account_id = $1 and notification_id = any($2::uuid[])",
+            account_id,
+            list(ids),
+        )
+        recipients = await conn.fetch(
+            """
+            select notification_id, user_id, state, reason, channels, held_until from dispatcher.recipients
+            where account_id = $1 and notification_id = any($2::uuid[]) and ($3::text is null or user_id = $3)
+            order by notification_id, user_id
+            """,
+            account_id,
+            list(ids),
+            user_id,
+        )
+        # Read-only look at the queue's rows (belfry.queue owns and writes them).
+        deliveries = await conn.fetch(
+            """
+            select notification_id, user_id, channel, state, attempts, created_at, available_at, finished_at,
+                   coalesce(errors -> -1 ->> 'error', '') as last_error
+            from queue.deliveries
+            where account_id = $1 and notification_id = any($2::uuid[]) and ($3::text is null or user_id = $3)
+            order by delivery_id
+            """,
+            account_id,
+            list(ids),
+            user_id,
+        )
+    by_recipient: dict[tuple[uuid.UUID, str], list[DeliveryRecord]] = {}
+    for d in deliveries:
+        by_recipient.setdefault((d["notification_id"], d["user_id"]), []).append(
+            DeliveryRecord(
+                d["channel"],
+                d["state"],
+                d["attempts"],
+                d["created_at"],
+                d["available_at"],
+                d["finished_at"],
+                d["last_error"],
+            )
+        )
+    people: dict[uuid.UUID, list[RecipientRecord]] = {}
+    for r in recipients:
+        people.setdefault(r["notification_id"], []).append(
+            RecipientRecord(
+                r["user_id"],
+                r["state"],
+                r["reason"],
+                r["channels"],
+                r["held_until"],
+                tuple(by_recipient.get((r["notification_id"], r["user_id"]), ())),
+            )
+        )
+    records = {
+        h["notification_id"]: NotificationRecord(
+            h["account_id"],
+            h["notification_id"],
+            h["topic"],
+            h["occurred_at"],
+            h["accepted_at"],
+            h["actor_user_id"],
+            h["actor_source"],
+            h["object"],
+            tuple(people.get(h["notification_id"], ())),
+        )
+        for h in heads
+    }
+    return [records[i] for i in ids if i in records]
+
+
+async def list_for_user(
+    pool: asyncpg.Pool, account_id: str, user_id: str, *, before: tuple[datetime, uuid.UUID] | None, limit: int
+) -> list[tuple[datetime, uuid.UUID]]:
+    """(accepted_at, id) of the user's notifications, newest first, strictly before the cursor."""
+    rows = await pool.fetch(
+        """
+        select accepted_at, notification_id from dispatcher.recipients
+        where account_id = $1 and user_id = $2
+          and ($3::timestamptz is null or (accepted_at, notification_id) < ($3, $4::uuid))
+        order by accepted_at desc, notification_id desc
+        limit $5
+        """,
+        account_id,
+        user_id,
+        before[0] if before else None,
+        before[1] if before else None,
+        limit,
+    )
+    return [(r["accepted_at"], r["notification_id"]) for r in rows]
+
+
+async def purge(pool: asyncpg.Pool, *, key_hours: float, retention_days: float, batch: int = 5000) -> tuple[int, int]:
+    """Forget idempotency keys older than ``key_hours`` and records older than ``retention_days``."""
+    keys = await pool.execute(
+        """
+        update dispatcher.notifications set idempotency_key = null
+        where (account_id, notification_id) in (
+            select account_id, notification_id from dispatcher.notifications
+            where idempotency_key is not null and accepted_at < now() - make_interval(secs => $1)
+            limit $2)
+        """,
+        key_hours * 3600,
+        batch,
+    )
+    old = await pool.execute(
+        """
+        with gone as (
+            delete from dispatcher.notifications where (account_id, notification_id) in (
+                select account_id, notification_id from dispatcher.notifications
+                where accepted_at < now() - make_interval(secs => $1) limit $2)
+            returning account_id, notification_id)
+        delete from dispatcher.recipients r using gone
+        where r.account_id = gone.account_id and r.notification_id = gone.notification_id
+        """,
+        retention_days * 86400,
+        batch,
+    )
+    await pool.execute(
+        "delete from dispatcher.mentions where mentioned_at < now() - make_interval(secs => $1)", retention_days * 86400
+    )
+    return int(keys.split()[-1]), int(old.split()[-1])
+
+
+async def queue_backlog(pool: asyncpg.Pool, *, cap: int) -> tuple[int, float]:
+    """How many deliveries are due and unclaimed (counted up to ``cap``) and the oldest one's age in seconds."""
+    row = await pool.fetchrow(
+        """
+        select (select count(*) from (select 1 from queue.deliveries
+                                      where state = 'queued' and available_at <= now() limit $1) d) as depth,
+               coalesce(extract(epoch from now() - (select min(available_at) from queue.deliveries
+                                                    where state = 'queued' and available_at <= now()
+                                                      and expires_at > now())), 0)::float8 as age
+        """,
+        cap,
+    )
+    assert row is not None
+    return int(row["depth"]), float(row["age"])
