@@ -11,7 +11,7 @@ from belfry.errors import FailedPrecondition, InvalidArgument, NotFound, Permiss
 from services.preferences import store
 from services.preferences.catalogue import Topic
 from services.preferences.engine import Engine
-from services.preferences.model import Account, Choices, User, UserPreferences, UserSettings
+from services.preferences.model import Account, AuditEntry, Choices, User, UserPreferences, UserSettings
 from services.preferences.store import Conn
 
 Change = Callable[[Conn, int], Awaitable[None]]
@@ -57,7 +57,9 @@ class Operations:
         async with self.pool.acquire() as conn:
             return await store.user_preferences(conn, user.account_id, user.user_id)
 
-    async def _write(self, user: User, expected: int, what: str, new: object, change: Change) -> int:
+    async def _write(
+        self, user: User, expected: int, what: str, new: object, change: Change, *, via: str = "user"
+    ) -> int:
         """Lock + version check, apply ``change``, audit old → new; one transaction."""
         if expected < 0:
             raise InvalidArgument("expected_version cannot be negative", field="expected_version")
@@ -68,16 +70,18 @@ class Operations:
             await store.audit(
                 conn,
                 user.account_id,
-                actor=user.user_id,
+                actor=user.user_id if via == "user" else "",
                 user_id=user.user_id,
-                via="user",
+                via=via,
                 what=what,
                 old=describe(old, what, new),
                 new=new,
             )
             return version
 
-    async def set_choices(self, user: User, choices: Choices, expected: int, *, what: str = "choice") -> int:
+    async def set_choices(
+        self, user: User, choices: Choices, expected: int, *, what: str = "choice", via: str = "user"
+    ) -> int:
         """Set several own (topic, channel) choices at once."""
         if len(choices) > MAX_CHOICES:
             raise InvalidArgument(f"at most {MAX_CHOICES} choices per call", field="choices")
@@ -89,7 +93,7 @@ class Operations:
         async def change(conn: Conn, _: int) -> None:
             await store.set_choices(conn, user.account_id, user.user_id, choices)
 
-        return await self._write(user, expected, what, _choices_json(choices), change)
+        return await self._write(user, expected, what, _choices_json(choices), change, via=via)
 
     async def clear_channels(self, user: User, channels: Sequence[str], expected: int) -> int:
         """Every unlocked topic the user may see switched off on these channels."""
@@ -142,6 +146,18 @@ class Operations:
             await store.reset_user(conn, user.account_id, user.user_id)
 
         return await self._write(user, expected, "reset", {}, change)
+
+    async def unsubscribe(self, account_id: str, user_id: str, topic: str) -> int:
+        """The email unsubscribe link's effect: the topic off for email (audited as "api")."""
+        user = await self.require_user(account_id, user_id)
+        if not user.active:
+            raise NotFound(f"user {user_id!r} is not an active user of account {account_id!r}", field="user_id")
+        return await self.set_choices(user, {(topic, "email"): False}, 0, what="unsubscribe", via="api")
+
+    async def audit(self, account_id: str, user_id: str | None, *, before: int | None, limit: int) -> list[AuditEntry]:
+        """Newest-first audit entries of one user, or of the account when ``user_id`` is None."""
+        async with self.pool.acquire() as conn:
+            return await store.list_audit(conn, account_id, user_id, before=before, limit=limit)
 
     async def require_user(self, account_id: str, user_id: str) -> User:
         """Another user of the same account (for admins reading the audit log)."""

@@ -12,39 +12,23 @@ from belfry.auth import TokenVerifier
 from belfry.errors import InvalidArgument
 
 from services.preferences import convert
+from services.preferences.admin import Admin
+from services.preferences.admin_servicer import AdminRpcs, choices_from_pb, choices_pb
 from services.preferences.engine import Engine
-from services.preferences.model import Account, Choices, User
+from services.preferences.model import Account, User
 from services.preferences.operations import Operations
 
 Context: TypeAlias = grpc.aio.ServicerContext
 Version = preferences_pb2.SetPreferenceResponse
 
 
-def choices_from_pb(choices: list[preferences_pb2.Choice], field: str) -> Choices:
-    """(topic, channel) → enabled; naming a pair twice is refused."""
-    result: Choices = {}
-    for c in choices:
-        key = (c.topic, convert.channel_name(c.channel, field=f"{field}.channel"))
-        if key in result:
-            raise InvalidArgument(f"{field} names {c.topic}/{key[1]} twice", field=field)
-        result[key] = c.enabled
-    return result
-
-
-def choices_pb(choices: Choices) -> list[preferences_pb2.Choice]:
-    """Choices in a stable order."""
-    return [
-        preferences_pb2.Choice(topic=t, channel=convert.channel_pb(c), enabled=e)
-        for (t, c), e in sorted(choices.items())
-    ]
-
-
-class PreferencesServicer(preferences_pb2_grpc.PreferencesServiceServicer):
+class PreferencesServicer(AdminRpcs, preferences_pb2_grpc.PreferencesServiceServicer):
     """User-facing RPCs act for the token's user; EffectiveBatch serves the dispatcher."""
 
     def __init__(self, engine: Engine, operations: Operations, verifier: TokenVerifier) -> None:
         self._engine = engine
         self._ops = operations
+        self._admin = Admin(operations)
         self._verifier = verifier
 
     async def _caller(self, context: Context) -> tuple[User, Account]:
@@ -59,6 +43,11 @@ class PreferencesServicer(preferences_pb2_grpc.PreferencesServiceServicer):
             recipients=[convert.decision_pb(u, d) for u, d in zip(request.user_ids, decisions, strict=True)],
             topic=convert.topic_info_pb(topic),
         )
+
+    async def Unsubscribe(self, request: preferences_pb2.UnsubscribeRequest, context: Context) -> Version:
+        """Internal: the email unsubscribe link's effect (topic off for email, audited as "api")."""
+        version = await self._ops.unsubscribe(request.account_id, request.user_id, request.topic)
+        return Version(version=version)
 
     async def Effective(
         self, request: preferences_pb2.EffectiveRequest, context: Context

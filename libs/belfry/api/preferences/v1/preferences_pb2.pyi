@@ -970,7 +970,12 @@ class ChannelDecision(_message.Message):
     channel: _common_pb2.Channel.ValueType
     enabled: _builtins.bool
     reason: _builtins.str
-    """why it is off: "preference_off", "not_visible", ..."""
+    """Where the answer came from. On: "locked", "user", "role_profile",
+    "account_default", "product_default". Off: the same layer names (the
+    layer chose off), or "master_off" (the channel's master switch),
+    "not_visible" (role or tool access), "channel_not_allowed" (the topic
+    never uses this channel), "unknown_user" (not an active user).
+    """
     sound: _builtins.str
     """pop-up sound, empty when muted or not a pop-up"""
     def __init__(
@@ -1004,6 +1009,10 @@ class RecipientDecision(_message.Message):
     TIME_ZONE_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     in_quiet_hours: _builtins.bool
+    """Quiet hours hold unlocked email, browser, web push, mobile and other-apps
+    deliveries until quiet_until; the bell still collects; pop-ups are silent
+    (sound is empty). Always false for locked topics.
+    """
     known: _builtins.bool
     """Directory facts the dispatcher and senders need; known=false means the
     user is not an active member of the account (the dispatcher refuses it).
@@ -1068,6 +1077,35 @@ class EffectiveBatchRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EffectiveBatchRequest: _TypeAlias = EffectiveBatchRequest  # noqa: Y015
+
+@_typing.final
+class UnsubscribeRequest(_message.Message):
+    """Internal (email sender's one-click unsubscribe link, already verified by
+    the caller): switch one topic off for email for one user. Audited as "api".
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    TOPIC_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    user_id: _builtins.str
+    topic: _builtins.str
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        topic: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "topic", b"topic", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnsubscribeRequest: _TypeAlias = UnsubscribeRequest  # noqa: Y015
 
 @_typing.final
 class TopicInfo(_message.Message):

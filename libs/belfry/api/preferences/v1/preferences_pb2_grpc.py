@@ -133,6 +133,11 @@ class PreferencesServiceStub:
                 request_serializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.ListAuditLogRequest.SerializeToString,
                 response_deserializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.ListAuditLogResponse.FromString,
                 _registered_method=True)
+        self.Unsubscribe = channel.unary_unary(
+                '/belfry.api.preferences.v1.PreferencesService/Unsubscribe',
+                request_serializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.UnsubscribeRequest.SerializeToString,
+                response_deserializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.SetPreferenceResponse.FromString,
+                _registered_method=True)
 
 
 class PreferencesServiceServicer:
@@ -266,6 +271,14 @@ class PreferencesServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Unsubscribe(self, request, context):
+        """Internal: the email unsubscribe link's effect (no user token; the caller
+        verified the signed link). Locked topics answer FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PreferencesServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -363,6 +376,11 @@ def add_PreferencesServiceServicer_to_server(servicer, server):
                     servicer.ListAuditLog,
                     request_deserializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.ListAuditLogRequest.FromString,
                     response_serializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.ListAuditLogResponse.SerializeToString,
+            ),
+            'Unsubscribe': grpc.unary_unary_rpc_method_handler(
+                    servicer.Unsubscribe,
+                    request_deserializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.UnsubscribeRequest.FromString,
+                    response_serializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.SetPreferenceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -882,6 +900,33 @@ class PreferencesService:
             '/belfry.api.preferences.v1.PreferencesService/ListAuditLog',
             belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.ListAuditLogRequest.SerializeToString,
             belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.ListAuditLogResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Unsubscribe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/belfry.api.preferences.v1.PreferencesService/Unsubscribe',
+            belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.UnsubscribeRequest.SerializeToString,
+            belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.SetPreferenceResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -68,6 +68,10 @@ class PreferencesServiceStub:
     DeleteRoleProfile: _grpc.UnaryUnaryMultiCallable[_preferences_pb2.DeleteRoleProfileRequest, _preferences_pb2.DeleteRoleProfileResponse]
     ListAuditLog: _grpc.UnaryUnaryMultiCallable[_preferences_pb2.ListAuditLogRequest, _preferences_pb2.ListAuditLogResponse]
     """The audit log: own entries for users; the account's for super admins."""
+    Unsubscribe: _grpc.UnaryUnaryMultiCallable[_preferences_pb2.UnsubscribeRequest, _preferences_pb2.SetPreferenceResponse]
+    """Internal: the email unsubscribe link's effect (no user token; the caller
+    verified the signed link). Locked topics answer FAILED_PRECONDITION.
+    """
 
 @_typing.type_check_only
 class PreferencesServiceAsyncStub(PreferencesServiceStub):
@@ -109,6 +113,10 @@ class PreferencesServiceAsyncStub(PreferencesServiceStub):
     DeleteRoleProfile: _aio.UnaryUnaryMultiCallable[_preferences_pb2.DeleteRoleProfileRequest, _preferences_pb2.DeleteRoleProfileResponse]  # type: ignore[assignment]
     ListAuditLog: _aio.UnaryUnaryMultiCallable[_preferences_pb2.ListAuditLogRequest, _preferences_pb2.ListAuditLogResponse]  # type: ignore[assignment]
     """The audit log: own entries for users; the account's for super admins."""
+    Unsubscribe: _aio.UnaryUnaryMultiCallable[_preferences_pb2.UnsubscribeRequest, _preferences_pb2.SetPreferenceResponse]  # type: ignore[assignment]
+    """Internal: the email unsubscribe link's effect (no user token; the caller
+    verified the signed link). Locked topics answer FAILED_PRECONDITION.
+    """
 
 class PreferencesServiceServicer(metaclass=_abc_1.ABCMeta):
     """Every RPC but EffectiveBatch is user-facing: it needs "authorization:
@@ -261,5 +269,15 @@ class PreferencesServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_preferences_pb2.ListAuditLogResponse, _abc.Awaitable[_preferences_pb2.ListAuditLogResponse]]:
         """The audit log: own entries for users; the account's for super admins."""
+
+    @_abc_1.abstractmethod
+    def Unsubscribe(
+        self,
+        request: _preferences_pb2.UnsubscribeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_preferences_pb2.SetPreferenceResponse, _abc.Awaitable[_preferences_pb2.SetPreferenceResponse]]:
+        """Internal: the email unsubscribe link's effect (no user token; the caller
+        verified the signed link). Locked topics answer FAILED_PRECONDITION.
+        """
 
 def add_PreferencesServiceServicer_to_server(servicer: PreferencesServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

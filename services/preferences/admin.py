@@ -1,0 +1,231 @@
+"""Account defaults and role profiles: super admins of enterprise accounts only.
+
+Every change is one transaction: the new layer, the audit rows, and an email
+to each user whose effective preferences it changed. The email is a delivery
+row on the shared queue (topic ``account.preferences_changed``, locked),
+written in the same transaction, so the notice is never lost nor sent for a
+change that rolled back.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Sequence
+from typing import cast
+
+import asyncpg
+from belfry.errors import Aborted, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from belfry.message import Message
+from belfry.queue.store import NewDelivery, enqueue
+
+from services.preferences import store
+from services.preferences.directory import check_id
+from services.preferences.model import Account, Choices, User
+from services.preferences.operations import Operations
+from services.preferences.precedence import decide
+from services.preferences.store import Conn
+
+NOTICE_TOPIC = "account.preferences_changed"
+# (user, topic, channel) → on/off for every active user over some topics.
+Snapshot = dict[tuple[str, str, str], bool]
+
+
+def require_admin(user: User, account: Account) -> None:
+    """Super admins of enterprise accounts only."""
+    if not user.super_admin:
+        raise PermissionDenied("only super admins may manage the account's default preferences and profiles")
+    if account.tier != "enterprise":
+        raise FailedPrecondition(
+            f"account defaults and notification profiles need the enterprise tier; this account is {account.tier}"
+        )
+
+
+class Admin:
+    """Reads and changes of the account-level layers."""
+
+    def __init__(self, ops: Operations) -> None:
+        self._ops = ops
+        self._catalogue = ops.catalogue
+
+    def check_choices(self, choices: Choices, field: str) -> None:
+        """Known topics, allowed channels, never a locked topic."""
+        for key, channel in choices:
+            topic = self._catalogue.topics.get(key)
+            if topic is None:
+                raise InvalidArgument(f"unknown topic {key!r}; ListTopics names every topic", field=field)
+            if channel not in topic.channels:
+                raise InvalidArgument(f"topic {key!r} is not sent on {channel}", field=field)
+            if topic.locked:
+                raise FailedPrecondition(f"topic {key!r} is locked: its defaults cannot be changed", field=field)
+
+    async def get_defaults(self, account: Account) -> tuple[Choices, int]:
+        """The account defaults and their version."""
+        async with self._ops.pool.acquire() as conn:
+            _, defaults = await store.account_layers(conn, account.account_id)
+            return defaults, await store.defaults_version(conn, account.account_id)
+
+    async def set_defaults(self, admin: User, choices: Choices, expected: int) -> int:
+        """Replace the account defaults; returns the new version."""
+        self.check_choices(choices, "choices")
+        async with self._ops.pool.acquire() as conn, conn.transaction():
+            _, old = await store.account_layers(conn, admin.account_id)
+            version = await store.lock_account_defaults(conn, admin.account_id, expected)
+            topics = sorted({t for t, _ in (*old, *choices)})
+            before = await self._snapshot(conn, admin.account_id, topics)
+            await store.replace_account_defaults(conn, admin.account_id, choices)
+            await self._after(conn, admin, "admin_default", "account_defaults", before, topics, old, choices)
+            return version
+
+    async def profiles(self, account: Account) -> list[tuple[str, Choices, int]]:
+        """Every role profile: (permission set, choices, version)."""
+        async with self._ops.pool.acquire() as conn:
+            versions = await store.profile_versions(conn, account.account_id)
+            layers, _ = await store.account_layers(conn, account.account_id)
+        return [(name, layers.get(name, {}), v) for name, v in versions.items()]
+
+    async def profile(self, account: Account, permission_set: str) -> tuple[Choices, int]:
+        """One profile; NotFound when absent."""
+        for name, choices, version in await self.profiles(account):
+            if name == permission_set:
+                return choices, version
+        raise NotFound(f"no notification profile for permission set {permission_set!r}", field="permission_set")
+
+    async def save_profile(
+        self, admin: User, permission_set: str, choices: Choices, expected: int, *, create: bool
+    ) -> int:
+        """Create (ALREADY_EXISTS if present) or update (NOT_FOUND if absent) a profile."""
+        check_id(permission_set, "profile.permission_set")
+        self.check_choices(choices, "profile.choices")
+        async with self._ops.pool.acquire() as conn, conn.transaction():
+            current = await store.lock_profile(conn, admin.account_id, permission_set)
+            if create and current is not None:
+                raise AlreadyExists(f"a profile for {permission_set!r} exists; update it instead", field="profile")
+            if not create and current is None:
+                raise NotFound(f"no notification profile for permission set {permission_set!r}", field="profile")
+            if expected and expected != current:
+                raise_stale(current)
+            layers, _ = await store.account_layers(conn, admin.account_id)
+            old = layers.get(permission_set, {})
+            topics = sorted({t for t, _ in (*old, *choices)})
+            await store.lock_account_defaults(conn, admin.account_id, 0)
+            before = await self._snapshot(conn, admin.account_id, topics)
+            version = (current or 0) + 1
+            await store.save_profile(conn, admin.account_id, permission_set, version, choices)
+            await self._after(conn, admin, "role_profile", f"profile:{permission_set}", before, topics, old, choices)
+            return version
+
+    async def delete_profile(self, admin: User, permission_set: str, expected: int) -> None:
+        """Remove a profile; its users fall back to the account defaults."""
+        async with self._ops.pool.acquire() as conn, conn.transaction():
+            current = await store.lock_profile(conn, admin.account_id, permission_set)
+            if current is None:
+                raise NotFound(f"no notification profile for permission set {permission_set!r}", field="permission_set")
+            if expected and expected != current:
+                raise_stale(current)
+            layers, _ = await store.account_layers(conn, admin.account_id)
+            old = layers.get(permission_set, {})
+            topics = sorted({t for t, _ in old})
+            await store.lock_account_defaults(conn, admin.account_id, 0)
+            before = await self._snapshot(conn, admin.account_id, topics)
+            await store.delete_profile(conn, admin.account_id, permission_set)
+            await self._after(conn, admin, "role_profile", f"profile:{permission_set}", before, topics, old, {})
+
+    async def _snapshot(self, conn: Conn, account_id: str, topics: Sequence[str]) -> Snapshot:
+        users, prefs = await store.account_snapshot_inputs(conn, account_id, topics)
+        profiles, defaults = await store.account_layers(conn, account_id)
+        now = self._ops.engine.now()
+        result: Snapshot = {}
+        for key in topics:
+            topic = self._catalogue.topics[key]
+            for user in users:
+                d = decide(
+                    topic,
+                    user,
+                    enterprise=True,
+                    own=prefs[user.user_id],
+                    profile=profiles.get(user.permission_set, {}),
+                    account=defaults,
+                    default_sound="",
+                    now=now,
+                )
+                result.update({(user.user_id, key, c.channel): c.enabled for c in d.channels})
+        return result
+
+    async def _after(
+        self,
+        conn: Conn,
+        admin: User,
+        via: str,
+        what: str,
+        before: Snapshot,
+        topics: Sequence[str],
+        old: Choices,
+        new: Choices,
+    ) -> None:
+        """Audit the change, then audit and email every user whose effective preferences moved."""
+        await store.audit(
+            conn, admin.account_id, actor=admin.user_id, user_id="", via=via, what=what,
+            old=_json(old), new=_json(new),
+        )  # fmt: skip
+        after = await self._snapshot(conn, admin.account_id, topics)
+        changed: dict[str, dict[str, tuple[bool, bool]]] = {}
+        for key, was in before.items():
+            now_on = after.get(key, was)
+            if now_on != was:
+                changed.setdefault(key[0], {})[f"{key[1]}/{key[2]}"] = (was, now_on)
+        if not changed:
+            return
+        users = await store.get_users(conn, admin.account_id, list(changed))
+        deliveries = []
+        for user_id, diff in sorted(changed.items()):
+            await store.audit(
+                conn, admin.account_id, actor=admin.user_id, user_id=user_id, via=via, what="effective",
+                old={k: v[0] for k, v in diff.items()}, new={k: v[1] for k, v in diff.items()},
+            )  # fmt: skip
+            deliveries.append(self._notice(users[user_id], admin, diff))
+        # A pooled connection proxies a Connection; the queue module types the plain one.
+        await enqueue(cast(asyncpg.Connection, conn), deliveries)
+
+    def _notice(self, user: User, admin: User, diff: dict[str, tuple[bool, bool]]) -> NewDelivery:
+        topic = self._catalogue.topics[NOTICE_TOPIC]
+        now = self._ops.engine.now()
+        french = user.locale.startswith("fr")
+        names = sorted({self._catalogue.topics[k.split("/")[0]].name(user.locale) for k in diff})
+        body = ("Ces notifications ont changé : " if french else "These notifications changed: ") + "; ".join(names)
+        message = Message(
+            notification_id=str(uuid.uuid4()),
+            account_id=user.account_id,
+            user_id=user.user_id,
+            topic=NOTICE_TOPIC,
+            title=topic.name(user.locale),
+            body=body,
+            url=f"{self._ops.app_url}/settings/notifications",
+            occurred_at=now.isoformat(),
+            actor_user_id=admin.user_id,
+            recipient_email=user.email,
+            recipient_name=user.display_name,
+            bell=False,
+            locked=True,
+            locale="fr" if french else "en",
+            variables={"changes": {k: v[1] for k, v in sorted(diff.items())}},
+        )
+        return NewDelivery(
+            account_id=user.account_id,
+            notification_id=uuid.UUID(message.notification_id),
+            user_id=user.user_id,
+            channel="email",
+            topic=NOTICE_TOPIC,
+            payload=message.to_json(),
+            expires_at=now + dt.timedelta(seconds=topic.ttl_seconds),
+        )
+
+
+def raise_stale(current: int | None) -> None:
+    """ABORTED naming the current version."""
+
+    raise Aborted(f"the profile changed elsewhere (version {current}); reload and try again")
+
+
+def _json(choices: Choices) -> dict[str, bool]:
+    return {f"{t}/{c}": e for (t, c), e in sorted(choices.items())}
