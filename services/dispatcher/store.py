@@ -8,6 +8,7 @@ events costs a handful of round trips.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -167,14 +168,17 @@ async def insert_recipients(conn: Conn, rows: Sequence[RecipientRow]) -> None:
     await conn.execute(
         """
         insert into dispatcher.recipients (account_id, notification_id, user_id, state, reason, channels, held_until)
-        select * from unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::jsonb[], $7::timestamptz[])
+        select a, n, u, s, r, c::jsonb, h
+        from unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], $7::timestamptz[])
+            as x(a, n, u, s, r, c, h)
         """,
         [r.account_id for r in rows],
         [r.notification_id for r in rows],
         [r.user_id for r in rows],
         [r.state for r in rows],
         [r.reason for r in rows],
-        [r.channels for r in rows],
+        # As text: a list of lists would be taken for a two-dimensional array.
+        [json.dumps(r.channels) for r in rows],
         [r.held_until for r in rows],
     )
 

@@ -1,0 +1,119 @@
+"""Publish through the real gRPC API with the real preferences service."""
+
+from __future__ import annotations
+
+import uuid
+
+import grpc
+from belfry.message import Message
+
+from tests.dispatcher.conftest import Mesh, deliveries, event, publish, refused, seed
+
+
+async def test_publish_writes_notification_and_one_delivery_per_channel(mesh: Mesh, account_id: str) -> None:
+    await seed(mesh, account_id)
+    answer = await publish(mesh, event(account_id, recipient_user_ids=["ana", "chloe"]))
+    rows = await deliveries(mesh.pool, account_id, answer.notification_id)
+    by_user: dict[str, set[str]] = {}
+    for r in rows:
+        by_user.setdefault(r["user_id"], set()).add(r["channel"])
+    # deals.stage_changed defaults to email + bell: one "bell" delivery carries the desktop flags.
+    assert by_user == {"ana": {"email", "bell"}, "chloe": {"email", "bell"}}
+    email = next(Message.from_json(r["payload"]) for r in rows if r["user_id"] == "chloe" and r["channel"] == "email")
+    assert email.recipient_email == "chloe@example.test"
+    assert email.locale == "fr"
+    assert email.title.startswith("Une transaction")
+    assert email.body == "Big <b>deal</b> — par Dan Wu"  # untrusted text kept as text, escaped by senders
+    assert email.notification_id == answer.notification_id
+    assert not answer.replayed
+
+
+async def test_replay_same_body_returns_original(mesh: Mesh, account_id: str) -> None:
+    await seed(mesh, account_id)
+    ev = event(account_id, recipient_user_ids=["ana"])
+    first = await publish(mesh, ev)
+    again = await publish(mesh, ev)
+    assert again.replayed and again.notification_id == first.notification_id
+    count = await mesh.pool.fetchval("select count(*) from dispatcher.notifications where account_id = $1", account_id)
+    assert count == 1
+
+
+async def test_same_key_other_body_is_already_exists_and_writes_nothing(mesh: Mesh, account_id: str) -> None:
+    await seed(mesh, account_id)
+    ev = event(account_id, recipient_user_ids=["ana"])
+    await publish(mesh, ev)
+    other = event(account_id, recipient_user_ids=["chloe"], idempotency_key=ev.idempotency_key)
+    error = await refused(publish(mesh, other))
+    assert error.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert ev.idempotency_key in (error.details() or "")
+    count = await mesh.pool.fetchval("select count(*) from queue.deliveries where account_id = $1", account_id)
+    assert count == 2  # ana's email and bell only
+
+
+async def test_recipient_from_another_account_is_invalid_and_writes_nothing(mesh: Mesh, account_id: str) -> None:
+    await seed(mesh, account_id)
+    other = f"acc_{uuid.uuid4().hex[:12]}"
+    await seed(mesh, other, [("zoe", "Zoé", "fr", ())])
+    error = await refused(publish(mesh, event(account_id, recipient_user_ids=["ana", "zoe"])))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "zoe" in (error.details() or "")
+    for table in ("dispatcher.notifications", "dispatcher.recipients", "queue.deliveries"):
+        assert await mesh.pool.fetchval(f"select count(*) from {table} where account_id = $1", account_id) == 0
+
+
+async def test_unknown_topic_and_unknown_account(mesh: Mesh, account_id: str) -> None:
+    await seed(mesh, account_id)
+    error = await refused(publish(mesh, event(account_id, topic="deals.no_such_topic", recipient_user_ids=["ana"])))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert "no_such_topic" in (error.details() or "")
+    error = await refused(publish(mesh, event(f"acc_{uuid.uuid4().hex[:12]}", recipient_user_ids=["ana"])))
+    assert error.code() in {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT}
+    assert await mesh.pool.fetchval("select count(*) from dispatcher.notifications where account_id = $1", account_id) == 0
+
+
+async def test_bad_input_is_refused_with_a_clear_message(mesh: Mesh, account_id: str) -> None:
+    await seed(mesh, account_id)
+    cases = {
+        "idempotency_key": event(account_id, recipient_user_ids=["ana"], idempotency_key=""),
+        "recipients": event(account_id),
+        "occurred_at": event(account_id, recipient_user_ids=["ana"]),
+        "event is": event(account_id, recipient_user_ids=["ana"]),
+    }
+    cases["occurred_at"].occurred_at.FromSeconds(cases["occurred_at"].occurred_at.seconds + 86400)
+    cases["event is"].object.display_name = "x" * 1000
+    cases["event is"].variables.update({"blob": "y" * 70_000})
+    for needle, ev in cases.items():
+        error = await refused(publish(mesh, ev))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, needle
+        assert needle.split()[0] in (error.details() or ""), (needle, error.details())
+    assert await mesh.pool.fetchval("select count(*) from dispatcher.notifications where account_id = $1", account_id) == 0
+
+
+async def test_invalid_utf8_is_invalid_argument(mesh: Mesh, account_id: str) -> None:
+    await seed(mesh, account_id)
+    good = event(account_id, recipient_user_ids=["ana"])
+    good.object.display_name = "AAAA"
+    raw = good.SerializeToString()
+    broken = raw.replace(b"AAAA", b"A\xff\xfeA")
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{mesh.dispatcher_port}")
+    call = channel.unary_unary(
+        "/belfry.api.dispatcher.v1.DispatcherService/Publish",
+        request_serializer=lambda b: b"\x0a" + _varint(len(b)) + b,
+        response_deserializer=lambda b: b,
+    )
+    error = await refused(call(broken))
+    await channel.close()
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "UTF-8" in (error.details() or "")
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
