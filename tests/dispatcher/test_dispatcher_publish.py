@@ -68,7 +68,9 @@ async def test_unknown_topic_and_unknown_account(mesh: Mesh, account_id: str) ->
     assert "no_such_topic" in (error.details() or "")
     error = await refused(publish(mesh, event(f"acc_{uuid.uuid4().hex[:12]}", recipient_user_ids=["ana"])))
     assert error.code() in {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT}
-    assert await mesh.pool.fetchval("select count(*) from dispatcher.notifications where account_id = $1", account_id) == 0
+    assert (
+        await mesh.pool.fetchval("select count(*) from dispatcher.notifications where account_id = $1", account_id) == 0
+    )
 
 
 async def test_bad_input_is_refused_with_a_clear_message(mesh: Mesh, account_id: str) -> None:
@@ -86,7 +88,9 @@ async def test_bad_input_is_refused_with_a_clear_message(mesh: Mesh, account_id:
         error = await refused(publish(mesh, ev))
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, needle
         assert needle.split()[0] in (error.details() or ""), (needle, error.details())
-    assert await mesh.pool.fetchval("select count(*) from dispatcher.notifications where account_id = $1", account_id) == 0
+    assert (
+        await mesh.pool.fetchval("select count(*) from dispatcher.notifications where account_id = $1", account_id) == 0
+    )
 
 
 async def test_invalid_utf8_is_invalid_argument(mesh: Mesh, account_id: str) -> None:
