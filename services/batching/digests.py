@@ -21,7 +21,7 @@ from typing import cast
 
 import asyncpg
 from belfry import log
-from belfry.errors import Unavailable
+from belfry.errors import FailedPrecondition, Unavailable
 from belfry.message import Message
 from belfry.queue import enqueue
 from prometheus_client import Counter
@@ -91,7 +91,7 @@ class Digests:
             batch = list(group)
             try:
                 answer = await self._preferences.effective(account_id, self._topics[digest], [s.user_id for s in batch])
-            except Unavailable as exc:
+            except (Unavailable, FailedPrecondition) as exc:
                 for s in batch:
                     await digest_store.postpone(self._pool, s, retry_at=now + retry_delay(1), error=exc.message)
                 continue

@@ -49,7 +49,7 @@ def title(object_type: str, count: int, locale: str) -> str:
     """``3 contacts were assigned to you`` / ``3 contacts vous ont été attribués``."""
     en, fr, agreement = _NOUNS.get(object_type, (f"{object_type} records", f"fiches {object_type}", "es"))
     if locale.lower().startswith("fr"):
-        return f"{count} {fr} vous ont été attribu{agreement}"
+        return f"{count} {fr} vous ont été attribué{agreement}"
     return f"{count} {en} were assigned to you"
 
 

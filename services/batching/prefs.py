@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 import grpc
 from belfry.api.common.v1 import common_pb2
 from belfry.api.preferences.v1 import preferences_pb2, preferences_pb2_grpc
-from belfry.errors import Unavailable
+from belfry.errors import FailedPrecondition, Unavailable
 
 # Preference channels → queue channels (the pop-up rides on the bell delivery).
 QUEUE_CHANNEL = {
@@ -23,7 +23,13 @@ QUEUE_CHANNEL = {
     common_pb2.CHANNEL_MOBILE: "mobile",
     common_pb2.CHANNEL_OTHER_APPS: "other_apps",
 }
-_BATCH = 1000  # EffectiveBatch takes at most this many users per call
+_BATCH = 1000
+# Answers that retrying cannot change (an unknown topic or account): the caller goes on without them.
+_REFUSED = {
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.FAILED_PRECONDITION,
+}  # EffectiveBatch takes at most this many users per call
 
 
 @dataclass(frozen=True)
@@ -57,7 +63,11 @@ class Preferences:
         self._timeout = timeout
 
     async def effective(self, account_id: str, topic: str, user_ids: Sequence[str]) -> Answer:
-        """The recipients' decisions for ``topic``; raises Unavailable when preferences cannot answer."""
+        """The recipients' decisions for ``topic``.
+
+        Raises Unavailable when preferences cannot answer now (retry later) and
+        FailedPrecondition when it refuses the question (retrying cannot help).
+        """
         recipients: dict[str, Recipient] = {}
         locked = False
         unique = list(dict.fromkeys(user_ids))
@@ -68,7 +78,10 @@ class Preferences:
             try:
                 response = await self._stub.EffectiveBatch(request, timeout=self._timeout)
             except grpc.aio.AioRpcError as exc:
-                raise Unavailable(f"preferences did not answer for {topic}: {exc.code().name} {exc.details()}") from exc
+                message = f"preferences did not answer for {topic}: {exc.code().name} {exc.details()}"
+                if exc.code() in _REFUSED:
+                    raise FailedPrecondition(message) from exc
+                raise Unavailable(message) from exc
             locked = response.topic.locked
             for r in response.recipients:
                 recipients[r.user_id] = _recipient(r)

@@ -21,7 +21,7 @@ from typing import cast
 
 import asyncpg
 from belfry import log
-from belfry.errors import Unavailable
+from belfry.errors import FailedPrecondition, Unavailable
 from belfry.message import Message
 from belfry.queue import enqueue
 from prometheus_client import Counter
@@ -87,6 +87,10 @@ class Closer:
             except Unavailable as exc:
                 await self._postpone(windows, exc.message)
                 continue
+            except FailedPrecondition as exc:
+                # Preferences refuses the topic: send as the dispatcher decided, without quiet hours.
+                _LOG.warning("closing windows without preferences' answer", topic=topic, error=exc.message)
+                answer = Answer({}, locked=False)
             for w in windows:
                 await self._close(w, answer)
         return len(due)
