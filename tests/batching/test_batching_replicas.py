@@ -1,0 +1,106 @@
+"""Several replicas, redeliveries and a queue outage: nothing sent twice, nothing lost."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+
+from belfry.api.batching.v1 import batching_pb2
+from belfry.message import Message
+from belfry.queue import Queue, Sent
+
+from services.batching.clock import ManualClock
+from services.batching.intake import Intake
+from services.batching.windows import WINDOWS_CLOSED
+from tests.batching.conftest import World
+
+
+def _sent_count() -> float:
+    return float(WINDOWS_CLOSED.labels("sent")._value.get())
+
+
+async def test_two_replicas_close_every_window_once(world: World, tenant: str) -> None:
+    users = [f"u{n:02d}" for n in range(12)]
+    for user in users:
+        await world.prefs.user(tenant, user)
+    await world.start_replica(BELFRY_WORKER_NAME="replica-1")
+    await world.start_replica(BELFRY_WORKER_NAME="replica-2")
+    before = _sent_count()
+    for user in users:
+        for n in range(3):
+            await world.handoff(tenant, user, world.assignment(tenant, user, f"{user}-{n}"))
+    await world.until(lambda: world.handled(tenant), "handoffs applied")
+    world.clock.advance(301)
+    await world.until(lambda: world.windows_settled(tenant), "windows closed")
+
+    rows = await world.deliveries(tenant)
+    assert sorted((r["user_id"], r["channel"]) for r in rows) == sorted(
+        (u, c) for u in users for c in ("bell", "email")
+    )
+    assert all(len(Message.from_json(r["payload"]).items) == 3 for r in rows)
+    windows = await world.pool.fetch("select state, closed_by from batching.windows where account_id = $1", tenant)
+    assert [w["state"] for w in windows] == ["sent"] * len(users)
+    assert all(w["closed_by"] for w in windows)
+    # Each window was closed by exactly one replica: the counter moved once per window.
+    assert _sent_count() - before == len(users)
+
+
+async def test_a_redelivered_handoff_is_applied_once(world: World, tenant: str) -> None:
+    # No replica runs: this test plays the queue's redelivery after a crash before settle.
+    await world.handoff(tenant, "ana", world.assignment(tenant, "ana", "1"))
+    queue = Queue(world.pool, "batching", worker="crashing", lease_seconds=0.05)
+    intake = Intake(world.pool, ManualClock(world.clock.now()), window=dt.timedelta(seconds=300))
+    leases = [lease for lease in await queue.claim(100) if lease.account_id == tenant]
+    assert len(leases) == 1
+    assert await intake.handle(leases[0]) == Sent()
+    # The process dies before settling; the lease runs out and the queue hands the delivery out again.
+    await asyncio.sleep(0.1)
+    await queue.rescue()
+    again = [lease for lease in await queue.claim(100) if lease.account_id == tenant]
+    assert [lease.delivery_id for lease in again] == [leases[0].delivery_id]
+    assert again[0].token != leases[0].token
+    assert await intake.handle(again[0]) == Sent()
+    await queue.settle([(again[0], Sent())])
+    items = await world.pool.fetchval("select count(*) from batching.window_items where account_id = $1", tenant)
+    assert items == 1
+
+
+async def test_a_window_that_closes_while_the_queue_refuses_is_retried_not_lost(world: World, tenant: str) -> None:
+    running = await world.start_replica()
+    stub = world.stub(running)
+    await world.handoff(tenant, "ana", world.assignment(tenant, "ana", "1"))
+    await world.handoff(tenant, "ana", world.assignment(tenant, "ana", "2"))
+    await world.until(lambda: world.handled(tenant), "handoffs applied")
+    # The queue refuses this account's sender deliveries (a fault injected in the real table).
+    await world.pool.execute(
+        f"""
+        create function public.refuse_{tenant}() returns trigger language plpgsql as $$
+        begin raise exception 'queue unavailable (injected)'; end $$;
+        create trigger refuse_{tenant} before insert on queue.deliveries for each row
+        when (new.account_id = '{tenant}' and new.channel <> 'batching')
+        execute function public.refuse_{tenant}();
+        """  # noqa: S608 - test-only DDL with a generated account id
+    )
+    try:
+        world.clock.advance(301)
+
+        async def failed() -> bool:
+            error = await world.pool.fetchval(
+                "select last_error from batching.windows where account_id = $1 and state = 'open'", tenant
+            )
+            return error is not None and "queue unavailable" in error
+
+        await world.until(failed, "the close to fail")
+        status = await stub.GetStatus(batching_pb2.GetStatusRequest(account_id=tenant))
+        assert status.open_windows == 1
+        assert status.windows_retrying == 1
+        assert await world.deliveries(tenant) == []
+    finally:
+        await world.pool.execute(
+            f"drop trigger refuse_{tenant} on queue.deliveries; drop function public.refuse_{tenant}();"
+        )
+    world.clock.advance(600)  # past the retry backoff
+    await world.until(lambda: world.windows_settled(tenant), "the retried close")
+    rows = await world.deliveries(tenant)
+    assert sorted(r["channel"] for r in rows) == ["bell", "email"]
+    assert [i.id for i in Message.from_json(rows[0]["payload"]).items] == ["1", "2"]
