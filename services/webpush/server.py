@@ -1,0 +1,49 @@
+"""Wiring of the web push service: the WebPush and QueueAdmin APIs, the sender loop."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import asyncpg
+from belfry import ssrf
+from belfry.api.webpush.v1 import webpush_pb2_grpc as pb_grpc
+from belfry.auth import TokenVerifier
+from belfry.queue import Queue, admin, worker
+from belfry.service import Built
+
+from services.webpush import vapid
+from services.webpush.sender import WebPushSender
+from services.webpush.servicer import SERVICE_NAME, WebPushServicer
+from services.webpush.settings import Settings
+
+
+def build_for(settings: Settings) -> Callable[[asyncpg.Pool], Awaitable[Built]]:
+    """The service's ``build(pool)`` for ``belfry.service.start``."""
+
+    async def build(pool: asyncpg.Pool) -> Built:
+        key = vapid.load_or_create(settings.vapid_private_key, settings.vapid_key_file)
+        signer = vapid.Vapid(key, settings.vapid_subject)
+        guard = ssrf.Guard(settings.policy)
+        client = ssrf.client(ca_file=settings.ca_file, timeout=settings.timeout_seconds)
+        verifier = TokenVerifier(settings.common.token_keys)
+        sender = WebPushSender(
+            pool=pool, client=client, guard=guard, vapid=signer, default_ttl=settings.default_ttl_seconds
+        )
+        queue = Queue(pool, "browser", worker=settings.worker_id, lease_seconds=settings.lease_seconds)
+
+        async def send_loop(stop: asyncio.Event) -> None:
+            await worker.run(queue, sender.handle, stop=stop, batch=settings.batch, concurrency=settings.concurrency)
+
+        servicer = WebPushServicer(pool, verifier, guard, signer.public_key)
+        return Built(
+            registrations=[
+                lambda server: pb_grpc.add_WebPushServicer_to_server(servicer, server),
+                admin.registration(admin.QueueAdminServicer(pool, verifier)),
+            ],
+            service_names=[SERVICE_NAME, admin.SERVICE_NAME],
+            background=[send_loop],
+            cleanup=[client.aclose],
+        )
+
+    return build

@@ -1,0 +1,75 @@
+"""Settings of the web push sender, read once from the environment."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from belfry import ssrf
+from belfry.config import CommonSettings, Env, load_common
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything ``python -m services.webpush`` needs."""
+
+    common: CommonSettings
+    policy: ssrf.Policy
+    ca_file: Path | None  # extra CA for the push services (tests, private relays)
+    vapid_private_key: str  # PEM, or empty with vapid_key_file set
+    vapid_key_file: Path | None  # generated on first run when missing (local defaults)
+    vapid_subject: str  # mailto: or https: contact the push services may use
+    default_ttl_seconds: int
+    worker_id: str
+    batch: int
+    concurrency: int
+    lease_seconds: float
+    timeout_seconds: float
+
+
+def load_settings(environ: Mapping[str, str]) -> Settings:
+    """Parse and check the environment; every problem is reported at once."""
+    env = Env(environ)
+    common = load_common("webpush", env, default_port=50055)
+    hosts = env.str("BELFRY_WEBPUSH_ALLOWED_HOSTS", ",".join(ssrf.KNOWN_PUSH_HOSTS))
+    ports_raw = env.str("BELFRY_WEBPUSH_ALLOWED_PORTS", "443")
+    ports: tuple[int, ...] = (443,)
+    try:
+        ports = tuple(int(p) for p in ports_raw.split(",") if p.strip())
+    except ValueError:
+        env.problem(f"BELFRY_WEBPUSH_ALLOWED_PORTS must be comma-separated port numbers, got {ports_raw!r}")
+    networks: tuple[ssrf.IPNetwork, ...] = ()
+    try:
+        networks = ssrf.parse_networks(env.str("BELFRY_WEBPUSH_ALLOW_NETWORKS", ""))
+    except ValueError as exc:
+        env.problem(f"BELFRY_WEBPUSH_ALLOW_NETWORKS must be comma-separated networks (CIDR): {exc}")
+    key = env.str("BELFRY_VAPID_PRIVATE_KEY", "").replace("\\n", "\n")
+    key_file_raw = env.str("BELFRY_VAPID_PRIVATE_KEY_FILE", "")
+    if not key and not key_file_raw:
+        env.problem("set BELFRY_VAPID_PRIVATE_KEY (PEM) or BELFRY_VAPID_PRIVATE_KEY_FILE (created when missing)")
+    subject = env.str("BELFRY_VAPID_SUBJECT", "mailto:notifications@localhost")
+    if not subject.startswith(("mailto:", "https://")):
+        env.problem("BELFRY_VAPID_SUBJECT must be a mailto: or https: URL (RFC 8292)")
+    settings = Settings(
+        common=common,
+        policy=ssrf.Policy(
+            allowed_hosts=tuple(h.strip().lower() for h in hosts.split(",") if h.strip()),
+            allowed_ports=ports,
+            allowed_networks=networks,
+        ),
+        ca_file=env.path("BELFRY_WEBPUSH_CA_FILE"),
+        vapid_private_key=key,
+        vapid_key_file=Path(key_file_raw) if key_file_raw else None,
+        vapid_subject=subject,
+        default_ttl_seconds=env.int("BELFRY_WEBPUSH_TTL_SECONDS", 86400, minimum=0),
+        worker_id=env.str("BELFRY_WORKER_ID", f"{socket.gethostname()}-{os.getpid()}"),
+        batch=env.int("BELFRY_WEBPUSH_BATCH", 200, minimum=1),
+        concurrency=env.int("BELFRY_WEBPUSH_CONCURRENCY", 100, minimum=1),
+        lease_seconds=env.float("BELFRY_WEBPUSH_LEASE_SECONDS", 60.0, minimum=0.1),
+        timeout_seconds=env.float("BELFRY_WEBPUSH_TIMEOUT_SECONDS", 10.0, minimum=0.1),
+    )
+    env.check()
+    return settings

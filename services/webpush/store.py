@@ -1,0 +1,88 @@
+"""All SQL of the web push service (schema ``webpush``)."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+
+
+@dataclass(frozen=True)
+class Subscription:
+    """A browser's push subscription for one user."""
+
+    account_id: str
+    user_id: str
+    subscription_id: uuid.UUID
+    endpoint: str
+    p256dh: str
+    auth: str
+    label: str
+    created_at: datetime
+    last_success_at: datetime | None
+
+
+_COLUMNS = "account_id, user_id, subscription_id, endpoint, p256dh, auth, label, created_at, last_success_at"
+
+
+def _row(r: asyncpg.Record) -> Subscription:
+    return Subscription(**dict(r))
+
+
+async def upsert(
+    pool: asyncpg.Pool, account_id: str, user_id: str, endpoint: str, p256dh: str, auth: str, label: str
+) -> Subscription:
+    """Insert, or update the keys/label/user of the account's row with this endpoint (its id is kept)."""
+    row = await pool.fetchrow(
+        f"""
+        insert into webpush.subscriptions (account_id, user_id, subscription_id, endpoint, p256dh, auth, label)
+        values ($1, $2, $3, $4, $5, $6, $7)
+        on conflict (account_id, endpoint) do update
+          set user_id = excluded.user_id, p256dh = excluded.p256dh, auth = excluded.auth, label = excluded.label
+        returning {_COLUMNS}
+        """,
+        account_id,
+        user_id,
+        uuid.uuid4(),
+        endpoint,
+        p256dh,
+        auth,
+        label,
+    )
+    assert row is not None  # insert … returning always yields a row
+    return _row(row)
+
+
+async def list_for_user(pool: asyncpg.Pool, account_id: str, user_id: str) -> list[Subscription]:
+    """The user's subscriptions, newest first."""
+    rows = await pool.fetch(
+        f"select {_COLUMNS} from webpush.subscriptions where account_id = $1 and user_id = $2"
+        " order by created_at desc, subscription_id",
+        account_id,
+        user_id,
+    )
+    return [_row(r) for r in rows]
+
+
+async def delete(pool: asyncpg.Pool, account_id: str, user_id: str, subscription_id: uuid.UUID) -> bool:
+    """Delete one of the user's subscriptions; False when there was none."""
+    status = await pool.execute(
+        "delete from webpush.subscriptions where account_id = $1 and user_id = $2 and subscription_id = $3",
+        account_id,
+        user_id,
+        subscription_id,
+    )
+    return status.endswith(" 1")
+
+
+async def mark_success(pool: asyncpg.Pool, sub: Subscription) -> None:
+    """Remember when the push service last accepted a push for this subscription."""
+    await pool.execute(
+        "update webpush.subscriptions set last_success_at = now()"
+        " where account_id = $1 and user_id = $2 and subscription_id = $3",
+        sub.account_id,
+        sub.user_id,
+        sub.subscription_id,
+    )
