@@ -1,0 +1,59 @@
+"""The container image definition: lint-clean, pinned, non-root, no build tools at run time."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.deploy.manifests import ROOT
+
+DOCKERFILE = ROOT / "Dockerfile"
+
+
+def _stages() -> list[list[str]]:
+    """Instructions (continuations joined, comments dropped) grouped by FROM."""
+    text = re.sub(r"\\\n\s*", " ", DOCKERFILE.read_text())
+    stages: list[list[str]] = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.upper().startswith("FROM "):
+            stages.append([])
+        stages[-1].append(line)
+    return stages
+
+
+def test_hadolint_is_clean() -> None:
+    hadolint = Path(sys.executable).parent / "hadolint"
+    done = subprocess.run([str(hadolint), str(DOCKERFILE)], capture_output=True, text=True, check=False)  # noqa: S603
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_base_images_are_pinned_slim_python() -> None:
+    for stage in _stages():
+        image = stage[0].split()[1]
+        assert re.fullmatch(r"python:3\.11\.\d+-slim(-\w+)?", image), image
+
+
+def test_final_stage_runs_as_non_root_without_build_tools() -> None:
+    final = _stages()[-1]
+    users = [line.split()[1] for line in final if line.startswith("USER ")]
+    assert users and users[-1].split(":")[0] not in {"0", "root"}
+    assert int(users[-1].split(":")[0]) > 0
+    body = " ".join(final).lower()
+    for tool in ("apt-get install", "gcc", "build-essential", "make ", "pip install"):
+        assert tool not in body, f"the run stage must not carry {tool!r}"
+    assert any(line.startswith('ENTRYPOINT ["belfry"]') for line in final)
+
+
+def test_context_carries_the_code_and_generated_modules() -> None:
+    ignore = (ROOT / ".dockerignore").read_text().splitlines()
+    kept = {line[1:] for line in ignore if line.startswith("!")}
+    assert {"libs/", "services/", "pyproject.toml"} <= kept
+    assert not any(line.startswith("libs/belfry/api") for line in ignore)
+    build = " ".join(_stages()[0])
+    assert "COPY libs ./libs" in build and "COPY services ./services" in build
+    assert (ROOT / "libs" / "belfry" / "api").is_dir()
