@@ -108,7 +108,8 @@ class PushService:
             status, headers = scripted.pop(0)
             self.arrived.set()
             return Response(status_code=status, headers=headers)
-        if request.headers.get("host") != self.origin.removeprefix("https://"):
+        origin = sub.endpoint.rsplit("/push/", 1)[0]  # the origin the subscription's endpoint names
+        if request.headers.get("host") != origin.removeprefix("https://"):
             return self._refuse(400, f"wrong Host header {request.headers.get('host')!r}")
         ttl = request.headers.get("ttl", "")
         if not ttl.isdigit():
@@ -116,7 +117,7 @@ class PushService:
         topic = request.headers.get("topic")
         if topic is not None and (len(topic) > 32 or not all(c.isalnum() or c in "-_" for c in topic)):
             return self._refuse(400, "Topic must be at most 32 base64url characters")
-        claims = self._check_vapid(request.headers.get("authorization", ""))
+        claims = self._check_vapid(request.headers.get("authorization", ""), origin)
         if isinstance(claims, str):
             return self._refuse(401, claims)
         if request.headers.get("content-encoding") != "aes128gcm":
@@ -133,7 +134,7 @@ class PushService:
         self.arrived.set()
         return Response(status_code=201, headers={"location": f"{self.origin}/message/{uuid.uuid4().hex}"})
 
-    def _check_vapid(self, header: str) -> dict[str, Any] | str:
+    def _check_vapid(self, header: str, origin: str) -> dict[str, Any] | str:
         scheme, _, params = header.partition(" ")
         if scheme.lower() != "vapid":
             return "Authorization must use the vapid scheme"
@@ -141,7 +142,7 @@ class PushService:
         try:
             key = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), unb64url(fields["k"]))
             claims: dict[str, Any] = jwt.decode(
-                fields["t"], key, algorithms=["ES256"], audience=self.origin, options={"require": ["exp", "sub"]}
+                fields["t"], key, algorithms=["ES256"], audience=origin, options={"require": ["exp", "sub"]}
             )
         except (KeyError, ValueError, jwt.PyJWTError) as exc:
             return f"invalid VAPID token: {exc!r}"
