@@ -12,7 +12,7 @@ import datetime as dt
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import grpc
@@ -138,7 +138,7 @@ class World:
         """Enqueue a handoff on the batching channel, as the dispatcher does."""
         async with self.pool.acquire() as conn:
             await enqueue(
-                conn,
+                cast(asyncpg.Connection, conn),
                 [
                     NewDelivery(
                         account_id=account_id,
@@ -163,6 +163,7 @@ class World:
         channels: tuple[str, ...] = ("email", "bell"),
         at: dt.datetime | None = None,
         locale: str = "en",
+        ttl: dt.timedelta = dt.timedelta(days=1),
     ) -> Assignment:
         """One assignment handoff, as the dispatcher renders it."""
         when = at or self.clock.now()
@@ -190,12 +191,12 @@ class World:
             object_type=object_type,
             object_id=object_id,
             assigned_at=when.isoformat(),
-            expires_at=(dt.datetime.now(dt.UTC) + dt.timedelta(days=1)).isoformat(),
+            expires_at=(dt.datetime.now(dt.UTC) + ttl).isoformat(),
         )
 
-    async def until(self, check: Callable[[], Awaitable[Any]], what: str, timeout: float = 15.0) -> Any:
+    async def until(self, check: Callable[[], Awaitable[Any]], what: str, patience: float = 15.0) -> Any:
         """Wait for ``check()`` to return something truthy (the services work in the background)."""
-        deadline = asyncio.get_running_loop().time() + timeout
+        deadline = asyncio.get_running_loop().time() + patience
         while True:
             result = await check()
             if result:
@@ -223,7 +224,7 @@ class World:
             " and state in ('queued', 'leased')",
             account_id,
         )
-        return pending == 0
+        return bool(pending == 0)
 
     async def windows_settled(self, account_id: str) -> bool:
         """No window of the account is due but still open (the closers caught up with the clock)."""
@@ -232,7 +233,7 @@ class World:
             account_id,
             self.clock.now(),
         )
-        return due == 0
+        return bool(due == 0)
 
     async def digests_settled(self, account_id: str) -> bool:
         """Every digest subject of the account is scheduled after the clock (the runners caught up)."""
@@ -242,7 +243,7 @@ class World:
             account_id,
             self.clock.now(),
         )
-        return behind == 0
+        return bool(behind == 0)
 
 
 @pytest.fixture(scope="session")

@@ -79,7 +79,7 @@ async def test_a_window_that_closes_while_the_queue_refuses_is_retried_not_lost(
         create trigger refuse_{tenant} before insert on queue.deliveries for each row
         when (new.account_id = '{tenant}' and new.channel <> 'batching')
         execute function public.refuse_{tenant}();
-        """  # noqa: S608 - test-only DDL with a generated account id
+        """
     )
     try:
         world.clock.advance(301)
