@@ -1,0 +1,153 @@
+"""The feed's JSON HTTP API: recent items (paged), unread count, read/seen/archive marks.
+
+Every request carries the user's token in ``Authorization: Bearer``; there
+are no cookies, so a cross-site page cannot ride on ambient credentials.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+from belfry.auth import Caller, TokenIssuer, TokenVerifier
+from belfry.errors import BelfryError, InvalidArgument, NotFound, PermissionDenied, Unauthenticated
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from services.gateway import store
+from services.gateway.origins import OriginPolicy
+
+_STATUS = {InvalidArgument: 400, Unauthenticated: 401, PermissionDenied: 403, NotFound: 404}
+MAX_PAGE = 100
+MAX_MARK_IDS = 500
+
+
+def error_response(exc: BelfryError) -> JSONResponse:
+    """A typed error as JSON with the matching HTTP status."""
+    status = next((code for kind, code in _STATUS.items() if isinstance(exc, kind)), 500)
+    return JSONResponse({"error": exc.message, "field": exc.field}, status_code=status)
+
+
+class Guard:
+    """Authenticates a request and checks the Origin of state-changing ones."""
+
+    def __init__(self, verifier: TokenVerifier, origins: OriginPolicy) -> None:
+        self.verifier = verifier
+        self.origins = origins
+
+    def caller(self, request: Request) -> Caller:
+        """The caller named by the bearer token; Unauthenticated otherwise."""
+        if request.method != "GET" and not self.origins.allows(
+            request.headers.get("origin"), request.headers.get("host")
+        ):
+            raise PermissionDenied("this origin may not call the gateway")
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthenticated("send the user token as 'Authorization: Bearer <token>'")
+        return self.verifier.verify(token.strip())[0]
+
+
+async def json_body(request: Request) -> dict[str, Any]:
+    """The request's JSON object body; InvalidArgument when it is not one."""
+    try:
+        body = await request.json()
+    except ValueError as exc:
+        raise InvalidArgument("the body must be JSON") from exc
+    if not isinstance(body, dict):
+        raise InvalidArgument("the body must be a JSON object")
+    return body
+
+
+def _int_param(request: Request, name: str, default: int | None, *, low: int, high: int) -> int | None:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError as exc:
+        raise InvalidArgument(f"{name} must be an integer", field=name) from exc
+    if not low <= value <= high:
+        raise InvalidArgument(f"{name} must be between {low} and {high}", field=name)
+    return value
+
+
+def routes(pool: asyncpg.Pool, guard: Guard, issuer: TokenIssuer | None, demo_user: tuple[str, str]) -> list[Route]:
+    """The feed routes (and the dev login, when an issuer is given)."""
+
+    async def feed(request: Request) -> JSONResponse:
+        """GET /api/feed?before=<id>&limit=<n>&archived=0|1: newest first."""
+        try:
+            caller = guard.caller(request)
+            before = _int_param(request, "before", None, low=1, high=2**62)
+            limit = _int_param(request, "limit", 20, low=1, high=MAX_PAGE) or 20
+            archived = request.query_params.get("archived", "0") in {"1", "true"}
+            items = await store.page(
+                pool, caller.account_id, caller.user_id, before_id=before, limit=limit, archived=archived
+            )
+            unread = await store.unread_count(pool, caller.account_id, caller.user_id)
+            last = await store.last_id(pool, caller.account_id, caller.user_id)
+        except BelfryError as exc:
+            return error_response(exc)
+        next_before = items[-1].id if len(items) == limit else None
+        return JSONResponse(
+            {"items": [i.to_json() for i in items], "unread": unread, "last_id": last, "next_before": next_before}
+        )
+
+    async def unread(request: Request) -> JSONResponse:
+        """GET /api/unread: the badge count."""
+        try:
+            caller = guard.caller(request)
+            count = await store.unread_count(pool, caller.account_id, caller.user_id)
+        except BelfryError as exc:
+            return error_response(exc)
+        return JSONResponse({"unread": count})
+
+    async def mark(request: Request) -> JSONResponse:
+        """POST /api/feed/mark {"ids": [...], "what": "read"|"seen"|"archive"}."""
+        try:
+            caller = guard.caller(request)
+            body = await json_body(request)
+            what = body.get("what")
+            if what not in {"read", "seen", "archive"}:
+                raise InvalidArgument("what must be one of read, seen, archive", field="what")
+            ids = body.get("ids")
+            if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and i > 0 for i in ids):
+                raise InvalidArgument("ids must be a non-empty list of positive feed ids", field="ids")
+            if len(ids) > MAX_MARK_IDS:
+                raise InvalidArgument(f"at most {MAX_MARK_IDS} ids per request", field="ids")
+            changed = await store.mark(pool, caller.account_id, caller.user_id, ids, what)
+            if what != "seen":
+                await store.announce_counts(pool, caller.account_id, caller.user_id)
+            count = await store.unread_count(pool, caller.account_id, caller.user_id)
+        except BelfryError as exc:
+            return error_response(exc)
+        return JSONResponse({"changed": changed, "unread": count})
+
+    async def read_all(request: Request) -> JSONResponse:
+        """POST /api/feed/read-all: every item read."""
+        try:
+            caller = guard.caller(request)
+            changed = await store.mark_all_read(pool, caller.account_id, caller.user_id)
+            await store.announce_counts(pool, caller.account_id, caller.user_id)
+        except BelfryError as exc:
+            return error_response(exc)
+        return JSONResponse({"changed": changed, "unread": 0})
+
+    async def dev_login(request: Request) -> JSONResponse:
+        """POST /api/dev/login: a token for the seeded demo user (only with BELFRY_GATEWAY_DEV_LOGIN=true)."""
+        if issuer is None:
+            return JSONResponse({"error": "not found"}, status_code=404)
+        if not guard.origins.allows(request.headers.get("origin"), request.headers.get("host")):
+            return error_response(PermissionDenied("this origin may not call the gateway"))
+        account_id, user_id = demo_user
+        return JSONResponse({"token": issuer.issue(account_id, user_id), "account_id": account_id, "user_id": user_id})
+
+    return [
+        Route("/api/feed", feed, methods=["GET"]),
+        Route("/api/unread", unread, methods=["GET"]),
+        Route("/api/feed/mark", mark, methods=["POST"]),
+        Route("/api/feed/read-all", read_all, methods=["POST"]),
+        Route("/api/dev/login", dev_login, methods=["POST"]),
+    ]

@@ -1,0 +1,75 @@
+"""The Starlette application: the web app's pages and assets, the feed API, the websocket."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.responses import FileResponse, Response
+from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from services.gateway.ws import Endpoint
+
+STATIC = Path(__file__).resolve().parent / "static"
+
+# No inline script or style anywhere: producer text that slipped through
+# escaping still cannot run. data: images are the favicon with the red dot.
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self' ws: wss:; worker-src 'self'; object-src 'none'; base-uri 'none'; "
+    "frame-ancestors 'none'; form-action 'self'"
+)
+_HEADERS = [
+    (b"content-security-policy", CSP.encode()),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"cache-control", b"no-store"),
+]
+
+
+class SecurityHeaders:
+    """Adds the CSP and friends to every HTTP response."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Pass through, adding headers on the response start."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *_HEADERS]
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
+def _page(name: str) -> Route:
+    async def serve(_request: object) -> Response:
+        return FileResponse(STATIC / name, media_type="text/html")
+
+    return Route("/" if name == "index.html" else f"/{name.removesuffix('.html')}", serve, methods=["GET"])
+
+
+def create_app(endpoint: Endpoint, api_routes: list[BaseRoute]) -> ASGIApp:
+    """The ASGI app of one gateway replica."""
+
+    async def service_worker(_request: object) -> Response:
+        # Served from the root so its scope covers the whole app.
+        return FileResponse(STATIC / "sw.js", media_type="text/javascript")
+
+    routes: list[BaseRoute] = [
+        _page("index.html"),
+        _page("settings.html"),
+        _page("admin.html"),
+        Route("/sw.js", service_worker, methods=["GET"]),
+        WebSocketRoute("/ws", endpoint.handle),
+        *api_routes,
+        Mount("/static", StaticFiles(directory=STATIC), name="static"),
+    ]
+    return SecurityHeaders(Starlette(routes=routes))

@@ -1,0 +1,122 @@
+"""JSON HTTP endpoints for the settings and admin pages, proxied to the preferences and webpush services.
+
+The page's bearer token is passed through as ``authorization`` metadata: the
+services authorise the user themselves (roles are looked up there, never
+here). Only the user-facing RPCs listed below are reachable; a gRPC status
+becomes the matching HTTP status with the service's own message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from belfry import rpc
+from belfry.api.preferences.v1 import preferences_pb2, preferences_pb2_grpc
+from belfry.api.webpush.v1 import webpush_pb2, webpush_pb2_grpc
+from belfry.config import TlsSettings
+from belfry.errors import BelfryError, InvalidArgument
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from services.gateway.api import Guard, error_response, json_body
+
+_PREFERENCES = (
+    "GetPreferences",
+    "SetPreference",
+    "ListTopics",
+    "UpdateSettings",
+    "SetMuted",
+    "SetTopicSound",
+    "ClearChannel",
+    "DontShowAgain",
+    "ResetToDefaults",
+    "GetAccountDefaults",
+    "SetAccountDefaults",
+    "ListRoleProfiles",
+    "GetRoleProfile",
+    "CreateRoleProfile",
+    "UpdateRoleProfile",
+    "DeleteRoleProfile",
+    "ListAuditLog",
+)
+_WEBPUSH = ("GetVapidPublicKey", "RegisterSubscription", "ListSubscriptions", "DeleteSubscription")
+
+_HTTP = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.FAILED_PRECONDITION: 412,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+
+
+def _methods(
+    stub: object, pb2: Any, service: str, names: tuple[str, ...]
+) -> dict[str, tuple[Callable[..., Any], type[Message]]]:
+    descriptor = pb2.DESCRIPTOR.services_by_name[service]
+    found: dict[str, tuple[Callable[..., Any], type[Message]]] = {}
+    for name in names:
+        method = descriptor.methods_by_name[name]
+        found[name] = (getattr(stub, name), getattr(pb2, method.input_type.name))
+    return found
+
+
+class Proxies:
+    """One reused channel per service; routes ``POST /api/<service>/<Method>``."""
+
+    def __init__(self, preferences_target: str, webpush_target: str, tls: TlsSettings, timeout: float = 10.0) -> None:
+        self._channels = [rpc.connect(preferences_target, tls), rpc.connect(webpush_target, tls)]
+        self._timeout = timeout
+        self._services = {
+            "preferences": _methods(
+                preferences_pb2_grpc.PreferencesServiceStub(self._channels[0]),
+                preferences_pb2,
+                "PreferencesService",
+                _PREFERENCES,
+            ),
+            "webpush": _methods(webpush_pb2_grpc.WebPushStub(self._channels[1]), webpush_pb2, "WebPush", _WEBPUSH),
+        }
+
+    async def close(self) -> None:
+        """Close the channels."""
+        for channel in self._channels:
+            await channel.close()
+
+    def routes(self, guard: Guard) -> list[Route]:
+        """The proxy route."""
+
+        async def call(request: Request) -> JSONResponse:
+            """POST /api/{service}/{method} with the request message as JSON."""
+            try:
+                guard.caller(request)  # reject early and check the Origin; the service re-verifies the token
+                methods = self._services.get(request.path_params["service"], {})
+                name = request.path_params["method"]
+                if name not in methods:
+                    raise InvalidArgument(f"unknown method {name!r}", field="method")
+                method, request_type = methods[name]
+                body = await json_body(request)
+                try:
+                    message = json_format.ParseDict(body, request_type())
+                except json_format.ParseError as exc:
+                    raise InvalidArgument(f"the body does not fit {request_type.__name__}: {exc}") from exc
+            except BelfryError as exc:
+                return error_response(exc)
+            metadata = (("authorization", request.headers["authorization"]),)
+            try:
+                reply = await method(message, metadata=metadata, timeout=self._timeout)
+            except grpc.aio.AioRpcError as exc:
+                status = _HTTP.get(exc.code(), 502)
+                return JSONResponse({"error": exc.details() or exc.code().name, "code": exc.code().name}, status)
+            return JSONResponse(json_format.MessageToDict(reply, preserving_proto_field_name=True))
+
+        return [Route("/api/{service}/{method}", call, methods=["POST"])]

@@ -1,0 +1,95 @@
+"""Wiring of the gateway: the bell sender, the fan-out listener, presence, and the HTTP server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Awaitable, Callable
+
+import asyncpg
+import uvicorn
+from belfry import log
+from belfry.auth import TokenIssuer, TokenVerifier
+from belfry.queue import Queue, worker
+from belfry.service import Built
+
+from services.gateway import api
+from services.gateway.app import create_app
+from services.gateway.hub import Hub
+from services.gateway.origins import OriginPolicy
+from services.gateway.sender import BellSender
+from services.gateway.settings import Settings
+from services.gateway.ws import Endpoint, Limits
+
+_LOG = log.get(__name__)
+
+
+class GatewayBuild:
+    """``build(pool)`` for ``belfry.service.start``; after it ran, ``http_port`` and ``hub`` are known."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.http_port = 0
+        self.hub: Hub | None = None
+
+    async def __call__(self, pool: asyncpg.Pool) -> Built:
+        """Bind the HTTP socket, build the app and the loops."""
+        s = self.settings
+        verifier = TokenVerifier(s.common.token_keys)
+        origins = OriginPolicy(s.allowed_origins)
+        hub = Hub(pool, s.replica, s.presence_ttl)
+        self.hub = hub
+        limits = Limits(s.auth_timeout, s.queue_size, s.resume_limit, s.send_timeout)
+        endpoint = Endpoint(pool, hub, verifier, origins, limits)
+        issuer = TokenIssuer(s.common.token_keys, s.common.token_active_kid) if s.dev_login else None
+        guard = api.Guard(verifier, origins)
+        routes = api.routes(pool, guard, issuer, (s.demo_account, s.demo_user))
+        from services.gateway import proxy  # noqa: PLC0415 - keeps gRPC stubs out of the hot import path
+
+        proxies = proxy.Proxies(s.preferences_target, s.webpush_target, s.common.tls)
+        app = create_app(endpoint, [*routes, *proxies.routes(guard)])
+
+        sock = socket.create_server((s.http_host, s.http_port), family=_family(s.http_host), reuse_port=False)
+        sock.setblocking(False)
+        self.http_port = sock.getsockname()[1]
+        config = uvicorn.Config(
+            app,
+            ws="websockets-sansio",  # far less memory per idle connection than the legacy protocol
+            ws_per_message_deflate=False,  # compression costs ~50 KiB per connection
+            ws_max_size=64 * 1024,
+            lifespan="off",
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=1,
+        )
+        http = uvicorn.Server(config)
+
+        async def serve_http(stop: asyncio.Event) -> None:
+            task = asyncio.ensure_future(http.serve(sockets=[sock]))
+            await stop.wait()
+            http.should_exit = True
+            await task
+
+        queue = Queue(pool, "bell", worker=s.replica, lease_seconds=s.lease_seconds)
+        sender = BellSender(pool)
+
+        async def send_loop(stop: asyncio.Event) -> None:
+            await worker.run(queue, sender.handle, stop=stop, batch=s.batch, concurrency=s.concurrency)
+
+        async def close() -> None:
+            with contextlib.suppress(OSError):
+                sock.close()
+            await proxies.close()
+
+        _LOG.info("http listening", port=self.http_port)
+        return Built(background=[serve_http, hub.listen, hub.keep_presence, send_loop], cleanup=[close])
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def build_for(settings: Settings) -> Callable[[asyncpg.Pool], Awaitable[Built]]:
+    """The service's ``build(pool)`` for ``belfry.service.start``."""
+    return GatewayBuild(settings)

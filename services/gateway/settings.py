@@ -1,0 +1,75 @@
+"""Settings of the websocket gateway, read once from the environment."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from belfry.config import CommonSettings, Env, load_common
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything ``python -m services.gateway`` needs."""
+
+    common: CommonSettings
+    http_host: str
+    http_port: int
+    allowed_origins: frozenset[str]
+    replica: str
+    presence_ttl: float
+    queue_size: int  # frames buffered per connection before it counts as a slow consumer
+    resume_limit: int  # a client further behind than this is told to reload its feed
+    auth_timeout: float
+    send_timeout: float
+    dev_login: bool
+    demo_account: str
+    demo_user: str
+    preferences_target: str
+    webpush_target: str
+    batch: int
+    concurrency: int
+    lease_seconds: float
+
+
+def load_settings(environ: Mapping[str, str]) -> Settings:
+    """Parse and check the environment; every problem is reported at once."""
+    env = Env(environ)
+    common = load_common("gateway", env, default_port=50058)
+    origins = frozenset(
+        o.strip().rstrip("/") for o in env.str("BELFRY_GATEWAY_ALLOWED_ORIGINS", "").split(",") if o.strip()
+    )
+    for origin in origins:
+        if not origin.startswith(("https://", "http://")):
+            env.problem(
+                f"BELFRY_GATEWAY_ALLOWED_ORIGINS entry {origin!r} must be an origin such as https://app.example"
+            )
+    dev_login = env.bool("BELFRY_GATEWAY_DEV_LOGIN", False)
+    if dev_login and not common.token_keys:
+        env.problem("BELFRY_GATEWAY_DEV_LOGIN=true needs BELFRY_TOKEN_KEYS to sign the demo user's token")
+    if not common.token_keys:
+        env.problem("BELFRY_TOKEN_KEYS is required: the gateway verifies every user's token")
+    settings = Settings(
+        common=common,
+        http_host=env.str("BELFRY_GATEWAY_HTTP_HOST", "0.0.0.0"),  # noqa: S104 - a server listens on all interfaces
+        http_port=env.int("BELFRY_GATEWAY_HTTP_PORT", 8080),
+        allowed_origins=origins,
+        replica=env.str("BELFRY_WORKER_ID", f"{socket.gethostname()}-{os.getpid()}"),
+        presence_ttl=env.float("BELFRY_GATEWAY_PRESENCE_TTL_SECONDS", 30.0, minimum=0.1),
+        queue_size=env.int("BELFRY_GATEWAY_QUEUE_SIZE", 64, minimum=1),
+        resume_limit=env.int("BELFRY_GATEWAY_RESUME_LIMIT", 200, minimum=1),
+        auth_timeout=env.float("BELFRY_GATEWAY_AUTH_TIMEOUT_SECONDS", 10.0, minimum=0.1),
+        send_timeout=env.float("BELFRY_GATEWAY_SEND_TIMEOUT_SECONDS", 10.0, minimum=0.1),
+        dev_login=dev_login,
+        demo_account=env.str("BELFRY_DEMO_ACCOUNT", "demo"),
+        demo_user=env.str("BELFRY_DEMO_USER", "alice"),
+        preferences_target=env.str("BELFRY_PREFERENCES_TARGET", "127.0.0.1:50051"),
+        webpush_target=env.str("BELFRY_WEBPUSH_TARGET", "127.0.0.1:50055"),
+        batch=env.int("BELFRY_GATEWAY_BATCH", 200, minimum=1),
+        concurrency=env.int("BELFRY_GATEWAY_CONCURRENCY", 32, minimum=1),
+        lease_seconds=env.float("BELFRY_GATEWAY_LEASE_SECONDS", 30.0, minimum=0.1),
+    )
+    env.check()
+    return settings

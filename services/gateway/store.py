@@ -1,0 +1,267 @@
+"""All SQL of the gateway: the per-user feed, its read state, and the fan-out NOTIFY."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+from belfry.message import Message
+
+# Every replica LISTENs here; the payload names (account, user, feed id) and
+# each replica reads the row only when it holds a tab of that user.
+FEED_CHANNEL = "belfry_gateway_feed"
+
+
+@dataclass(frozen=True)
+class FeedItem:
+    """One row of a user's feed, as the web app shows it."""
+
+    id: int
+    notification_id: str
+    topic: str
+    title: str
+    body: str
+    url: str
+    items: tuple[dict[str, str], ...]
+    in_feed: bool
+    popup: bool
+    browser: bool
+    sound: str
+    created_at: datetime.datetime
+    seen: bool
+    read: bool
+    archived: bool
+
+    @property
+    def count(self) -> int:
+        """How many objects a merged notification stands for (1 when not merged)."""
+        return max(1, len(self.items))
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON the web app receives (text is escaped by the page, never here)."""
+        return {
+            "id": self.id,
+            "notification_id": self.notification_id,
+            "topic": self.topic,
+            "title": self.title,
+            "body": self.body,
+            "url": self.url,
+            "items": list(self.items),
+            "count": self.count,
+            "in_feed": self.in_feed,
+            "popup": self.popup,
+            "browser": self.browser,
+            "sound": self.sound,
+            "created_at": self.created_at.isoformat(),
+            "seen": self.seen,
+            "read": self.read,
+            "archived": self.archived,
+        }
+
+
+_COLUMNS = """id, notification_id, topic, title, body, url, items, in_feed, popup, browser, sound, created_at,
+    seen_at is not null as seen, read_at is not null as read, archived_at is not null as archived"""
+
+
+def _item(row: asyncpg.Record) -> FeedItem:
+    items = row["items"]
+    return FeedItem(
+        id=row["id"],
+        notification_id=str(row["notification_id"]),
+        topic=row["topic"],
+        title=row["title"],
+        body=row["body"],
+        url=row["url"],
+        items=tuple(json.loads(items) if isinstance(items, str) else items),
+        in_feed=row["in_feed"],
+        popup=row["popup"],
+        browser=row["browser"],
+        sound=row["sound"],
+        created_at=row["created_at"],
+        seen=row["seen"],
+        read=row["read"],
+        archived=row["archived"],
+    )
+
+
+async def add(pool: asyncpg.Pool, message: Message) -> int | None:
+    """Store a delivered message under the user's next id and announce it; None if already stored."""
+    async with pool.acquire() as conn, conn.transaction():
+        existing = await conn.fetchval(
+            "select id from gateway.feed where account_id = $1 and user_id = $2 and notification_id = $3",
+            message.account_id,
+            message.user_id,
+            uuid.UUID(message.notification_id),
+        )
+        if existing is not None:
+            return None
+        # The upsert row-locks the user's counter until commit, so ids commit in order.
+        feed_id: int = await conn.fetchval(
+            """
+            insert into gateway.feed_seq (account_id, user_id, last_id) values ($1, $2, 1)
+            on conflict (account_id, user_id) do update set last_id = gateway.feed_seq.last_id + 1
+            returning last_id
+            """,
+            message.account_id,
+            message.user_id,
+        )
+        await conn.execute(
+            """
+            insert into gateway.feed (account_id, user_id, id, notification_id, topic, title, body, url, items,
+                                      in_feed, popup, browser, sound)
+            values ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb, $10, $11, $12, $13)
+            """,
+            message.account_id,
+            message.user_id,
+            feed_id,
+            uuid.UUID(message.notification_id),
+            message.topic,
+            message.title,
+            message.body,
+            message.url,
+            json.dumps(
+                [{"type": i.type, "id": i.id, "display_name": i.display_name, "url": i.url} for i in message.items]
+            ),
+            message.bell,
+            message.popup,
+            message.browser,
+            message.sound,
+        )
+        # Delivered at commit, in commit order: the order the ids were numbered.
+        await conn.execute(
+            "select pg_notify($1, $2)", FEED_CHANNEL, json.dumps([message.account_id, message.user_id, feed_id])
+        )
+        return feed_id
+
+
+async def get(pool: asyncpg.Pool, account_id: str, user_id: str, feed_id: int) -> FeedItem | None:
+    """One item of a user's feed."""
+    row = await pool.fetchrow(
+        f"select {_COLUMNS} from gateway.feed where account_id = $1 and user_id = $2 and id = $3",
+        account_id,
+        user_id,
+        feed_id,
+    )
+    return None if row is None else _item(row)
+
+
+async def since(pool: asyncpg.Pool, account_id: str, user_id: str, after_id: int, limit: int) -> list[FeedItem]:
+    """Items numbered after ``after_id``, oldest first, at most ``limit`` (for resume)."""
+    rows = await pool.fetch(
+        f"""select {_COLUMNS} from gateway.feed
+            where account_id = $1 and user_id = $2 and id > $3 order by id limit $4""",
+        account_id,
+        user_id,
+        after_id,
+        limit,
+    )
+    return [_item(r) for r in rows]
+
+
+async def last_id(pool: asyncpg.Pool, account_id: str, user_id: str) -> int:
+    """The newest id handed out to the user (0 before the first item)."""
+    value = await pool.fetchval(
+        "select last_id from gateway.feed_seq where account_id = $1 and user_id = $2", account_id, user_id
+    )
+    return int(value or 0)
+
+
+async def page(
+    pool: asyncpg.Pool, account_id: str, user_id: str, *, before_id: int | None, limit: int, archived: bool
+) -> list[FeedItem]:
+    """Recent feed items, newest first, strictly older than ``before_id`` when given."""
+    rows = await pool.fetch(
+        f"""select {_COLUMNS} from gateway.feed
+            where account_id = $1 and user_id = $2 and in_feed and ($3::bigint is null or id < $3)
+              and (archived_at is not null) = $4
+            order by id desc limit $5""",
+        account_id,
+        user_id,
+        before_id,
+        archived,
+        limit,
+    )
+    return [_item(r) for r in rows]
+
+
+async def unread_count(conn: asyncpg.Pool | asyncpg.Connection, account_id: str, user_id: str) -> int:
+    """Unread, unarchived bell items of the user."""
+    value = await conn.fetchval(
+        """select count(*) from gateway.feed
+           where account_id = $1 and user_id = $2 and in_feed and read_at is null and archived_at is null""",
+        account_id,
+        user_id,
+    )
+    return int(value)
+
+
+_MARKS = {"read": "read_at", "seen": "seen_at", "archive": "archived_at"}
+
+
+async def mark(pool: asyncpg.Pool, account_id: str, user_id: str, ids: Sequence[int], what: str) -> int:
+    """Set read/seen/archived on the given ids of the user's own feed; how many rows changed."""
+    column = _MARKS[what]
+    status = await pool.execute(
+        f"""update gateway.feed set {column} = now()
+            where account_id = $1 and user_id = $2 and id = any($3::bigint[]) and {column} is null""",
+        account_id,
+        user_id,
+        list(ids),
+    )
+    return int(status.split()[-1])
+
+
+async def mark_all_read(pool: asyncpg.Pool, account_id: str, user_id: str) -> int:
+    """Mark every unread item of the user read."""
+    status = await pool.execute(
+        "update gateway.feed set read_at = now() where account_id = $1 and user_id = $2 and read_at is null",
+        account_id,
+        user_id,
+    )
+    return int(status.split()[-1])
+
+
+async def items_with_unread(
+    pool: asyncpg.Pool, keys: Sequence[tuple[str, str, int]]
+) -> dict[tuple[str, str, int], tuple[FeedItem, int]]:
+    """Several feed rows with their user's unread count, in one round trip (the fan-out read)."""
+    rows = await pool.fetch(
+        f"""
+        with wanted as (select * from unnest($1::text[], $2::text[], $3::bigint[]) as w(account_id, user_id, id))
+        select {_COLUMNS}, f.account_id, f.user_id,
+               (select count(*) from gateway.feed u
+                 where u.account_id = f.account_id and u.user_id = f.user_id
+                   and u.in_feed and u.read_at is null and u.archived_at is null) as unread
+        from wanted w join gateway.feed f using (account_id, user_id, id)
+        """,
+        [k[0] for k in keys],
+        [k[1] for k in keys],
+        [k[2] for k in keys],
+    )
+    return {(r["account_id"], r["user_id"], r["id"]): (_item(r), int(r["unread"])) for r in rows}
+
+
+async def unread_counts(pool: asyncpg.Pool, users: Sequence[tuple[str, str]]) -> dict[tuple[str, str], int]:
+    """Unread counts of several users at once."""
+    rows = await pool.fetch(
+        """
+        select w.account_id, w.user_id,
+               (select count(*) from gateway.feed u
+                 where u.account_id = w.account_id and u.user_id = w.user_id
+                   and u.in_feed and u.read_at is null and u.archived_at is null) as unread
+        from unnest($1::text[], $2::text[]) as w(account_id, user_id)
+        """,
+        [u[0] for u in users],
+        [u[1] for u in users],
+    )
+    return {(r["account_id"], r["user_id"]): int(r["unread"]) for r in rows}
+
+
+async def announce_counts(pool: asyncpg.Pool, account_id: str, user_id: str) -> None:
+    """Tell every replica the user's read state changed (feed id 0 = counts only)."""
+    await pool.execute("select pg_notify($1, $2)", FEED_CHANNEL, json.dumps([account_id, user_id, 0]))

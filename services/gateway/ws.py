@@ -1,0 +1,153 @@
+"""The websocket endpoint: authenticate, resume, then stream the user's feed.
+
+Browsers cannot set headers on a websocket, and a token in the URL ends up
+in access logs, so the token is the first message. Nothing is sent before it
+is verified; a bad Origin is refused before the handshake completes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+from belfry import log
+from belfry.auth import Caller, TokenVerifier
+from belfry.errors import Unauthenticated
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from services.gateway import store
+from services.gateway.hub import Hub, Tab
+from services.gateway.origins import OriginPolicy
+
+_LOG = log.get(__name__)
+
+# Close codes (4000-4999 are the application's own).
+CLOSE_UNAUTHENTICATED = 4401
+CLOSE_TOKEN_EXPIRED = 4403
+CLOSE_SLOW_CONSUMER = 4408
+CLOSE_BAD_REQUEST = 4400
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-connection limits from the settings."""
+
+    auth_timeout: float
+    queue_size: int
+    resume_limit: int
+    send_timeout: float
+
+
+class Endpoint:
+    """Serves ``/ws`` for one gateway replica."""
+
+    def __init__(self, pool: asyncpg.Pool, hub: Hub, verifier: TokenVerifier, origins: OriginPolicy, limits: Limits):
+        self.pool = pool
+        self.hub = hub
+        self.verifier = verifier
+        self.origins = origins
+        self.limits = limits
+
+    async def handle(self, websocket: WebSocket) -> None:
+        """One connection, from handshake to close."""
+        if not self.origins.allows(websocket.headers.get("origin"), websocket.headers.get("host")):
+            await websocket.close(code=1008)  # before accept: the handshake is refused with 403
+            return
+        await websocket.accept()
+        try:
+            first = await asyncio.wait_for(websocket.receive_text(), self.limits.auth_timeout)
+            hello = json.loads(first)
+            if not isinstance(hello, dict) or hello.get("type") != "auth":
+                raise Unauthenticated("the first message must be {'type': 'auth', 'token': ...}")
+            caller, expires_at = self.verifier.verify(str(hello.get("token", "")))
+        except (TimeoutError, ValueError, Unauthenticated, WebSocketDisconnect) as exc:
+            reason = exc.message if isinstance(exc, Unauthenticated) else "authenticate first"
+            with contextlib.suppress(Exception):
+                await websocket.close(code=CLOSE_UNAUTHENTICATED, reason=reason[:120])
+            return
+        last_id = hello.get("last_id")
+        tab = Tab(caller.account_id, caller.user_id, self.limits.queue_size, float(expires_at))
+        await self.hub.join(tab)
+        try:
+            await self._serve(websocket, tab, caller, last_id if isinstance(last_id, int) else None)
+        finally:
+            await self.hub.leave(tab)
+
+    async def _serve(self, websocket: WebSocket, tab: Tab, caller: Caller, last_id: int | None) -> None:
+        reader = asyncio.ensure_future(self._read(websocket, tab, caller))
+        writer = asyncio.ensure_future(self._write(websocket, tab, last_id))
+        overflow = asyncio.ensure_future(tab.overflowed.wait())
+        done, pending = await asyncio.wait([reader, writer, overflow], return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        code, reason = 1000, "bye"
+        send_stuck = writer in done and not writer.cancelled() and isinstance(writer.exception(), TimeoutError)
+        if overflow in done or send_stuck:
+            code, reason = CLOSE_SLOW_CONSUMER, "too slow: reconnect and resume from your last id"
+            _LOG.info("slow consumer disconnected", account_id=tab.account_id, user_id=tab.user_id)
+        elif writer in done and not writer.cancelled() and writer.exception() is None:
+            code, reason = writer.result()
+        elif reader in done and not reader.cancelled() and reader.exception() is None:
+            code, reason = reader.result()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(websocket.close(code=code, reason=reason), self.limits.send_timeout)
+
+    async def _read(self, websocket: WebSocket, tab: Tab, caller: Caller) -> tuple[int, str]:
+        """Client messages: token refreshes (same account and user only)."""
+        while True:
+            try:
+                text = await websocket.receive_text()
+            except (WebSocketDisconnect, RuntimeError):
+                return 1000, "closed by the client"
+            try:
+                message: Any = json.loads(text)
+            except ValueError:
+                return CLOSE_BAD_REQUEST, "messages must be JSON"
+            if isinstance(message, dict) and message.get("type") == "refresh":
+                try:
+                    fresh, expires_at = self.verifier.verify(str(message.get("token", "")))
+                except Unauthenticated as exc:
+                    return CLOSE_UNAUTHENTICATED, exc.message[:120]
+                if fresh != caller:
+                    return CLOSE_UNAUTHENTICATED, "a refreshed token must name the same account and user"
+                tab.expires_at = float(expires_at)
+                tab.offer(0, json.dumps({"type": "refreshed", "expires_at": expires_at}))
+
+    async def _write(self, websocket: WebSocket, tab: Tab, last_id: int | None) -> tuple[int, str]:
+        """Resume (missed items or an explicit reset), then live frames until the token expires."""
+        sent = await self._resume(websocket, tab, last_id)
+        while True:
+            remaining = tab.expires_at - time.time()
+            if remaining <= 0:
+                return CLOSE_TOKEN_EXPIRED, "the token expired: refresh it to stay connected"
+            try:
+                feed_id, text = await asyncio.wait_for(tab.outbox.get(), remaining)
+            except TimeoutError:
+                continue  # re-check: the token may have been refreshed meanwhile
+            if 0 < feed_id <= sent:
+                continue  # already sent while resuming
+            await asyncio.wait_for(websocket.send_text(text), self.limits.send_timeout)
+
+    async def _resume(self, websocket: WebSocket, tab: Tab, last_id: int | None) -> int:
+        """Send what the client missed since ``last_id``; the newest id sent (or known)."""
+        newest = await store.last_id(self.pool, tab.account_id, tab.user_id)
+        unread = await store.unread_count(self.pool, tab.account_id, tab.user_id)
+        if last_id is None:
+            await websocket.send_text(json.dumps({"type": "ready", "last_id": newest, "unread": unread}))
+            return newest
+        if last_id > newest or newest - last_id > self.limits.resume_limit:
+            # Too old (or from another database): the client reloads its feed over HTTP.
+            await websocket.send_text(json.dumps({"type": "reset", "last_id": newest, "unread": unread}))
+            return newest
+        missed = await store.since(self.pool, tab.account_id, tab.user_id, last_id, self.limits.resume_limit)
+        for item in missed:
+            frame = {"type": "item", "item": item.to_json(), "unread": unread, "resumed": True}
+            await websocket.send_text(json.dumps(frame))
+        newest = missed[-1].id if missed else last_id
+        await websocket.send_text(json.dumps({"type": "ready", "last_id": newest, "unread": unread}))
+        return newest

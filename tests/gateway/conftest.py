@@ -1,0 +1,139 @@
+"""Gateway fixtures: real replicas (gRPC + HTTP on port 0) and a helper that publishes through the bell queue."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import asyncpg
+import pytest
+import websockets
+from belfry import service
+from belfry.auth import TokenIssuer
+from belfry.message import Item, Message
+from belfry.queue import NewDelivery, enqueue
+
+from services.gateway import server, settings
+from tests.conftest import common_env
+
+
+class Replica:
+    """A started gateway replica."""
+
+    def __init__(self, running: service.Running, build: server.GatewayBuild) -> None:
+        self.running = running
+        self.build = build
+
+    @property
+    def http(self) -> str:
+        """Base URL of the HTTP server."""
+        return f"http://127.0.0.1:{self.build.http_port}"
+
+    @property
+    def ws(self) -> str:
+        """The websocket URL."""
+        return f"ws://127.0.0.1:{self.build.http_port}/ws"
+
+
+StartReplica = Callable[..., Awaitable[Replica]]
+
+
+@pytest.fixture
+async def start_replica(database_url: str, token_keys: dict[str, bytes]) -> AsyncIterator[StartReplica]:
+    """Start gateway replicas with optional extra settings; all are stopped at the end."""
+    started: list[Replica] = []
+
+    async def start(**extra: str) -> Replica:
+        env = common_env(
+            database_url,
+            token_keys,
+            BELFRY_GATEWAY_HTTP_HOST="127.0.0.1",
+            BELFRY_GATEWAY_HTTP_PORT="0",
+            BELFRY_WORKER_ID=f"gw-{uuid.uuid4().hex[:6]}",
+            BELFRY_GATEWAY_PRESENCE_TTL_SECONDS="5",
+            **extra,
+        )
+        s = settings.load_settings(env)
+        build = server.GatewayBuild(s)
+        running = await service.start("gateway", s.common, build)
+        replica = Replica(running, build)
+        started.append(replica)
+        return replica
+
+    yield start
+    for replica in started:
+        await replica.running.stop(0.2)
+
+
+@pytest.fixture
+async def replica(start_replica: StartReplica) -> Replica:
+    """One gateway replica with default settings."""
+    return await start_replica()
+
+
+@pytest.fixture
+def issuer(token_keys: dict[str, bytes]) -> TokenIssuer:
+    """Issues user tokens with the active test key."""
+    return TokenIssuer(token_keys, "k1")
+
+
+Publish = Callable[..., Awaitable[str]]
+
+
+@pytest.fixture
+def publish(pool: asyncpg.Pool) -> Publish:
+    """Enqueue one bell delivery the way the dispatcher does; returns the notification id."""
+
+    async def send(account_id: str, user_id: str, title: str = "hello", **fields: Any) -> str:
+        notification_id = str(uuid.uuid4())
+        items = tuple(Item(**i) for i in fields.pop("items", ()))
+        message = Message(
+            notification_id=notification_id,
+            account_id=account_id,
+            user_id=user_id,
+            topic=fields.pop("topic", "conversation.mentioned"),
+            title=title,
+            body=fields.pop("body", "body"),
+            url=fields.pop("url", "https://app.example/x"),
+            occurred_at=datetime.datetime.now(datetime.UTC).isoformat(),
+            items=items,
+            **fields,
+        )
+        async with pool.acquire() as conn, conn.transaction():
+            await enqueue(
+                conn,  # type: ignore[arg-type]  # the pool's proxy forwards every Connection method
+                [
+                    NewDelivery(
+                        account_id=account_id,
+                        notification_id=uuid.UUID(notification_id),
+                        user_id=user_id,
+                        channel="bell",
+                        topic=message.topic,
+                        payload=message.to_json(),
+                        expires_at=datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=1),
+                    )
+                ],
+            )
+        return notification_id
+
+    return send
+
+
+async def connect(url: str, token: str, last_id: int | None = None, **kwargs: Any) -> websockets.ClientConnection:
+    """Open a websocket and authenticate with ``token``."""
+    ws = await websockets.connect(url, **kwargs)
+    await ws.send(json.dumps({"type": "auth", "token": token, "last_id": last_id}))
+    return ws
+
+
+async def frames_until(ws: websockets.ClientConnection, kind: str) -> list[dict[str, Any]]:
+    """Read frames up to and including the first of type ``kind``."""
+    seen: list[dict[str, Any]] = []
+    while True:
+        frame = json.loads(await ws.recv())
+        seen.append(frame)
+        if frame["type"] == kind:
+            return seen

@@ -1,0 +1,159 @@
+"""Live delivery, resume, two replicas, slow consumers and presence, over real websockets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import asyncpg
+import websockets
+from belfry.auth import TokenIssuer
+from belfry.queue import presence
+
+from tests.gateway.conftest import Publish, StartReplica, connect, frames_until
+
+
+async def test_item_reaches_every_tab_on_two_replicas(
+    start_replica: StartReplica, issuer: TokenIssuer, publish: Publish, account_id: str
+) -> None:
+    one, two = await start_replica(), await start_replica()
+    token = issuer.issue(account_id, "u1")
+    tabs = [await connect(one.ws, token), await connect(two.ws, token), await connect(two.ws, token)]
+    other = await connect(one.ws, issuer.issue(account_id, "u2"))
+    for ws in [*tabs, other]:
+        await frames_until(ws, "ready")
+    await publish(account_id, "u1", "Ann mentioned you", popup=True, sound="chime")
+    for ws in tabs:
+        frame = json.loads(await ws.recv())
+        assert frame["type"] == "item"
+        assert frame["unread"] == 1
+        assert frame["item"]["title"] == "Ann mentioned you"
+        assert frame["item"]["popup"] is True
+        assert frame["item"]["sound"] == "chime"
+    await publish(account_id, "u2", "for u2")
+    frame = json.loads(await other.recv())
+    assert frame["item"]["title"] == "for u2"  # u2 never saw u1's item first
+    for ws in [*tabs, other]:
+        await ws.close()
+
+
+async def test_merged_item_carries_count_and_items(
+    replica: object, issuer: TokenIssuer, publish: Publish, account_id: str
+) -> None:
+    ws = await connect(replica.ws, issuer.issue(account_id, "u1"))  # type: ignore[attr-defined]
+    await frames_until(ws, "ready")
+    items = [{"type": "quote", "id": str(i), "display_name": f"Q{i}", "url": f"https://a/{i}"} for i in range(3)]
+    await publish(account_id, "u1", "3 quotes assigned", items=items)
+    frame = json.loads(await ws.recv())
+    assert frame["item"]["count"] == 3
+    assert [i["display_name"] for i in frame["item"]["items"]] == ["Q0", "Q1", "Q2"]
+    await ws.close()
+
+
+async def test_resume_sends_exactly_the_missed_items_in_order(
+    replica: object, issuer: TokenIssuer, publish: Publish, account_id: str
+) -> None:
+    token = issuer.issue(account_id, "u1")
+    ws = await connect(replica.ws, token)  # type: ignore[attr-defined]
+    await frames_until(ws, "ready")
+    await publish(account_id, "u1", "first")
+    first = json.loads(await ws.recv())
+    await ws.close()
+    for title in ("second", "third", "fourth"):
+        await publish(account_id, "u1", title)
+    # A second tab, connected throughout, sees the three items live (in feed-id order:
+    # the sender stores deliveries concurrently, so that need not be publish order).
+    watcher = await connect(replica.ws, token, last_id=first["item"]["id"])  # type: ignore[attr-defined]
+    live: list[str] = []
+    while len(live) < 3:
+        frame = json.loads(await watcher.recv())
+        if frame["type"] == "item":
+            live.append(frame["item"]["title"])
+    resumed = await connect(replica.ws, token, last_id=first["item"]["id"])  # type: ignore[attr-defined]
+    frames = await frames_until(resumed, "ready")
+    titles = [f["item"]["title"] for f in frames if f["type"] == "item"]
+    assert titles == live
+    assert sorted(titles) == ["fourth", "second", "third"]
+    ids = [f["item"]["id"] for f in frames if f["type"] == "item"]
+    assert ids == sorted(ids)
+    assert all(f.get("resumed") for f in frames if f["type"] == "item")
+    await publish(account_id, "u1", "fifth")
+    assert json.loads(await resumed.recv())["item"]["title"] == "fifth"  # nothing sent twice
+    await resumed.close()
+    await watcher.close()
+
+
+async def test_resume_from_too_old_an_id_is_an_explicit_reset(
+    start_replica: StartReplica, issuer: TokenIssuer, publish: Publish, account_id: str
+) -> None:
+    replica = await start_replica(BELFRY_GATEWAY_RESUME_LIMIT="2")
+    token = issuer.issue(account_id, "u1")
+    watcher = await connect(replica.ws, token)
+    await frames_until(watcher, "ready")
+    for title in ("a", "b", "c", "d"):
+        await publish(account_id, "u1", title)
+    while json.loads(await watcher.recv())["item"]["title"] != "d":
+        pass
+    stale = await connect(replica.ws, token, last_id=1)
+    frames = await frames_until(stale, "reset")
+    assert [f["type"] for f in frames] == ["reset"]
+    assert frames[0]["last_id"] == 4
+    future = await connect(replica.ws, token, last_id=99)
+    assert [f["type"] for f in await frames_until(future, "reset")] == ["reset"]
+    for ws in (watcher, stale, future):
+        await ws.close()
+
+
+async def test_slow_consumer_is_disconnected_and_others_get_everything(
+    start_replica: StartReplica, issuer: TokenIssuer, publish: Publish, account_id: str
+) -> None:
+    # One delivery per claim: items arrive one by one, as in steady traffic, not as one burst.
+    replica = await start_replica(
+        BELFRY_GATEWAY_QUEUE_SIZE="32",
+        BELFRY_GATEWAY_SEND_TIMEOUT_SECONDS="0.5",
+        BELFRY_GATEWAY_BATCH="1",
+        BELFRY_GATEWAY_CONCURRENCY="1",
+    )
+    token = issuer.issue(account_id, "u1")
+    # The slow client stops reading: its library buffers one frame, then the socket buffers fill.
+    slow = await connect(replica.ws, token, max_queue=1)
+    await frames_until(slow, "ready")
+    fast = await connect(replica.ws, token)
+    await frames_until(fast, "ready")
+    big = "x" * 60000
+    total = 300
+
+    async def read_fast() -> list[str]:
+        return [json.loads(await fast.recv())["item"]["title"] for _ in range(total)]
+
+    reader = asyncio.ensure_future(read_fast())
+    for i in range(total):
+        await publish(account_id, "u1", f"n{i}", body=big)
+    assert await reader == [f"n{i}" for i in range(total)]
+    got, closed = 0, None
+    # The server drops the connection (its close frame may not fit in the full buffers either).
+    try:
+        while True:
+            await slow.recv()
+            got += 1
+    except websockets.ConnectionClosed as exc:
+        closed = exc
+    assert closed is not None
+    assert got < total
+    assert closed.rcvd is None or closed.rcvd.code == 4408
+    await fast.close()
+
+
+async def test_presence_row_while_a_tab_is_open(
+    replica: object, issuer: TokenIssuer, pool: asyncpg.Pool, account_id: str
+) -> None:
+    assert not await presence.has_live_tab(pool, account_id, "u1")
+    ws = await connect(replica.ws, issuer.issue(account_id, "u1"))  # type: ignore[attr-defined]
+    await frames_until(ws, "ready")
+    assert await presence.has_live_tab(pool, account_id, "u1")
+    await ws.close()
+    for _ in range(200):  # the server notices the close asynchronously
+        if not await presence.has_live_tab(pool, account_id, "u1"):
+            break
+        await asyncio.sleep(0.01)
+    assert not await presence.has_live_tab(pool, account_id, "u1")
