@@ -41,13 +41,13 @@ async def limited(mesh: Mesh, token_keys: dict[str, bytes]) -> AsyncIterator[dis
 
 
 def retry_delay(error: grpc.aio.AioRpcError) -> float:
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]  # aio errors carry the same trailers
+    status = rpc_status.from_call(error)
     assert status is not None
     for detail in status.details:
         if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
             info = error_details_pb2.RetryInfo()
             detail.Unpack(info)
-            return info.retry_delay.ToTimedelta().total_seconds()
+            return float(info.retry_delay.ToTimedelta().total_seconds())
     raise AssertionError("no RetryInfo detail")
 
 

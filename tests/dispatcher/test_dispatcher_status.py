@@ -16,7 +16,8 @@ async def get(mesh: Mesh, account_id: str, notification_id: str) -> pb.Notificat
     answer = await mesh.dispatcher.GetNotification(
         pb.GetNotificationRequest(account_id=account_id, notification_id=notification_id)
     )
-    return answer.notification
+    notification: pb.Notification = answer.notification
+    return notification
 
 
 async def test_timeline_follows_the_queue(mesh: Mesh, account_id: str) -> None:
