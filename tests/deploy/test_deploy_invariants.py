@@ -6,6 +6,8 @@ table), so the manifests cannot drift from what the services actually bind.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from belfry.local.supervisor import GRPC_PORTS, SERVICES
 
@@ -261,7 +263,13 @@ def test_prod_mutual_tls_everywhere() -> None:
         assert {"server auth", "client auth"} <= set(certificate["usages"])
         assert certificate["issuerRef"]["name"] == "belfry-mesh"
     # Peer addresses use the Service names the certificates carry.
-    for variable in ("BELFRY_PREFERENCES_ADDRESS", "BELFRY_WEBPUSH_ADDRESS", "BELFRY_DISPATCHER_ADDRESS"):
+    for variable in (
+        "BELFRY_PREFERENCES_ADDRESS",
+        "BELFRY_PREFERENCES_TARGET",
+        "BELFRY_WEBPUSH_ADDRESS",
+        "BELFRY_WEBPUSH_TARGET",
+        "BELFRY_DISPATCHER_ADDRESS",
+    ):
         host = environment(_deployment("prod", "gateway"), objs)[variable].rsplit(":", 1)[0]
         assert f"belfry-{host}-tls" in certificates
 
@@ -269,3 +277,25 @@ def test_prod_mutual_tls_everywhere() -> None:
 def test_dev_has_no_tls_material() -> None:
     for name, deployment in _deployments("dev"):
         assert not any(e["name"].startswith("BELFRY_TLS_") for e in container(deployment)["env"]), name
+
+
+def _names_read_by_code() -> set[str]:
+    names: set[str] = set()
+    for folder in (ROOT / "libs" / "belfry", ROOT / "services"):
+        for path in folder.rglob("*.py"):
+            names |= set(re.findall(r"[\"'](BELFRY_[A-Z0-9_]+)[\"']", path.read_text()))
+    return names
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_variable_is_read_by_the_code(overlay: str) -> None:
+    # A misspelt variable would be ignored silently and the default used instead.
+    objs = render(overlay)
+    read = _names_read_by_code()
+    (config,) = of_kind(objs, "ConfigMap").values()
+    assert set(config["data"]) - read == set()
+    for name, deployment in _deployments(overlay):
+        if not (ROOT / "services" / name / "settings.py").exists():
+            continue  # a service still being written: checked once its settings exist
+        names = {e["name"] for e in container(deployment)["env"]}
+        assert names - read == set(), name
