@@ -191,6 +191,13 @@ def test_prod_replicas_hpas_and_disruption_budgets() -> None:
         assert covering[0]["spec"].get("maxUnavailable") == 1 or covering[0]["spec"].get("minAvailable") == 1
 
 
+def test_prod_config_is_not_a_dev_config() -> None:
+    (config,) = of_kind(render("prod"), "ConfigMap").values()
+    assert config["data"].get("BELFRY_GATEWAY_DEV_LOGIN", "false") == "false"
+    assert config["data"]["BELFRY_PUBLIC_URL"].startswith("https://")
+    assert config["data"]["BELFRY_LOG_LEVEL"] != "debug"
+
+
 def test_prod_topology_spread() -> None:
     for name, deployment in _deployments("prod"):
         constraints = deployment["spec"]["template"]["spec"]["topologySpreadConstraints"]
@@ -258,8 +265,11 @@ def test_prod_mutual_tls_everywhere() -> None:
         for variable, file in env_config.items():
             assert env[variable] == f"{mounts[tls_volume['name']]}/{file}", f"{name} {variable}"
         certificate = certificates[f"belfry-{name}-tls"]["spec"]
-        # Peers dial the short Service name, so it must be in the certificate.
-        assert name in certificate["dnsNames"]
+        # Peers dial the short Service name, producers the qualified one: both must be in the certificate.
+        namespace = deployment["metadata"]["namespace"]
+        assert {name, f"{name}.{namespace}.svc", f"{name}.{namespace}.svc.cluster.local"} <= set(
+            certificate["dnsNames"]
+        )
         assert {"server auth", "client auth"} <= set(certificate["usages"])
         assert certificate["issuerRef"]["name"] == "belfry-mesh"
     # Peer addresses use the Service names the certificates carry.
