@@ -15,6 +15,7 @@ which is how a rebinding name slips past checks made by other clients.
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import ipaddress
 import re
 import socket
@@ -229,3 +230,17 @@ def client(
         timeout=timeout,
         limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
     )
+
+
+def retry_after_seconds(value: str | None, now: float) -> float | None:
+    """Retry-After as delta-seconds or an HTTP date → seconds from now (None when absent or unreadable)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - now)

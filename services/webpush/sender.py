@@ -10,7 +10,6 @@ the guard resolved.
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,20 +40,6 @@ class Result:
     retry_after: float | None = None
 
 
-def retry_after_seconds(value: str | None, now: float) -> float | None:
-    """Retry-After as delta-seconds or an HTTP date → seconds from now (None when absent or unreadable)."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - now)
-
-
 def classify(response: httpx.Response, now: float) -> Result:  # noqa: PLR0911 - one return per documented answer
     """Map a push service's answer (RFC 8030 and the services' documented codes) to a result."""
     code = response.status_code
@@ -64,7 +49,7 @@ def classify(response: httpx.Response, now: float) -> Result:  # noqa: PLR0911 -
         return Result("gone", f"subscription expired or unsubscribed ({code})")
     if code in (429, 503):
         return Result(
-            "retry", f"push service busy ({code})", retry_after_seconds(response.headers.get("retry-after"), now)
+            "retry", f"push service busy ({code})", ssrf.retry_after_seconds(response.headers.get("retry-after"), now)
         )
     if code == 413:
         return Result("fail", "payload too large for the push service (413)")

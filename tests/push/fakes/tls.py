@@ -70,6 +70,7 @@ def make_pki(folder: Path) -> Pki:
                 [
                     x509.DNSName("localhost"),
                     x509.DNSName(REBIND_NAME),
+                    x509.DNSName("hooks.slack.com"),
                     x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
                 ]
             ),

@@ -1,0 +1,73 @@
+"""Settings of the webhooks sender, read once from the environment."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from belfry import ssrf
+from belfry.config import CommonSettings, Env, load_common
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything ``python -m services.webhooks`` needs."""
+
+    common: CommonSettings
+    policy: ssrf.Policy
+    ca_file: Path | None
+    secret_key: str  # base64 of 32 bytes: encrypts signing secrets at rest
+    secret_key_file: Path | None  # generated on first run when missing (local defaults)
+    worker_id: str
+    batch: int
+    concurrency: int
+    lease_seconds: float
+    timeout_seconds: float
+
+
+def load_settings(environ: Mapping[str, str]) -> Settings:
+    """Parse and check the environment; every problem is reported at once."""
+    env = Env(environ)
+    common = load_common("webhooks", env, default_port=50057)
+    ports_raw = env.str("BELFRY_WEBHOOKS_ALLOWED_PORTS", "443")
+    ports: tuple[int, ...] = (443,)
+    try:
+        ports = tuple(int(p) for p in ports_raw.split(",") if p.strip())
+    except ValueError:
+        env.problem(f"BELFRY_WEBHOOKS_ALLOWED_PORTS must be comma-separated port numbers, got {ports_raw!r}")
+    networks: tuple[ssrf.IPNetwork, ...] = ()
+    try:
+        networks = ssrf.parse_networks(env.str("BELFRY_WEBHOOKS_ALLOW_NETWORKS", ""))
+    except ValueError as exc:
+        env.problem(f"BELFRY_WEBHOOKS_ALLOW_NETWORKS must be comma-separated networks (CIDR): {exc}")
+    key = env.str("BELFRY_WEBHOOK_SECRET_KEY", "")
+    key_file = env.str("BELFRY_WEBHOOK_SECRET_KEY_FILE", "")
+    if not key and not key_file:
+        env.problem(
+            "set BELFRY_WEBHOOK_SECRET_KEY (base64 of 32 random bytes) or BELFRY_WEBHOOK_SECRET_KEY_FILE"
+            " (created when missing); it encrypts webhook signing secrets at rest"
+        )
+    settings = Settings(
+        common=common,
+        # Any public HTTPS host: users connect their own endpoints. Hosts can still be narrowed.
+        policy=ssrf.Policy(
+            allowed_hosts=tuple(
+                h.strip().lower() for h in env.str("BELFRY_WEBHOOKS_ALLOWED_HOSTS", "").split(",") if h.strip()
+            ),
+            allowed_ports=ports,
+            allowed_networks=networks,
+        ),
+        ca_file=env.path("BELFRY_WEBHOOKS_CA_FILE"),
+        secret_key=key,
+        secret_key_file=Path(key_file) if key_file else None,
+        worker_id=env.str("BELFRY_WORKER_ID", f"{socket.gethostname()}-{os.getpid()}"),
+        batch=env.int("BELFRY_WEBHOOKS_BATCH", 100, minimum=1),
+        concurrency=env.int("BELFRY_WEBHOOKS_CONCURRENCY", 50, minimum=1),
+        lease_seconds=env.float("BELFRY_WEBHOOKS_LEASE_SECONDS", 60.0, minimum=0.1),
+        timeout_seconds=env.float("BELFRY_WEBHOOKS_TIMEOUT_SECONDS", 10.0, minimum=0.1),
+    )
+    env.check()
+    return settings

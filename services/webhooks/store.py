@@ -1,0 +1,96 @@
+"""All SQL of the webhooks service (schema ``webhooks``)."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+
+
+@dataclass(frozen=True)
+class Webhook:
+    """A user's connected endpoint (the secret stays sealed until a send needs it)."""
+
+    account_id: str
+    user_id: str
+    webhook_id: uuid.UUID
+    url: str
+    label: str
+    slack: bool
+    secret_ciphertext: bytes
+    disabled_at: datetime | None
+    disabled_reason: str
+    created_at: datetime
+
+
+_COLUMNS = (
+    "account_id, user_id, webhook_id, url, label, slack, secret_ciphertext, disabled_at, disabled_reason, created_at"
+)
+
+
+async def insert(
+    pool: asyncpg.Pool,
+    account_id: str,
+    user_id: str,
+    webhook_id: uuid.UUID,
+    url: str,
+    label: str,
+    slack: bool,
+    sealed: bytes,
+) -> Webhook | None:
+    """Add a webhook; None when the user already connected this URL."""
+    row = await pool.fetchrow(
+        f"""
+        insert into webhooks.endpoints (account_id, user_id, webhook_id, url, label, slack, secret_ciphertext)
+        values ($1, $2, $3, $4, $5, $6, $7)
+        on conflict (account_id, user_id, url) do nothing
+        returning {_COLUMNS}
+        """,
+        account_id,
+        user_id,
+        webhook_id,
+        url,
+        label,
+        slack,
+        sealed,
+    )
+    return None if row is None else Webhook(**dict(row))
+
+
+async def list_for_user(
+    pool: asyncpg.Pool, account_id: str, user_id: str, *, active_only: bool = False
+) -> list[Webhook]:
+    """The user's webhooks, oldest first; ``active_only`` leaves out disabled ones."""
+    rows = await pool.fetch(
+        f"select {_COLUMNS} from webhooks.endpoints where account_id = $1 and user_id = $2"
+        " and (not $3 or disabled_at is null) order by created_at, webhook_id",
+        account_id,
+        user_id,
+        active_only,
+    )
+    return [Webhook(**dict(r)) for r in rows]
+
+
+async def delete(pool: asyncpg.Pool, account_id: str, user_id: str, webhook_id: uuid.UUID) -> bool:
+    """Disconnect one of the user's webhooks; False when there was none."""
+    status = await pool.execute(
+        "delete from webhooks.endpoints where account_id = $1 and user_id = $2 and webhook_id = $3",
+        account_id,
+        user_id,
+        webhook_id,
+    )
+    return status.endswith(" 1")
+
+
+async def disable(pool: asyncpg.Pool, hook: Webhook, reason: str) -> None:
+    """Stop using an endpoint that told us it is gone (410); the user sees why in ListWebhooks."""
+    await pool.execute(
+        "update webhooks.endpoints set disabled_at = now(), disabled_reason = $4"
+        " where account_id = $1 and user_id = $2 and webhook_id = $3",
+        hook.account_id,
+        hook.user_id,
+        hook.webhook_id,
+        reason,
+    )
