@@ -2,8 +2,9 @@
 # `belfry migrate` applies the schema (the migration Job).
 #
 # Build stage: a virtual environment with Belfry and its dependencies. Every
-# dependency ships manylinux wheels, so no compiler is installed at all (a
-# dependency without a wheel fails the build here rather than pulling one in).
+# dependency ships manylinux wheels except http-ece, a pure-Python source
+# package, so no compiler is installed at all (a dependency that needed one
+# would fail the build here rather than pull one in).
 FROM python:3.11.14-slim-bookworm AS build
 
 ENV PIP_NO_CACHE_DIR=1 \
