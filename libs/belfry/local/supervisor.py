@@ -16,7 +16,7 @@ import os
 import secrets
 import signal
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,13 +60,20 @@ class Child:
 
 
 def _secrets(home: Path) -> dict[str, str]:
-    """Token-signing keys, made once per BELFRY_HOME so tokens survive restarts."""
+    """Signing keys made once per BELFRY_HOME, so tokens and links survive restarts."""
     path = home / "secrets.env"
-    if not path.exists():
-        path.write_text(f"BELFRY_TOKEN_KEYS=local1={secrets.token_urlsafe(48)}\nBELFRY_TOKEN_ACTIVE_KID=local1\n")
+    known = dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line) if path.exists() else {}
+    wanted: dict[str, Callable[[], str]] = {
+        "BELFRY_TOKEN_KEYS": lambda: f"local1={secrets.token_urlsafe(48)}",
+        "BELFRY_TOKEN_ACTIVE_KID": lambda: "local1",
+        "BELFRY_UNSUBSCRIBE_KEY": lambda: secrets.token_urlsafe(48),
+    }
+    missing = {key: make() for key, make in wanted.items() if key not in known}
+    if missing:
+        with path.open("a") as out:
+            out.writelines(f"{key}={value}\n" for key, value in missing.items())
         path.chmod(0o600)
-    pairs = (line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
-    return dict(pairs)
+    return {**known, **missing}
 
 
 def mesh_env(home: Path, database_url: str, smtp: tuple[str, int] | None, environ: Mapping[str, str]) -> dict[str, str]:
@@ -84,6 +91,7 @@ def mesh_env(home: Path, database_url: str, smtp: tuple[str, int] | None, enviro
     env.setdefault("BELFRY_GATEWAY_DEV_LOGIN", "true")
     env.setdefault("BELFRY_GATEWAY_ALLOWED_ORIGINS", f"http://127.0.0.1:{HTTP_PORT},http://localhost:{HTTP_PORT}")
     env.setdefault("BELFRY_VAPID_PRIVATE_KEY_FILE", str(home / "vapid_private.pem"))
+    env.setdefault("BELFRY_WEBHOOK_SECRET_KEY_FILE", str(home / "webhook_secret.key"))
     env.setdefault("BELFRY_SMTP_FROM", "Belfry <notifications@belfry.localhost>")
     if smtp is not None:
         env["BELFRY_SMTP_HOST"], env["BELFRY_SMTP_PORT"] = smtp[0], str(smtp[1])

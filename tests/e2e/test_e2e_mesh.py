@@ -1,0 +1,220 @@
+"""The whole mesh as separate processes: one event becomes an email and a bell item.
+
+Every service runs as its own OS process under the same supervisor as
+``belfry up`` (ports bound to 0 and reported back), on this session's
+database, sending mail to a real SMTP server (the mail catcher).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import grpc
+import pytest
+import websockets
+from belfry.api.common.v1 import common_pb2
+from belfry.api.directory.v1 import directory_pb2, directory_pb2_grpc
+from belfry.api.dispatcher.v1 import dispatcher_pb2, dispatcher_pb2_grpc
+from belfry.api.preferences.v1 import preferences_pb2, preferences_pb2_grpc
+from belfry.auth import TokenIssuer
+from belfry.local import demo, mailcatcher, supervisor
+
+from tests.conftest import common_env
+
+TOPIC = "comments.mentioned"
+SERVICES = tuple(s for s in supervisor.SERVICES if s != "mobile")  # TEMP
+
+
+@dataclass
+class Mesh:
+    env: dict[str, str]
+    children: list[supervisor.Child]
+    mail: Path
+    http_port: int
+    issuer: TokenIssuer
+
+    def channel(self, service: str) -> grpc.aio.Channel:
+        return grpc.aio.insecure_channel(self.env[f"BELFRY_{service.upper()}_ADDRESS"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+async def mesh(
+    database_url: str, token_keys: dict[str, bytes], tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Mesh]:
+    home = tmp_path_factory.mktemp("mesh")
+    catcher, smtp_port = mailcatcher.start(home / "mail")
+    http_port = _free_port()
+    env = dict(os.environ)
+    env.update(common_env(database_url, token_keys))
+    env.update(
+        BELFRY_SMTP_HOST="127.0.0.1",
+        BELFRY_SMTP_PORT=str(smtp_port),
+        BELFRY_SMTP_STARTTLS="false",
+        BELFRY_GATEWAY_HTTP_HOST="127.0.0.1",
+        BELFRY_GATEWAY_HTTP_PORT=str(http_port),
+        BELFRY_VAPID_PRIVATE_KEY_FILE=str(home / "vapid.pem"),
+        BELFRY_LOG_LEVEL="warning",
+        BELFRY_UNSUBSCRIBE_KEY="u" * 48,
+        BELFRY_WEBHOOK_SECRET_KEY_FILE=str(home / "webhook_secret.key"),
+    )
+    for name in supervisor.SERVICES:
+        env[f"BELFRY_{name.upper()}_GRPC_ADDRESS"] = "127.0.0.1:0"
+    children = await supervisor.start_mesh(env, SERVICES)
+    try:
+        yield Mesh(env, children, home / "mail", http_port, TokenIssuer(token_keys, "k1"))
+    finally:
+        await supervisor.stop_all(children, 15)
+        catcher.stop()
+
+
+async def _seed(mesh: Mesh, account_id: str, users: list[str]) -> None:
+    async with mesh.channel("preferences") as chan:
+        directory = directory_pb2_grpc.DirectoryServiceStub(chan)
+        await directory.UpsertAccount(
+            directory_pb2.UpsertAccountRequest(
+                account=directory_pb2.Account(account_id=account_id, name="E2E", tier=directory_pb2.TIER_PROFESSIONAL)
+            )
+        )
+        for user in users:
+            await directory.UpsertUser(
+                directory_pb2.UpsertUserRequest(
+                    user=directory_pb2.User(
+                        account_id=account_id,
+                        user_id=user,
+                        email=f"{user}.{account_id}@example.test",
+                        display_name=user.title(),
+                        locale="en",
+                        time_zone="UTC",
+                        permission_set="sales",
+                        active=True,
+                    )
+                )
+            )
+
+
+async def _mail_to(folder: Path, address: str) -> mailcatcher.CaughtMail:
+    async with asyncio.timeout(30):
+        while True:
+            for mail in mailcatcher.caught(folder):
+                if address in mail.to:
+                    return mail
+            await asyncio.sleep(0.05)  # another process writes the files: poll briefly
+
+
+async def test_event_reaches_email_and_bell_and_honours_preferences(
+    mesh: Mesh, account_id: str, pool: asyncpg.Pool
+) -> None:
+    await _seed(mesh, account_id, ["alice", "bob", "carol"])
+    # Bob switched this topic off for email.
+    async with mesh.channel("preferences") as chan:
+        prefs = preferences_pb2_grpc.PreferencesServiceStub(chan)
+        token = mesh.issuer.issue(account_id, "bob")
+        await prefs.SetPreference(
+            preferences_pb2.SetPreferenceRequest(
+                choice=preferences_pb2.Choice(topic=TOPIC, channel=common_pb2.CHANNEL_EMAIL, enabled=False)
+            ),
+            metadata=[("authorization", f"Bearer {token}")],
+        )
+
+    url = f"ws://127.0.0.1:{mesh.http_port}/ws"
+    async with websockets.connect(url) as ws:
+        await ws.send(json.dumps({"type": "auth", "token": mesh.issuer.issue(account_id, "alice")}))
+        ready = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        assert ready["type"] == "ready"
+
+        async with mesh.channel("dispatcher") as chan:
+            dispatcher = dispatcher_pb2_grpc.DispatcherServiceStub(chan)
+            event = demo.event(
+                account_id=account_id, topic=TOPIC, recipients=["alice", "bob"], actor="carol", object_name="Quote Q-42"
+            )
+            published = await dispatcher.Publish(dispatcher_pb2.PublishRequest(event=event))
+            assert published.notification_id and not published.replayed
+
+        frame = json.loads(await asyncio.wait_for(ws.recv(), 30))
+        while frame["type"] != "item":
+            frame = json.loads(await asyncio.wait_for(ws.recv(), 30))
+        assert frame["item"]["notification_id"] == published.notification_id
+        assert "Quote Q-42" in frame["item"]["title"] + frame["item"]["body"]
+        assert frame["unread"] >= 1
+
+    mail = await _mail_to(mesh.mail, f"alice.{account_id}@example.test")
+    assert mail.subject == frame["item"]["title"]
+    assert "Quote Q-42" in mail.path.read_text()
+    # Both deliveries were written in the same transaction; bob has no email one.
+    channels = await pool.fetch(
+        "select user_id, channel from queue.deliveries where account_id = $1 and notification_id = $2",
+        account_id,
+        published.notification_id,
+    )
+    assert ("alice", "email") in {(r["user_id"], r["channel"]) for r in channels}
+    assert "email" not in {r["channel"] for r in channels if r["user_id"] == "bob"}
+    assert not [m for m in mailcatcher.caught(mesh.mail) if f"bob.{account_id}" in m.to]
+
+
+async def test_bad_input_is_refused_and_writes_nothing(mesh: Mesh, account_id: str, pool: asyncpg.Pool) -> None:
+    await _seed(mesh, account_id, ["alice", "carol"])
+    async with mesh.channel("dispatcher") as chan:
+        dispatcher = dispatcher_pb2_grpc.DispatcherServiceStub(chan)
+
+        async def publish(event: dispatcher_pb2.Event) -> grpc.StatusCode:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await dispatcher.Publish(dispatcher_pb2.PublishRequest(event=event))
+            assert caught.value.details()  # a message a person can act on
+            return caught.value.code()
+
+        unknown = demo.event(account_id=account_id, topic="nope.nothing", recipients=["alice"])
+        assert await publish(unknown) in {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND}
+        nobody = demo.event(account_id=account_id, topic=TOPIC, recipients=[])
+        assert await publish(nobody) == grpc.StatusCode.INVALID_ARGUMENT
+        huge = demo.event(account_id=account_id, topic=TOPIC, recipients=["alice"], object_name="x" * 2_000_000)
+        assert await publish(huge) in {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
+        first = demo.event(
+            account_id=account_id, topic=TOPIC, recipients=["alice"], idempotency_key="k-1", object_name="A"
+        )
+        await dispatcher.Publish(dispatcher_pb2.PublishRequest(event=first))
+        changed = demo.event(
+            account_id=account_id, topic=TOPIC, recipients=["alice"], idempotency_key="k-1", object_name="B"
+        )
+        assert await publish(changed) == grpc.StatusCode.ALREADY_EXISTS
+    rows = await pool.fetchval("select count(*) from queue.deliveries where account_id = $1", account_id)
+    notifications = {
+        r["notification_id"]
+        for r in await pool.fetch("select notification_id from queue.deliveries where account_id = $1", account_id)
+    }
+    assert rows >= 1 and len(notifications) == 1  # only the first, valid event wrote anything
+
+
+async def test_forged_and_expired_tokens_are_refused(mesh: Mesh, account_id: str, token_keys: dict[str, bytes]) -> None:
+    forged = TokenIssuer({"k1": b"f" * 48}, "k1").issue(account_id, "alice")
+    expired = TokenIssuer(token_keys, "k1", ttl_seconds=60).issue(account_id, "alice", now=0)
+    for token in (forged, expired):
+        async with websockets.connect(f"ws://127.0.0.1:{mesh.http_port}/ws") as ws:
+            await ws.send(json.dumps({"type": "auth", "token": token}))
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), 10)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 4401
+    async with grpc.aio.insecure_channel(mesh.env["BELFRY_PREFERENCES_ADDRESS"]) as chan:
+        prefs = preferences_pb2_grpc.PreferencesServiceStub(chan)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await prefs.GetPreferences(
+                preferences_pb2.GetPreferencesRequest(), metadata=[("authorization", f"Bearer {forged}")]
+            )
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_every_service_drains_and_exits_cleanly_on_sigterm(mesh: Mesh) -> None:
+    await supervisor.stop_all(mesh.children, 15)
+    assert {c.name: c.process.returncode for c in mesh.children} == dict.fromkeys(SERVICES, 0)
