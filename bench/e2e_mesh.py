@@ -100,6 +100,7 @@ async def _one_run(n: int, sink: CountingSink, sink_port: int) -> dict[str, floa
         BELFRY_SMTP_PORT=str(sink_port),
         BELFRY_SMTP_STARTTLS="false",
         BELFRY_EMAIL_DAILY_CAP="1000000",
+        BELFRY_UNSUBSCRIBE_KEY="u" * 48,
     )
     for svc in ("preferences", "dispatcher", "email"):
         env[f"BELFRY_{svc.upper()}_GRPC_ADDRESS"] = "127.0.0.1:0"
