@@ -46,16 +46,15 @@ async def _after_up(env: dict[str, str]) -> None:
             recipients=["alice"],
             actor="bruno",
             object_name="Welcome to Belfry",
-            url=f"http://{env['BELFRY_HTTP_ADDRESS']}/",
+            url=env["BELFRY_PUBLIC_URL"] + "/",
         ),
     )
     await dispatcher.close()
-    http = env["BELFRY_HTTP_ADDRESS"]
     print(
         "\nBelfry is up.\n"
         f"  sample notification {answer.notification_id} published to alice@example.test\n"
         "  caught mail:     belfry mail            (belfry mail 1 shows the first one)\n"
-        f"  web app (bell):  http://{http}/  (dev sign-in as alice)\n"
+        f"  web app (bell):  {env['BELFRY_PUBLIC_URL']}/  (dev sign-in as alice)\n"
         "  publish more:    belfry publish --to alice --topic comments.mentioned --name 'Quote Q-12'\n"
         "Press Ctrl-C to stop.\n",
         flush=True,
