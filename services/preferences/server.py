@@ -12,6 +12,7 @@ from belfry.service import Built
 
 from services.preferences import catalogue as catalogue_module
 from services.preferences import store
+from services.preferences.batch import BatchAnswers
 from services.preferences.directory import Directory
 from services.preferences.directory_servicer import DirectoryServicer
 from services.preferences.engine import Clock, Engine
@@ -28,7 +29,8 @@ def build_for(settings: Settings, *, clock: Clock = store.utcnow) -> Callable[[a
         directory = Directory(pool, settings.max_batch)
         engine = Engine(pool, catalogue, clock, settings.max_batch)
         operations = Operations(pool, engine, app_url=settings.app_url)
-        prefs = PreferencesServicer(engine, operations, TokenVerifier(settings.common.token_keys))
+        batch = BatchAnswers(pool, engine, settings.max_batch)
+        prefs = PreferencesServicer(engine, batch, operations, TokenVerifier(settings.common.token_keys))
         return Built(
             registrations=[
                 lambda server: preferences_pb2_grpc.add_PreferencesServiceServicer_to_server(prefs, server),

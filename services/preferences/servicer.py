@@ -14,6 +14,7 @@ from belfry.errors import InvalidArgument
 from services.preferences import convert
 from services.preferences.admin import Admin
 from services.preferences.admin_servicer import AdminRpcs, choices_from_pb, choices_pb
+from services.preferences.batch import BatchAnswers
 from services.preferences.engine import Engine
 from services.preferences.model import Account, User
 from services.preferences.operations import Operations
@@ -25,8 +26,9 @@ Version = preferences_pb2.SetPreferenceResponse
 class PreferencesServicer(AdminRpcs, preferences_pb2_grpc.PreferencesServiceServicer):
     """User-facing RPCs act for the token's user; EffectiveBatch serves the dispatcher."""
 
-    def __init__(self, engine: Engine, operations: Operations, verifier: TokenVerifier) -> None:
+    def __init__(self, engine: Engine, batch: BatchAnswers, operations: Operations, verifier: TokenVerifier) -> None:
         self._engine = engine
+        self._batch = batch
         self._ops = operations
         self._admin = Admin(operations)
         self._verifier = verifier
@@ -38,11 +40,7 @@ class PreferencesServicer(AdminRpcs, preferences_pb2_grpc.PreferencesServiceServ
         self, request: preferences_pb2.EffectiveBatchRequest, context: Context
     ) -> preferences_pb2.EffectiveBatchResponse:
         """Decisions for up to 1,000 users of one account for one topic, in request order."""
-        topic, decisions = await self._engine.effective_batch(request.account_id, request.topic, list(request.user_ids))
-        return preferences_pb2.EffectiveBatchResponse(
-            recipients=[convert.decision_pb(u, d) for u, d in zip(request.user_ids, decisions, strict=True)],
-            topic=convert.topic_info_pb(topic),
-        )
+        return await self._batch.answer(request.account_id, request.topic, list(request.user_ids))
 
     async def Unsubscribe(self, request: preferences_pb2.UnsubscribeRequest, context: Context) -> Version:
         """Internal: the email unsubscribe link's effect (topic off for email, audited as "api")."""

@@ -65,7 +65,8 @@ async def upsert_account(conn: Conn, account: Account) -> Account:
     """Create or update an account."""
     await conn.execute(
         """insert into preferences.accounts (account_id, name, tier) values ($1, $2, $3)
-           on conflict (account_id) do update set name = excluded.name, tier = excluded.tier, updated_at = now()""",
+           on conflict (account_id) do update set name = excluded.name, tier = excluded.tier, updated_at = now(),
+             change_seq = preferences.accounts.change_seq + 1""",
         account.account_id,
         account.name,
         account.tier,
@@ -92,6 +93,7 @@ async def require_account(conn: Conn, account_id: str, *, field: str = "account_
 async def upsert_user(conn: Conn, user: User) -> User:
     """Create or update a user (the account must exist)."""
     await require_account(conn, user.account_id, field="user.account_id")
+    await bump_seq(conn, user.account_id)
     row = await conn.fetchrow(
         f"""insert into preferences.users ({_USER_COLUMNS}) values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
             on conflict (account_id, user_id) do update set email = excluded.email,
@@ -161,6 +163,17 @@ async def get_team(conn: Conn, account_id: str, team_id: str) -> Team | None:
 
 
 # --- reading preferences -------------------------------------------------------
+
+
+async def bump_seq(conn: Conn, account_id: str) -> None:
+    """Mark the account changed (inside the writing transaction)."""
+    await conn.execute("update preferences.accounts set change_seq = change_seq + 1 where account_id = $1", account_id)
+
+
+async def account_seq(conn: Conn, account_id: str) -> tuple[str, int] | None:
+    """(tier, change counter) of the account, or None when it does not exist."""
+    row = await conn.fetchrow("select tier, change_seq from preferences.accounts where account_id = $1", account_id)
+    return None if row is None else (row["tier"], int(row["change_seq"]))
 
 
 async def defaults_version(conn: Conn, account_id: str) -> int:
@@ -269,6 +282,7 @@ async def lock_user(conn: Conn, account_id: str, user_id: str, expected: int) ->
             f"your preferences changed elsewhere (version {current}, you sent {expected}); reload and try again"
         )
     new = int(current) + 1
+    await bump_seq(conn, account_id)
     await conn.execute(
         "update preferences.user_settings set version = $3, updated_at = now() where account_id = $1 and user_id = $2",
         account_id,
@@ -404,7 +418,11 @@ async def lock_account_defaults(conn: Conn, account_id: str, expected: int) -> i
             f"the account's defaults changed elsewhere (version {current}, you sent {expected}); reload and try again"
         )
     new = int(current) + 1
-    await conn.execute("update preferences.accounts set defaults_version = $2 where account_id = $1", account_id, new)
+    await conn.execute(
+        "update preferences.accounts set defaults_version = $2, change_seq = change_seq + 1 where account_id = $1",
+        account_id,
+        new,
+    )
     return new
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from typing import cast
 
 from belfry.api.directory.v1 import directory_pb2
 from belfry.api.preferences.v1 import preferences_pb2
@@ -114,23 +115,28 @@ async def test_service_matches_the_model(prefs_service: Prefs, s: dict[str, obje
     svc = prefs_service
     account_id = f"acc_{uuid.uuid4().hex[:12]}"
     topic = str(s["topic"])
-    own, profile, default = (dict(s[k]) for k in ("own", "profile", "default"))  # type: ignore[call-overload]
-    masters_off = frozenset(s["masters_off"])  # type: ignore[arg-type]
+    own, profile, default = (cast(Layer, s[k]) for k in ("own", "profile", "default"))
+    masters_off = cast(frozenset[str], s["masters_off"])
     # Everything is set while the account is enterprise and the user sees every topic...
     await svc.account(account_id)
     await svc.user(account_id, "boss", super_admin=True, permission_set="admin")
     await svc.user(account_id, "ana", super_admin=True, tool_access=["forms"])
     boss, ana = svc.auth(account_id, "boss"), svc.auth(account_id, "ana")
     for channel, enabled in own.items():
-        await svc.prefs.SetPreference(preferences_pb2.SetPreferenceRequest(choice=choice(topic, channel, enabled)), metadata=ana)
+        await svc.prefs.SetPreference(
+            preferences_pb2.SetPreferenceRequest(choice=choice(topic, channel, enabled)), metadata=ana
+        )
     if default:
         await svc.prefs.SetAccountDefaults(
-            preferences_pb2.SetAccountDefaultsRequest(choices=[choice(topic, c, e) for c, e in default.items()]), metadata=boss
+            preferences_pb2.SetAccountDefaultsRequest(choices=[choice(topic, c, e) for c, e in default.items()]),
+            metadata=boss,
         )
     if profile:
         await svc.prefs.CreateRoleProfile(
             preferences_pb2.CreateRoleProfileRequest(
-                profile=preferences_pb2.RoleProfile(permission_set="sales", choices=[choice(topic, c, e) for c, e in profile.items()])
+                profile=preferences_pb2.RoleProfile(
+                    permission_set="sales", choices=[choice(topic, c, e) for c, e in profile.items()]
+                )
             ),
             metadata=boss,
         )
