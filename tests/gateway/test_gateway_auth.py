@@ -12,6 +12,7 @@ import jwt
 import pytest
 import websockets
 from belfry.auth import TokenIssuer
+from websockets.typing import Origin
 
 from tests.gateway.conftest import Publish, Replica, connect, frames_until
 
@@ -69,9 +70,9 @@ async def test_rotated_key_is_accepted(replica: Replica, token_keys: dict[str, b
 
 async def test_foreign_origin_is_refused_at_handshake(replica: Replica, issuer: TokenIssuer, account_id: str) -> None:
     with pytest.raises(websockets.InvalidStatus) as refused:
-        await websockets.connect(replica.ws, origin="https://evil.example")  # type: ignore[arg-type]
+        await websockets.connect(replica.ws, origin=Origin("https://evil.example"))
     assert refused.value.response.status_code == 403
-    ws = await websockets.connect(replica.ws, origin=replica.http)  # type: ignore[arg-type]  # same origin is fine
+    ws = await websockets.connect(replica.ws, origin=Origin(replica.http))  # same origin is fine
     await ws.send(json.dumps({"type": "auth", "token": issuer.issue(account_id, "u1")}))
     await frames_until(ws, "ready")
     await ws.close()
@@ -79,7 +80,7 @@ async def test_foreign_origin_is_refused_at_handshake(replica: Replica, issuer: 
 
 async def test_allow_listed_origin_is_accepted(start_replica: object, issuer: TokenIssuer, account_id: str) -> None:
     replica = await start_replica(BELFRY_GATEWAY_ALLOWED_ORIGINS="https://app.example")  # type: ignore[operator]
-    ws = await websockets.connect(replica.ws, origin="https://app.example")
+    ws = await websockets.connect(replica.ws, origin=Origin("https://app.example"))
     await ws.send(json.dumps({"type": "auth", "token": issuer.issue(account_id, "u1")}))
     await frames_until(ws, "ready")
     await ws.close()

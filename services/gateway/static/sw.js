@@ -1,0 +1,27 @@
+// The service worker: shows web pushes when no tab is open, and opens the link on click.
+// The notification id is the tag, so a push and an in-tab notification never show twice.
+self.addEventListener("install", () => self.skipWaiting());
+self.addEventListener("activate", (event) => event.waitUntil(self.clients.claim()));
+
+self.addEventListener("push", (event) => {
+  let data = {};
+  try {
+    data = event.data ? event.data.json() : {};
+  } catch {
+    data = { title: event.data ? event.data.text() : "New notification" };
+  }
+  const title = String(data.title || "New notification");
+  const options = {
+    body: String(data.body || ""),
+    tag: String(data.notification_id || data.tag || ""),
+    data: { url: String(data.url || "/") },
+  };
+  event.waitUntil(self.registration.showNotification(title, options));
+});
+
+self.addEventListener("notificationclick", (event) => {
+  event.notification.close();
+  const url = event.notification.data && event.notification.data.url;
+  const target = url && /^https?:/.test(url) ? url : "/";
+  event.waitUntil(self.clients.openWindow(target));
+});
