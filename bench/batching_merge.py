@@ -35,7 +35,7 @@ from belfry.api.directory.v1 import directory_pb2, directory_pb2_grpc
 from belfry.config import TlsSettings
 from belfry.handoff import Assignment
 from belfry.message import Item, Message
-from belfry.queue import NewDelivery, Queue, enqueue, worker
+from belfry.queue import Lease, NewDelivery, Outcome, Queue, enqueue, worker
 from procrastinate import App, PsycopgConnector
 from queue_common import CpuMeter, drop_database, scratch_database, versions
 
@@ -93,11 +93,25 @@ async def belfry_run(pool: asyncpg.Pool, prefs_address: str, items: int, users: 
             await enqueue(conn, rows[k : k + CHUNK])
     intake = Intake(pool, clock, window=timedelta(seconds=300))
     stop = asyncio.Event()
+    applied = asyncio.Event()
+    seen = 0
+
+    async def handle(lease: Lease) -> Outcome:
+        nonlocal seen
+        outcome = await intake.handle(lease)
+        seen += 1
+        if seen >= items:
+            applied.set()
+        return outcome
+
     with CpuMeter() as cpu_in:
         started = time.perf_counter()
-        task = asyncio.create_task(worker.run(Queue(pool, "batching", worker="bench"), intake.handle, stop=stop))
-        while await pool.fetchval("select count(*) from queue.deliveries where state = 'sent'") < items:
-            await asyncio.sleep(0.01)
+        task = asyncio.create_task(worker.run(Queue(pool, "batching", worker="bench"), handle, stop=stop))
+        await applied.wait()
+        # The last batch's settle commits before the clock stops.
+        sent = "select count(*) from queue.deliveries where state = 'sent'"
+        while await pool.fetchval(sent) < items:  # noqa: ASYNC110 - polling the database, not an in-process flag
+            await asyncio.sleep(0.005)
         intake_seconds = time.perf_counter() - started
         stop.set()
         await task
@@ -126,11 +140,14 @@ async def procrastinate_run(dsn: str, items: int, users: int) -> tuple[float, st
     """Drain rate of the same number of jobs with the same payloads, and its CPU share."""
     app = App(connector=PsycopgConnector(conninfo=dsn))
     count = 0
+    finished = asyncio.Event()
 
     @app.task(name="noop", queue="bench")
     async def noop(**_: object) -> None:
         nonlocal count
         count += 1
+        if count >= items:
+            finished.set()
 
     now = datetime.now(UTC)
     async with app.open_async():
@@ -144,8 +161,7 @@ async def procrastinate_run(dsn: str, items: int, users: int) -> tuple[float, st
             run = asyncio.create_task(
                 app.run_worker_async(queues=["bench"], concurrency=10, wait=True, install_signal_handlers=False)
             )
-            while count < items:
-                await asyncio.sleep(0.005)
+            await finished.wait()
             elapsed = time.perf_counter() - started
             run.cancel()
             with contextlib.suppress(asyncio.CancelledError):
