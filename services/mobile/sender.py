@@ -1,0 +1,94 @@
+"""The mobile sender: one lease → the user's devices, through FCM (Android) or APNs (iOS)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+import asyncpg
+from belfry import log, metrics
+from belfry.message import Message
+from belfry.queue import Drop, Fail, Lease, Outcome, Retry, Sent
+
+from services.mobile import store
+from services.mobile.push import Push, Result
+
+_LOG = log.get(__name__)
+NOT_CONFIGURED = "not configured"
+
+
+class Provider(Protocol):
+    """FCM or APNs."""
+
+    async def send(self, push: Push) -> Result:
+        """Send one push."""
+
+
+class MobileSender:
+    """Handles "mobile" leases."""
+
+    def __init__(
+        self,
+        *,
+        pool: asyncpg.Pool,
+        android: Provider | None,
+        ios: Provider | None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._pool = pool
+        self._providers = {"android": android, "ios": ios}
+        self._clock = clock
+
+    async def handle(self, lease: Lease) -> Outcome:
+        """Push to every device of the user; dead tokens are deleted."""
+        devices = await store.list_for_user(self._pool, lease.account_id, lease.user_id)
+        if not devices:
+            metrics.DELIVERIES.labels("mobile", "dropped").inc()
+            return Drop("no mobile device")
+        msg = Message.from_json(lease.payload)
+        expires = int(lease.expires_at.timestamp())
+        results = await asyncio.gather(*(self._push(d, msg, expires) for d in devices))
+        if any(r.kind == "sent" for r in results):
+            metrics.DELIVERIES.labels("mobile", "sent").inc()
+            return Sent()
+        retries = [r for r in results if r.kind == "retry"]
+        if retries:
+            metrics.DELIVERIES.labels("mobile", "retried").inc()
+            delays = [r.retry_after for r in retries if r.retry_after is not None]
+            return Retry("; ".join(r.reason for r in retries), max(delays) if delays else None)
+        metrics.DELIVERIES.labels("mobile", "failed").inc()
+        return Fail("; ".join(dict.fromkeys(r.reason for r in results)))
+
+    async def _push(self, device: store.Device, msg: Message, expires: int) -> Result:
+        provider = self._providers.get(device.platform)
+        if provider is None:
+            # Recorded as a failed delivery with this reason, so an operator sees what is missing.
+            return Result("fail", NOT_CONFIGURED)
+        collapse_key = f"{msg.user_id}\x00{msg.topic}" if msg.items else msg.notification_id
+        push = Push(
+            token=device.token,
+            app_id=device.app_id,
+            title=msg.title,
+            body=msg.body,
+            url=msg.url,
+            notification_id=msg.notification_id,
+            topic=msg.topic,
+            collapse_id=base64.urlsafe_b64encode(hashlib.sha256(collapse_key.encode()).digest()).decode()[:43],
+            expires_at=expires,
+            ttl_seconds=max(0, expires - int(self._clock())),
+            high_priority=msg.locked,
+        )
+        result = await provider.send(push)
+        if result.kind == "gone":
+            await store.delete(self._pool, device.account_id, device.user_id, device.device_id)
+            _LOG.info(
+                "device token deleted",
+                account_id=device.account_id,
+                device_id=str(device.device_id),
+                reason=result.reason,
+            )
+        return result

@@ -1,0 +1,104 @@
+"""Settings of the mobile sender, read once from the environment.
+
+FCM and APNs are each optional: an unconfigured provider makes its
+deliveries fail with the reason "not configured" (never a silent drop).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from belfry.config import CommonSettings, Env, load_common
+
+
+@dataclass(frozen=True)
+class FcmSettings:
+    """A Google service account allowed to send with FCM HTTP v1."""
+
+    project_id: str
+    client_email: str
+    private_key: str  # PEM (RSA)
+    token_uri: str
+    endpoint: str  # https://fcm.googleapis.com
+
+
+@dataclass(frozen=True)
+class ApnsSettings:
+    """An APNs token-based (.p8) signing key."""
+
+    key_pem: str
+    key_id: str
+    team_id: str
+    endpoint: str  # https://api.push.apple.com or https://api.sandbox.push.apple.com
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything ``python -m services.mobile`` needs."""
+
+    common: CommonSettings
+    fcm: FcmSettings | None
+    apns: ApnsSettings | None
+    ca_file: Path | None
+    worker_id: str
+    batch: int
+    concurrency: int
+    lease_seconds: float
+    timeout_seconds: float
+
+
+def _fcm(env: Env) -> FcmSettings | None:
+    path = env.path("BELFRY_FCM_SERVICE_ACCOUNT_FILE")
+    if path is None or not path.is_file():
+        return None
+    try:
+        account = json.loads(path.read_text())
+        return FcmSettings(
+            project_id=account["project_id"],
+            client_email=account["client_email"],
+            private_key=account["private_key"],
+            token_uri=account.get("token_uri", "https://oauth2.googleapis.com/token"),
+            endpoint=env.str("BELFRY_FCM_ENDPOINT", "https://fcm.googleapis.com").rstrip("/"),
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        env.problem(f"BELFRY_FCM_SERVICE_ACCOUNT_FILE ({path}) is not a service-account JSON key: missing {exc}")
+        return None
+
+
+def _apns(env: Env) -> ApnsSettings | None:
+    path = env.path("BELFRY_APNS_KEY_FILE")
+    if path is None or not path.is_file():
+        return None
+    key_id, team_id = env.str("BELFRY_APNS_KEY_ID", ""), env.str("BELFRY_APNS_TEAM_ID", "")
+    if not key_id or not team_id:
+        env.problem("BELFRY_APNS_KEY_FILE needs BELFRY_APNS_KEY_ID and BELFRY_APNS_TEAM_ID (from the Apple portal)")
+    return ApnsSettings(
+        key_pem=path.read_text(),
+        key_id=key_id,
+        team_id=team_id,
+        endpoint=env.str("BELFRY_APNS_ENDPOINT", "https://api.push.apple.com").rstrip("/"),
+    )
+
+
+def load_settings(environ: Mapping[str, str]) -> Settings:
+    """Parse and check the environment; every problem is reported at once."""
+    env = Env(environ)
+    common = load_common("mobile", env, default_port=50056)
+    settings = Settings(
+        common=common,
+        fcm=_fcm(env),
+        apns=_apns(env),
+        ca_file=env.path("BELFRY_MOBILE_CA_FILE"),
+        worker_id=env.str("BELFRY_WORKER_ID", f"{socket.gethostname()}-{os.getpid()}"),
+        batch=env.int("BELFRY_MOBILE_BATCH", 200, minimum=1),
+        concurrency=env.int("BELFRY_MOBILE_CONCURRENCY", 100, minimum=1),
+        lease_seconds=env.float("BELFRY_MOBILE_LEASE_SECONDS", 60.0, minimum=0.1),
+        timeout_seconds=env.float("BELFRY_MOBILE_TIMEOUT_SECONDS", 10.0, minimum=0.1),
+    )
+    env.check()
+    return settings
