@@ -11,7 +11,7 @@ topics go to batching instead, which merges them over its window.
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -44,6 +44,19 @@ class Routed:
     channels: list[dict[str, str]]  # [{"c": channel, "s": state, "r": reason}]
     deliveries: list[NewDelivery]
     held_until: datetime | None
+
+
+_MESSAGE_FIELDS = tuple(Message.__dataclass_fields__)
+
+
+def message_payload(message: Message) -> dict[str, Any]:
+    """``message.to_json()``, built without ``asdict``'s deep copies (the publish hot path)."""
+    body = {name: getattr(message, name) for name in _MESSAGE_FIELDS}
+    body["items"] = tuple(
+        {"type": i.type, "id": i.id, "display_name": i.display_name, "url": i.url} for i in message.items
+    )
+    body["variables"] = dict(message.variables)
+    return body
 
 
 def digest_notification_id(notification_id: uuid.UUID) -> uuid.UUID:
@@ -116,18 +129,17 @@ def route(
 
     state: dict[str, tuple[str, str]] = {}
     deliveries = []
-    desktop = on & {"bell", "popup", "browser"}
-    if desktop:
+    base = message_payload(message)
+    if on & {"bell", "popup", "browser"}:
         # In quiet hours the bell collects silently: no toast, no sound, no OS notification now.
-        flags = replace(
-            message,
-            bell="bell" in on,
-            popup="popup" in on and not quiet,
-            browser="browser" in on and not quiet,
-            sound=decided["popup"][2] if "popup" in on and not quiet else "",
-        )
-        if flags.bell or flags.popup or flags.browser:
-            deliveries.append(new("bell", flags.to_json()))
+        flags = {
+            "bell": "bell" in on,
+            "popup": "popup" in on and not quiet,
+            "browser": "browser" in on and not quiet,
+            "sound": decided["popup"][2] if "popup" in on and not quiet else "",
+        }
+        if flags["bell"] or flags["popup"] or flags["browser"]:
+            deliveries.append(new("bell", {**base, **flags}))
     for channel in sorted(on):
         if quiet and channel == "popup":
             state[channel] = (SUPPRESSED, QUIET_HOURS)
@@ -137,8 +149,7 @@ def route(
             state[channel] = (ACCEPTED, "")
     for channel in ("browser", "email", "mobile", "other_apps"):
         if channel in on:
-            body = replace(message, bell=False, browser=channel == "browser").to_json()
-            deliveries.append(new(channel, body, held_until))
+            deliveries.append(new(channel, {**base, "bell": False, "browser": channel == "browser"}, held_until))
     return Routed(_record(decided, state), deliveries, held_until)
 
 

@@ -6,7 +6,7 @@ import datetime as dt
 import uuid
 
 from belfry.handoff import Assignment, from_payload
-from belfry.message import Message
+from belfry.message import Item, Message
 
 from services.dispatcher import routing
 from services.dispatcher.model import ChannelChoice, Event, Recipient, Topic
@@ -96,3 +96,24 @@ def test_email_only_and_disallowed_channels() -> None:
     assert [d.channel for d in r.deliveries] == ["email"]
     reasons = {c["c"]: c["r"] for c in r.channels}
     assert reasons["bell"] == routing.EMAIL_ONLY and reasons["mobile"] == routing.NOT_ALLOWED
+
+
+def test_fast_payload_is_what_message_to_json_gives() -> None:
+    rich = Message(
+        str(NID),
+        "a",
+        "u",
+        "deals.stage_changed",
+        "Titre",
+        "Corps <b>",
+        "https://x",
+        NOW.isoformat(),
+        actor_user_id="v",
+        recipient_email="u@example.test",
+        popup=True,
+        sound="ping",
+        items=(Item("deal", "D-1", "Deal", "https://x/1"),),
+        variables={"stage": "won", "nested": {"n": [1, 2]}},
+    )
+    assert routing.message_payload(rich) == rich.to_json()
+    assert Message.from_json(routing.message_payload(rich)) == rich
