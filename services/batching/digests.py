@@ -98,8 +98,8 @@ class Digests:
             for s in batch:
                 try:
                     await self._one(s, answer, now)
-                except (OSError, asyncpg.PostgresError) as exc:
-                    _LOG.warning("digest could not fire; retrying", user_id=s.user_id, digest=s.digest, error=str(exc))
+                except Exception as exc:  # one user's failure must not stop everyone else's digest
+                    _LOG.exception("digest could not fire; retrying", user_id=s.user_id, digest=s.digest)
                     await digest_store.postpone(self._pool, s, retry_at=now + retry_delay(1), error=repr(exc))
         return len(subjects)
 

@@ -147,3 +147,6 @@ class Closer:
             _LOG.info("window closed", window_id=str(w.window_id), items=len(items), channels=len(deliveries))
         except (OSError, asyncpg.PostgresError) as exc:
             await self._postpone([w], f"enqueue failed: {exc!r}")
+        except Exception as exc:  # a bad row must not stop the closer for every other window
+            _LOG.exception("window could not be merged", window_id=str(w.window_id))
+            await self._postpone([w], f"merge failed: {exc!r}")

@@ -104,3 +104,27 @@ async def test_a_window_that_closes_while_the_queue_refuses_is_retried_not_lost(
     rows = await world.deliveries(tenant)
     assert sorted(r["channel"] for r in rows) == ["bell", "email"]
     assert [i.id for i in Message.from_json(rows[0]["payload"]).items] == ["1", "2"]
+
+
+async def test_a_window_that_cannot_be_merged_does_not_hold_up_the_others(world: World, tenant: str) -> None:
+    await world.start_replica()
+    await world.handoff(tenant, "ana", world.assignment(tenant, "ana", "1"))
+    await world.handoff(tenant, "bob", world.assignment(tenant, "bob", "2"))
+    await world.until(lambda: world.handled(tenant), "handoffs applied")
+    # Damage ana's stored item the way a bad release of the message format would.
+    await world.pool.execute(
+        "update batching.window_items set message = '{\"title\": 1}'::jsonb where account_id = $1 and object_id = '1'",
+        tenant,
+    )
+    world.clock.advance(301)
+
+    async def bob_sent_and_ana_retrying() -> bool:
+        rows = await world.pool.fetch(
+            "select user_id, state, last_error from batching.windows where account_id = $1", tenant
+        )
+        by_user = {r["user_id"]: r for r in rows}
+        ana_error = by_user["ana"]["last_error"] or ""
+        return by_user["bob"]["state"] == "sent" and by_user["ana"]["state"] == "open" and "merge failed" in ana_error
+
+    await world.until(bob_sent_and_ana_retrying, "bob's window sent while ana's is retried")
+    assert {r["user_id"] for r in await world.deliveries(tenant)} == {"bob"}
