@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import asyncpg
 from belfry import log
 from belfry.errors import ResourceExhausted
+from belfry.queue import CHANNELS
 
 from services.dispatcher import store
 
@@ -29,7 +30,7 @@ _LOG = log.get(__name__)
 class Limits:
     """Thresholds; zero disables a limit."""
 
-    max_depth: int = 1_000_000
+    max_depth: int = 200_000
     max_lag_seconds: float = 300.0
     account_rate: float = 0.0
     account_burst: float = 0.0
@@ -56,8 +57,11 @@ class Backpressure:
         self.lag = 0.0
 
     async def refresh(self) -> None:
-        """Measure the queue's backlog now."""
-        self.depth, self.lag = await store.queue_backlog(self._pool, cap=max(1, self.limits.max_depth))
+        """Measure the queue's backlog now (only what a configured limit needs)."""
+        if self.limits.max_depth:
+            self.depth = await store.queue_depth(self._pool, cap=self.limits.max_depth)
+        if self.limits.max_lag_seconds:
+            self.lag = await store.queue_lag(self._pool, CHANNELS)
 
     async def loop(self, stop: asyncio.Event) -> None:
         """Background loop: keep the backlog figures fresh."""

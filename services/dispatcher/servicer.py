@@ -55,16 +55,18 @@ class DispatcherServicer(dispatcher_pb2_grpc.DispatcherServiceServicer):
                 raise errors.InvalidArgument(
                     f"event.occurred_at is not a valid time: {exc}", field="event.occurred_at"
                 ) from exc
-            unkeyed = pb.Event()
-            unkeyed.CopyFrom(message)
-            unkeyed.ClearField("idempotency_key")
+            # The body hash covers everything but the key: clear it for a moment (cheaper than a copy).
+            key = message.idempotency_key
+            message.ClearField("idempotency_key")
+            body_hash = hashlib.sha256(message.SerializeToString(deterministic=True)).digest()
+            message.idempotency_key = key
             o = message.object
             event = Event(
                 account_id=message.account_id,
                 topic=message.topic,
                 occurred_at=occurred,
                 idempotency_key=message.idempotency_key,
-                body_hash=hashlib.sha256(unkeyed.SerializeToString(deterministic=True)).digest(),
+                body_hash=body_hash,
                 actor_user_id=message.actor.user_id,
                 source=SOURCES[message.actor.source] if message.actor.source < len(SOURCES) else "",
                 object=ObjectRef(o.type, o.id, o.display_name, o.url, o.owner_user_id),

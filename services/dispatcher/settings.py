@@ -42,7 +42,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
             max_future=timedelta(seconds=env.float("BELFRY_DISPATCHER_MAX_FUTURE_SECONDS", 300.0)),
         ),
         backpressure=backpressure.Limits(
-            max_depth=env.int("BELFRY_DISPATCHER_MAX_QUEUE_DEPTH", 1_000_000),
+            max_depth=env.int("BELFRY_DISPATCHER_MAX_QUEUE_DEPTH", 200_000),
             max_lag_seconds=env.float("BELFRY_DISPATCHER_MAX_QUEUE_LAG_SECONDS", 300.0),
             account_rate=env.float("BELFRY_DISPATCHER_ACCOUNT_RATE", 0.0),
             account_burst=env.float("BELFRY_DISPATCHER_ACCOUNT_BURST", 0.0),

@@ -354,17 +354,28 @@ async def purge(pool: asyncpg.Pool, *, key_hours: float, retention_days: float, 
     return int(keys.split()[-1]), int(old.split()[-1])
 
 
-async def queue_backlog(pool: asyncpg.Pool, *, cap: int) -> tuple[int, float]:
-    """How many deliveries are due and unclaimed (counted up to ``cap``) and the oldest one's age in seconds."""
-    row = await pool.fetchrow(
+async def queue_depth(pool: asyncpg.Pool, *, cap: int) -> int:
+    """How many deliveries are due and unclaimed, counted up to ``cap`` (the count stops there)."""
+    depth: int = await pool.fetchval(
         """
-        select (select count(*) from (select 1 from queue.deliveries
-                                      where state = 'queued' and available_at <= now() limit $1) d) as depth,
-               coalesce(extract(epoch from now() - (select min(available_at) from queue.deliveries
-                                                    where state = 'queued' and available_at <= now()
-                                                      and expires_at > now())), 0)::float8 as age
+        select count(*) from (select 1 from queue.deliveries
+                              where state = 'queued' and available_at <= now() limit $1) d
         """,
         cap,
     )
-    assert row is not None
-    return int(row["depth"]), float(row["age"])
+    return depth
+
+
+async def queue_lag(pool: asyncpg.Pool, channels: Sequence[str]) -> float:
+    """Seconds the oldest due delivery of any channel has waited (one index probe per channel)."""
+    lag: float = await pool.fetchval(
+        """
+        select coalesce(extract(epoch from now() - min(x.available_at)), 0)::float8
+        from unnest($1::text[]) as c(channel),
+        lateral (select available_at from queue.deliveries
+                 where channel = c.channel and state = 'queued' and available_at <= now()
+                 order by available_at limit 1) x
+        """,
+        list(channels),
+    )
+    return lag
