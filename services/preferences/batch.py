@@ -50,6 +50,13 @@ class _Entry:
     static: dict[str, bytes] = field(default_factory=dict)  # user id → field 1 of the response, ready
     live: dict[str, tuple[User, UserPreferences]] = field(default_factory=dict)  # quiet hours: per call
 
+    def forget(self, user_ids: set[str], seq: int) -> None:
+        """Drop what is known about these users; the rest is still right at ``seq``."""
+        for user_id in user_ids:
+            self.static.pop(user_id, None)
+            self.live.pop(user_id, None)
+        self.seq = seq
+
 
 class BatchAnswers:
     """Answers EffectiveBatch from the cache, loading only what it lacks."""
@@ -81,7 +88,13 @@ class BatchAnswers:
             tier, seq = found
             key = (account_id, topic.key)
             entry = self._entries.get(key)
-            if entry is None or entry.seq != seq:
+            if entry is not None and entry.seq < seq:
+                changed = await store.changes_since(conn, account_id, entry.seq, seq)
+                if changed is None or "" in changed:
+                    entry = None  # account-wide change, or too far behind: start over
+                else:
+                    entry.forget(changed, seq)
+            if entry is None:
                 profiles, defaults = await store.account_layers(conn, account_id, topic.key)
                 entry = _Entry(seq, tier == "enterprise", profiles, defaults)
                 self._entries[key] = entry
@@ -89,12 +102,28 @@ class BatchAnswers:
                     self._entries.popitem(last=False)
             self._entries.move_to_end(key)
             missing = [u for u in dict.fromkeys(user_ids) if u not in entry.static and u not in entry.live]
+            fresh = _Entry(seq, entry.enterprise, entry.profiles, entry.defaults)
             if missing:
                 users, prefs = await store.batch_inputs(conn, account_id, topic.key, missing)
-                self._learn(entry, topic, missing, users, prefs)
-        parts = [entry.static.get(u) or self._live(entry, topic, u) for u in user_ids]
+                self._learn(fresh, topic, missing, users, prefs)
+                # Another call may have moved the entry on meanwhile: only data
+                # loaded for the entry's own counter value may join it.
+                if entry.seq == seq:
+                    entry.static.update(fresh.static)
+                    entry.live.update(fresh.live)
+        parts = [self._part(fresh, topic, u) or self._part(entry, topic, u) for u in user_ids]
         parts.append(_delimited(2, convert.topic_info_pb(topic).SerializeToString()))
         return preferences_pb2.EffectiveBatchResponse.FromString(b"".join(parts))
+
+    def _part(self, entry: _Entry, topic: Topic, user_id: str) -> bytes:
+        """The recipient's field from ``entry``, or b"" when it holds nothing for them."""
+        static = entry.static.get(user_id)
+        if static is not None:
+            return static
+        if user_id in entry.live:
+            user, own = entry.live[user_id]
+            return self._decide(entry, topic, user, own)
+        return b""
 
     def _decide(self, entry: _Entry, topic: Topic, user: User | None, prefs: UserPreferences) -> bytes:
         profile = entry.profiles.get(user.permission_set, {}) if user is not None else {}
@@ -132,10 +161,6 @@ class BatchAnswers:
                 entry.static[user_id] = decision_bytes(user_id, unknown)
             else:
                 entry.static[user_id] = self._decide(entry, topic, user, own)
-
-    def _live(self, entry: _Entry, topic: Topic, user_id: str) -> bytes:
-        user, own = entry.live[user_id]
-        return self._decide(entry, topic, user, own)
 
 
 def decision_bytes(user_id: str, decision: Decision) -> bytes:

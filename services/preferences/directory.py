@@ -55,7 +55,7 @@ class Directory:
     async def upsert_account(self, account: Account) -> Account:
         """Create or update an account."""
         check_id(account.account_id, "account.account_id")
-        async with self._pool.acquire() as conn:
+        async with self._pool.acquire() as conn, conn.transaction():
             return await store.upsert_account(conn, account)
 
     async def get_account(self, account_id: str) -> Account:

@@ -65,12 +65,12 @@ async def upsert_account(conn: Conn, account: Account) -> Account:
     """Create or update an account."""
     await conn.execute(
         """insert into preferences.accounts (account_id, name, tier) values ($1, $2, $3)
-           on conflict (account_id) do update set name = excluded.name, tier = excluded.tier, updated_at = now(),
-             change_seq = preferences.accounts.change_seq + 1""",
+           on conflict (account_id) do update set name = excluded.name, tier = excluded.tier, updated_at = now()""",
         account.account_id,
         account.name,
         account.tier,
     )
+    await bump_seq(conn, account.account_id, "")
     return account
 
 
@@ -93,7 +93,7 @@ async def require_account(conn: Conn, account_id: str, *, field: str = "account_
 async def upsert_user(conn: Conn, user: User) -> User:
     """Create or update a user (the account must exist)."""
     await require_account(conn, user.account_id, field="user.account_id")
-    await bump_seq(conn, user.account_id)
+    await bump_seq(conn, user.account_id, user.user_id)
     row = await conn.fetchrow(
         f"""insert into preferences.users ({_USER_COLUMNS}) values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
             on conflict (account_id, user_id) do update set email = excluded.email,
@@ -165,9 +165,42 @@ async def get_team(conn: Conn, account_id: str, team_id: str) -> Team | None:
 # --- reading preferences -------------------------------------------------------
 
 
-async def bump_seq(conn: Conn, account_id: str) -> None:
-    """Mark the account changed (inside the writing transaction)."""
-    await conn.execute("update preferences.accounts set change_seq = change_seq + 1 where account_id = $1", account_id)
+CHANGE_LOG_KEEP = 1000
+
+
+async def bump_seq(conn: Conn, account_id: str, user_id: str) -> None:
+    """Mark the account changed, about one user ('' = account-wide), inside the writing transaction.
+
+    The account row's lock orders the bumps: a change numbered n commits
+    before n + 1 can be taken, so a reader that sees counter n sees every
+    change log row up to n.
+    """
+    seq = await conn.fetchval(
+        "update preferences.accounts set change_seq = change_seq + 1 where account_id = $1 returning change_seq",
+        account_id,
+    )
+    if seq is None:
+        return
+    await conn.execute(
+        "insert into preferences.changes (account_id, seq, user_id) values ($1, $2, $3)", account_id, seq, user_id
+    )
+    if seq % 100 == 0:  # trim now and then, not on every write
+        await conn.execute(
+            "delete from preferences.changes where account_id = $1 and seq <= $2", account_id, seq - CHANGE_LOG_KEEP
+        )
+
+
+async def changes_since(conn: Conn, account_id: str, after: int, upto: int) -> set[str] | None:
+    """Users changed in (after, upto]; None when the log no longer covers that range."""
+    rows = await conn.fetch(
+        "select user_id from preferences.changes where account_id = $1 and seq > $2 and seq <= $3",
+        account_id,
+        after,
+        upto,
+    )
+    if len(rows) != upto - after:
+        return None
+    return {r["user_id"] for r in rows}
 
 
 async def account_seq(conn: Conn, account_id: str) -> tuple[str, int] | None:
@@ -282,7 +315,7 @@ async def lock_user(conn: Conn, account_id: str, user_id: str, expected: int) ->
             f"your preferences changed elsewhere (version {current}, you sent {expected}); reload and try again"
         )
     new = int(current) + 1
-    await bump_seq(conn, account_id)
+    await bump_seq(conn, account_id, user_id)
     await conn.execute(
         "update preferences.user_settings set version = $3, updated_at = now() where account_id = $1 and user_id = $2",
         account_id,
@@ -418,11 +451,8 @@ async def lock_account_defaults(conn: Conn, account_id: str, expected: int) -> i
             f"the account's defaults changed elsewhere (version {current}, you sent {expected}); reload and try again"
         )
     new = int(current) + 1
-    await conn.execute(
-        "update preferences.accounts set defaults_version = $2, change_seq = change_seq + 1 where account_id = $1",
-        account_id,
-        new,
-    )
+    await conn.execute("update preferences.accounts set defaults_version = $2 where account_id = $1", account_id, new)
+    await bump_seq(conn, account_id, "")
     return new
 
 

@@ -29,7 +29,9 @@ async def replica(
     await running.stop()
 
 
-async def _email(stub: preferences_pb2_grpc.PreferencesServiceStub, account_id: str, user: str = "ana") -> tuple[bool, str]:
+async def _email(
+    stub: preferences_pb2_grpc.PreferencesServiceStub, account_id: str, user: str = "ana"
+) -> tuple[bool, str]:
     answer = await stub.EffectiveBatch(
         preferences_pb2.EffectiveBatchRequest(account_id=account_id, topic=T, user_ids=[user, "zed"])
     )
@@ -38,7 +40,7 @@ async def _email(stub: preferences_pb2_grpc.PreferencesServiceStub, account_id: 
 
 
 async def test_writes_on_one_replica_are_read_on_the_other(
-    svc: Prefs, replica: preferences_pb2_grpc.PreferencesServiceStub, account_id: str
+    svc: Prefs, replica: preferences_pb2_grpc.PreferencesServiceStub, account_id: str, pool: asyncpg.Pool
 ) -> None:
     await svc.account(account_id)
     await svc.user(account_id, "boss", super_admin=True, permission_set="admin")
@@ -55,7 +57,8 @@ async def test_writes_on_one_replica_are_read_on_the_other(
     assert await _email(svc.prefs, account_id) == (True, "product_default")
     # Account-level layers and directory facts invalidate too.
     await replica.SetAccountDefaults(
-        preferences_pb2.SetAccountDefaultsRequest(choices=[choice(T, "email", False)]), metadata=svc.auth(account_id, "boss")
+        preferences_pb2.SetAccountDefaultsRequest(choices=[choice(T, "email", False)]),
+        metadata=svc.auth(account_id, "boss"),
     )
     assert await _email(svc.prefs, account_id) == (False, "account_default")
     await svc.account(account_id, directory_pb2.TIER_STARTER)
@@ -65,6 +68,17 @@ async def test_writes_on_one_replica_are_read_on_the_other(
         preferences_pb2.EffectiveBatchRequest(account_id=account_id, topic=T, user_ids=["ana"])
     )
     assert not answer.recipients[0].known
+    # A replica further behind than the change log reloads in full instead of guessing.
+    await svc.account(account_id)
+    await svc.user(account_id, "ana")
+    assert await _email(replica, account_id) == (False, "account_default")
+    for enabled in (False, True):
+        await svc.prefs.SetPreference(
+            preferences_pb2.SetPreferenceRequest(choice=choice(T, "email", enabled)),
+            metadata=svc.auth(account_id, "ana"),
+        )
+    await pool.execute("delete from preferences.changes where account_id = $1", account_id)  # as if trimmed
+    assert await _email(replica, account_id) == (True, "user")
     # A user created after the cache was filled is answered, not reported unknown.
     await svc.user(account_id, "zed")
     answer = await replica.EffectiveBatch(
