@@ -22,7 +22,7 @@ from belfry.queue.store import NewDelivery, enqueue
 from services.preferences import store
 from services.preferences.directory import check_id
 from services.preferences.model import Account, Choices, User
-from services.preferences.operations import Operations
+from services.preferences.operations import MAX_CHOICES, Operations
 from services.preferences.precedence import decide
 from services.preferences.store import Conn
 
@@ -49,7 +49,9 @@ class Admin:
         self._catalogue = ops.catalogue
 
     def check_choices(self, choices: Choices, field: str) -> None:
-        """Known topics, allowed channels, never a locked topic."""
+        """Known topics, allowed channels, never a locked topic, a bounded number."""
+        if len(choices) > MAX_CHOICES:
+            raise InvalidArgument(f"at most {MAX_CHOICES} choices per call", field=field)
         for key, channel in choices:
             topic = self._catalogue.topics.get(key)
             if topic is None:

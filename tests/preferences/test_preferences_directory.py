@@ -124,3 +124,8 @@ async def test_effective_batch_refusals(svc: Prefs, account_id: str) -> None:
             )
         )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "1000" in (err.value.details() or "")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await svc.directory.GetUsers(
+            directory_pb2.GetUsersRequest(account_id=account_id, user_ids=[f"u{i}" for i in range(1001)])
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "at most 1000" in (err.value.details() or "")
