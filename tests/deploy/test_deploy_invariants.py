@@ -309,3 +309,23 @@ def test_every_variable_is_read_by_the_code(overlay: str) -> None:
             continue  # a service still being written: checked once its settings exist
         names = {e["name"] for e in container(deployment)["env"]}
         assert names - read == set(), name
+
+
+@pytest.mark.parametrize(("overlay", "name"), _cases())
+def test_file_variables_point_into_required_mounts(overlay: str, name: str) -> None:
+    # Services refuse to start when a configured file is missing, so each file
+    # a variable names must come from a mounted, non-optional volume.
+    deployment = _deployment(overlay, name)
+    spec = container(deployment)
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"].get("volumes", [])}
+    mounts = {m["mountPath"]: m["name"] for m in spec.get("volumeMounts", [])}
+    for item in spec.get("env", []):
+        value = item.get("value", "")
+        if not value.startswith("/etc/belfry/"):
+            continue
+        folder, file = value.rsplit("/", 1)
+        assert folder in mounts, f"{name}: {item['name']}={value} is not under a mounted volume"
+        source = volumes[mounts[folder]]["secret"]
+        assert not source.get("optional", False), f"{name}: {item['name']} names a file that may be absent"
+        if "items" in source:
+            assert file in {i["path"] for i in source["items"]}
