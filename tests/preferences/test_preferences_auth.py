@@ -12,7 +12,7 @@ from belfry.api.preferences.v1 import preferences_pb2
 from belfry.auth import TokenIssuer
 
 from tests.preferences.conftest import Prefs
-from tests.preferences.helpers import ch, choice, decisions
+from tests.preferences.preferences_helpers import ch, choice, decisions
 
 T = "deals.deal_assigned"
 

@@ -11,7 +11,7 @@ from belfry.api.preferences.v1 import preferences_pb2
 from belfry.message import Message
 
 from tests.preferences.conftest import Prefs
-from tests.preferences.helpers import ch, choice, decisions
+from tests.preferences.preferences_helpers import ch, choice, decisions
 
 T = "tickets.ticket_assigned"
 

@@ -9,7 +9,7 @@ from belfry.api.directory.v1 import directory_pb2
 from belfry.api.preferences.v1 import preferences_pb2
 
 from tests.preferences.conftest import Prefs
-from tests.preferences.helpers import choice, decisions, set_masters_off
+from tests.preferences.preferences_helpers import choice, decisions, set_masters_off
 
 T = "contacts.contact_assigned"
 

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.preferences.conftest import Prefs
-from tests.preferences.helpers import CHANNELS, choice, decisions, set_masters_off
+from tests.preferences.preferences_helpers import CHANNELS, choice, decisions, set_masters_off
 
 ALL = frozenset(CHANNELS)
 USUAL = frozenset({"email", "bell", "popup", "browser", "mobile"})

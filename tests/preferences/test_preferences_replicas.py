@@ -12,7 +12,7 @@ from belfry.api.preferences.v1 import preferences_pb2, preferences_pb2_grpc
 from belfry.config import TlsSettings
 
 from tests.preferences.conftest import Prefs, start_prefs
-from tests.preferences.helpers import CHANNELS, choice
+from tests.preferences.preferences_helpers import CHANNELS, choice
 
 T = "leads.lead_assigned"
 
