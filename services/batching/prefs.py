@@ -15,7 +15,15 @@ from belfry.api.common.v1 import common_pb2
 from belfry.api.preferences.v1 import preferences_pb2, preferences_pb2_grpc
 from belfry.errors import FailedPrecondition, Unavailable
 
-# Preference channels → queue channels (the pop-up rides on the bell delivery).
+# Preference channels by name, and → queue channels (the pop-up rides on the bell delivery).
+PREFERENCE_CHANNEL = {
+    common_pb2.CHANNEL_EMAIL: "email",
+    common_pb2.CHANNEL_BELL: "bell",
+    common_pb2.CHANNEL_POPUP: "popup",
+    common_pb2.CHANNEL_BROWSER: "browser",
+    common_pb2.CHANNEL_MOBILE: "mobile",
+    common_pb2.CHANNEL_OTHER_APPS: "other_apps",
+}
 QUEUE_CHANNEL = {
     common_pb2.CHANNEL_EMAIL: "email",
     common_pb2.CHANNEL_BELL: "bell",
@@ -43,6 +51,9 @@ class Recipient:
     locale: str = "en"
     time_zone: str = "UTC"
     enabled: frozenset[str] = frozenset()  # queue channels switched on for the topic
+    # Preference channels switched on (the pop-up and browser flags of the bell delivery come from these).
+    switched_on: frozenset[str] = frozenset()
+    popup_sound: str = ""  # empty when muted, in quiet hours, or the pop-up is off
     in_quiet_hours: bool = False
     quiet_until: datetime | None = None
 
@@ -98,6 +109,10 @@ def _recipient(r: preferences_pb2.RecipientDecision) -> Recipient:
         locale=r.locale or "en",
         time_zone=r.time_zone or "UTC",
         enabled=frozenset(QUEUE_CHANNEL[c.channel] for c in r.channels if c.enabled and c.channel in QUEUE_CHANNEL),
+        switched_on=frozenset(
+            PREFERENCE_CHANNEL[c.channel] for c in r.channels if c.enabled and c.channel in PREFERENCE_CHANNEL
+        ),
+        popup_sound=next((c.sound for c in r.channels if c.channel == common_pb2.CHANNEL_POPUP and c.enabled), ""),
         in_quiet_hours=r.in_quiet_hours and quiet_until is not None,
         quiet_until=quiet_until,
     )

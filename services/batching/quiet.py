@@ -1,10 +1,14 @@
-"""Quiet hours for what batching enqueues, the same way the dispatcher does it.
+"""Per-channel deliveries for what batching enqueues, with quiet hours applied as the dispatcher does.
 
 Held deliveries are rows in the queue whose ``available_at`` is the end of the
 user's quiet hours: the queue makes them claimable then and expires them past
 their time to live, so no separate release loop is needed. The bell is not
-held: it collects at once, silently (no pop-up sound). Locked topics bypass
-quiet hours.
+held: it collects at once, silently (no pop-up, no sound, no OS notification
+from a live tab). Locked topics bypass quiet hours.
+
+The bell delivery's pop-up and browser flags come from the user's current
+preferences (the handoff carries queue channels, where the pop-up and the
+in-tab browser notification ride on the bell).
 """
 
 from __future__ import annotations
@@ -18,6 +22,23 @@ from belfry.message import Message
 from belfry.queue import NewDelivery
 
 from services.batching.prefs import Recipient
+
+
+def _bell(message: Message, recipient: Recipient | None, quiet: bool) -> Message | None:
+    """The bell delivery's message, or None when none of its flags is on."""
+    if recipient is None or not recipient.known:
+        flags = replace(message, sound=message.sound if message.popup else "")
+    else:
+        on = recipient.switched_on
+        popup = "popup" in on and not quiet
+        flags = replace(
+            message,
+            bell="bell" in on,
+            popup=popup,
+            browser="browser" in on and not quiet,
+            sound=recipient.popup_sound if popup else "",
+        )
+    return flags if flags.bell or flags.popup or flags.browser else None
 
 
 def deliveries(
@@ -36,15 +57,14 @@ def deliveries(
         message = replace(message, recipient_email=recipient.email, recipient_name=recipient.display_name)
     out: list[NewDelivery] = []
     for channel in dict.fromkeys(channels):
-        sent = message
         available_at = None
-        if quiet_until is not None:
-            if channel == "bell":
-                # Silent: no pop-up sound, and no OS notification from a live tab
-                # (the browser channel is held like the others).
-                sent = replace(message, sound="", browser=False)
-            else:
-                available_at = quiet_until
+        if channel == "bell":
+            sent = _bell(message, recipient, quiet_until is not None)
+            if sent is None:
+                continue
+        else:
+            sent = replace(message, bell=False, popup=False, sound="", browser=channel == "browser")
+            available_at = quiet_until
         out.append(
             NewDelivery(
                 account_id=message.account_id,

@@ -44,7 +44,7 @@ async def test_a_merged_notification_in_quiet_hours_is_held_except_the_silent_be
     assert quiet_end == local_morning  # 07:00 in Paris the next morning
     assert rows["bell"]["available_at"] < quiet_end  # the bell is not held
     bell = Message.from_json(rows["bell"]["payload"])
-    assert (bell.sound, bell.browser, bell.popup) == ("", False, True)
+    assert (bell.bell, bell.popup, bell.sound, bell.browser) == (True, False, "", False)
     assert Message.from_json(rows["email"]["payload"]).items[1].id == "2"
     status = await world.stub(running).GetStatus(batching_pb2.GetStatusRequest(account_id=tenant))
     assert status.held_deliveries == 2
@@ -61,7 +61,10 @@ async def test_outside_quiet_hours_nothing_is_held(world: World, tenant: str) ->
     rows = await world.deliveries(tenant)
     now = await world.pool.fetchval("select now()")
     assert all(r["available_at"] <= now for r in rows)
-    assert Message.from_json(rows[0]["payload"]).sound == "chime"
+    bell = Message.from_json(next(r["payload"] for r in rows if r["channel"] == "bell"))
+    assert bell.popup
+    assert bell.sound  # the user's pop-up sound, as preferences chose it
+    assert bell.browser
 
 
 def test_locked_topics_bypass_quiet_hours() -> None:
@@ -77,13 +80,21 @@ def test_locked_topics_bypass_quiet_hours() -> None:
         sound="chime",
     )
     until = dt.datetime(2027, 1, 1, 6, tzinfo=dt.UTC)
-    recipient = Recipient("u", known=True, in_quiet_hours=True, quiet_until=until)
+    recipient = Recipient(
+        "u",
+        known=True,
+        in_quiet_hours=True,
+        quiet_until=until,
+        switched_on=frozenset({"email", "bell", "popup"}),
+        popup_sound="chime",
+    )
     expires = until + dt.timedelta(days=1)
     held = quiet.deliveries(message, ["email", "bell"], recipient=recipient, locked=False, expires_at=expires)
     assert [d.available_at for d in held] == [until, None]
+    assert held[1].payload["sound"] == ""
     bypass = quiet.deliveries(message, ["email", "bell"], recipient=recipient, locked=True, expires_at=expires)
     assert [d.available_at for d in bypass] == [None, None]
-    assert all(d.payload["sound"] == "chime" for d in bypass)
+    assert bypass[1].payload["sound"] == "chime"
 
 
 async def test_a_held_delivery_is_claimable_only_once_its_quiet_hours_end(world: World, tenant: str) -> None:
