@@ -16,7 +16,15 @@ from tests.deploy.manifests import ROOT, Obj, container, environment, of_kind, p
 OVERLAYS = ("dev", "prod")
 SENDERS_AND_GATEWAY = {"email", "webpush", "mobile", "webhooks", "gateway"}
 # Secrets the operator creates (docs/deploy.md says how); everything else is rendered.
-OPERATOR_SECRETS = {"belfry-tokens", "belfry-email", "belfry-smtp", "belfry-vapid", "belfry-fcm", "belfry-apns"}
+OPERATOR_SECRETS = {
+    "belfry-tokens",
+    "belfry-email",
+    "belfry-smtp",
+    "belfry-vapid",
+    "belfry-webhooks",
+    "belfry-fcm",
+    "belfry-apns",
+}
 # Secrets made by operators running in the cluster: CloudNativePG and cert-manager.
 CONTROLLER_SECRETS = {"belfry-db-app"} | {f"belfry-{name}-tls" for name in SERVICES}
 
