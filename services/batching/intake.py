@@ -93,6 +93,9 @@ class Intake:
             return Fail("digest fact names another account or user than its delivery")
         occurred = parse_time(f.occurred_at) or self._clock.now()
         category = f.topic.partition(".")[0]
+        if category == "tasks" and "mention" in f.topic:
+            # A mention in a task note names a user who does not own the task.
+            return Drop(f"{f.topic} does not change who owns the task or its state")
         if category == "tasks":
             status = str(f.data.get("status", "")).lower()
             task = digest_store.TaskFact(

@@ -177,3 +177,27 @@ async def test_friday_workflow_digest_reports_the_weeks_changes_once(world: Worl
     await _settle(world, tenant, dt.datetime(2027, 5, 14, 14, 0, tzinfo=UTC))
     assert len(await world.deliveries(tenant, channel="email")) == 1
     assert [o for _, _, o, _ in await _runs(world, tenant)] == ["sent", "nothing"]
+
+
+async def test_a_mention_in_a_task_note_does_not_move_the_task(world: World, tenant: str) -> None:
+    world.clock.set(dt.datetime(2027, 6, 2, 12, 0, tzinfo=UTC))  # a Wednesday
+    await world.start_replica()
+    now = world.clock.now()
+    await world.handoff(tenant, "ana", _fact(tenant, "ana", "t1", at=now))
+    mention = DigestFact(
+        account_id=tenant,
+        user_id="bob",
+        topic="tasks.mentioned",
+        object_type="task",
+        object_id="t1",
+        display_name="Task t1",
+        url="https://app.example.test/tasks/t1",
+        occurred_at=(now + dt.timedelta(minutes=1)).isoformat(),
+        data={},
+    )
+    await world.handoff(tenant, "bob", mention)
+    await world.until(lambda: world.handled(tenant), "facts applied")
+    owner = await world.pool.fetchval(
+        "select user_id from batching.tasks where account_id = $1 and task_id = 't1'", tenant
+    )
+    assert owner == "ana"

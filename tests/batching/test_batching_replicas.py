@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import socket
 
 from belfry.api.batching.v1 import batching_pb2
 from belfry.message import Message
@@ -128,3 +129,22 @@ async def test_a_window_that_cannot_be_merged_does_not_hold_up_the_others(world:
 
     await world.until(bob_sent_and_ana_retrying, "bob's window sent while ana's is retried")
     assert {r["user_id"] for r in await world.deliveries(tenant)} == {"bob"}
+
+
+async def test_windows_wait_for_preferences_when_it_is_unreachable(world: World, tenant: str) -> None:
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{probe.getsockname()[1]}"
+    running = await world.start_replica(BELFRY_PREFERENCES_ADDRESS=dead)
+    await world.handoff(tenant, "ana", world.assignment(tenant, "ana", "1"))
+    await world.until(lambda: world.handled(tenant), "handoff applied")
+    world.clock.advance(301)
+
+    async def retrying() -> bool:
+        status = await world.stub(running).GetStatus(batching_pb2.GetStatusRequest(account_id=tenant))
+        return status.windows_retrying == 1 and status.HasField("oldest_due_window")
+
+    await world.until(retrying, "the window to be retried")
+    error = await world.pool.fetchval("select last_error from batching.windows where account_id = $1", tenant)
+    assert "preferences did not answer" in error
+    assert await world.deliveries(tenant) == []
