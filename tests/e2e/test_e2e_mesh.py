@@ -29,7 +29,6 @@ from belfry.local import demo, mailcatcher, supervisor
 from tests.conftest import common_env
 
 TOPIC = "comments.mentioned"
-SERVICES = tuple(s for s in supervisor.SERVICES if s != "mobile")  # TEMP
 
 
 @dataclass
@@ -72,7 +71,7 @@ async def mesh(
     )
     for name in supervisor.SERVICES:
         env[f"BELFRY_{name.upper()}_GRPC_ADDRESS"] = "127.0.0.1:0"
-    children = await supervisor.start_mesh(env, SERVICES)
+    children = await supervisor.start_mesh(env)
     try:
         yield Mesh(env, children, home / "mail", http_port, TokenIssuer(token_keys, "k1"))
     finally:
@@ -217,4 +216,4 @@ async def test_forged_and_expired_tokens_are_refused(mesh: Mesh, account_id: str
 
 async def test_every_service_drains_and_exits_cleanly_on_sigterm(mesh: Mesh) -> None:
     await supervisor.stop_all(mesh.children, 15)
-    assert {c.name: c.process.returncode for c in mesh.children} == dict.fromkeys(SERVICES, 0)
+    assert {c.name: c.process.returncode for c in mesh.children} == dict.fromkeys(supervisor.SERVICES, 0)
