@@ -140,9 +140,11 @@ async def test_windows_wait_for_preferences_when_it_is_unreachable(world: World,
     await world.until(lambda: world.handled(tenant), "handoff applied")
     world.clock.advance(301)
 
+    stub = world.stub(running)
+
     async def retrying() -> bool:
-        status = await world.stub(running).GetStatus(batching_pb2.GetStatusRequest(account_id=tenant))
-        return status.windows_retrying == 1 and status.HasField("oldest_due_window")
+        status = await stub.GetStatus(batching_pb2.GetStatusRequest(account_id=tenant))
+        return bool(status.windows_retrying == 1 and status.HasField("oldest_due_window"))
 
     await world.until(retrying, "the window to be retried")
     error = await world.pool.fetchval("select last_error from batching.windows where account_id = $1", tenant)
