@@ -9,80 +9,15 @@ instead of in a crash-looping pod.
 
 from __future__ import annotations
 
-import base64
 import importlib
-import json
-import secrets
 from pathlib import Path
-from typing import Any
 
 import pytest
 from belfry.local.supervisor import SERVICES
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
-from tests.deploy.manifests import ROOT, Obj, container, environment, of_kind, render
+from tests.deploy.manifests import ROOT, of_kind, render
 from tests.deploy.pki import Authority
-
-_MOUNT_ROOT = "/etc/belfry/"
-
-
-def _secret_value(secret: str, key: str) -> str:
-    """What an operator would put in the Secret under this key."""
-    values = {
-        "keys": f"k1={secrets.token_urlsafe(48)}",
-        "active-kid": "k1",
-        "url": "postgresql://belfry:password@postgres:5432/belfry",
-        "uri": "postgresql://belfry:password@belfry-db-rw:5432/belfry",
-        "secret-key": base64.b64encode(secrets.token_bytes(32)).decode(),
-        "key-id": "ABC123DEFG",
-        "team-id": "TEAM123456",
-    }
-    return values.get(key, secrets.token_urlsafe(48))
-
-
-def _private_pem() -> bytes:
-    key = ec.generate_private_key(ec.SECP256R1())
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-
-
-def _write_file(path: Path, name: str, tls: Any) -> None:
-    """A file of the kind the mounted Secret holds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.name in {"tls.crt", "tls.key", "ca.crt"}:
-        source = {"tls.crt": tls.cert, "tls.key": tls.key, "ca.crt": tls.ca}[path.name]
-        path.write_bytes(Path(source).read_bytes())
-    elif path.suffix == ".json":
-        account = {
-            "type": "service_account",
-            "project_id": "belfry-test",
-            "client_email": f"{name}@belfry-test.iam.gserviceaccount.com",
-            "private_key": _private_pem().decode(),
-            "token_uri": "https://oauth2.googleapis.com/token",
-        }
-        path.write_text(json.dumps(account))
-    else:
-        path.write_bytes(_private_pem())
-
-
-def _environ(deployment: Obj, objs: tuple[Obj, ...], folder: Path, authority: Authority) -> dict[str, str]:
-    name = deployment["metadata"]["name"]
-    env = environment(deployment, objs)
-    for item in container(deployment)["env"]:
-        source = item.get("valueFrom", {})
-        if "secretKeyRef" in source:
-            env[item["name"]] = _secret_value(source["secretKeyRef"]["name"], source["secretKeyRef"]["key"])
-        elif "fieldRef" in source:
-            env[item["name"]] = f"{name}-7d9f8c6b5-x2x4z"
-    tls = authority.issue(name)
-    for variable, value in list(env.items()):
-        if value.startswith(_MOUNT_ROOT):
-            local = folder / name / value.removeprefix(_MOUNT_ROOT)
-            _write_file(local, name, tls)
-            env[variable] = str(local)
-    return env
+from tests.deploy.podenv import pod_environ
 
 
 def _cases() -> list[tuple[str, str]]:
@@ -98,7 +33,7 @@ def _cases() -> list[tuple[str, str]]:
 def test_service_accepts_its_rendered_environment(overlay: str, name: str, tmp_path: Path) -> None:
     objs = render(overlay)
     deployment = of_kind(objs, "Deployment")[name]
-    environ = _environ(deployment, objs, tmp_path, Authority.create(tmp_path / "pki", "mesh"))
+    environ = pod_environ(deployment, objs, tmp_path, Authority.create(tmp_path / "pki", "mesh"))
     settings = importlib.import_module(f"services.{name}.settings").load_settings(environ)
     common = settings.common
     assert common.service == name
