@@ -201,3 +201,16 @@ async def test_a_mention_in_a_task_note_does_not_move_the_task(world: World, ten
         "select user_id from batching.tasks where account_id = $1 and task_id = 't1'", tenant
     )
     assert owner == "ana"
+
+
+async def test_a_digest_due_in_quiet_hours_is_held_until_they_end(world: World, tenant: str) -> None:
+    world.clock.set(dt.datetime(2027, 6, 2, 12, 0, tzinfo=UTC))  # a Wednesday
+    await world.start_replica()
+    await world.prefs.opt_in(tenant, "ana", "tasks.weekly_digest")
+    await world.prefs.quiet_hours(tenant, "ana", "07:00", "09:00")
+    await world.handoff(tenant, "ana", _fact(tenant, "ana", "t1", at=world.clock.now()))
+    await world.until(lambda: world.handled(tenant), "fact applied")
+    await _settle(world, tenant, world.clock.now())
+    await _settle(world, tenant, dt.datetime(2027, 6, 7, 6, 0, tzinfo=UTC))  # Monday 08:00 CEST
+    [row] = await world.deliveries(tenant, channel="email")
+    assert row["available_at"] == dt.datetime(2027, 6, 7, 7, 0, tzinfo=UTC)  # 09:00 CEST, the end of quiet hours
