@@ -162,6 +162,10 @@ class Publisher:
         return _Stream(self, events).run()
 
 
+class _Ended(Exception):
+    """The server ended a stream cleanly while events were still unacknowledged."""
+
+
 class _Stream:
     """One producer stream: its unacknowledged events survive re-opened calls."""
 
@@ -172,6 +176,8 @@ class _Stream:
         self._window = asyncio.Semaphore(publisher.window)
         self._seq = 0
         self._exhausted = False
+        self._slot = False  # a window slot taken for the next event
+        self._next: asyncio.Future[pb.Event] | None = None  # the producer's next event, in flight
 
     async def run(self) -> AsyncIterator[tuple[pb.Event, pb.EventStatus]]:
         """Open calls until every event has its final status."""
@@ -186,21 +192,35 @@ class _Stream:
                     raise
                 await self._p._sleep(self._p.retries.delay(breaks, retry_hint(exc), self._p._rng))
                 breaks += 1
+            except _Ended:
+                # The server closed the call with events still unacknowledged (e.g. it shut down).
+                if breaks + 1 >= self._p.retries.attempts:
+                    raise grpc.RpcError("the dispatcher ended the stream with events unacknowledged") from None
+                await self._p._sleep(self._p.retries.delay(breaks, 0.0, self._p._rng))
+                breaks += 1
 
     async def _writer(self, call: Any, write: Callable[[int], Awaitable[None]], drained: asyncio.Event) -> None:
         """Send what the broken call left unacknowledged, then new events as the window allows."""
         for seq in sorted(self._pending):
             await write(seq)
         while not self._exhausted:
-            await self._window.acquire()
+            # A cancelled writer (the call broke) must neither lose its window slot nor
+            # cancel the producer's iterator mid-step: both carry over to the next call.
+            if not self._slot:
+                await self._window.acquire()
+                self._slot = True
+            if self._next is None:
+                self._next = asyncio.ensure_future(anext(self._source))
             try:
-                event = prepare(await anext(self._source))
+                raw = await asyncio.shield(self._next)
             except StopAsyncIteration:
                 self._exhausted = True
+                self._next, self._slot = None, False
                 self._window.release()
                 break
+            self._next, self._slot = None, False
             self._seq += 1
-            self._pending[self._seq] = (event, 0)
+            self._pending[self._seq] = (prepare(raw), 0)
             await write(self._seq)
         if self._pending:
             await drained.wait()
@@ -244,6 +264,8 @@ class _Stream:
                 if self._exhausted and not self._pending:
                     drained.set()
                 yield event, s
+            if self._pending or not self._exhausted:
+                raise _Ended
             await sending
         finally:
             sending.cancel()

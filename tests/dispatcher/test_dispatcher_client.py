@@ -137,3 +137,39 @@ async def test_unavailable_is_retried_until_the_dispatcher_is_up(
     await channel.close()
     await started[0].stop(0.1)
     assert answer.notification_id and started
+
+
+async def test_a_broken_stream_is_resumed_and_nothing_is_lost_or_doubled(
+    mesh: Mesh, account_id: str, token_keys: dict[str, bytes]
+) -> None:
+    await seed(mesh, account_id)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    address = f"127.0.0.1:{port}"
+    servers = [await _dispatcher(mesh, token_keys, BELFRY_GRPC_ADDRESS=address)]
+    channel = rpc.connect(address, NO_TLS)
+
+    async def sleep(seconds: float) -> None:
+        # The backoff after the break: a replacement dispatcher comes up on the same address.
+        servers.append(await _dispatcher(mesh, token_keys, BELFRY_GRPC_ADDRESS=address))
+        await asyncio.wait_for(channel.channel_ready(), 10)
+
+    client = Publisher(channel, window=10, sleep=sleep)
+    events = [event(account_id, recipient_user_ids=["ana"]) for _ in range(60)]
+
+    async def source() -> AsyncIterator[pb.Event]:
+        for i, ev in enumerate(events):
+            if i == 30:
+                await servers[0].stop(0)  # the dispatcher goes away mid-stream
+            yield ev
+
+    results = [item async for item in client.stream(source())]
+    await channel.close()
+    for running in servers[1:]:
+        await running.stop(0.1)
+    assert len(servers) == 2  # exactly one break, one resume
+    assert sorted(e.idempotency_key for e, _ in results) == sorted(e.idempotency_key for e in events)
+    assert all(s.outcome in {pb.OUTCOME_ACCEPTED, pb.OUTCOME_REPLAYED} for _, s in results)
+    count = await mesh.pool.fetchval("select count(*) from dispatcher.notifications where account_id = $1", account_id)
+    assert count == 60
