@@ -117,12 +117,13 @@ async def _run(name: str, common: CommonSettings, build: Callable[[asyncpg.Pool]
 
     metrics_port = metrics.serve_metrics(common.metrics_address)
     running = await start(name, common, build)
-    # Supervisors (``belfry up``, tests) read the bound port from this line.
-    _LOG.info("serving", port=running.port, metrics_port=metrics_port)
-    print(f"BELFRY_READY {name} {running.port}", file=sys.stderr, flush=True)  # noqa: T201
+    # Handlers first: a supervisor may send SIGTERM as soon as it reads the line below.
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, running.stop_event.set)
+    # Supervisors (``belfry up``, tests) read the bound port from this line.
+    _LOG.info("serving", port=running.port, metrics_port=metrics_port)
+    print(f"BELFRY_READY {name} {running.port}", file=sys.stderr, flush=True)  # noqa: T201
     await running.stop_event.wait()
     _LOG.info("draining", seconds=common.drain_seconds)
     await running.stop(common.drain_seconds)
