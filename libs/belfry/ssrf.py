@@ -232,6 +232,40 @@ def client(
     )
 
 
+class Clients:
+    """A round-robin set of small httpx clients.
+
+    httpcore's pool scans every connection on every request, so one client
+    with 50 busy connections spends most of its CPU in that scan (measured:
+    about 4 ms of CPU per request at 50 concurrent on two cores, against
+    under 1 ms for 25 clients of 2 connections; see docs/push.md).
+    """
+
+    def __init__(
+        self,
+        count: int,
+        *,
+        per_client: int = 2,
+        ca_file: Path | None = None,
+        http2: bool = False,
+        timeout: float = 10.0,
+    ) -> None:
+        self._clients = [
+            client(ca_file=ca_file, http2=http2, timeout=timeout, max_connections=per_client) for _ in range(count)
+        ]
+        self._next = 0
+
+    def next(self) -> httpx.AsyncClient:
+        """The next client in turn."""
+        self._next = (self._next + 1) % len(self._clients)
+        return self._clients[self._next]
+
+    async def aclose(self) -> None:
+        """Close every client's connections."""
+        for each in self._clients:
+            await each.aclose()
+
+
 def retry_after_seconds(value: str | None, now: float) -> float | None:
     """Retry-After as delta-seconds or an HTTP date → seconds from now (None when absent or unreadable)."""
     if not value:

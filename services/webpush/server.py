@@ -25,10 +25,12 @@ def build_for(settings: Settings) -> Callable[[asyncpg.Pool], Awaitable[Built]]:
         key = vapid.load_or_create(settings.vapid_private_key, settings.vapid_key_file)
         signer = vapid.Vapid(key, settings.vapid_subject)
         guard = ssrf.Guard(settings.policy)
-        client = ssrf.client(ca_file=settings.ca_file, timeout=settings.timeout_seconds)
+        clients = ssrf.Clients(
+            max(1, settings.concurrency // 2), ca_file=settings.ca_file, timeout=settings.timeout_seconds
+        )
         verifier = TokenVerifier(settings.common.token_keys)
         sender = WebPushSender(
-            pool=pool, client=client, guard=guard, vapid=signer, default_ttl=settings.default_ttl_seconds
+            pool=pool, clients=clients, guard=guard, vapid=signer, default_ttl=settings.default_ttl_seconds
         )
         queue = Queue(pool, "browser", worker=settings.worker_id, lease_seconds=settings.lease_seconds)
 
@@ -43,7 +45,7 @@ def build_for(settings: Settings) -> Callable[[asyncpg.Pool], Awaitable[Built]]:
             ],
             service_names=[SERVICE_NAME, admin.SERVICE_NAME],
             background=[send_loop],
-            cleanup=[client.aclose],
+            cleanup=[clients.aclose],
         )
 
     return build

@@ -106,10 +106,10 @@ async def test_a_name_that_resolves_differently_the_second_time(
     guard = ssrf.Guard(policy, resolve)
     await guard.check(sub.endpoint)  # registration-time check: passes
     await store.upsert(pool, account_id, "u1", sub.endpoint, sub.p256dh, b64url(sub.auth), "rebind")
-    client = ssrf.client(ca_file=pki.ca_file)
+    client = ssrf.Clients(2, ca_file=pki.ca_file)
     sender = WebPushSender(
         pool=pool,
-        client=client,
+        clients=client,
         guard=guard,
         vapid=Vapid(ec.generate_private_key(ec.SECP256R1()), "mailto:ops@example.com"),
         default_ttl=60,
@@ -134,10 +134,10 @@ async def test_the_send_connects_to_the_checked_address_without_resolving_again(
     sub = push_service.subscribe(host=REBIND_NAME)
     resolve, asked = fixed(["127.0.0.1"])
     await store.upsert(pool, account_id, "u1", sub.endpoint, sub.p256dh, b64url(sub.auth), "pinned")
-    client = ssrf.client(ca_file=pki.ca_file)
+    client = ssrf.Clients(2, ca_file=pki.ca_file)
     sender = WebPushSender(
         pool=pool,
-        client=client,
+        clients=client,
         guard=ssrf.Guard(policy, resolve),
         vapid=Vapid(ec.generate_private_key(ec.SECP256R1()), "mailto:ops@example.com"),
         default_ttl=60,
@@ -160,10 +160,10 @@ async def test_a_redirect_to_an_internal_address_is_not_followed(
     sub = push_service.subscribe()
     await store.upsert(pool, account_id, "u1", sub.endpoint, sub.p256dh, b64url(sub.auth), "redirect")
     push_service.script(sub.sub_id, (302, {"location": "https://169.254.169.254/latest/meta-data/"}))
-    client = ssrf.client(ca_file=pki.ca_file)
+    client = ssrf.Clients(2, ca_file=pki.ca_file)
     sender = WebPushSender(
         pool=pool,
-        client=client,
+        clients=client,
         guard=ssrf.Guard(policy),
         vapid=Vapid(ec.generate_private_key(ec.SECP256R1()), "mailto:ops@example.com"),
         default_ttl=60,

@@ -99,9 +99,9 @@ async def sender(pool: asyncpg.Pool, pki: Pki, push_service: PushService) -> Asy
         allowed_ports=(push_port(push_service),),
         allowed_networks=ssrf.parse_networks("127.0.0.0/8"),
     )
-    client = ssrf.client(ca_file=pki.ca_file)
+    client = ssrf.Clients(2, ca_file=pki.ca_file)
     vapid = Vapid(_key(), "mailto:ops@example.com")
-    yield WebPushSender(pool=pool, client=client, guard=ssrf.Guard(policy), vapid=vapid, default_ttl=86400)
+    yield WebPushSender(pool=pool, clients=client, guard=ssrf.Guard(policy), vapid=vapid, default_ttl=86400)
     await client.aclose()
 
 
