@@ -53,23 +53,20 @@ class Dispatcher:
         self.backpressure.check_queue()
         results: list[Result | None] = [x if isinstance(x, errors.BelfryError) else None for x in items]
         firsts, repeats = self._admit(items, results)
-        existing = await store.find_keys(self._pool, list(firsts))
-        todo: list[int] = []
-        for key, i in firsts.items():
-            if key in existing:
-                results[i] = _replay(_event(items[i]), existing[key])
-            else:
-                todo.append(i)
+        # No look-up of the keys first: a new event (the common case) costs no extra
+        # round trip; a replay is recognised when its insert finds the key taken, or
+        # when it cannot be planned any more (e.g. a recipient left since).
+        todo = list(firsts.values())
         plans = await self._planner.plan([_event(items[i]) for i in todo])
         ready = [p for p in plans if isinstance(p, Plan)]
         written = await self._write(ready) if ready else set()
         for i, plan in zip(todo, plans, strict=True):
-            if not isinstance(plan, Plan):
-                results[i] = plan
-            elif plan.notification_id in written:
+            if isinstance(plan, Plan) and plan.notification_id in written:
                 results[i] = Accepted(plan.notification_id)
             else:
-                repeats.append(i)  # a concurrent publisher took the key first
+                if not isinstance(plan, Plan):
+                    results[i] = plan  # unless the key turns out to be a replay
+                repeats.append(i)
         await self._resolve(items, results, firsts, repeats)
         final = [r if r is not None else errors.Unavailable("event was not processed; retry it") for r in results]
         for r in final:

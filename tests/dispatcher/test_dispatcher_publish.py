@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 
 import grpc
+from belfry.api.directory.v1 import directory_pb2
 from belfry.message import Message
 
 from tests.dispatcher.conftest import Mesh, deliveries, event, publish, refused, seed
@@ -121,3 +122,20 @@ def _varint(n: int) -> bytes:
         else:
             out.append(byte)
             return bytes(out)
+
+
+async def test_replay_is_answered_even_when_the_event_could_not_be_planned_any_more(
+    mesh: Mesh, account_id: str
+) -> None:
+    await seed(mesh, account_id)
+    ev = event(account_id, recipient_user_ids=["ana"])
+    first = await publish(mesh, ev)
+    await mesh.directory.UpsertUser(
+        directory_pb2.UpsertUserRequest(
+            user=directory_pb2.User(account_id=account_id, user_id="ana", email="ana@example.test", active=False)
+        )
+    )
+    again = await publish(mesh, ev)
+    assert again.replayed and again.notification_id == first.notification_id
+    fresh = await refused(publish(mesh, event(account_id, recipient_user_ids=["ana"])))
+    assert fresh.code() == grpc.StatusCode.INVALID_ARGUMENT
