@@ -37,7 +37,7 @@ from typing import Any
 import asyncpg
 import grpc
 import procrastinate
-import psutil  # type: ignore[import-untyped]  # the psutil wheel ships no type stubs
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
