@@ -77,7 +77,7 @@ def build_for(settings: Settings) -> Callable[[asyncpg.Pool], Awaitable[service.
                         pool, key_hours=settings.key_hours, retention_days=settings.retention_days
                     )
                     if keys or old:
-                        _LOG.info("purged", idempotency_keys=keys, notifications=old)
+                        _LOG.info("purged", idempotency_keys=keys, recipient_rows=old)
                 except (OSError, asyncpg.PostgresError) as exc:
                     _LOG.warning("purge failed", error=str(exc))
                 with contextlib.suppress(TimeoutError):

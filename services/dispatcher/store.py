@@ -323,7 +323,10 @@ async def list_for_user(
 
 
 async def purge(pool: asyncpg.Pool, *, key_hours: float, retention_days: float, batch: int = 5000) -> tuple[int, int]:
-    """Forget idempotency keys older than ``key_hours`` and records older than ``retention_days``."""
+    """Forget keys older than ``key_hours``, purge records older than ``retention_days``.
+
+    Returns (keys forgotten, recipient rows purged with their notifications).
+    """
     keys = await pool.execute(
         """
         update dispatcher.notifications set idempotency_key = null
