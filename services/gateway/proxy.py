@@ -117,6 +117,11 @@ class Proxies:
             except grpc.aio.AioRpcError as exc:
                 status = _HTTP.get(exc.code(), 502)
                 return JSONResponse({"error": exc.details() or exc.code().name, "code": exc.code().name}, status)
-            return JSONResponse(json_format.MessageToDict(reply, preserving_proto_field_name=True))
+            # Defaults are printed too: the page reads "enabled": false rather than a missing key.
+            return JSONResponse(
+                json_format.MessageToDict(
+                    reply, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+                )
+            )
 
         return [Route("/api/{service}/{method}", call, methods=["POST"])]

@@ -47,15 +47,13 @@ async def start_replica(database_url: str, token_keys: dict[str, bytes]) -> Asyn
     started: list[Replica] = []
 
     async def start(**extra: str) -> Replica:
-        env = common_env(
-            database_url,
-            token_keys,
-            BELFRY_GATEWAY_HTTP_HOST="127.0.0.1",
-            BELFRY_GATEWAY_HTTP_PORT="0",
-            BELFRY_WORKER_ID=f"gw-{uuid.uuid4().hex[:6]}",
-            BELFRY_GATEWAY_PRESENCE_TTL_SECONDS="5",
-            **extra,
-        )
+        defaults = {
+            "BELFRY_GATEWAY_HTTP_HOST": "127.0.0.1",
+            "BELFRY_GATEWAY_HTTP_PORT": "0",
+            "BELFRY_WORKER_ID": f"gw-{uuid.uuid4().hex[:6]}",
+            "BELFRY_GATEWAY_PRESENCE_TTL_SECONDS": "5",
+        }
+        env = common_env(database_url, token_keys, **(defaults | extra))
         s = settings.load_settings(env)
         build = server.GatewayBuild(s)
         running = await service.start("gateway", s.common, build)
