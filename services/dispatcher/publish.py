@@ -119,41 +119,57 @@ class Dispatcher:
 
     async def _write(self, plans: list[Plan]) -> set[uuid.UUID]:
         """Write the plans in one transaction; return the notification ids inserted."""
+        claims = [
+            (p.event.account_id, p.event.activity_id, v.user_id, p.notification_id)
+            for p in plans
+            for v in p.verdicts
+            if v.mention_only and not v.reason
+        ]
+        notifications = [_notification_row(p) for p in plans]
         async with self._pool.acquire() as conn, conn.transaction():
-            inserted = await store.insert_notifications(conn, [_notification_row(p) for p in plans])
-            plans = [p for p in plans if p.notification_id in inserted]
-            claims = [
-                (p.event.account_id, p.event.activity_id, v.user_id, p.notification_id)
-                for p in plans
-                for v in p.verdicts
-                if v.mention_only and not v.reason
-            ]
-            firsts = await store.claim_mentions(conn, claims)
-            recipients: list[store.RecipientRow] = []
-            deliveries: list[NewDelivery] = []
-            for plan in plans:
-                e = plan.event
-                first = {u for (a, act, u) in firsts if a == e.account_id and act == e.activity_id}
-                for v in rules.first_mentions(plan.verdicts, first):
-                    routed = plan.routed.get(v.user_id) if not v.reason else None
-                    recipients.append(
-                        store.RecipientRow(
-                            e.account_id,
-                            plan.notification_id,
-                            v.user_id,
-                            "accepted" if routed else "suppressed",
-                            v.reason,
-                            routed.channels if routed else [],
-                            routed.held_until if routed else None,
-                        )
-                    )
-                    if routed:
-                        deliveries.extend(routed.deliveries)
-                deliveries.extend(plan.digest)
-            await store.insert_recipients(conn, recipients)
+            if claims:
+                # Who is told depends on which mentions are first: claim them, then decide.
+                inserted = await store.insert_notifications(conn, notifications)
+                plans = [p for p in plans if p.notification_id in inserted]
+                firsts = await store.claim_mentions(conn, [c for c in claims if c[3] in inserted])
+                recipients, tagged = _rows(plans, firsts)
+                await store.insert_recipients(conn, recipients)
+            else:
+                # Nothing depends on the insert: notifications and decisions in one statement.
+                recipients, tagged = _rows(plans, set())
+                inserted = await store.insert_notifications(conn, notifications, recipients)
+            deliveries = [d for plan_id, d in tagged if plan_id in inserted]
             # enqueue is typed for a bare connection; a pooled one behaves the same.
             await enqueue(cast(asyncpg.Connection, conn), deliveries)
         return inserted
+
+
+def _rows(
+    plans: Sequence[Plan], firsts: set[tuple[str, str, str]]
+) -> tuple[list[store.RecipientRow], list[tuple[uuid.UUID, NewDelivery]]]:
+    """Every candidate's record, and the deliveries with the notification they belong to."""
+    recipients: list[store.RecipientRow] = []
+    deliveries: list[tuple[uuid.UUID, NewDelivery]] = []
+    for plan in plans:
+        e = plan.event
+        first = {u for (a, act, u) in firsts if a == e.account_id and act == e.activity_id}
+        for v in rules.first_mentions(plan.verdicts, first):
+            routed = plan.routed.get(v.user_id) if not v.reason else None
+            recipients.append(
+                store.RecipientRow(
+                    e.account_id,
+                    plan.notification_id,
+                    v.user_id,
+                    "accepted" if routed else "suppressed",
+                    v.reason,
+                    routed.channels if routed else [],
+                    routed.held_until if routed else None,
+                )
+            )
+            if routed:
+                deliveries.extend((plan.notification_id, d) for d in routed.deliveries)
+        deliveries.extend((plan.notification_id, d) for d in plan.digest)
+    return recipients, deliveries
 
 
 def _event(item: Event | errors.BelfryError) -> Event:

@@ -17,7 +17,7 @@ from belfry.api.dispatcher.v1 import dispatcher_pb2 as pb
 from belfry.api.dispatcher.v1 import dispatcher_pb2_grpc
 from google.protobuf import json_format
 
-from services.dispatcher import status, store, validate
+from services.dispatcher import status, status_store, store, validate
 from services.dispatcher.model import SOURCES, Accepted, Event, ObjectRef
 from services.dispatcher.publish import Dispatcher, Result
 
@@ -172,7 +172,7 @@ class DispatcherServicer(dispatcher_pb2_grpc.DispatcherServiceServicer):
             raise request.refuse()
         _require(account_id=request.account_id, notification_id=request.notification_id)
         nid = _uuid(request.notification_id, "notification_id")
-        record = await store.get_notification(self._pool, request.account_id, nid)
+        record = await status_store.get_notification(self._pool, request.account_id, nid)
         if record is None:
             raise errors.NotFound(
                 f"no notification {request.notification_id} in account {request.account_id!r}", field="notification_id"
@@ -190,9 +190,11 @@ class DispatcherServicer(dispatcher_pb2_grpc.DispatcherServiceServicer):
         if not 0 < size <= 500:
             raise errors.InvalidArgument("page.page_size must be between 1 and 500", field="page.page_size")
         cursor = status.decode_token(request.page.page_token) if request.page.page_token else None
-        keys = await store.list_for_user(self._pool, request.account_id, request.user_id, before=cursor, limit=size + 1)
+        keys = await status_store.list_for_user(
+            self._pool, request.account_id, request.user_id, before=cursor, limit=size + 1
+        )
         page = keys[:size]
-        records = await store.load_notifications(
+        records = await status_store.load_notifications(
             self._pool, request.account_id, [k[1] for k in page], user_id=request.user_id
         )
         return pb.ListNotificationsResponse(

@@ -10,7 +10,7 @@ from belfry import errors
 from belfry.api.common.v1 import common_pb2
 from belfry.api.dispatcher.v1 import dispatcher_pb2 as pb
 
-from services.dispatcher import store
+from services.dispatcher import status_store as store
 from services.dispatcher.preferences import CHANNEL_NAMES
 
 _CHANNEL_ENUMS = {name: value for value, name in CHANNEL_NAMES.items()}

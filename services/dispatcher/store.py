@@ -49,46 +49,6 @@ class RecipientRow:
     held_until: datetime | None
 
 
-@dataclass(frozen=True)
-class DeliveryRecord:
-    """A queue delivery as the status API reports it."""
-
-    channel: str
-    state: str
-    attempts: int
-    created_at: datetime
-    available_at: datetime
-    finished_at: datetime | None
-    last_error: str
-
-
-@dataclass(frozen=True)
-class RecipientRecord:
-    """A recipient's stored decisions and the deliveries made for them."""
-
-    user_id: str
-    state: str
-    reason: str
-    channels: list[dict[str, str]]
-    held_until: datetime | None
-    deliveries: tuple[DeliveryRecord, ...]
-
-
-@dataclass(frozen=True)
-class NotificationRecord:
-    """A notification with every recipient's timeline."""
-
-    account_id: str
-    notification_id: uuid.UUID
-    topic: str
-    occurred_at: datetime
-    accepted_at: datetime
-    actor_user_id: str
-    actor_source: int
-    object: dict[str, Any]
-    recipients: tuple[RecipientRecord, ...]
-
-
 async def find_keys(
     conn: Conn | asyncpg.Pool, keys: Sequence[tuple[str, str]]
 ) -> dict[tuple[str, str], tuple[uuid.UUID, bytes]]:
@@ -107,12 +67,15 @@ async def find_keys(
     return {(r["account_id"], r["idempotency_key"]): (r["notification_id"], bytes(r["body_hash"])) for r in rows}
 
 
-async def insert_notifications(conn: Conn, rows: Sequence[NotificationRow]) -> set[uuid.UUID]:
-    """Insert notifications; a key taken meanwhile by a concurrent publisher is skipped.
+async def insert_notifications(
+    conn: Conn, rows: Sequence[NotificationRow], recipients: Sequence[RecipientRow] = ()
+) -> set[uuid.UUID]:
+    """Insert notifications (and, when given, their recipients); return the ids inserted.
 
-    Returns the ids actually inserted. A concurrent insert of the same key
-    waits for the other transaction and then skips, which is what makes
-    concurrent duplicates produce exactly one notification.
+    A key taken meanwhile by a concurrent publisher is skipped, with its
+    recipients: the concurrent insert waits for the other transaction and
+    then skips, which is what makes concurrent duplicates produce exactly one
+    notification.
     """
     if not rows:
         return set()
@@ -120,13 +83,23 @@ async def insert_notifications(conn: Conn, rows: Sequence[NotificationRow]) -> s
     ordered = sorted(rows, key=lambda r: (r.account_id, r.idempotency_key))
     inserted = await conn.fetch(
         """
-        insert into dispatcher.notifications
-            (account_id, notification_id, idempotency_key, body_hash, topic, occurred_at,
-             actor_user_id, actor_source, object)
-        select * from unnest($1::text[], $2::uuid[], $3::text[], $4::bytea[], $5::text[], $6::timestamptz[],
-                             $7::text[], $8::smallint[], $9::jsonb[])
-        on conflict (account_id, idempotency_key) where idempotency_key is not null do nothing
-        returning notification_id
+        with n as (
+            insert into dispatcher.notifications
+                (account_id, notification_id, idempotency_key, body_hash, topic, occurred_at,
+                 actor_user_id, actor_source, object)
+            select * from unnest($1::text[], $2::uuid[], $3::text[], $4::bytea[], $5::text[], $6::timestamptz[],
+                                 $7::text[], $8::smallint[], $9::jsonb[])
+            on conflict (account_id, idempotency_key) where idempotency_key is not null do nothing
+            returning notification_id
+        ),
+        r as (
+            insert into dispatcher.recipients (account_id, notification_id, user_id, state, reason, channels, held_until)
+            select a, x.n, u, s, r, c::jsonb, h
+            from unnest($10::text[], $11::uuid[], $12::text[], $13::text[], $14::text[], $15::text[], $16::timestamptz[])
+                as x(a, n, u, s, r, c, h)
+            where x.n in (select notification_id from n)
+        )
+        select notification_id from n
         """,
         [r.account_id for r in ordered],
         [r.notification_id for r in ordered],
@@ -137,8 +110,22 @@ async def insert_notifications(conn: Conn, rows: Sequence[NotificationRow]) -> s
         [r.actor_user_id for r in ordered],
         [r.actor_source for r in ordered],
         [r.object for r in ordered],
+        *_recipient_arrays(recipients),
     )
     return {r["notification_id"] for r in inserted}
+
+
+def _recipient_arrays(rows: Sequence[RecipientRow]) -> list[list[Any]]:
+    return [
+        [r.account_id for r in rows],
+        [r.notification_id for r in rows],
+        [r.user_id for r in rows],
+        [r.state for r in rows],
+        [r.reason for r in rows],
+        # As text: a list of lists would be taken for a two-dimensional array.
+        [json.dumps(r.channels) for r in rows],
+        [r.held_until for r in rows],
+    ]
 
 
 async def claim_mentions(conn: Conn, claims: Sequence[tuple[str, str, str, uuid.UUID]]) -> set[tuple[str, str, str]]:
@@ -172,14 +159,7 @@ async def insert_recipients(conn: Conn, rows: Sequence[RecipientRow]) -> None:
         from unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], $7::timestamptz[])
             as x(a, n, u, s, r, c, h)
         """,
-        [r.account_id for r in rows],
-        [r.notification_id for r in rows],
-        [r.user_id for r in rows],
-        [r.state for r in rows],
-        [r.reason for r in rows],
-        # As text: a list of lists would be taken for a two-dimensional array.
-        [json.dumps(r.channels) for r in rows],
-        [r.held_until for r in rows],
+        *_recipient_arrays(rows),
     )
 
 
@@ -210,116 +190,6 @@ async def record_visit(pool: asyncpg.Pool, account_id: str, user_id: str) -> dat
         user_id,
     )
     return when
-
-
-_NOTIFICATION_COLUMNS = (
-    "account_id, notification_id, topic, occurred_at, accepted_at, actor_user_id, actor_source, object"
-)
-
-
-async def get_notification(
-    pool: asyncpg.Pool, account_id: str, notification_id: uuid.UUID
-) -> NotificationRecord | None:
-    """One notification with every recipient and delivery, or None."""
-    found = await load_notifications(pool, account_id, [notification_id], user_id=None)
-    return found[0] if found else None
-
-
-async def load_notifications(
-    pool: asyncpg.Pool, account_id: str, ids: Sequence[uuid.UUID], *, user_id: str | None
-) -> list[NotificationRecord]:
-    """Notifications by id (in the given order), recipients limited to ``user_id`` when given."""
-    async with pool.acquire() as conn:
-        heads = await conn.fetch(
-            f"select {_NOTIFICATION_COLUMNS} from dispatcher.notifications"
-            " where account_id = $1 and notification_id = any($2::uuid[])",
-            account_id,
-            list(ids),
-        )
-        recipients = await conn.fetch(
-            """
-            select notification_id, user_id, state, reason, channels, held_until from dispatcher.recipients
-            where account_id = $1 and notification_id = any($2::uuid[]) and ($3::text is null or user_id = $3)
-            order by notification_id, user_id
-            """,
-            account_id,
-            list(ids),
-            user_id,
-        )
-        # Read-only look at the queue's rows (belfry.queue owns and writes them).
-        deliveries = await conn.fetch(
-            """
-            select notification_id, user_id, channel, state, attempts, created_at, available_at, finished_at,
-                   coalesce(errors -> -1 ->> 'error', '') as last_error
-            from queue.deliveries
-            where account_id = $1 and notification_id = any($2::uuid[]) and ($3::text is null or user_id = $3)
-            order by delivery_id
-            """,
-            account_id,
-            list(ids),
-            user_id,
-        )
-    by_recipient: dict[tuple[uuid.UUID, str], list[DeliveryRecord]] = {}
-    for d in deliveries:
-        by_recipient.setdefault((d["notification_id"], d["user_id"]), []).append(
-            DeliveryRecord(
-                d["channel"],
-                d["state"],
-                d["attempts"],
-                d["created_at"],
-                d["available_at"],
-                d["finished_at"],
-                d["last_error"],
-            )
-        )
-    people: dict[uuid.UUID, list[RecipientRecord]] = {}
-    for r in recipients:
-        people.setdefault(r["notification_id"], []).append(
-            RecipientRecord(
-                r["user_id"],
-                r["state"],
-                r["reason"],
-                r["channels"],
-                r["held_until"],
-                tuple(by_recipient.get((r["notification_id"], r["user_id"]), ())),
-            )
-        )
-    records = {
-        h["notification_id"]: NotificationRecord(
-            h["account_id"],
-            h["notification_id"],
-            h["topic"],
-            h["occurred_at"],
-            h["accepted_at"],
-            h["actor_user_id"],
-            h["actor_source"],
-            h["object"],
-            tuple(people.get(h["notification_id"], ())),
-        )
-        for h in heads
-    }
-    return [records[i] for i in ids if i in records]
-
-
-async def list_for_user(
-    pool: asyncpg.Pool, account_id: str, user_id: str, *, before: tuple[datetime, uuid.UUID] | None, limit: int
-) -> list[tuple[datetime, uuid.UUID]]:
-    """(accepted_at, id) of the user's notifications, newest first, strictly before the cursor."""
-    rows = await pool.fetch(
-        """
-        select accepted_at, notification_id from dispatcher.recipients
-        where account_id = $1 and user_id = $2
-          and ($3::timestamptz is null or (accepted_at, notification_id) < ($3, $4::uuid))
-        order by accepted_at desc, notification_id desc
-        limit $5
-        """,
-        account_id,
-        user_id,
-        before[0] if before else None,
-        before[1] if before else None,
-        limit,
-    )
-    return [(r["accepted_at"], r["notification_id"]) for r in rows]
 
 
 async def purge(pool: asyncpg.Pool, *, key_hours: float, retention_days: float, batch: int = 5000) -> tuple[int, int]:

@@ -1,0 +1,164 @@
+"""The status API's SQL: notifications, their decisions and their deliveries, read back.
+
+The queue's rows are read here, never written (``belfry.queue`` owns them).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+
+@dataclass(frozen=True)
+class DeliveryRecord:
+    """A queue delivery as the status API reports it."""
+
+    channel: str
+    state: str
+    attempts: int
+    created_at: datetime
+    available_at: datetime
+    finished_at: datetime | None
+    last_error: str
+
+
+@dataclass(frozen=True)
+class RecipientRecord:
+    """A recipient's stored decisions and the deliveries made for them."""
+
+    user_id: str
+    state: str
+    reason: str
+    channels: list[dict[str, str]]
+    held_until: datetime | None
+    deliveries: tuple[DeliveryRecord, ...]
+
+
+@dataclass(frozen=True)
+class NotificationRecord:
+    """A notification with every recipient's timeline."""
+
+    account_id: str
+    notification_id: uuid.UUID
+    topic: str
+    occurred_at: datetime
+    accepted_at: datetime
+    actor_user_id: str
+    actor_source: int
+    object: dict[str, Any]
+    recipients: tuple[RecipientRecord, ...]
+
+
+_NOTIFICATION_COLUMNS = (
+    "account_id, notification_id, topic, occurred_at, accepted_at, actor_user_id, actor_source, object"
+)
+
+
+async def get_notification(
+    pool: asyncpg.Pool, account_id: str, notification_id: uuid.UUID
+) -> NotificationRecord | None:
+    """One notification with every recipient and delivery, or None."""
+    found = await load_notifications(pool, account_id, [notification_id], user_id=None)
+    return found[0] if found else None
+
+
+async def load_notifications(
+    pool: asyncpg.Pool, account_id: str, ids: Sequence[uuid.UUID], *, user_id: str | None
+) -> list[NotificationRecord]:
+    """Notifications by id (in the given order), recipients limited to ``user_id`` when given."""
+    async with pool.acquire() as conn:
+        heads = await conn.fetch(
+            f"select {_NOTIFICATION_COLUMNS} from dispatcher.notifications"
+            " where account_id = $1 and notification_id = any($2::uuid[])",
+            account_id,
+            list(ids),
+        )
+        recipients = await conn.fetch(
+            """
+            select notification_id, user_id, state, reason, channels, held_until from dispatcher.recipients
+            where account_id = $1 and notification_id = any($2::uuid[]) and ($3::text is null or user_id = $3)
+            order by notification_id, user_id
+            """,
+            account_id,
+            list(ids),
+            user_id,
+        )
+        # Read-only look at the queue's rows (belfry.queue owns and writes them).
+        deliveries = await conn.fetch(
+            """
+            select notification_id, user_id, channel, state, attempts, created_at, available_at, finished_at,
+                   coalesce(errors -> -1 ->> 'error', '') as last_error
+            from queue.deliveries
+            where account_id = $1 and notification_id = any($2::uuid[]) and ($3::text is null or user_id = $3)
+            order by delivery_id
+            """,
+            account_id,
+            list(ids),
+            user_id,
+        )
+    by_recipient: dict[tuple[uuid.UUID, str], list[DeliveryRecord]] = {}
+    for d in deliveries:
+        by_recipient.setdefault((d["notification_id"], d["user_id"]), []).append(
+            DeliveryRecord(
+                d["channel"],
+                d["state"],
+                d["attempts"],
+                d["created_at"],
+                d["available_at"],
+                d["finished_at"],
+                d["last_error"],
+            )
+        )
+    people: dict[uuid.UUID, list[RecipientRecord]] = {}
+    for r in recipients:
+        people.setdefault(r["notification_id"], []).append(
+            RecipientRecord(
+                r["user_id"],
+                r["state"],
+                r["reason"],
+                r["channels"],
+                r["held_until"],
+                tuple(by_recipient.get((r["notification_id"], r["user_id"]), ())),
+            )
+        )
+    records = {
+        h["notification_id"]: NotificationRecord(
+            h["account_id"],
+            h["notification_id"],
+            h["topic"],
+            h["occurred_at"],
+            h["accepted_at"],
+            h["actor_user_id"],
+            h["actor_source"],
+            h["object"],
+            tuple(people.get(h["notification_id"], ())),
+        )
+        for h in heads
+    }
+    return [records[i] for i in ids if i in records]
+
+
+async def list_for_user(
+    pool: asyncpg.Pool, account_id: str, user_id: str, *, before: tuple[datetime, uuid.UUID] | None, limit: int
+) -> list[tuple[datetime, uuid.UUID]]:
+    """(accepted_at, id) of the user's notifications, newest first, strictly before the cursor."""
+    rows = await pool.fetch(
+        """
+        select accepted_at, notification_id from dispatcher.recipients
+        where account_id = $1 and user_id = $2
+          and ($3::timestamptz is null or (accepted_at, notification_id) < ($3, $4::uuid))
+        order by accepted_at desc, notification_id desc
+        limit $5
+        """,
+        account_id,
+        user_id,
+        before[0] if before else None,
+        before[1] if before else None,
+        limit,
+    )
+    return [(r["accepted_at"], r["notification_id"]) for r in rows]
