@@ -8,6 +8,9 @@ VAPID header, pywebpush's encoder and a pinned httpx request — without the
 database work around it. pywebpush signs a new VAPID JWT per call (its
 documented usage) and posts with aiohttp. Runs alternate; medians of
 ``--runs``. The sink's ceiling is measured first with pre-encrypted bodies.
+A third column runs Belfry's same hot path with aiohttp as the HTTP client
+(pinned through a resolver answering with the checked address) to show how
+much of the gap is the HTTP client; the service itself uses httpx.
 
 Usage: python bench/webpush_send.py [--messages 3000] [--runs 3] [--concurrency 50] [--sink-procs 2] [--profile]
 """
@@ -33,6 +36,7 @@ from importlib import metadata
 from pathlib import Path
 
 import aiohttp
+import aiohttp.abc
 import psutil
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -45,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import webpush_sink  # type: ignore[import-not-found]  # the sibling script, on sys.path at run time
 from belfry import ssrf
 
+from services.webpush import ece
 from services.webpush.sender import WebPushSender
 from services.webpush.vapid import Vapid
 from tests.push.fakes.tls import make_pki
@@ -154,6 +159,42 @@ async def main() -> None:
         result = await sender.deliver(str(sub["endpoint"]), keys["p256dh"], keys["auth"], PAYLOAD, HEADERS)
         return result.kind == "sent"
 
+    # Experiment (not what the service runs): the same hot path with aiohttp as the HTTP client,
+    # pinned through a resolver that answers with the address the guard checked.
+    pinned: dict[str, str] = {}
+
+    class PinnedResolver(aiohttp.abc.AbstractResolver):
+        async def resolve(
+            self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+        ) -> list[aiohttp.abc.ResolveResult]:
+            return [
+                aiohttp.abc.ResolveResult(hostname=host, host=pinned[host], port=port, family=family, proto=0, flags=0)
+            ]
+
+        async def close(self) -> None:
+            return None
+
+    guard = ssrf.Guard(policy)
+    signer = Vapid(key, "mailto:bench@example.com")
+    context_b = ssl.create_default_context()
+    context_b.load_verify_locations(cafile=str(pki.ca_file))
+    pinned_session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(ssl=context_b, limit=args.concurrency, resolver=PinnedResolver())
+    )
+
+    async def belfry_aiohttp(i: int) -> bool:
+        sub = subs[i % len(subs)]
+        keys = sub["keys"]
+        assert isinstance(keys, dict)
+        target = await guard.check(str(sub["endpoint"]))
+        pinned[target.host] = target.address
+        content = ece.encrypt(PAYLOAD, keys["p256dh"], keys["auth"])
+        headers = {**HEADERS, "authorization": signer.header(f"https://{target.host_header}")}
+        async with pinned_session.post(
+            str(sub["endpoint"]), data=content, headers=headers, allow_redirects=False
+        ) as response:
+            return response.status == 201
+
     async def peer(i: int) -> bool:
         response = await webpush_async(
             subscription_info=subs[i % len(subs)],
@@ -202,16 +243,17 @@ async def main() -> None:
     ):
         rate, cpu = await measure(name, fn)
         print(f"{name:>26}: {rate:8.0f} msgs/s  ({cpu})")
-    rates: dict[str, list[float]] = {"belfry": [], "pywebpush": []}
+    rates: dict[str, list[float]] = {"belfry": [], "pywebpush": [], "belfry+aiohttp": []}
+    order = [("belfry", belfry), ("pywebpush", peer), ("belfry+aiohttp", belfry_aiohttp)]
     for run in range(args.runs):
-        for name, fn in (
-            (("belfry", belfry), ("pywebpush", peer)) if run % 2 == 0 else (("pywebpush", peer), ("belfry", belfry))
-        ):
+        for name, fn in order[run % 3 :] + order[: run % 3]:
             rate, cpu = await measure(name, fn)
             rates[name].append(rate)
             print(f"run {run + 1} {name:>10}: {rate:8.0f} msgs/s  ({cpu})")
     b, p = statistics.median(rates["belfry"]), statistics.median(rates["pywebpush"])
     print(f"median: belfry {b:.0f} msgs/s, pywebpush webpush_async {p:.0f} msgs/s, ratio {b / p:.2f}x")
+    a = statistics.median(rates["belfry+aiohttp"])
+    print(f"experiment, Belfry's hot path over aiohttp: {a:.0f} msgs/s, ratio {a / p:.2f}x")
     if args.profile:
         profiler = cProfile.Profile()
         profiler.enable()
@@ -221,6 +263,7 @@ async def main() -> None:
         pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(18)
         print(out.getvalue())
     await session.close()
+    await pinned_session.close()
     await client.aclose()
     await clients.aclose()
     for w in workers:
