@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 from collections.abc import AsyncIterator
+from email.message import EmailMessage
 from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
@@ -23,6 +24,12 @@ from tests.email.email_helpers import (
     message,
     wait_until_finished,
 )
+
+
+def _part(mail: EmailMessage, kind: str) -> str:
+    part = mail.get_body(preferencelist=(kind,))
+    assert part is not None, f"no {kind} part"
+    return str(part.get_content())
 
 
 @pytest.fixture
@@ -49,8 +56,8 @@ async def test_sends_french_merged_email_with_stable_message_id(
     assert mail["Message-ID"] == message_id(row["delivery_id"], account_id, "belfry.test")
     assert mail["Subject"] == "3 contacts vous ont été attribués"
     assert mail["To"].addresses[0].display_name == "Ana Tester"
-    text = mail.get_body(preferencelist=("plain",)).get_content()
-    page = mail.get_body(preferencelist=("html",)).get_content()
+    text = _part(mail, "plain")
+    page = _part(mail, "html")
     assert "<b>3 contacts</b>" in text  # plain text stays literal
     assert html.escape("<b>3 contacts</b>") in page and "<b>3 contacts</b>" not in page
     assert "Contact 2" in page and "Préférences de notification" in page
@@ -72,7 +79,7 @@ async def test_locked_topic_says_why_and_has_no_unsubscribe(
     [caught] = [c for c in capture.snapshot() if c.rcpt_tos == [msg.recipient_email]]
     mail = caught.parsed
     assert mail["List-Unsubscribe"] is None and mail["List-Unsubscribe-Post"] is None
-    assert "cannot be turned off" in mail.get_body(preferencelist=("plain",)).get_content()
+    assert "cannot be turned off" in _part(mail, "plain")
 
 
 async def test_smtp_replies_map_to_retry_and_dead_letter(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import os
 import signal
 import sys
@@ -74,10 +75,8 @@ async def test_sigkill_after_smtp_accept_resends_same_message_id(
         )
         victim["pid"] = child.pid
         while child.returncode is None and not await all_sent():
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(child.wait(), timeout=0.05)
-            except TimeoutError:
-                pass
         if child.returncode is None:
             child.terminate()
             await child.wait()

@@ -54,6 +54,7 @@ async def test_retry_then_dead_letter_keeps_history(pool: asyncpg.Pool, account_
         "select state, available_at - now() as wait, errors from queue.deliveries where notification_id = $1",
         item.notification_id,
     )
+    assert row is not None
     assert row["state"] == "queued" and row["wait"] >= timedelta(seconds=59)
     await pool.execute(
         "update queue.deliveries set available_at = now() where notification_id = $1", item.notification_id
@@ -63,5 +64,6 @@ async def test_retry_then_dead_letter_keeps_history(pool: asyncpg.Pool, account_
     row = await pool.fetchrow(
         "select state, errors from queue.deliveries where notification_id = $1", item.notification_id
     )
+    assert row is not None
     assert row["state"] == "dead"
     assert [e["error"] for e in row["errors"]] == ["503", "410 gone"]

@@ -65,4 +65,5 @@ async def test_stale_token_from_a_resumed_sender_changes_nothing(
         "select state, errors, attempts, leased_by from queue.deliveries where notification_id = $1",
         item.notification_id,
     )
+    assert row is not None
     assert row["state"] == "sent" and row["errors"] == [] and row["attempts"] == 2

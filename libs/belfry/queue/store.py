@@ -106,7 +106,9 @@ def backoff(attempts: int, *, base: float = 2.0, cap: float = 900.0) -> float:
     return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not cryptography
 
 
-async def enqueue(conn: asyncpg.Connection, deliveries: Sequence[NewDelivery]) -> int:
+async def enqueue(
+    conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy, deliveries: Sequence[NewDelivery]
+) -> int:
     """Insert deliveries (duplicates of (notification, user, channel) are ignored) and wake senders."""
     if not deliveries:
         return 0
