@@ -90,7 +90,11 @@ class WebPushSender:
             metrics.DELIVERIES.labels("browser", "dropped").inc()
             return Drop("no push subscription")
         msg = Message.from_json(lease.payload)
-        data = payload.encode(msg)
+        try:
+            data = payload.encode(msg)
+        except ValueError as exc:  # a title or URL too long for any push: retrying cannot help
+            metrics.DELIVERIES.labels("browser", "failed").inc()
+            return Fail(str(exc))
         ttl = self._ttl(lease.expires_at)
         headers = {
             "content-encoding": "aes128gcm",

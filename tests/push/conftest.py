@@ -102,7 +102,7 @@ async def enqueue_message(pool: asyncpg.Pool, channel_name: str, msg: Message) -
     """Enqueue one delivery of ``msg`` on ``channel_name`` as the dispatcher would."""
     async with pool.acquire() as conn, conn.transaction():
         await enqueue(
-            conn,  # type: ignore[arg-type]  # the pool's proxy forwards every Connection method
+            conn,
             [
                 NewDelivery(
                     account_id=msg.account_id,

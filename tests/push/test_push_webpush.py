@@ -262,3 +262,19 @@ async def test_registration_is_validated_and_scoped_to_the_caller(
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.DeleteSubscription(pb.DeleteSubscriptionRequest(subscription_id="nope"), metadata=meta)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_a_message_that_cannot_fit_fails_instead_of_retrying(
+    sender: WebPushSender,
+    push_service: PushService,
+    channel: grpc.aio.Channel,
+    token_keys: dict[str, bytes],
+    account_id: str,
+) -> None:
+    sub = push_service.subscribe()
+    await register(channel, token_keys, account_id, "u1", sub)
+    before = push_service.requests
+    outcome = await sender.handle(lease_for(message(account_id, "u1", title="T" * 5000), "browser"))
+    assert isinstance(outcome, Fail)
+    assert "does not fit" in outcome.error
+    assert push_service.requests == before
