@@ -59,7 +59,13 @@ class Dispatcher:
         todo = list(firsts.values())
         plans = await self._planner.plan([_event(items[i]) for i in todo])
         ready = [p for p in plans if isinstance(p, Plan)]
-        written = await self._write(ready) if ready else set()
+        try:
+            written = await self._write(ready) if ready else set()
+        except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.DeadlockDetectedError) as exc:
+            # Nothing was committed: the whole call may be retried as is (the keys make it safe).
+            raise errors.Unavailable(
+                f"the database could not take these events now ({type(exc).__name__}); retry"
+            ) from exc
         for i, plan in zip(todo, plans, strict=True):
             if isinstance(plan, Plan) and plan.notification_id in written:
                 results[i] = Accepted(plan.notification_id)
