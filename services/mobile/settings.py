@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from belfry.config import CommonSettings, Env, load_common
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,10 @@ def _fcm(env: Env) -> FcmSettings | None:
         return None
     try:
         account = json.loads(path.read_text())
+        if not isinstance(
+            serialization.load_pem_private_key(account["private_key"].encode(), password=None), rsa.RSAPrivateKey
+        ):
+            raise ValueError("private_key (not an RSA key)")
         return FcmSettings(
             project_id=account["project_id"],
             client_email=account["client_email"],
@@ -66,7 +72,7 @@ def _fcm(env: Env) -> FcmSettings | None:
             endpoint=env.str("BELFRY_FCM_ENDPOINT", "https://fcm.googleapis.com").rstrip("/"),
         )
     except (ValueError, KeyError, TypeError) as exc:
-        env.problem(f"BELFRY_FCM_SERVICE_ACCOUNT_FILE ({path}) is not a service-account JSON key: missing {exc}")
+        env.problem(f"BELFRY_FCM_SERVICE_ACCOUNT_FILE ({path}) is not a service-account JSON key: bad or missing {exc}")
         return None
 
 
@@ -77,8 +83,15 @@ def _apns(env: Env) -> ApnsSettings | None:
     key_id, team_id = env.str("BELFRY_APNS_KEY_ID", ""), env.str("BELFRY_APNS_TEAM_ID", "")
     if not key_id or not team_id:
         env.problem("BELFRY_APNS_KEY_FILE needs BELFRY_APNS_KEY_ID and BELFRY_APNS_TEAM_ID (from the Apple portal)")
+    key_pem = path.read_text()
+    try:
+        key = serialization.load_pem_private_key(key_pem.encode(), password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ValueError("not an EC key")
+    except (ValueError, TypeError):
+        env.problem(f"BELFRY_APNS_KEY_FILE ({path}) must hold the .p8 EC private key downloaded from Apple")
     return ApnsSettings(
-        key_pem=path.read_text(),
+        key_pem=key_pem,
         key_id=key_id,
         team_id=team_id,
         endpoint=env.str("BELFRY_APNS_ENDPOINT", "https://api.push.apple.com").rstrip("/"),
