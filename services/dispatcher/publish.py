@@ -12,6 +12,7 @@ answer as replays.
 from __future__ import annotations
 
 import uuid
+from collections import Counter
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import cast
@@ -75,9 +76,11 @@ class Dispatcher:
                 repeats.append(i)
         await self._resolve(items, results, firsts, repeats)
         final = [r if r is not None else errors.Unavailable("event was not processed; retry it") for r in results]
-        for r in final:
-            outcome = "rejected" if isinstance(r, errors.BelfryError) else "replayed" if r.replayed else "accepted"
-            metrics.EVENTS_PUBLISHED.labels(outcome).inc()
+        outcomes = Counter(
+            "rejected" if isinstance(r, errors.BelfryError) else "replayed" if r.replayed else "accepted" for r in final
+        )
+        for outcome, count in outcomes.items():
+            metrics.EVENTS_PUBLISHED.labels(outcome).inc(count)
         return final
 
     def _admit(

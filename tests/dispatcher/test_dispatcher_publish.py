@@ -6,6 +6,7 @@ import uuid
 
 import grpc
 from belfry.api.directory.v1 import directory_pb2
+from belfry.api.dispatcher.v1 import dispatcher_pb2 as pb
 from belfry.message import Message
 
 from tests.dispatcher.conftest import Mesh, deliveries, event, publish, refused, seed
@@ -139,3 +140,18 @@ async def test_replay_is_answered_even_when_the_event_could_not_be_planned_any_m
     assert again.replayed and again.notification_id == first.notification_id
     fresh = await refused(publish(mesh, event(account_id, recipient_user_ids=["ana"])))
     assert fresh.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_events_published_metric_counts_each_outcome(mesh: Mesh, account_id: str) -> None:
+    from prometheus_client import REGISTRY
+
+    def sample(outcome: str) -> float:
+        return REGISTRY.get_sample_value("belfry_events_published_total", {"outcome": outcome}) or 0.0
+
+    await seed(mesh, account_id)
+    before = {o: sample(o) for o in ("accepted", "replayed", "rejected")}
+    ev = event(account_id, recipient_user_ids=["ana"])
+    await mesh.dispatcher.PublishBatch(
+        pb.PublishBatchRequest(events=[ev, ev, event(account_id, recipient_user_ids=["ghost"])])
+    )
+    assert {o: sample(o) - before[o] for o in before} == {"accepted": 1, "replayed": 1, "rejected": 1}
