@@ -12,6 +12,7 @@ import httpx
 from belfry import log, metrics, ssrf
 from belfry.message import Message
 from belfry.queue import Drop, Fail, Lease, Outcome, Retry, Sent
+from cryptography.exceptions import InvalidTag
 
 from services.webhooks import body, store
 from services.webhooks.signing import SecretBox, signature
@@ -90,7 +91,11 @@ class WebhookSender:
             log_.warning("webhook refused at send time", reason=exc.reason)
             return Result("fail", f"endpoint refused: {exc.reason}")
         content = body.encode(body.slack(msg) if hook.slack else body.generic(msg, delivery_id))
-        secret = self._box.open(hook.secret_ciphertext, hook.account_id, str(hook.webhook_id))
+        try:
+            secret = self._box.open(hook.secret_ciphertext, hook.account_id, str(hook.webhook_id))
+        except InvalidTag:
+            log_.error("webhook secret does not open: was BELFRY_WEBHOOK_SECRET_KEY changed?")
+            return Result("fail", "signing secret cannot be decrypted with the configured key")
         timestamp = int(self._clock())
         headers = {
             "content-type": "application/json; charset=utf-8",

@@ -235,3 +235,21 @@ async def test_connect_is_validated_and_scoped(
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.ListWebhooks(pb.ListWebhooksRequest())
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_a_secret_sealed_under_another_key_fails_clearly(
+    pool: asyncpg.Pool, pki: Pki, receiver: tuple[Receiver, int], account_id: str
+) -> None:
+    from services.webhooks import store
+
+    hook_id = uuid.uuid4()
+    other_key = SecretBox(os.urandom(32))
+    url = f"https://localhost:{receiver[1]}/hooks/{uuid.uuid4().hex}"
+    await store.insert(pool, account_id, "u1", hook_id, url, "", False, other_key.seal("s", account_id, str(hook_id)))
+    policy = ssrf.Policy(allowed_ports=(receiver[1],), allowed_networks=ssrf.parse_networks("127.0.0.0/8"))
+    client = ssrf.client(ca_file=pki.ca_file)
+    sender = WebhookSender(pool=pool, client=client, guard=ssrf.Guard(policy), box=SecretBox(base64.b64decode(KEY)))
+    outcome = await sender.handle(lease_for(message(account_id, "u1"), "other_apps"))
+    await client.aclose()
+    assert isinstance(outcome, Fail)
+    assert "cannot be decrypted" in outcome.error
