@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import os
+import signal
 import threading
 import uuid
 from collections.abc import Callable
@@ -44,7 +46,7 @@ class Capture:
 
     caught: list[Caught] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
-    on_accept: Callable[[Caught], None] | None = None
+    on_accept: Callable[[Caught], int | None] | None = None  # returns a pid to SIGKILL after the 250
 
     async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, options: Any) -> str:  # noqa: N802 - aiosmtpd's hook name
         """``tempfail*`` addresses get a 4xx reply, ``reject*`` a 5xx one."""
@@ -60,8 +62,14 @@ class Capture:
         item = Caught(envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content or envelope.content)
         with self.lock:
             self.caught.append(item)
-        if self.on_accept is not None:
-            self.on_accept(item)
+        victim = self.on_accept(item) if self.on_accept is not None else None
+        if victim is not None:
+            # The worst moment: "250 accepted" is on its way and the sender has not recorded it.
+            # SIGSTOP first: a pending stop runs before any more of the sender's code (this thread
+            # may lose the GIL between the reply and the kill), so it cannot record the send.
+            os.kill(victim, signal.SIGSTOP)
+            await server.push("250 2.0.0 accepted")
+            os.kill(victim, signal.SIGKILL)
         return "250 2.0.0 accepted"
 
     def snapshot(self) -> list[Caught]:
