@@ -15,11 +15,11 @@ from typing import Any
 
 def start(data_dir: Path) -> tuple[Any, str]:
     """Start (or reuse) the private server; return its handle and DSN."""
-    import pgserver  # noqa: PLC0415 - only the local run needs the embedded binaries
-
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # platformdirs warns about XDG_RUNTIME_DIR under root
+        import pgserver  # noqa: PLC0415 - only the local run needs the embedded binaries
+
         server = pgserver.get_server(data_dir, cleanup_mode="stop")
     return server, str(server.get_uri())
 
