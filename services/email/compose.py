@@ -6,19 +6,19 @@ after a crash or a retry carries the same id and receivers can deduplicate.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
-import email.policy
 import email.utils
+import uuid
+from email.header import Header
 from email.headerregistry import Address
-from email.message import EmailMessage
+from email.utils import formataddr
 
 from belfry.message import Message
 
 from services.email import headers
 from services.email.templates import Templates
 from services.email.unsubscribe import Signer
-
-_POLICY = email.policy.SMTP.clone(max_line_length=998)
 
 
 def message_id(delivery_id: int, account_id: str, domain: str) -> str:
@@ -57,16 +57,43 @@ class Composer:
         rendered = self.templates.render(
             message, preferences_url=f"{self.public_url}/settings/notifications", unsubscribe_url=unsubscribe
         )
-        mail = EmailMessage(policy=_POLICY)
-        mail["Subject"] = headers.header_text(rendered.subject)
-        mail["From"] = self.sender
-        mail["To"] = to
-        mail["Date"] = email.utils.formatdate(usegmt=True)
-        mail["Message-ID"] = message_id(delivery_id, message.account_id, self.sender.domain)
-        mail["Auto-Submitted"] = "auto-generated"  # RFC 3834: no vacation replies
+        # Built by hand rather than with email.message.EmailMessage: the header
+        # registry and generator cost ~2 ms per message, more than everything
+        # else together. Every header value here is either ours or made safe by
+        # ``headers`` (one line, no control characters), and bodies are base64.
+        fields = [
+            ("From", formataddr((self.sender.display_name, self.sender.addr_spec), charset="utf-8")),
+            ("To", formataddr((to.display_name, to.addr_spec), charset="utf-8")),
+            ("Subject", _encoded(headers.header_text(rendered.subject))),
+            ("Date", email.utils.formatdate(usegmt=True)),
+            ("Message-ID", message_id(delivery_id, message.account_id, self.sender.domain)),
+            ("MIME-Version", "1.0"),
+            ("Auto-Submitted", "auto-generated"),  # RFC 3834: no vacation replies
+        ]
         if unsubscribe is not None:
-            mail["List-Unsubscribe"] = f"<{unsubscribe}>"
-            mail["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
-        mail.set_content(rendered.text)
-        mail.add_alternative(rendered.html, subtype="html")
-        return mail.as_bytes()
+            fields.append(("List-Unsubscribe", f"<{unsubscribe}>"))
+            fields.append(("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"))
+        boundary = f"=_belfry_{uuid.uuid4().hex}"
+        fields.append(("Content-Type", f'multipart/alternative; boundary="{boundary}"'))
+        head = "".join(f"{name}: {value}\r\n" for name, value in fields)
+        return (
+            head.encode("ascii")
+            + b"\r\n"
+            + _part(boundary, "text/plain", rendered.text)
+            + _part(boundary, "text/html", rendered.html)
+            + f"--{boundary}--\r\n".encode("ascii")
+        )
+
+
+def _encoded(text: str) -> str:
+    # ASCII stays readable; anything else becomes RFC 2047 encoded words.
+    if text.isascii():
+        return text
+    return Header(text, "utf-8", maxlinelen=998).encode()
+
+
+def _part(boundary: str, content_type: str, body: str) -> bytes:
+    encoded = base64.encodebytes(body.encode("utf-8")).replace(b"\n", b"\r\n")
+    return (
+        f'--{boundary}\r\nContent-Type: {content_type}; charset="utf-8"\r\nContent-Transfer-Encoding: base64\r\n\r\n'
+    ).encode("ascii") + encoded
