@@ -18,6 +18,7 @@ from belfry.api.dispatcher.v1 import dispatcher_pb2_grpc
 from google.protobuf import json_format
 
 from services.dispatcher import status, status_store, store, validate
+from services.dispatcher.coalesce import Coalescer
 from services.dispatcher.model import SOURCES, Accepted, Event, ObjectRef
 from services.dispatcher.publish import Dispatcher, Result
 
@@ -43,6 +44,7 @@ class DispatcherServicer(dispatcher_pb2_grpc.DispatcherServiceServicer):
         self._pool = pool
         self._limits = limits
         self._max_batch = max_batch
+        self._coalescer = Coalescer(dispatcher.publish)
 
     def _event(self, message: pb.Event) -> Event | errors.BelfryError:
         """Convert and validate one event; an error is returned, not raised, so batches go on."""
@@ -92,7 +94,7 @@ class DispatcherServicer(dispatcher_pb2_grpc.DispatcherServiceServicer):
             raise request.refuse()
         if not request.HasField("event"):
             raise errors.InvalidArgument("the request carries no event", field="event")
-        (result,) = await self._dispatcher.publish([self._event(request.event)])
+        result = await self._coalescer.submit(self._event(request.event))
         if isinstance(result, errors.BelfryError):
             raise result
         return pb.PublishResponse(notification_id=str(result.notification_id), replayed=result.replayed)

@@ -94,3 +94,24 @@ async def test_stream_acknowledges_every_event_by_sequence(mesh: Mesh, account_i
     assert len(accepted) == 29 and all(uuid.UUID(n) for n in accepted)
     count = await mesh.pool.fetchval("select count(*) from dispatcher.notifications where account_id = $1", account_id)
     assert count == 29
+
+
+async def test_concurrent_single_publishes_written_together_keep_their_own_answers(mesh: Mesh, account_id: str) -> None:
+    await seed(mesh, account_id)
+    good = [event(account_id, recipient_user_ids=["ana"]) for _ in range(15)]
+    bad = [event(account_id, recipient_user_ids=["ghost"]) for _ in range(5)]
+
+    async def attempt(ev: pb.Event) -> pb.PublishResponse | grpc.aio.AioRpcError:
+        try:
+            return await publish(mesh, ev)
+        except grpc.aio.AioRpcError as exc:
+            return exc
+
+    answers = await asyncio.gather(*(attempt(ev) for ev in [*good, *bad, good[0]]))
+    oks = [a for a in answers[:15] if isinstance(a, pb.PublishResponse)]
+    assert len({a.notification_id for a in oks}) == 15
+    assert all(isinstance(a, grpc.aio.AioRpcError) and "ghost" in (a.details() or "") for a in answers[15:20])
+    last = answers[20]
+    assert isinstance(last, pb.PublishResponse) and last.notification_id == oks[0].notification_id
+    count = await mesh.pool.fetchval("select count(*) from dispatcher.notifications where account_id = $1", account_id)
+    assert count == 15
