@@ -6,9 +6,10 @@ from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.responses import FileResponse, Response
-from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
+from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.websockets import WebSocket
 
 from services.gateway.ws import Endpoint
 
@@ -29,14 +30,23 @@ _HEADERS = [
 ]
 
 
-class SecurityHeaders:
-    """Adds the CSP and friends to every HTTP response."""
+class Front:
+    """The outermost ASGI layer: the websocket goes straight to its endpoint, HTTP gets security headers.
 
-    def __init__(self, app: ASGIApp) -> None:
+    Skipping Starlette's router and middleware for ``/ws`` matters because
+    every layer stays suspended for a connection's whole life: each costs
+    memory on every idle tab.
+    """
+
+    def __init__(self, app: ASGIApp, endpoint: Endpoint) -> None:
         self.app = app
+        self.endpoint = endpoint
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Pass through, adding headers on the response start."""
+        """Dispatch by scope type, adding headers on HTTP responses."""
+        if scope["type"] == "websocket" and scope["path"] == "/ws":
+            await self.endpoint.handle(WebSocket(scope, receive, send))
+            return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -68,8 +78,7 @@ def create_app(endpoint: Endpoint, api_routes: list[BaseRoute]) -> ASGIApp:
         _page("settings.html"),
         _page("admin.html"),
         Route("/sw.js", service_worker, methods=["GET"]),
-        WebSocketRoute("/ws", endpoint.handle),
         *api_routes,
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
-    return SecurityHeaders(Starlette(routes=routes))
+    return Front(Starlette(routes=routes), endpoint)

@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections import defaultdict
-from dataclasses import dataclass, field
+import time
+from collections import defaultdict, deque
 
 import asyncpg
 from belfry import log
@@ -26,31 +26,81 @@ _LOG = log.get(__name__)
 UserKey = tuple[str, str]
 
 
-@dataclass(eq=False)
+CLOSE_SLOW_CONSUMER = 4408
+CLOSE_TOKEN_EXPIRED = 4403
+
+
 class Tab:
-    """One websocket connection: who it is and what it still has to send."""
+    """One websocket connection: who it is, what it still has to send, and why it must close.
 
-    account_id: str
-    user_id: str
-    queue_size: int
-    expires_at: float  # token expiry, epoch seconds; refreshed by the client
-    outbox: asyncio.Queue[tuple[int, str]] = field(init=False)
-    overflowed: asyncio.Event = field(default_factory=asyncio.Event)
+    A hand-rolled outbox (a deque and one future) rather than an asyncio.Queue
+    plus helper tasks: idle connections are the common case, and each one
+    should cost as little memory as possible.
+    """
 
-    def __post_init__(self) -> None:
-        self.outbox = asyncio.Queue(self.queue_size)
+    __slots__ = ("_timer", "_waiter", "account_id", "closing", "expires_at", "frames", "limit", "user_id")
+
+    def __init__(self, account_id: str, user_id: str, limit: int, expires_at: float) -> None:
+        self.account_id = account_id
+        self.user_id = user_id
+        self.limit = limit
+        self.expires_at = expires_at  # token expiry, epoch seconds; refreshed by the client
+        self.frames: deque[tuple[int, str]] = deque()
+        self.closing: tuple[int, str] | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._arm()
 
     @property
     def key(self) -> UserKey:
         """The (account, user) the tab belongs to."""
         return (self.account_id, self.user_id)
 
+    def _arm(self) -> None:
+        loop = asyncio.get_running_loop()
+        delay = max(self.expires_at - time.time(), 0.0)
+        self._timer = loop.call_later(delay, self._check_expiry)
+
+    def _check_expiry(self) -> None:
+        if time.time() >= self.expires_at:
+            self.stop(CLOSE_TOKEN_EXPIRED, "the token expired: refresh it to stay connected")
+        else:
+            self._arm()  # refreshed meanwhile
+
     def offer(self, feed_id: int, text: str) -> None:
-        """Queue a frame; a full queue marks the tab as a slow consumer to disconnect."""
-        try:
-            self.outbox.put_nowait((feed_id, text))
-        except asyncio.QueueFull:
-            self.overflowed.set()
+        """Queue a frame; a full outbox marks the tab as a slow consumer to disconnect."""
+        if self.closing is not None:
+            return
+        if len(self.frames) >= self.limit:
+            self.stop(CLOSE_SLOW_CONSUMER, "too slow: reconnect and resume from your last id")
+            return
+        self.frames.append((feed_id, text))
+        self._wake()
+
+    def stop(self, code: int, reason: str) -> None:
+        """Ask the writer to close the connection (the first reason wins)."""
+        if self.closing is None:
+            self.closing = (code, reason)
+        if self._timer is not None:
+            self._timer.cancel()
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def next(self) -> tuple[int, str] | None:
+        """The next frame to send, or None once the tab must close."""
+        while True:
+            if self.closing is not None:
+                return None
+            if self.frames:
+                return self.frames.popleft()
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
 
 
 class Hub:

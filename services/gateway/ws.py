@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,15 +20,13 @@ from belfry.errors import Unauthenticated
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from services.gateway import store
-from services.gateway.hub import Hub, Tab
+from services.gateway.hub import CLOSE_SLOW_CONSUMER, Hub, Tab
 from services.gateway.origins import OriginPolicy
 
 _LOG = log.get(__name__)
 
 # Close codes (4000-4999 are the application's own).
 CLOSE_UNAUTHENTICATED = 4401
-CLOSE_TOKEN_EXPIRED = 4403
-CLOSE_SLOW_CONSUMER = 4408
 CLOSE_BAD_REQUEST = 4400
 
 
@@ -76,62 +73,58 @@ class Endpoint:
         try:
             await self._serve(websocket, tab, caller, last_id if isinstance(last_id, int) else None)
         finally:
+            tab.stop(1000, "bye")  # cancels the expiry timer
             await self.hub.leave(tab)
 
     async def _serve(self, websocket: WebSocket, tab: Tab, caller: Caller, last_id: int | None) -> None:
+        # Two tasks per connection: this one writes, a second one reads.
         reader = asyncio.ensure_future(self._read(websocket, tab, caller))
-        writer = asyncio.ensure_future(self._write(websocket, tab, last_id))
-        overflow = asyncio.ensure_future(tab.overflowed.wait())
-        done, pending = await asyncio.wait([reader, writer, overflow], return_when=asyncio.FIRST_COMPLETED)
-        for task in pending:
-            task.cancel()
-        code, reason = 1000, "bye"
-        send_stuck = writer in done and not writer.cancelled() and isinstance(writer.exception(), TimeoutError)
-        if overflow in done or send_stuck:
-            code, reason = CLOSE_SLOW_CONSUMER, "too slow: reconnect and resume from your last id"
+        try:
+            sent = await self._resume(websocket, tab, last_id)
+            while (frame := await tab.next()) is not None:
+                feed_id, text = frame
+                if 0 < feed_id <= sent:
+                    continue  # already sent while resuming
+                try:
+                    async with asyncio.timeout(self.limits.send_timeout):
+                        await websocket.send_text(text)
+                except TimeoutError:
+                    tab.stop(CLOSE_SLOW_CONSUMER, "too slow: reconnect and resume from your last id")
+        except (WebSocketDisconnect, RuntimeError, OSError):
+            tab.stop(1000, "closed by the client")
+        finally:
+            reader.cancel()
+        code, reason = tab.closing or (1000, "bye")
+        if code == CLOSE_SLOW_CONSUMER:
             _LOG.info("slow consumer disconnected", account_id=tab.account_id, user_id=tab.user_id)
-        elif writer in done and not writer.cancelled() and writer.exception() is None:
-            code, reason = writer.result()
-        elif reader in done and not reader.cancelled() and reader.exception() is None:
-            code, reason = reader.result()
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(websocket.close(code=code, reason=reason), self.limits.send_timeout)
+            async with asyncio.timeout(self.limits.send_timeout):
+                await websocket.close(code=code, reason=reason)
 
-    async def _read(self, websocket: WebSocket, tab: Tab, caller: Caller) -> tuple[int, str]:
-        """Client messages: token refreshes (same account and user only)."""
+    async def _read(self, websocket: WebSocket, tab: Tab, caller: Caller) -> None:
+        """Client messages: token refreshes (same account and user only); a close stops the writer."""
         while True:
             try:
                 text = await websocket.receive_text()
-            except (WebSocketDisconnect, RuntimeError):
-                return 1000, "closed by the client"
+            except (WebSocketDisconnect, RuntimeError, KeyError):
+                tab.stop(1000, "closed by the client")
+                return
             try:
                 message: Any = json.loads(text)
             except ValueError:
-                return CLOSE_BAD_REQUEST, "messages must be JSON"
+                tab.stop(CLOSE_BAD_REQUEST, "messages must be JSON")
+                return
             if isinstance(message, dict) and message.get("type") == "refresh":
                 try:
                     fresh, expires_at = self.verifier.verify(str(message.get("token", "")))
                 except Unauthenticated as exc:
-                    return CLOSE_UNAUTHENTICATED, exc.message[:120]
+                    tab.stop(CLOSE_UNAUTHENTICATED, exc.message[:120])
+                    return
                 if fresh != caller:
-                    return CLOSE_UNAUTHENTICATED, "a refreshed token must name the same account and user"
+                    tab.stop(CLOSE_UNAUTHENTICATED, "a refreshed token must name the same account and user")
+                    return
                 tab.expires_at = float(expires_at)
                 tab.offer(0, json.dumps({"type": "refreshed", "expires_at": expires_at}))
-
-    async def _write(self, websocket: WebSocket, tab: Tab, last_id: int | None) -> tuple[int, str]:
-        """Resume (missed items or an explicit reset), then live frames until the token expires."""
-        sent = await self._resume(websocket, tab, last_id)
-        while True:
-            remaining = tab.expires_at - time.time()
-            if remaining <= 0:
-                return CLOSE_TOKEN_EXPIRED, "the token expired: refresh it to stay connected"
-            try:
-                feed_id, text = await asyncio.wait_for(tab.outbox.get(), remaining)
-            except TimeoutError:
-                continue  # re-check: the token may have been refreshed meanwhile
-            if 0 < feed_id <= sent:
-                continue  # already sent while resuming
-            await asyncio.wait_for(websocket.send_text(text), self.limits.send_timeout)
 
     async def _resume(self, websocket: WebSocket, tab: Tab, last_id: int | None) -> int:
         """Send what the client missed since ``last_id``; the newest id sent (or known)."""
