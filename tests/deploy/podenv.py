@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from tests.deploy.manifests import Obj, container, environment
 from tests.deploy.pki import Authority
@@ -37,8 +37,9 @@ def _secret_value(secret: str, key: str) -> str:
     return values.get(key, secrets.token_urlsafe(48))
 
 
-def _private_pem() -> bytes:
-    key = ec.generate_private_key(ec.SECP256R1())
+def _private_pem(*, rsa_key: bool = False) -> bytes:
+    # Google service-account keys are RSA; Apple's .p8 keys are P-256.
+    key = rsa.generate_private_key(65537, 2048) if rsa_key else ec.generate_private_key(ec.SECP256R1())
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
@@ -55,7 +56,7 @@ def _write_file(path: Path, name: str, tls: Any) -> None:
             "type": "service_account",
             "project_id": "belfry-test",
             "client_email": f"{name}@belfry-test.iam.gserviceaccount.com",
-            "private_key": _private_pem().decode(),
+            "private_key": _private_pem(rsa_key=True).decode(),
             "token_uri": "https://oauth2.googleapis.com/token",
         }
         path.write_text(json.dumps(account))
