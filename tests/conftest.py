@@ -2,8 +2,8 @@
 
 The server is chosen by ``BELFRY_TEST_ADMIN_DSN`` (default: the local
 PostgreSQL on 127.0.0.1:5432 as ``postgres``); when that default is not
-reachable, an embedded server (the ``pgserver`` wheel) is started for the
-run instead. Each session creates its own
+reachable (or ``BELFRY_TEST_EMBEDDED=1``), an embedded server (the
+``pgserver`` wheel) is started for the run instead. Each session creates its own
 database, migrates it with the same runner deployments use, and drops it at
 the end, so parallel runs never collide. Tests isolate themselves by using a
 fresh account id (tenancy keeps them apart), not by truncating tables.
@@ -12,6 +12,7 @@ fresh account id (tenancy keeps them apart), not by truncating tables.
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -38,9 +39,9 @@ def admin_dsn() -> Iterator[str]:
     if configured:
         yield configured
         return
-    import socket  # noqa: PLC0415 - only needed for this probe
-
     try:
+        if os.environ.get("BELFRY_TEST_EMBEDDED"):
+            raise OSError("embedded server requested")
         socket.create_connection(("127.0.0.1", 5432), timeout=1).close()
     except OSError:
         with tempfile.TemporaryDirectory(prefix="belfry-pg-") as tmp:

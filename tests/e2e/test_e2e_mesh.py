@@ -8,6 +8,8 @@ database, sending mail to a real SMTP server (the mail catcher).
 from __future__ import annotations
 
 import asyncio
+import email
+import email.policy
 import json
 import os
 import socket
@@ -151,7 +153,9 @@ async def test_event_reaches_email_and_bell_and_honours_preferences(
 
     mail = await _mail_to(mesh.mail, f"alice.{account_id}@example.test")
     assert mail.subject == frame["item"]["title"]
-    assert "Quote Q-42" in mail.path.read_text()
+    parsed = email.message_from_bytes(mail.path.read_bytes(), policy=email.policy.default)
+    text = parsed.get_body(preferencelist=("plain",))
+    assert text is not None and "Quote Q-42" in text.get_content()
     # Both deliveries were written in the same transaction; bob has no email one.
     channels = await pool.fetch(
         "select user_id, channel from queue.deliveries where account_id = $1 and notification_id = $2",
