@@ -76,7 +76,7 @@ def _job(i: int, channel: str) -> dict[str, Any]:
         user_id=user,
         topic=TOPIC,
         title="A deal you own or follow changed stage",
-        body=f"Deal {i} — by Actor",
+        body=f"Deal {i}, by Actor",
         url=f"https://app.example/deals/{i}",
         occurred_at="2026-01-01T00:00:00+00:00",
         recipient_email=f"{user}@example.test",

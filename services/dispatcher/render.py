@@ -52,7 +52,8 @@ def body(object_name: str, actor_name: str, locale: str) -> str:
     """One line naming the object and who acted (untrusted text, kept as text)."""
     lang = language(locale)
     if actor_name:
-        return f"{object_name} — {_BY[lang]} {actor_name}" if object_name else actor_name
+        # ASCII punctuation: a plain-ASCII body stays readable as is in the raw email.
+        return f"{object_name}, {_BY[lang]} {actor_name}" if object_name else actor_name
     return object_name
 
 

@@ -25,7 +25,7 @@ async def test_publish_writes_notification_and_one_delivery_per_channel(mesh: Me
     assert email.recipient_email == "chloe@example.test"
     assert email.locale == "fr"
     assert email.title.startswith("Une transaction")
-    assert email.body == "Big <b>deal</b> — par Dan Wu"  # untrusted text kept as text, escaped by senders
+    assert email.body == "Big <b>deal</b>, par Dan Wu"  # untrusted text kept as text, escaped by senders
     assert email.notification_id == answer.notification_id
     assert not answer.replayed
 
