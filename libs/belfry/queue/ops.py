@@ -171,4 +171,10 @@ async def purge(pool: asyncpg.Pool, *, older_than_seconds: float, batch: int = 5
         deleted = int(status.split()[-1])
         total += deleted
         if deleted < batch:
-            return total
+            break
+    if total:
+        # Make the purged space reusable now rather than at autovacuum's next
+        # visit (its one-minute nap lets a busy queue grow by hundreds of MB).
+        # SKIP_LOCKED: another replica's vacuum already does the work.
+        await pool.execute("vacuum (skip_locked) queue.deliveries")
+    return total
