@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from email.headerregistry import Address
 from email.utils import parseaddr
+from pathlib import Path
 
 from belfry.config import CommonSettings, Env, load_common
 
@@ -24,6 +25,7 @@ class SmtpSettings:
     implicit_tls: bool  # TLS from the first byte (465)
     timeout: float
     pool_size: int
+    ca_file: Path | None = None  # a private CA for the relay's certificate (default: the system's)
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         implicit_tls=implicit_tls,
         timeout=env.float("BELFRY_SMTP_TIMEOUT", 30.0, minimum=0.1),
         pool_size=env.int("BELFRY_SMTP_POOL_SIZE", 8, minimum=1),
+        ca_file=env.path("BELFRY_SMTP_CA"),
     )
     if smtp.starttls and smtp.implicit_tls:
         env.problem("set only one of BELFRY_SMTP_STARTTLS and BELFRY_SMTP_TLS")

@@ -22,6 +22,8 @@ class SmtpPool:
 
     def __init__(self, settings: SmtpSettings, *, tls_context: ssl.SSLContext | None = None) -> None:
         self._settings = settings
+        if tls_context is None and settings.ca_file is not None:
+            tls_context = ssl.create_default_context(cafile=str(settings.ca_file))
         self._tls = tls_context
         self._idle: list[aiosmtplib.SMTP] = []
         self._slots = asyncio.Semaphore(settings.pool_size)
