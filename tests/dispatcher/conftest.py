@@ -148,3 +148,11 @@ async def refused(call: object) -> grpc.aio.AioRpcError:
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await call  # type: ignore[misc]
     return info.value
+
+
+@pytest.fixture(autouse=True)
+async def _leave_the_queue_as_found(account_id: str, pool: asyncpg.Pool) -> AsyncIterator[None]:
+    """Remove this test's deliveries afterwards: the session's queue is shared with the
+    senders and queue tests that run later, which must not find our rows waiting."""
+    yield
+    await pool.execute("delete from queue.deliveries where account_id like $1 || '%'", account_id)
