@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 
 import asyncpg
@@ -36,15 +37,21 @@ def build_for(settings: Settings) -> Callable[[asyncpg.Pool], Awaitable[Built]]:
         async def send_loop(stop: asyncio.Event) -> None:
             await worker.run(queue, sender.handle, stop=stop, batch=settings.batch, concurrency=settings.concurrency)
 
+        async def forget_old_counts(stop: asyncio.Event) -> None:
+            # The cap is per UTC day: yesterday's counters are kept a little, then dropped.
+            while not stop.is_set():
+                await store.purge_counts(pool)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=3600)
+
         async def maintenance(stop: asyncio.Event) -> None:
-            await store.purge_counts(pool)
             await worker.maintain(pool, stop=stop, retention_seconds=settings.retention_seconds)
 
         servicer = admin.QueueAdminServicer(pool, TokenVerifier(settings.common.token_keys))
         return Built(
             registrations=[admin.registration(servicer)],
             service_names=[admin.SERVICE_NAME],
-            background=[send_loop, maintenance],
+            background=[send_loop, maintenance, forget_old_counts],
             cleanup=[smtp.close],
         )
 
