@@ -11,6 +11,8 @@ import runpy
 import sys
 from pathlib import Path
 
+import grpc
+
 from belfry import auth, config, migrate, rpc
 from belfry.errors import BelfryError
 from belfry.local import demo, mailcatcher, supervisor
@@ -162,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     except BelfryError as exc:
         print(f"belfry: {exc.message}", file=sys.stderr)
         return 2
+    except grpc.aio.AioRpcError as exc:
+        print(f"belfry: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     return code

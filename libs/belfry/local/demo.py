@@ -7,7 +7,8 @@ import uuid
 import grpc
 
 from belfry.api.directory.v1 import directory_pb2, directory_pb2_grpc
-from belfry.api.dispatcher.v1 import dispatcher_pb2, dispatcher_pb2_grpc
+from belfry.api.dispatcher.v1 import dispatcher_pb2
+from belfry.client import Publisher
 
 DEMO_ACCOUNT = "demo"
 DEMO_USERS = (
@@ -69,7 +70,5 @@ def event(
 
 
 async def publish(channel: grpc.aio.Channel, ev: dispatcher_pb2.Event) -> dispatcher_pb2.PublishResponse:
-    """Publish one event; returns the dispatcher's answer."""
-    stub = dispatcher_pb2_grpc.DispatcherServiceStub(channel)
-    response: dispatcher_pb2.PublishResponse = await stub.Publish(dispatcher_pb2.PublishRequest(event=ev))
-    return response
+    """Publish one event through the producer client (retries transient failures)."""
+    return await Publisher(channel).publish(ev)
