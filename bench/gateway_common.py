@@ -10,7 +10,9 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from typing import IO
 
 import psutil
 
@@ -44,8 +46,16 @@ def start_gateway(dsn: str, http_port: int, **extra: str) -> subprocess.Popen[by
     assert proc.stderr is not None
     for line in proc.stderr:
         if line.startswith(b"BELFRY_READY"):
+            # Keep draining: a full pipe would block the gateway on its next write.
+            threading.Thread(target=_drain, args=(proc.stderr,), daemon=True).start()
             return proc
     raise RuntimeError("the gateway exited before it was ready")
+
+
+def _drain(stream: IO[bytes]) -> None:
+    for line in stream:
+        if b"Traceback" in line or b"error" in line.lower():
+            sys.stderr.write(line.decode(errors="replace"))
 
 
 PEER = """

@@ -130,6 +130,12 @@ class Hub:
             del self.tabs[tab.key]
             await presence.remove(self.pool, tab.account_id, tab.user_id, self.replica)
 
+    def close_all(self) -> None:
+        """Ask every tab to close (1001: going away); pages reconnect to another replica and resume."""
+        for tabs in list(self.tabs.values()):
+            for tab in list(tabs):
+                tab.stop(1001, "server shutting down: reconnect")
+
     @property
     def connections(self) -> int:
         """How many tabs this replica holds."""

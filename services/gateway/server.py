@@ -68,6 +68,11 @@ class GatewayBuild:
         async def serve_http(stop: asyncio.Event) -> None:
             task = asyncio.ensure_future(http.serve(sockets=[sock]))
             await stop.wait()
+            hub.close_all()
+            for _ in range(50):  # up to ~1 s for the handlers to close their sockets and presence rows
+                if not hub.connections:
+                    break
+                await asyncio.sleep(0.02)
             http.should_exit = True
             await task
 

@@ -102,7 +102,7 @@ def publish(pool: asyncpg.Pool) -> Publish:
         )
         async with pool.acquire() as conn, conn.transaction():
             await enqueue(
-                conn,  # type: ignore[arg-type]  # the pool's proxy forwards every Connection method
+                conn,
                 [
                     NewDelivery(
                         account_id=account_id,

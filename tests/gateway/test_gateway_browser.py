@@ -261,3 +261,28 @@ async def test_merged_notification_in_the_bell_and_screenshot(
     assert await merged.locator(".count").inner_text() == "3"
     assert await merged.locator(".merged li").all_inner_texts() == ["Quote Q-0", "Quote Q-1", "Quote Q-2"]
     await page.screenshot(path=str(DOCS / "gateway-bell.png"))
+
+
+async def test_admin_page_sets_account_defaults_and_role_profiles(
+    web: Replica, context: BrowserContext, preferences: service.Running, issuer: TokenIssuer, account_id: str
+) -> None:
+    page = await b.open_app(context, web.http, issuer.issue(account_id, "u1"), "/admin")
+    await page.fill("#search", "reward")
+    box = page.locator("[data-topic='academy.reward_updated'] input[data-channel='CHANNEL_EMAIL']")
+    assert await box.is_checked()  # the product default
+    await box.uncheck()
+    await page.wait_for_selector("#saved:has-text('Reward updated')")
+    await page.fill("#new-profile", "sales")
+    await page.click("#create-profile")
+    await page.wait_for_selector("#target option[value='sales']:checked", state="attached")
+    channel = rpc.connect(f"127.0.0.1:{preferences.port}", TlsSettings(None, None, None))
+    stub = preferences_pb2_grpc.PreferencesServiceStub(channel)
+    meta = (("authorization", f"Bearer {issuer.issue(account_id, 'u1')}"),)
+    defaults = await stub.GetAccountDefaults(preferences_pb2.GetAccountDefaultsRequest(), metadata=meta)
+    profiles = await stub.ListRoleProfiles(preferences_pb2.ListRoleProfilesRequest(), metadata=meta)
+    await channel.close()
+    assert [(c.topic, c.channel, c.enabled) for c in defaults.choices] == [
+        ("academy.reward_updated", common_pb2.CHANNEL_EMAIL, False)
+    ]
+    assert [p.permission_set for p in profiles.profiles] == ["sales"]
+    assert await page.locator("#error").is_hidden()
