@@ -13,6 +13,8 @@ import email.policy
 import json
 import os
 import socket
+import sys
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,6 +218,37 @@ async def test_forged_and_expired_tokens_are_refused(mesh: Mesh, account_id: str
                 preferences_pb2.GetPreferencesRequest(), metadata=[("authorization", f"Bearer {forged}")]
             )
         assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_publish_command(mesh: Mesh, account_id: str) -> None:
+    await _seed(mesh, account_id, ["alice"])
+
+    async def belfry(*args: str) -> tuple[int, str, str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "belfry.cli",
+            "publish",
+            "--dispatcher",
+            mesh.env["BELFRY_DISPATCHER_ADDRESS"],
+            "--account",
+            account_id,
+            "--to",
+            "alice",
+            *args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await proc.communicate()
+        return proc.returncode or 0, out.decode(), err.decode()
+
+    code, out, err = await belfry("--topic", TOPIC, "--name", "Deal D-7", "--idempotency-key", "cli-1")
+    assert code == 0, err
+    assert uuid.UUID(out.strip())
+    code, _, err = await belfry("--topic", TOPIC, "--name", "Deal D-8", "--idempotency-key", "cli-1")
+    assert code == 1 and "ALREADY_EXISTS" in err
+    code, _, err = await belfry("--topic", "nope.nothing")
+    assert code == 1 and "nope.nothing" in err
 
 
 async def test_every_service_drains_and_exits_cleanly_on_sigterm(mesh: Mesh) -> None:
