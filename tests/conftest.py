@@ -11,6 +11,7 @@ fresh account id (tenancy keeps them apart), not by truncating tables.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import tempfile
@@ -52,9 +53,9 @@ def admin_dsn() -> Iterator[str]:
     yield _DEFAULT_DSN
 
 
-@pytest.fixture(scope="session")
-async def database_url(admin_dsn: str) -> AsyncIterator[str]:
-    """A freshly migrated database for this test session."""
+@contextlib.asynccontextmanager
+async def fresh_database(admin_dsn: str) -> AsyncIterator[str]:
+    """Create and migrate a database of its own; drop it afterwards."""
     name = f"belfry_test_{uuid.uuid4().hex[:12]}"
     admin = await asyncpg.connect(admin_dsn)
     try:
@@ -63,12 +64,21 @@ async def database_url(admin_dsn: str) -> AsyncIterator[str]:
         await admin.close()
     url = _dsn_for(admin_dsn, name)
     await migrate.migrate_url(url)
-    yield url
-    admin = await asyncpg.connect(admin_dsn)
     try:
-        await admin.execute(f'drop database if exists "{name}" with (force)')
+        yield url
     finally:
-        await admin.close()
+        admin = await asyncpg.connect(admin_dsn)
+        try:
+            await admin.execute(f'drop database if exists "{name}" with (force)')
+        finally:
+            await admin.close()
+
+
+@pytest.fixture(scope="session")
+async def database_url(admin_dsn: str) -> AsyncIterator[str]:
+    """A freshly migrated database for this test session."""
+    async with fresh_database(admin_dsn) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
