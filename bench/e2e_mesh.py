@@ -24,7 +24,6 @@ import sys
 import time
 import uuid
 from email.message import EmailMessage
-from pathlib import Path
 from typing import Any
 
 import aiosmtplib
@@ -32,13 +31,10 @@ import asyncpg
 import grpc
 import psutil
 from aiosmtpd.controller import Controller
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from belfry import migrate  # noqa: E402
-from belfry.api.directory.v1 import directory_pb2, directory_pb2_grpc  # noqa: E402
-from belfry.api.dispatcher.v1 import dispatcher_pb2, dispatcher_pb2_grpc  # noqa: E402
-from belfry.local import demo, supervisor  # noqa: E402
+from belfry import migrate
+from belfry.api.directory.v1 import directory_pb2, directory_pb2_grpc
+from belfry.api.dispatcher.v1 import dispatcher_pb2, dispatcher_pb2_grpc
+from belfry.local import demo, supervisor
 
 ADMIN = os.environ.get("BELFRY_TEST_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 TOPIC = "comments.mentioned"
@@ -114,15 +110,26 @@ async def _one_run(n: int, sink: CountingSink, sink_port: int) -> dict[str, floa
             await directory.UpsertUser(
                 directory_pb2.UpsertUserRequest(
                     user=directory_pb2.User(
-                        account_id=demo.DEMO_ACCOUNT, user_id=u, email=f"{u}@example.test", locale="en",
-                        time_zone="UTC", permission_set="sales", active=True,
+                        account_id=demo.DEMO_ACCOUNT,
+                        user_id=u,
+                        email=f"{u}@example.test",
+                        locale="en",
+                        time_zone="UTC",
+                        permission_set="sales",
+                        active=True,
                     )
                 )
             )
         chan = grpc.aio.insecure_channel(env["BELFRY_DISPATCHER_ADDRESS"])
         stub = dispatcher_pb2_grpc.DispatcherServiceStub(chan)
         events = [
-            demo.event(account_id=demo.DEMO_ACCOUNT, topic=TOPIC, recipients=[users[i % len(users)]], actor="bruno", object_name=f"Deal {i}")
+            demo.event(
+                account_id=demo.DEMO_ACCOUNT,
+                topic=TOPIC,
+                recipients=[users[i % len(users)]],
+                actor="bruno",
+                object_name=f"Deal {i}",
+            )
             for i in range(n)
         ]
         procs = {c.name: psutil.Process(c.process.pid) for c in children}
@@ -158,13 +165,18 @@ async def main() -> None:
     port = _free_port()
     controller = Controller(sink, hostname="127.0.0.1", port=port)
     controller.start()
-    print(f"python {sys.version.split()[0]}, grpcio {grpc.__version__}, asyncpg {asyncpg.__version__}, cores {os.cpu_count()}")
+    print(
+        f"python {sys.version.split()[0]}, grpcio {grpc.__version__}, asyncpg {asyncpg.__version__}, cores {os.cpu_count()}"
+    )
     try:
         ceilings, runs = [], []
         for r in range(args.runs):
             ceilings.append(await _sink_ceiling(port, sink, 2000))
             runs.append(await _one_run(args.events, sink, port))
-            print(f"run {r + 1}: sink ceiling {ceilings[-1]:.0f}/s, " + ", ".join(f"{k} {v:.1f}" for k, v in runs[-1].items()))
+            print(
+                f"run {r + 1}: sink ceiling {ceilings[-1]:.0f}/s, "
+                + ", ".join(f"{k} {v:.1f}" for k, v in runs[-1].items())
+            )
         print(f"median sink ceiling (aiosmtplib 10 connections → aiosmtpd): {statistics.median(ceilings):.0f} msgs/s")
         for key in runs[0]:
             print(f"median {key}: {statistics.median(r[key] for r in runs):.1f}")
