@@ -37,8 +37,8 @@ from belfry.handoff import Assignment
 from belfry.message import Item, Message
 from belfry.queue import Lease, NewDelivery, Outcome, Queue, enqueue, worker
 from procrastinate import App, PsycopgConnector
-from queue_common import CpuMeter, drop_database, scratch_database, versions
 
+from bench.queue_common import CpuMeter, drop_database, scratch_database, versions
 from services.batching.clock import ManualClock
 from services.batching.intake import Intake
 from services.batching.prefs import Preferences

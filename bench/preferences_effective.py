@@ -32,7 +32,7 @@ from pathlib import Path
 
 import asyncpg
 import grpc
-import psutil  # type: ignore[import-untyped]  # psutil ships no type stubs
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
