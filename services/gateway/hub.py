@@ -142,9 +142,10 @@ class Hub:
         return sum(len(t) for t in self.tabs.values())
 
     def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
-        account_id, user_id, feed_id = json.loads(str(payload))
-        if (account_id, user_id) in self.tabs:
-            self._pending.put_nowait((account_id, user_id, int(feed_id)))
+        # A list of (account, user, feed id); feed id 0 = the user's unread count changed.
+        for account_id, user_id, feed_id in json.loads(str(payload)):
+            if (account_id, user_id) in self.tabs:
+                self._pending.put_nowait((account_id, user_id, int(feed_id)))
 
     async def listen(self, stop: asyncio.Event) -> None:
         """Background loop: LISTEN for new feed rows and push them to local tabs, in order."""

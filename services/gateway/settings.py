@@ -68,7 +68,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         preferences_target=env.str("BELFRY_PREFERENCES_TARGET", "127.0.0.1:50051"),
         webpush_target=env.str("BELFRY_WEBPUSH_TARGET", "127.0.0.1:50055"),
         batch=env.int("BELFRY_GATEWAY_BATCH", 200, minimum=1),
-        concurrency=env.int("BELFRY_GATEWAY_CONCURRENCY", 32, minimum=1),
+        concurrency=env.int("BELFRY_GATEWAY_CONCURRENCY", 200, minimum=1),
         lease_seconds=env.float("BELFRY_GATEWAY_LEASE_SECONDS", 30.0, minimum=0.1),
     )
     env.check()

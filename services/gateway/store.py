@@ -89,54 +89,79 @@ def _item(row: asyncpg.Record) -> FeedItem:
     )
 
 
-async def add(pool: asyncpg.Pool, message: Message) -> int | None:
-    """Store a delivered message under the user's next id and announce it; None if already stored."""
+_ADD_MANY = """
+with input as (
+    select * from unnest($1::text[], $2::text[], $3::uuid[], $4::text[], $5::text[], $6::text[], $7::text[],
+                         $8::jsonb[], $9::bool[], $10::bool[], $11::bool[], $12::text[])
+        with ordinality as t(account_id, user_id, notification_id, topic, title, body, url, items,
+                             in_feed, popup, browser, sound, ord)
+),
+fresh as (
+    select i.* from input i
+    where not exists (select 1 from gateway.feed f
+                      where f.account_id = i.account_id and f.user_id = i.user_id
+                        and f.notification_id = i.notification_id)
+),
+counts as (select account_id, user_id, count(*) as n from fresh group by account_id, user_id),
+-- The upsert row-locks each user's counter until commit, so ids commit in the order they are numbered.
+bumped as (
+    insert into gateway.feed_seq as s (account_id, user_id, last_id)
+    select account_id, user_id, n from counts
+    on conflict (account_id, user_id) do update set last_id = s.last_id + excluded.last_id
+    returning account_id, user_id, last_id
+)
+insert into gateway.feed (account_id, user_id, id, notification_id, topic, title, body, url, items,
+                          in_feed, popup, browser, sound)
+select f.account_id, f.user_id,
+       b.last_id - c.n + row_number() over (partition by f.account_id, f.user_id order by f.ord),
+       f.notification_id, f.topic, f.title, f.body, f.url, f.items, f.in_feed, f.popup, f.browser, f.sound
+from fresh f join counts c using (account_id, user_id) join bumped b using (account_id, user_id)
+returning account_id, user_id, id
+"""
+
+# pg_notify payloads must stay under 8000 bytes.
+_NOTIFY_BYTES = 7000
+
+
+async def add_many(pool: asyncpg.Pool, messages: Sequence[Message]) -> int:
+    """Store messages under each user's next ids in one statement and announce them; how many were new.
+
+    A message already stored (a redelivered queue row) is skipped. Every
+    replica is told in the same transaction (delivered at commit, in order).
+    """
+    if not messages:
+        return 0
+
+    def items(m: Message) -> str:
+        return json.dumps([{"type": i.type, "id": i.id, "display_name": i.display_name, "url": i.url} for i in m.items])
+
     async with pool.acquire() as conn, conn.transaction():
-        existing = await conn.fetchval(
-            "select id from gateway.feed where account_id = $1 and user_id = $2 and notification_id = $3",
-            message.account_id,
-            message.user_id,
-            uuid.UUID(message.notification_id),
+        rows = await conn.fetch(
+            _ADD_MANY,
+            [m.account_id for m in messages],
+            [m.user_id for m in messages],
+            [uuid.UUID(m.notification_id) for m in messages],
+            [m.topic for m in messages],
+            [m.title for m in messages],
+            [m.body for m in messages],
+            [m.url for m in messages],
+            [items(m) for m in messages],
+            [m.bell for m in messages],
+            [m.popup for m in messages],
+            [m.browser for m in messages],
+            [m.sound for m in messages],
         )
-        if existing is not None:
-            return None
-        # The upsert row-locks the user's counter until commit, so ids commit in order.
-        feed_id: int = await conn.fetchval(
-            """
-            insert into gateway.feed_seq (account_id, user_id, last_id) values ($1, $2, 1)
-            on conflict (account_id, user_id) do update set last_id = gateway.feed_seq.last_id + 1
-            returning last_id
-            """,
-            message.account_id,
-            message.user_id,
-        )
-        await conn.execute(
-            """
-            insert into gateway.feed (account_id, user_id, id, notification_id, topic, title, body, url, items,
-                                      in_feed, popup, browser, sound)
-            values ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb, $10, $11, $12, $13)
-            """,
-            message.account_id,
-            message.user_id,
-            feed_id,
-            uuid.UUID(message.notification_id),
-            message.topic,
-            message.title,
-            message.body,
-            message.url,
-            json.dumps(
-                [{"type": i.type, "id": i.id, "display_name": i.display_name, "url": i.url} for i in message.items]
-            ),
-            message.bell,
-            message.popup,
-            message.browser,
-            message.sound,
-        )
-        # Delivered at commit, in commit order: the order the ids were numbered.
-        await conn.execute(
-            "select pg_notify($1, $2)", FEED_CHANNEL, json.dumps([message.account_id, message.user_id, feed_id])
-        )
-        return feed_id
+        triples = sorted(([r["account_id"], r["user_id"], r["id"]] for r in rows), key=lambda t: t[2])
+        chunk: list[list[object]] = []
+        for triple in triples:
+            chunk.append(triple)
+            if len(json.dumps(chunk)) > _NOTIFY_BYTES:
+                chunk.pop()
+                await conn.execute("select pg_notify($1, $2)", FEED_CHANNEL, json.dumps(chunk))
+                chunk = [triple]
+        if chunk:
+            await conn.execute("select pg_notify($1, $2)", FEED_CHANNEL, json.dumps(chunk))
+        return len(rows)
 
 
 async def get(pool: asyncpg.Pool, account_id: str, user_id: str, feed_id: int) -> FeedItem | None:
@@ -264,4 +289,4 @@ async def unread_counts(pool: asyncpg.Pool, users: Sequence[tuple[str, str]]) ->
 
 async def announce_counts(pool: asyncpg.Pool, account_id: str, user_id: str) -> None:
     """Tell every replica the user's read state changed (feed id 0 = counts only)."""
-    await pool.execute("select pg_notify($1, $2)", FEED_CHANNEL, json.dumps([account_id, user_id, 0]))
+    await pool.execute("select pg_notify($1, $2)", FEED_CHANNEL, json.dumps([[account_id, user_id, 0]]))
