@@ -18,13 +18,10 @@ import time
 from collections.abc import Callable
 
 import uvloop
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "libs"))
-
-import gateway_common as gc
 from belfry.auth import TokenIssuer
-from queue_common import drop_database, scratch_database, versions
+
+from bench import gateway_common as gc
+from bench.queue_common import drop_database, scratch_database, versions
 
 WARMUP = 200
 
