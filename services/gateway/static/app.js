@@ -4,6 +4,7 @@ import { play } from "./sounds.js";
 
 const state = { lastId: null, unread: 0, items: new Map(), redDot: false, muted: false, lastInput: Date.now(), socket: null };
 const ACTIVE_MS = 5 * 60 * 1000;
+const RECENT_MS = 60 * 1000;
 
 for (const kind of ["pointerdown", "keydown", "pointermove", "focus"]) {
   window.addEventListener(kind, () => { state.lastInput = Date.now(); }, { passive: true });
@@ -122,7 +123,14 @@ async function arrive(frame) {
   state.lastId = Math.max(state.lastId ?? 0, item.id);
   await setUnread(frame.unread);
   render();
-  if (frame.resumed) return; // missed while away: into the bell only, no late pop-ups
+  if (frame.resumed) {
+    // Missed during a short disconnect: no late pop-up, but a browser notification still
+    // shows if it is recent (web push skipped it while this tab counted as live; the tag
+    // keeps it from showing twice if a push did arrive).
+    const recent = Date.now() - Date.parse(item.created_at) < RECENT_MS;
+    if (item.browser && recent && !userActive()) await browserNotification(item).catch(showError);
+    return;
+  }
   if (item.popup && userActive()) {
     toast(item);
     if (item.sound && !state.muted) await play(item.sound);
