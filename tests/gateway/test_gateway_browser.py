@@ -40,7 +40,7 @@ async def preferences(database_url: str, token_keys: dict[str, bytes]) -> AsyncI
 async def web(start_replica: StartReplica, preferences: service.Running, account_id: str) -> Replica:
     """A gateway replica wired to the preferences service, with the test user in the directory."""
     await b.seed_user(preferences.port, account_id, "u1", super_admin=True)
-    return await start_replica(BELFRY_PREFERENCES_TARGET=f"127.0.0.1:{preferences.port}")
+    return await start_replica(BELFRY_PREFERENCES_ADDRESS=f"127.0.0.1:{preferences.port}")
 
 
 @pytest.fixture
@@ -201,9 +201,9 @@ async def test_missed_items_appear_exactly_once_after_a_dropped_connection(
 ) -> None:
     await b.seed_user(preferences.port, account_id, "u1")
     target = f"127.0.0.1:{preferences.port}"
-    first = await start_replica(BELFRY_PREFERENCES_TARGET=target)
+    first = await start_replica(BELFRY_PREFERENCES_ADDRESS=target)
     port = str(first.build.http_port)
-    store_only = await start_replica(BELFRY_PREFERENCES_TARGET=target)  # keeps storing while the tab's replica is down
+    store_only = await start_replica(BELFRY_PREFERENCES_ADDRESS=target)  # keeps storing while the tab's replica is down
     await context.grant_permissions(["notifications"], origin=first.http)
     page = await b.open_app(context, first.http, issuer.issue(account_id, "u1"))
     await publish(account_id, "u1", "before")
@@ -214,7 +214,7 @@ async def test_missed_items_appear_exactly_once_after_a_dropped_connection(
         await publish(account_id, "u1", title)
     watcher = await b.open_app(context, store_only.http, issuer.issue(account_id, "u1"))
     await watcher.wait_for_selector("#badge:has-text('4')")  # all stored before the tab comes back
-    await start_replica(BELFRY_PREFERENCES_TARGET=target, BELFRY_GATEWAY_HTTP_PORT=port)
+    await start_replica(BELFRY_PREFERENCES_ADDRESS=target, BELFRY_GATEWAY_HTTP_PORT=port)
     await page.wait_for_selector("#badge:has-text('4')")
     await page.click("#bell")
     titles = await page.locator("#feed li[data-id] .title").all_inner_texts()

@@ -61,7 +61,7 @@ async def proxied(
     """A gateway wired to both services, the test user in the directory."""
     await b.seed_user(prefs_service.port, account_id, "u1")
     return await start_replica(
-        BELFRY_WEBPUSH_TARGET=f"127.0.0.1:{webpush.port}", BELFRY_PREFERENCES_TARGET=f"127.0.0.1:{prefs_service.port}"
+        BELFRY_WEBPUSH_ADDRESS=f"127.0.0.1:{webpush.port}", BELFRY_PREFERENCES_ADDRESS=f"127.0.0.1:{prefs_service.port}"
     )
 
 
