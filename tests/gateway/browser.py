@@ -90,7 +90,7 @@ async def look_away(page: Page) -> Page:
     other = await page.context.new_page()
     await other.goto("about:blank")
     await other.bring_to_front()
-    await page.wait_for_function("!document.hasFocus()")
+    await page.wait_for_function("() => !document.hasFocus()")
     return other
 
 

@@ -64,7 +64,7 @@ async def test_badge_updates_live_and_popup_plays_the_sound(
     # Producer text is shown as text, never parsed.
     assert await toast.locator(".title").inner_text() == "<img src=x onerror=alert(1)> mentioned you"
     assert await page.locator(".toast img").count() == 0
-    await page.wait_for_function("document.body.dataset.lastSound === 'marimba'")
+    await page.wait_for_function("() => document.body.dataset.lastSound === 'marimba'")
     assert await page.evaluate("document.body.dataset.audioState") == "running"
     await page.click("#bell")
     await page.wait_for_selector("#feed li[data-id]")
@@ -286,3 +286,20 @@ async def test_admin_page_sets_account_defaults_and_role_profiles(
     ]
     assert [p.permission_set for p in profiles.profiles] == ["sales"]
     assert await page.locator("#error").is_hidden()
+
+
+async def test_mute_from_the_toast_silences_later_popups(
+    web: Replica, context: BrowserContext, issuer: TokenIssuer, publish: Publish, account_id: str
+) -> None:
+    page = await b.open_app(context, web.http, issuer.issue(account_id, "u1"))
+    await publish(account_id, "u1", "First", popup=True, sound="bell")
+    await page.wait_for_function("() => document.body.dataset.lastSound === 'bell'")
+    await page.locator(".toast .mute").click()
+    await page.wait_for_selector(".toast", state="detached")
+    muted = await page.evaluate(
+        "async () => (await (await import('/static/common.js')).prefs('GetPreferences')).settings.muted"
+    )
+    assert muted is True  # saved in the preferences service
+    await publish(account_id, "u1", "Second", popup=True, sound="pop")
+    await page.wait_for_selector(".toast:has-text('Second')")
+    assert await page.evaluate("document.body.dataset.lastSound") == "bell"  # the toast shows, silently
