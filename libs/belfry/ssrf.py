@@ -10,6 +10,9 @@ that address (the Host header and TLS SNI still carry the name, so the
 certificate is verified for it), never follows redirects and never goes
 through an environment proxy: nothing re-resolves the name behind our back,
 which is how a rebinding name slips past checks made by other clients.
+``send``/``client`` serve httpx senders (webhooks); the web push sender pins
+its aiohttp session through a resolver fed with ``check``'s targets instead
+(services/webpush/client.py).
 """
 
 from __future__ import annotations
@@ -230,40 +233,6 @@ def client(
         timeout=timeout,
         limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
     )
-
-
-class Clients:
-    """A round-robin set of small httpx clients.
-
-    httpcore's pool scans every connection on every request, so one client
-    with 50 busy connections spends most of its CPU in that scan (measured:
-    about 4 ms of CPU per request at 50 concurrent on two cores, against
-    under 1 ms for 25 clients of 2 connections; see docs/push.md).
-    """
-
-    def __init__(
-        self,
-        count: int,
-        *,
-        per_client: int = 2,
-        ca_file: Path | None = None,
-        http2: bool = False,
-        timeout: float = 10.0,
-    ) -> None:
-        self._clients = [
-            client(ca_file=ca_file, http2=http2, timeout=timeout, max_connections=per_client) for _ in range(count)
-        ]
-        self._next = 0
-
-    def next(self) -> httpx.AsyncClient:
-        """The next client in turn."""
-        self._next = (self._next + 1) % len(self._clients)
-        return self._clients[self._next]
-
-    async def aclose(self) -> None:
-        """Close every client's connections."""
-        for each in self._clients:
-            await each.aclose()
 
 
 def retry_after_seconds(value: str | None, now: float) -> float | None:

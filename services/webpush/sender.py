@@ -3,30 +3,33 @@
 A user with a live app tab gets the notification from the gateway instead
 (``Drop("live tab")``). Each subscription's push is encrypted (RFC 8291,
 aes128gcm, a fresh ECDH key per message as the RFC requires; see ``ece``), carries the
-cached VAPID header and goes through the SSRF guard, pinned to the address
-the guard resolved.
+cached VAPID header and goes through the SSRF guard, then out over the
+process's one aiohttp session, whose resolver only knows the addresses the
+guard approved (see ``client``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
+import aiohttp
 import asyncpg
-import httpx
 from belfry import log, metrics, ssrf
 from belfry.message import Message
 from belfry.queue import Drop, Fail, Lease, Outcome, Retry, Sent
 from belfry.queue.presence import has_live_tab
 
 from services.webpush import ece, payload, store
+from services.webpush.client import PinnedResolver
 from services.webpush.vapid import Vapid
 
 _LOG = log.get(__name__)
 _MAX_TTL = 28 * 86400
+_MAX_BODY = 64 * 1024  # push services answer in a few hundred bytes at most
 
 
 @dataclass(frozen=True)
@@ -38,17 +41,14 @@ class Result:
     retry_after: float | None = None
 
 
-def classify(response: httpx.Response, now: float) -> Result:  # noqa: PLR0911 - one return per documented answer
+def classify(code: int, headers: Mapping[str, str], now: float) -> Result:  # noqa: PLR0911 - one per answer
     """Map a push service's answer (RFC 8030 and the services' documented codes) to a result."""
-    code = response.status_code
     if code in (200, 201, 202):
         return Result("sent")
     if code in (404, 410):
         return Result("gone", f"subscription expired or unsubscribed ({code})")
     if code in (429, 503):
-        return Result(
-            "retry", f"push service busy ({code})", ssrf.retry_after_seconds(response.headers.get("retry-after"), now)
-        )
+        return Result("retry", f"push service busy ({code})", ssrf.retry_after_seconds(headers.get("retry-after"), now))
     if code == 413:
         return Result("fail", "payload too large for the push service (413)")
     if code in (401, 403):
@@ -60,6 +60,14 @@ def classify(response: httpx.Response, now: float) -> Result:  # noqa: PLR0911 -
     return Result("fail", f"push service rejected the push ({code})")
 
 
+async def _drain(response: aiohttp.ClientResponse) -> None:
+    """Read a short answer to the end so the connection is kept; a long one closes it instead."""
+    if response.content.at_eof():
+        return
+    if len(await response.content.read(_MAX_BODY)) == _MAX_BODY or not response.content.at_eof():
+        response.close()
+
+
 class WebPushSender:
     """Handles "browser" leases."""
 
@@ -67,14 +75,16 @@ class WebPushSender:
         self,
         *,
         pool: asyncpg.Pool,
-        clients: ssrf.Clients,
+        session: aiohttp.ClientSession,
+        resolver: PinnedResolver,
         guard: ssrf.Guard,
         vapid: Vapid,
         default_ttl: int,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._pool = pool
-        self._clients = clients
+        self._session = session
+        self._resolver = resolver
         self._guard = guard
         self._vapid = vapid
         self._default_ttl = default_ttl
@@ -119,16 +129,19 @@ class WebPushSender:
         body = ece.encrypt(data, p256dh, auth)
         # The VAPID audience is the push service's origin, spelled as in the endpoint.
         origin = f"https://{target.host_header}"
+        self._resolver.pin(target)
         try:
-            response = await self._guard.send(
-                self._clients.next(),
-                target,
-                content=body,
+            async with self._session.post(
+                target.url,
+                data=body,
                 headers={**headers, "authorization": self._vapid.header(origin)},
-            )
-        except httpx.HTTPError as exc:
+                allow_redirects=False,
+            ) as response:
+                result = classify(response.status, response.headers, self._clock())
+                await _drain(response)
+        except (aiohttp.ClientError, TimeoutError) as exc:
             return Result("retry", f"push service unreachable: {exc!r}")
-        return classify(response, self._clock())
+        return result
 
     async def _push(self, sub: store.Subscription, data: bytes, headers: dict[str, str]) -> Result:
         log_ = _LOG.bind(account_id=sub.account_id, subscription_id=str(sub.subscription_id))

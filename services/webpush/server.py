@@ -12,7 +12,7 @@ from belfry.auth import TokenVerifier
 from belfry.queue import Queue, admin, worker
 from belfry.service import Built
 
-from services.webpush import vapid
+from services.webpush import client, vapid
 from services.webpush.sender import WebPushSender
 from services.webpush.servicer import SERVICE_NAME, WebPushServicer
 from services.webpush.settings import Settings
@@ -25,12 +25,21 @@ def build_for(settings: Settings) -> Callable[[asyncpg.Pool], Awaitable[Built]]:
         key = vapid.load_or_create(settings.vapid_private_key, settings.vapid_key_file)
         signer = vapid.Vapid(key, settings.vapid_subject)
         guard = ssrf.Guard(settings.policy)
-        clients = ssrf.Clients(
-            max(1, settings.concurrency // 2), ca_file=settings.ca_file, timeout=settings.timeout_seconds
+        resolver = client.PinnedResolver()
+        session = client.session(
+            resolver,
+            ca_file=settings.ca_file,
+            timeout=settings.timeout_seconds,
+            max_connections=settings.max_connections,
         )
         verifier = TokenVerifier(settings.common.token_keys)
         sender = WebPushSender(
-            pool=pool, clients=clients, guard=guard, vapid=signer, default_ttl=settings.default_ttl_seconds
+            pool=pool,
+            session=session,
+            resolver=resolver,
+            guard=guard,
+            vapid=signer,
+            default_ttl=settings.default_ttl_seconds,
         )
         queue = Queue(pool, "browser", worker=settings.worker_id, lease_seconds=settings.lease_seconds)
 
@@ -45,7 +54,7 @@ def build_for(settings: Settings) -> Callable[[asyncpg.Pool], Awaitable[Built]]:
             ],
             service_names=[SERVICE_NAME, admin.SERVICE_NAME],
             background=[send_loop],
-            cleanup=[clients.aclose],
+            cleanup=[session.close],
         )
 
     return build

@@ -28,6 +28,7 @@ class Settings:
     concurrency: int
     lease_seconds: float
     timeout_seconds: float
+    max_connections: int  # the one session's connection limit, across all push services
 
 
 def load_settings(environ: Mapping[str, str]) -> Settings:
@@ -70,6 +71,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         concurrency=env.int("BELFRY_WEBPUSH_CONCURRENCY", 100, minimum=1),
         lease_seconds=env.float("BELFRY_WEBPUSH_LEASE_SECONDS", 60.0, minimum=0.1),
         timeout_seconds=env.float("BELFRY_WEBPUSH_TIMEOUT_SECONDS", 10.0, minimum=0.1),
+        max_connections=env.int("BELFRY_WEBPUSH_MAX_CONNECTIONS", 200, minimum=1),
     )
     env.check()
     return settings

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+
+import aiohttp
 import asyncpg
 import pytest
 from belfry import ssrf
 from belfry.queue import Fail, Sent
-from cryptography.hazmat.primitives.asymmetric import ec
 
-from services.webpush import store
-from services.webpush.sender import WebPushSender
-from services.webpush.vapid import Vapid
+from services.webpush import client, store
 from tests.push.conftest import message, push_port
 from tests.push.fakes.push_service import PushService, b64url
 from tests.push.fakes.tls import REBIND_NAME, Pki
 from tests.push.push_helpers import lease_for
+from tests.push.webpush_sender import open_sender
 
 PUBLIC = "93.184.216.34"
 
@@ -106,21 +107,65 @@ async def test_a_name_that_resolves_differently_the_second_time(
     guard = ssrf.Guard(policy, resolve)
     await guard.check(sub.endpoint)  # registration-time check: passes
     await store.upsert(pool, account_id, "u1", sub.endpoint, sub.p256dh, b64url(sub.auth), "rebind")
-    client = ssrf.Clients(2, ca_file=pki.ca_file)
-    sender = WebPushSender(
-        pool=pool,
-        clients=client,
-        guard=guard,
-        vapid=Vapid(ec.generate_private_key(ec.SECP256R1()), "mailto:ops@example.com"),
-        default_ttl=60,
-    )
     before = push_service.requests
-    outcome = await sender.handle(lease_for(message(account_id, "u1"), "browser"))
-    await client.aclose()
+    async with open_sender(pool, pki, guard) as (sender, resolver):
+        outcome = await sender.handle(lease_for(message(account_id, "u1"), "browser"))
+        assert resolver.pinned(REBIND_NAME) is None  # the refused answer never reached the session
     assert isinstance(outcome, Fail)
     assert "169.254.169.254" in outcome.error
     assert push_service.requests == before  # nothing left the process
     assert asked == [REBIND_NAME, REBIND_NAME]
+
+
+async def test_rebinding_to_a_private_address_after_a_send_makes_no_connection_to_it(
+    pool: asyncpg.Pool, pki: Pki, push_service: PushService, account_id: str
+) -> None:
+    """The name first reaches the push service on 127.0.0.1, then answers 127.0.0.2 (not allowed here).
+
+    A listener on 127.0.0.2 at the same port counts connection attempts: the
+    second send is refused at the check and nothing ever connects there, even
+    though the session already holds a connection for that name.
+    """
+    port = push_port(push_service)
+    policy = ssrf.Policy(
+        allowed_hosts=(REBIND_NAME,), allowed_ports=(port,), allowed_networks=ssrf.parse_networks("127.0.0.1/32")
+    )
+    attempts: list[object] = []
+
+    async def count(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        attempts.append(writer.get_extra_info("peername"))
+        writer.close()
+
+    trap = await asyncio.start_server(count, "127.0.0.2", port)
+    sub = push_service.subscribe(host=REBIND_NAME)
+    await store.upsert(pool, account_id, "u1", sub.endpoint, sub.p256dh, b64url(sub.auth), "rebind-2")
+    resolve, asked = fixed(["127.0.0.1"], ["127.0.0.2"])
+    try:
+        async with open_sender(pool, pki, ssrf.Guard(policy, resolve)) as (sender, resolver):
+            first = await sender.handle(lease_for(message(account_id, "u1"), "browser"))
+            second = await sender.handle(lease_for(message(account_id, "u1"), "browser"))
+            assert resolver.pinned(REBIND_NAME) == "127.0.0.1"  # only ever an approved address
+    finally:
+        trap.close()
+        await trap.wait_closed()
+    assert isinstance(first, Sent)
+    assert isinstance(second, Fail)
+    assert "127.0.0.2" in second.error
+    assert asked == [REBIND_NAME, REBIND_NAME]
+    assert attempts == []
+    assert len([r for r in push_service.received if r.sub_id == sub.sub_id]) == 1
+
+
+async def test_the_session_never_resolves_a_name_the_guard_did_not_approve(pki: Pki) -> None:
+    """A request the guard never saw finds no address: the resolver refuses instead of asking DNS."""
+    resolver = client.PinnedResolver()
+    session = client.session(resolver, ca_file=pki.ca_file, timeout=5.0)
+    try:
+        with pytest.raises(aiohttp.ClientConnectorError) as err:
+            await session.post("https://localhost/x", data=b"", allow_redirects=False)
+    finally:
+        await session.close()
+    assert isinstance(err.value.os_error, client.NotPinned)
 
 
 async def test_the_send_connects_to_the_checked_address_without_resolving_again(
@@ -134,16 +179,8 @@ async def test_the_send_connects_to_the_checked_address_without_resolving_again(
     sub = push_service.subscribe(host=REBIND_NAME)
     resolve, asked = fixed(["127.0.0.1"])
     await store.upsert(pool, account_id, "u1", sub.endpoint, sub.p256dh, b64url(sub.auth), "pinned")
-    client = ssrf.Clients(2, ca_file=pki.ca_file)
-    sender = WebPushSender(
-        pool=pool,
-        clients=client,
-        guard=ssrf.Guard(policy, resolve),
-        vapid=Vapid(ec.generate_private_key(ec.SECP256R1()), "mailto:ops@example.com"),
-        default_ttl=60,
-    )
-    outcome = await sender.handle(lease_for(message(account_id, "u1"), "browser"))
-    await client.aclose()
+    async with open_sender(pool, pki, ssrf.Guard(policy, resolve)) as (sender, _):
+        outcome = await sender.handle(lease_for(message(account_id, "u1"), "browser"))
     assert isinstance(outcome, Sent)
     assert asked == [REBIND_NAME]  # resolved once, by the guard
     got = [r for r in push_service.received if r.sub_id == sub.sub_id]
@@ -160,17 +197,9 @@ async def test_a_redirect_to_an_internal_address_is_not_followed(
     sub = push_service.subscribe()
     await store.upsert(pool, account_id, "u1", sub.endpoint, sub.p256dh, b64url(sub.auth), "redirect")
     push_service.script(sub.sub_id, (302, {"location": "https://169.254.169.254/latest/meta-data/"}))
-    client = ssrf.Clients(2, ca_file=pki.ca_file)
-    sender = WebPushSender(
-        pool=pool,
-        clients=client,
-        guard=ssrf.Guard(policy),
-        vapid=Vapid(ec.generate_private_key(ec.SECP256R1()), "mailto:ops@example.com"),
-        default_ttl=60,
-    )
     before = push_service.requests
-    outcome = await sender.handle(lease_for(message(account_id, "u1"), "browser"))
-    await client.aclose()
+    async with open_sender(pool, pki, ssrf.Guard(policy)) as (sender, _):
+        outcome = await sender.handle(lease_for(message(account_id, "u1"), "browser"))
     assert isinstance(outcome, Fail)
     assert "redirect" in outcome.error
     assert push_service.requests == before + 1

@@ -22,6 +22,7 @@ from tests.push.conftest import enqueue_message, message, push_port, token_for
 from tests.push.fakes.push_service import BrowserSubscription, PushService
 from tests.push.fakes.tls import Pki
 from tests.push.push_helpers import lease_for, settled
+from tests.push.webpush_sender import open_sender
 
 
 async def register(
@@ -99,10 +100,8 @@ async def sender(pool: asyncpg.Pool, pki: Pki, push_service: PushService) -> Asy
         allowed_ports=(push_port(push_service),),
         allowed_networks=ssrf.parse_networks("127.0.0.0/8"),
     )
-    client = ssrf.Clients(2, ca_file=pki.ca_file)
-    vapid = Vapid(_key(), "mailto:ops@example.com")
-    yield WebPushSender(pool=pool, clients=client, guard=ssrf.Guard(policy), vapid=vapid, default_ttl=86400)
-    await client.aclose()
+    async with open_sender(pool, pki, ssrf.Guard(policy), default_ttl=86400) as (built, _):
+        yield built
 
 
 def _key() -> ec.EllipticCurvePrivateKey:
