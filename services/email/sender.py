@@ -1,13 +1,15 @@
-"""One delivery on the email channel: check, cap, compose, hand to SMTP, classify.
+"""The email channel: check, cap, compose, hand to SMTP, classify.
 
-Order matters: the cap slot is taken just before the SMTP transaction, so
-the cap counts messages handed to SMTP (a delivery sent again after a crash
-keeps its slot and is not counted twice).
+The daily-cap slots of a whole claimed batch are taken in one round trip
+(``prepare``) before any of its messages is sent, so the cap still counts
+messages handed to SMTP (a delivery sent again after a crash keeps its slot
+and is not counted twice) without a transaction per message.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from email.headerregistry import Address
 
 import asyncpg
 from belfry import log, metrics
@@ -22,28 +24,58 @@ _LOG = log.get(__name__)
 DAILY_CAP_REASON = "daily cap"
 
 
+def _parsed(lease: Lease) -> tuple[Message, Address] | Fail:
+    try:
+        message = Message.from_json(lease.payload)
+    except (TypeError, ValueError) as exc:
+        return Fail(f"payload is not a message: {exc}")
+    to = headers.recipient(message.recipient_email, message.recipient_name)
+    if to is None:
+        return Fail("the recipient address is missing or not a plain mailbox address")
+    return message, to
+
+
 @dataclass(frozen=True)
 class EmailSender:
-    """The email channel's ``handle(lease) -> Outcome``."""
+    """The email channel's ``prepare(leases)`` and ``handle(lease) -> Outcome``."""
 
     pool: asyncpg.Pool
     smtp: SmtpPool
     composer: Composer
     daily_cap: int
+    # Cap decisions taken by ``prepare``, keyed by (delivery id, lease token);
+    # each is used once by ``handle``.
+    _allowed: dict[tuple[int, int], bool] = field(default_factory=dict, compare=False, repr=False)
+
+    async def prepare(self, leases: list[Lease]) -> None:
+        """Take the daily-cap slots of a claimed batch in one round trip."""
+        requests: list[store.CapRequest] = []
+        for lease in leases:
+            parsed = _parsed(lease)
+            # Locked account topics (support, billing) are exempt from the cap.
+            if isinstance(parsed, Fail) or parsed[0].locked:
+                continue
+            requests.append(store.CapRequest(lease.account_id, lease.delivery_id, parsed[1].addr_spec, lease.topic))
+        allowed = await store.take_cap_slots(self.pool, requests, self.daily_cap)
+        by_id = {lease.delivery_id: lease for lease in leases}
+        for request in requests:
+            self._allowed[request.delivery_id, by_id[request.delivery_id].token] = request.delivery_id in allowed
+
+    async def _may_send(self, lease: Lease, to: Address) -> bool:
+        decided = self._allowed.pop((lease.delivery_id, lease.token), None)
+        if decided is not None:
+            return decided
+        # Not prepared (the batch step failed, or a caller without one): ask alone.
+        request = store.CapRequest(lease.account_id, lease.delivery_id, to.addr_spec, lease.topic)
+        return lease.delivery_id in await store.take_cap_slots(self.pool, [request], self.daily_cap)
 
     async def handle(self, lease: Lease) -> Outcome:
         """Send one delivery and say what became of it."""
-        try:
-            message = Message.from_json(lease.payload)
-        except (TypeError, ValueError) as exc:
-            return Fail(f"payload is not a message: {exc}")
-        to = headers.recipient(message.recipient_email, message.recipient_name)
-        if to is None:
-            return Fail("the recipient address is missing or not a plain mailbox address")
-        # Locked account topics (support, billing) are exempt from the cap.
-        if not message.locked and not await store.take_cap_slot(
-            self.pool, lease.account_id, lease.delivery_id, to.addr_spec, lease.topic, self.daily_cap
-        ):
+        parsed = _parsed(lease)
+        if isinstance(parsed, Fail):
+            return parsed
+        message, to = parsed
+        if not message.locked and not await self._may_send(lease, to):
             metrics.DELIVERIES.labels("email", "dropped").inc()
             return Drop(DAILY_CAP_REASON)
         data = self.composer.compose(lease.delivery_id, message, to)

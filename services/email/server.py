@@ -35,7 +35,14 @@ def build_for(settings: Settings) -> Callable[[asyncpg.Pool], Awaitable[Built]]:
         queue = Queue(pool, "email", worker=settings.worker_id, lease_seconds=settings.lease_seconds)
 
         async def send_loop(stop: asyncio.Event) -> None:
-            await worker.run(queue, sender.handle, stop=stop, batch=settings.batch, concurrency=settings.concurrency)
+            await worker.run(
+                queue,
+                sender.handle,
+                stop=stop,
+                batch=settings.batch,
+                concurrency=settings.concurrency,
+                prepare=sender.prepare,
+            )
 
         async def forget_old_counts(stop: asyncio.Event) -> None:
             # The cap is per UTC day: yesterday's counters are kept a little, then dropped.

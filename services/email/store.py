@@ -1,56 +1,45 @@
 """All SQL of the email sender: the daily cap.
 
 The cap is counted when a message is handed to SMTP, per (account, address,
-topic, UTC day). One conditional upsert takes the slot, so replicas racing
-for the last slot cannot both win: PostgreSQL serialises them on the row.
+topic, UTC day). A conditional upsert per counter takes the slots, so replicas
+racing for the last slot cannot both win: PostgreSQL serialises them on the row.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import asyncpg
 
 
-async def take_cap_slot(
-    pool: asyncpg.Pool, account_id: str, delivery_id: int, address: str, topic: str, cap: int
-) -> bool:
-    """True when this delivery may be sent today (it took a slot now or on an earlier attempt)."""
-    async with pool.acquire() as conn, conn.transaction():
-        # The counter is a soft limit: after a database crash at worst the last
-        # few milliseconds of slots are forgotten (a few emails past the cap),
-        # so this commit need not wait for the WAL flush on every message.
-        await conn.execute("set local synchronous_commit = off")
-        first = await conn.fetchval(
-            """
-            insert into email.cap_slots (account_id, delivery_id, day)
-            values ($1, $2, (now() at time zone 'utc')::date)
-            on conflict do nothing
-            returning true
-            """,
-            account_id,
-            delivery_id,
-        )
-        if not first:
-            return True  # a resend after a crash or retry: it was counted already
-        taken = await conn.fetchval(
-            """
-            insert into email.daily_counts as c (account_id, address, topic, day, sent)
-            values ($1, $2, $3, (now() at time zone 'utc')::date, 1)
-            on conflict (account_id, address, topic, day) do update set sent = c.sent + 1
-            where c.sent < $4
-            returning c.sent
-            """,
-            account_id,
-            address.lower(),
-            topic,
-            cap,
-        )
-        if taken is None:
-            # Over the cap: undo the slot so the record shows only real sends.
-            await conn.execute(
-                "delete from email.cap_slots where account_id = $1 and delivery_id = $2", account_id, delivery_id
-            )
-            return False
-        return True
+@dataclass(frozen=True)
+class CapRequest:
+    """One delivery asking for a daily-cap slot."""
+
+    account_id: str
+    delivery_id: int
+    address: str
+    topic: str
+
+
+async def take_cap_slots(pool: asyncpg.Pool, requests: list[CapRequest], cap: int) -> set[int]:
+    """The delivery ids that may be sent today (they took a slot now or on an earlier attempt).
+
+    One round trip for the whole batch: ``email.take_cap_slots`` (migration
+    0002) takes the slots, counts them under the cap and undoes the slots
+    the cap refused, in one transaction.
+    """
+    if not requests:
+        return set()
+    rows = await pool.fetch(
+        "select delivery_id from email.take_cap_slots($1::text[], $2::bigint[], $3::text[], $4::text[], $5::int)",
+        [r.account_id for r in requests],
+        [r.delivery_id for r in requests],
+        [r.address for r in requests],
+        [r.topic for r in requests],
+        cap,
+    )
+    return {row["delivery_id"] for row in rows}
 
 
 async def purge_counts(pool: asyncpg.Pool, *, keep_days: int = 2) -> int:

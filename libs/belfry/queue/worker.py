@@ -22,6 +22,7 @@ from belfry.queue.store import Lease, Outcome, Queue, Retry, notify_channel
 _LOG = log.get(__name__)
 
 Handler = Callable[[Lease], Awaitable[Outcome]]
+Preparer = Callable[[list[Lease]], Awaitable[None]]
 
 
 async def run(
@@ -33,12 +34,17 @@ async def run(
     concurrency: int = 20,
     poll_seconds: float = 1.0,
     rescue_seconds: float = 1.0,
+    prepare: Preparer | None = None,
 ) -> None:
     """Drain ``queue`` with ``handle`` until ``stop`` is set.
 
     Expired leases are rescued and deliveries past their time to live expired
     at most every ``rescue_seconds`` (not on every claim: under load the claim
     loop runs thousands of times a second).
+
+    ``prepare``, when given, sees each claimed batch once before its leases
+    are handled (e.g. to take per-batch database decisions in one round trip);
+    if it fails, the handlers still run and must cope on their own.
     """
     wake = asyncio.Event()
     listener: asyncpg.pool.PoolConnectionProxy = await queue.pool.acquire()
@@ -68,6 +74,11 @@ async def run(
             wake.clear()
             leases = await queue.claim(batch)
             if leases:
+                if prepare is not None:
+                    try:
+                        await prepare(leases)
+                    except Exception:  # the handlers fall back to their per-lease path
+                        _LOG.exception("batch preparation failed", count=len(leases))
                 results = await asyncio.gather(*(guarded(lease) for lease in leases))
                 lost = len(results) - await queue.settle(results)
                 if lost:
