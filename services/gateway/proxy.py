@@ -76,6 +76,7 @@ class Proxies:
 
     def __init__(self, preferences_target: str, webpush_target: str, tls: TlsSettings, timeout: float = 10.0) -> None:
         self._channels = [rpc.connect(preferences_target, tls), rpc.connect(webpush_target, tls)]
+        self.preferences = self._channels[0]
         self._timeout = timeout
         self._services = {
             "preferences": _methods(

@@ -13,6 +13,7 @@ from belfry import log
 from belfry.auth import TokenIssuer, TokenVerifier
 from belfry.queue import Queue, worker
 from belfry.service import Built
+from starlette.routing import BaseRoute
 
 from services.gateway import api
 from services.gateway.app import create_app
@@ -48,7 +49,18 @@ class GatewayBuild:
         from services.gateway import proxy  # noqa: PLC0415 - keeps gRPC stubs out of the hot import path
 
         proxies = proxy.Proxies(s.preferences_target, s.webpush_target, s.common.tls)
-        app = create_app(endpoint, [*routes, *proxies.routes(guard)])
+        extra: list[BaseRoute] = [*routes, *proxies.routes(guard)]
+        if s.unsubscribe_key is not None:
+            # The email sender's List-Unsubscribe links point at the web app's origin.
+            from services.email import unsubscribe, unsubscribe_http  # noqa: PLC0415 - optional feature
+
+            switch_off = unsubscribe_http.preferences_switch_off(
+                proxies.preferences, TokenIssuer(s.common.token_keys, s.common.token_active_kid)
+            )
+            extra += unsubscribe_http.routes(unsubscribe.Signer(s.unsubscribe_key, ttl_seconds=3600), switch_off)
+        else:
+            _LOG.warning("BELFRY_UNSUBSCRIBE_KEY is not set: one-click unsubscribe links from emails will not work")
+        app = create_app(endpoint, extra)
 
         sock = socket.create_server((s.http_host, s.http_port), family=_family(s.http_host), reuse_port=False)
         sock.setblocking(False)

@@ -32,6 +32,7 @@ class Settings:
     batch: int
     concurrency: int
     lease_seconds: float
+    unsubscribe_key: bytes | None  # verifies the email sender's one-click unsubscribe links
 
 
 def load_settings(environ: Mapping[str, str]) -> Settings:
@@ -51,6 +52,9 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         env.problem("BELFRY_GATEWAY_DEV_LOGIN=true needs BELFRY_TOKEN_KEYS to sign the demo user's token")
     if not common.token_keys:
         env.problem("BELFRY_TOKEN_KEYS is required: the gateway verifies every user's token")
+    unsubscribe_key = env.str("BELFRY_UNSUBSCRIBE_KEY", "")
+    if unsubscribe_key and len(unsubscribe_key) < 32:
+        env.problem("BELFRY_UNSUBSCRIBE_KEY must be the email sender's key (at least 32 characters)")
     settings = Settings(
         common=common,
         http_host=env.str("BELFRY_GATEWAY_HTTP_HOST", "0.0.0.0"),  # noqa: S104 - a server listens on all interfaces
@@ -70,6 +74,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         batch=env.int("BELFRY_GATEWAY_BATCH", 200, minimum=1),
         concurrency=env.int("BELFRY_GATEWAY_CONCURRENCY", 200, minimum=1),
         lease_seconds=env.float("BELFRY_GATEWAY_LEASE_SECONDS", 30.0, minimum=0.1),
+        unsubscribe_key=unsubscribe_key.encode() or None,
     )
     env.check()
     return settings

@@ -283,9 +283,7 @@ def test_prod_mutual_tls_everywhere() -> None:
     # Peer addresses use the Service names the certificates carry.
     for variable in (
         "BELFRY_PREFERENCES_ADDRESS",
-        "BELFRY_PREFERENCES_TARGET",
         "BELFRY_WEBPUSH_ADDRESS",
-        "BELFRY_WEBPUSH_TARGET",
         "BELFRY_DISPATCHER_ADDRESS",
     ):
         host = environment(_deployment("prod", "gateway"), objs)[variable].rsplit(":", 1)[0]

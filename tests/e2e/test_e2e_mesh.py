@@ -21,6 +21,7 @@ from pathlib import Path
 
 import asyncpg
 import grpc
+import httpx
 import pytest
 import websockets
 from belfry.api.common.v1 import common_pb2
@@ -68,6 +69,7 @@ async def mesh(
         BELFRY_SMTP_STARTTLS="false",
         BELFRY_GATEWAY_HTTP_HOST="127.0.0.1",
         BELFRY_GATEWAY_HTTP_PORT=str(http_port),
+        BELFRY_PUBLIC_URL=f"http://127.0.0.1:{http_port}",
         BELFRY_VAPID_PRIVATE_KEY_FILE=str(home / "vapid.pem"),
         BELFRY_LOG_LEVEL="warning",
         BELFRY_UNSUBSCRIBE_KEY="u" * 48,
@@ -218,6 +220,34 @@ async def test_forged_and_expired_tokens_are_refused(mesh: Mesh, account_id: str
                 preferences_pb2.GetPreferencesRequest(), metadata=[("authorization", f"Bearer {forged}")]
             )
         assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_one_click_unsubscribe_from_the_email(mesh: Mesh, account_id: str) -> None:
+    await _seed(mesh, account_id, ["dave", "carol"])
+    async with mesh.channel("dispatcher") as chan:
+        event = demo.event(account_id=account_id, topic=TOPIC, recipients=["dave"], actor="carol", object_name="Q-9")
+        await dispatcher_pb2_grpc.DispatcherServiceStub(chan).Publish(dispatcher_pb2.PublishRequest(event=event))
+    mail = await _mail_to(mesh.mail, f"dave.{account_id}@example.test")
+    parsed = email.message_from_bytes(mail.path.read_bytes(), policy=email.policy.default)
+    assert parsed["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    link = str(parsed["List-Unsubscribe"]).strip("<>")
+    assert link.startswith(f"http://127.0.0.1:{mesh.http_port}/")
+    token = mesh.issuer.issue(account_id, "dave")
+
+    async def email_enabled() -> bool:
+        async with mesh.channel("preferences") as chan:
+            answer = await preferences_pb2_grpc.PreferencesServiceStub(chan).Effective(
+                preferences_pb2.EffectiveRequest(topic=TOPIC), metadata=[("authorization", f"Bearer {token}")]
+            )
+        return bool(next(c.enabled for c in answer.decision.channels if c.channel == common_pb2.CHANNEL_EMAIL))
+
+    async with httpx.AsyncClient() as http:
+        page = await http.get(link)  # a mail scanner following the link changes nothing
+        assert page.status_code == 200 and "<form" in page.text
+        assert await email_enabled()
+        done = await http.post(link, content=b"List-Unsubscribe=One-Click")
+        assert done.status_code == 200
+    assert not await email_enabled()
 
 
 async def test_publish_command(mesh: Mesh, account_id: str) -> None:
