@@ -5,12 +5,11 @@ fresh ECDH key, VAPID authorization, one HTTPS POST to a loopback sink
 (``webpush_sink.py``, several processes, answers 201). Belfry's side is
 ``WebPushSender.deliver`` — the SSRF check (resolve once, pin), the cached
 VAPID header, pywebpush's encoder and a pinned httpx request — without the
-database work around it. pywebpush signs a new VAPID JWT per call (its
-documented usage) and posts with aiohttp. Runs alternate; medians of
-``--runs``. The sink's ceiling is measured first with pre-encrypted bodies.
-A third column runs Belfry's same hot path with aiohttp as the HTTP client
-(pinned through a resolver answering with the checked address) to show how
-much of the gap is the HTTP client; the service itself uses httpx.
+database work around it; it posts over the sender's one aiohttp session,
+whose resolver answers only with the address the guard approved.
+pywebpush signs a new VAPID JWT per call (its documented usage) and posts
+with aiohttp. Runs alternate; medians of ``--runs``. The sink's ceiling is
+measured first with pre-encrypted bodies.
 
 Usage: python bench/webpush_send.py [--messages 3000] [--runs 3] [--concurrency 50] [--sink-procs 2] [--profile]
 """
@@ -36,7 +35,6 @@ from importlib import metadata
 from pathlib import Path
 
 import aiohttp
-import aiohttp.abc
 import psutil
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -49,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import webpush_sink  # type: ignore[import-not-found]  # the sibling script, on sys.path at run time
 from belfry import ssrf
 
-from services.webpush import ece
+from services.webpush import client
 from services.webpush.sender import WebPushSender
 from services.webpush.vapid import Vapid
 from tests.push.fakes.tls import make_pki
@@ -132,7 +130,7 @@ async def main() -> None:
     meter = Meter([psutil.Process(w.pid) for w in workers if w.pid])
     subs = subscriptions(port)
 
-    context = ssl.create_default_context()  # aiohttp's own: httpx sets ALPN on the contexts it is given
+    context = ssl.create_default_context()  # pywebpush's session and the sink ceiling
     context.load_verify_locations(cafile=str(pki.ca_file))
     policy = ssrf.Policy(
         allowed_hosts=("localhost",), allowed_ports=(port,), allowed_networks=ssrf.parse_networks("127.0.0.0/8")
@@ -141,11 +139,12 @@ async def main() -> None:
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     peer_vapid = Vapid01.from_pem(pem)
 
-    clients = ssrf.Clients(max(1, args.concurrency // 2), ca_file=pki.ca_file)
-    client = ssrf.client(ca_file=pki.ca_file, http2=False, max_connections=args.concurrency)
+    resolver = client.PinnedResolver()
+    pinned_session = client.session(resolver, ca_file=pki.ca_file, max_connections=args.concurrency)
     sender = WebPushSender(
         pool=None,  # type: ignore[arg-type]  # deliver() never touches the database
-        clients=clients,
+        session=pinned_session,
+        resolver=resolver,
         guard=ssrf.Guard(policy),
         vapid=Vapid(key, "mailto:bench@example.com"),
         default_ttl=3600,
@@ -159,42 +158,6 @@ async def main() -> None:
         result = await sender.deliver(str(sub["endpoint"]), keys["p256dh"], keys["auth"], PAYLOAD, HEADERS)
         return result.kind == "sent"
 
-    # Experiment (not what the service runs): the same hot path with aiohttp as the HTTP client,
-    # pinned through a resolver that answers with the address the guard checked.
-    pinned: dict[str, str] = {}
-
-    class PinnedResolver(aiohttp.abc.AbstractResolver):
-        async def resolve(
-            self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-        ) -> list[aiohttp.abc.ResolveResult]:
-            return [
-                aiohttp.abc.ResolveResult(hostname=host, host=pinned[host], port=port, family=family, proto=0, flags=0)
-            ]
-
-        async def close(self) -> None:
-            return None
-
-    guard = ssrf.Guard(policy)
-    signer = Vapid(key, "mailto:bench@example.com")
-    context_b = ssl.create_default_context()
-    context_b.load_verify_locations(cafile=str(pki.ca_file))
-    pinned_session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(ssl=context_b, limit=args.concurrency, resolver=PinnedResolver())
-    )
-
-    async def belfry_aiohttp(i: int) -> bool:
-        sub = subs[i % len(subs)]
-        keys = sub["keys"]
-        assert isinstance(keys, dict)
-        target = await guard.check(str(sub["endpoint"]))
-        pinned[target.host] = target.address
-        content = ece.encrypt(PAYLOAD, keys["p256dh"], keys["auth"])
-        headers = {**HEADERS, "authorization": signer.header(f"https://{target.host_header}")}
-        async with pinned_session.post(
-            str(sub["endpoint"]), data=content, headers=headers, allow_redirects=False
-        ) as response:
-            return response.status == 201
-
     async def peer(i: int) -> bool:
         response = await webpush_async(
             subscription_info=subs[i % len(subs)],
@@ -207,10 +170,6 @@ async def main() -> None:
         return getattr(response, "status", 0) == 201
 
     body = os.urandom(len(PAYLOAD) + 103)
-
-    async def ceiling_httpx(i: int) -> bool:
-        response = await client.post(f"https://localhost:{port}/push/{i % 100}", content=body, headers=HEADERS)
-        return response.status_code == 201
 
     async def ceiling_aiohttp(i: int) -> bool:
         async with session.post(f"https://localhost:{port}/push/{i % 100}", data=body, headers=HEADERS) as response:
@@ -233,27 +192,21 @@ async def main() -> None:
         return rate, cpu
 
     names = ", ".join(
-        f"{p} {metadata.version(p)}" for p in ("pywebpush", "http_ece", "py-vapid", "httpx", "aiohttp", "cryptography")
+        f"{p} {metadata.version(p)}" for p in ("pywebpush", "http_ece", "py-vapid", "aiohttp", "cryptography")
     )
     print(f"Python {platform.python_version()}, {names}; sink: {args.sink_procs} processes")
     print(f"{args.messages} messages per run, {args.concurrency} concurrent, {args.runs} runs")
-    for name, fn in (
-        ("sink ceiling via one httpx client", ceiling_httpx),
-        ("sink ceiling via aiohttp", ceiling_aiohttp),
-    ):
-        rate, cpu = await measure(name, fn)
-        print(f"{name:>26}: {rate:8.0f} msgs/s  ({cpu})")
-    rates: dict[str, list[float]] = {"belfry": [], "pywebpush": [], "belfry+aiohttp": []}
-    order = [("belfry", belfry), ("pywebpush", peer), ("belfry+aiohttp", belfry_aiohttp)]
+    rate, cpu = await measure("sink ceiling", ceiling_aiohttp)
+    print(f"sink ceiling (aiohttp, pre-encrypted): {rate:8.0f} msgs/s  ({cpu})")
+    rates: dict[str, list[float]] = {"belfry": [], "pywebpush": []}
+    order = [("belfry", belfry), ("pywebpush", peer)]
     for run in range(args.runs):
-        for name, fn in order[run % 3 :] + order[: run % 3]:
+        for name, fn in order[run % 2 :] + order[: run % 2]:
             rate, cpu = await measure(name, fn)
             rates[name].append(rate)
             print(f"run {run + 1} {name:>10}: {rate:8.0f} msgs/s  ({cpu})")
     b, p = statistics.median(rates["belfry"]), statistics.median(rates["pywebpush"])
     print(f"median: belfry {b:.0f} msgs/s, pywebpush webpush_async {p:.0f} msgs/s, ratio {b / p:.2f}x")
-    a = statistics.median(rates["belfry+aiohttp"])
-    print(f"experiment, Belfry's hot path over aiohttp: {a:.0f} msgs/s, ratio {a / p:.2f}x")
     if args.profile:
         profiler = cProfile.Profile()
         profiler.enable()
@@ -264,8 +217,6 @@ async def main() -> None:
         print(out.getvalue())
     await session.close()
     await pinned_session.close()
-    await client.aclose()
-    await clients.aclose()
     for w in workers:
         w.terminate()
 

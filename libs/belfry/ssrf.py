@@ -25,6 +25,7 @@ import socket
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -44,6 +45,8 @@ KNOWN_PUSH_HOSTS: tuple[str, ...] = (
     ".notify.windows.com",
 )
 
+# Whitespace (\s is str.isspace for str patterns), control characters, backslashes: one C scan per URL.
+_UNSAFE_CHAR = re.compile(r"[\s\x00-\x1f\\]")
 # Only letters, digits, dots and dashes: a hostname or a dotted-quad address.
 _HOSTNAME = re.compile(r"^[a-z0-9.-]+$")
 # Spellings inet_aton accepts but that are not plain dotted quads (2130706433, 0x7f.1, 0177.0.0.1).
@@ -126,10 +129,13 @@ class Guard:
     def __init__(self, policy: Policy, resolver: Resolver | None = None) -> None:
         self.policy = policy
         self._resolve = resolver or system_resolver
+        # The verdict on an address depends only on the policy: computed once per address
+        # (is_global walks a dozen networks), bounded for a long-lived sender.
+        self._address_ok = lru_cache(maxsize=4096)(self._address_allowed)
 
     def parse(self, url: str) -> tuple[str, int, str]:
         """Syntactic checks only (no DNS): → (host, port, path). Raises Refused."""
-        if any(ch.isspace() or ord(ch) < 0x20 or ch == "\\" for ch in url):
+        if _UNSAFE_CHAR.search(url):
             raise Refused("the URL contains whitespace, control characters or backslashes")
         try:
             parts = urlsplit(url)
@@ -181,9 +187,11 @@ class Guard:
         if not addresses:
             raise Refused(f"{host} does not resolve")
         for raw in addresses:
-            address = ipaddress.ip_address(raw.split("%", 1)[0])
+            address = _ip_literal(raw.split("%", 1)[0])
+            if address is None:
+                raise Refused(f"{host} resolved to {raw!r}, which is not an IP address")
             # Every answer must pass: a name that mixes public and private answers is a rebinding tool.
-            if not self._address_allowed(address):
+            if not self._address_ok(address):
                 raise Refused(f"{host} resolves to {address}, a private, loopback or link-local address")
         return Target(url=url, host=host, port=port, path=path, address=addresses[0])
 
@@ -207,6 +215,7 @@ class Guard:
         return await client.send(request, follow_redirects=False)
 
 
+@lru_cache(maxsize=4096)  # called twice per check; a failed parse of a name costs two exceptions
 def _ip_literal(host: str) -> IPAddress | None:
     try:
         return ipaddress.ip_address(host)
