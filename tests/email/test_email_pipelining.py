@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiosmtplib
@@ -28,7 +30,15 @@ MESSAGE = b"Subject: hi\r\n\r\nfirst line\r\n.a line that starts with a dot\r\n.
 class PipeServer:
     """A minimal SMTP server with configurable replies per stage (MAIL, RCPT, DATA, END)."""
 
-    def __init__(self, *, pipelining: bool = True, replies: dict[str, bytes] | None = None, drop_at: str = "") -> None:
+    def __init__(
+        self,
+        *,
+        pipelining: bool = True,
+        replies: dict[str, bytes] | None = None,
+        drop_at: str = "",
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        self.tls = tls
         self.pipelining = pipelining
         self.replies = {"MAIL": b"250 ok", "RCPT": b"250 ok", "DATA": b"354 go on", "END": b"250 queued"}
         self.replies.update(replies or {})
@@ -40,7 +50,7 @@ class PipeServer:
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._session, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._session, "127.0.0.1", 0, ssl=self.tls)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
@@ -109,9 +119,17 @@ async def serving(**options: Any) -> AsyncIterator[PipeServer]:
         await server.stop()
 
 
-def _pool(port: int) -> SmtpPool:
+def _pool(port: int, *, ca_file: Path | None = None) -> SmtpPool:
     settings = SmtpSettings(
-        host="127.0.0.1", port=port, user="", password="", starttls=False, implicit_tls=False, timeout=5, pool_size=2
+        host="127.0.0.1",
+        port=port,
+        user="",
+        password="",
+        starttls=False,
+        implicit_tls=ca_file is not None,
+        timeout=5,
+        pool_size=2,
+        ca_file=ca_file,
     )
     return SmtpPool(settings)
 
@@ -162,6 +180,22 @@ REFUSALS = [
     ({"END": b"552 5.3.4 message too big"}, Fail, "552 5.3.4"),
     ({"END": b"450-4.2.0 mailbox busy\r\n450 4.2.0 come back"}, Retry, "come back"),
 ]
+
+
+async def test_pipelining_over_implicit_tls(certificate: tuple[Path, Path]) -> None:
+    cert, key = certificate
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert, key)
+    async with serving(tls=server_tls) as pipe_server:
+        pool = _pool(pipe_server.port, ca_file=cert)
+        try:
+            await pool.send("from@example.test", ["to@example.test"], MESSAGE)
+            await pool.send("from@example.test", ["to@example.test"], MESSAGE)
+        finally:
+            await pool.close()
+    assert pool.pipelined == 2 and pool.opened == 1
+    assert pipe_server.reads.count(["MAIL", "RCPT", "DATA"]) == 2
+    assert pipe_server.messages == [MESSAGE, MESSAGE]
 
 
 @pytest.mark.parametrize(("replies", "kind", "reply"), REFUSALS)
