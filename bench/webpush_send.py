@@ -213,7 +213,7 @@ async def main() -> None:
         await drive(args.messages, args.concurrency, belfry)
         profiler.disable()
         out = io.StringIO()
-        pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(18)
+        pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(30)
         print(out.getvalue())
     await session.close()
     await pinned_session.close()
