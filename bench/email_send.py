@@ -6,7 +6,8 @@ run, alternating:
 
 * peer: ``aiosmtplib.send()`` — a new connection per message — 50 at a time;
 * Belfry compose+pool: the sender's template rendering and MIME building
-  (``Composer``) and its SMTP connection pool (``SmtpPool``), 64 at a time;
+  (``Composer``) and its SMTP connection pool (``SmtpPool``), 64 at a time,
+  with PIPELINING (smtp-sink advertises it) and without it;
 * Belfry end to end: N deliveries on the queue, drained by the email service
   (claim, daily cap, compose, SMTP, batched settle), in this process.
 
@@ -93,9 +94,11 @@ async def peer_run(port: int, payloads: list[bytes], concurrency: int = 50) -> t
     return len(payloads) / elapsed, cpu.share(elapsed)
 
 
-async def pool_run(port: int, composer: Composer, n: int, size: int, concurrency: int = 64) -> tuple[float, str]:
+async def pool_run(
+    port: int, composer: Composer, n: int, size: int, *, pipelining: bool, concurrency: int = 64
+) -> tuple[float, str]:
     """Belfry's compose + pooled SMTP, without the queue."""
-    smtp = SmtpPool(SmtpSettings("127.0.0.1", port, "", "", False, False, 30.0, size))
+    smtp = SmtpPool(SmtpSettings("127.0.0.1", port, "", "", False, False, 30.0, size), pipelining=pipelining)
     limiter = asyncio.Semaphore(concurrency)
 
     async def one(i: int) -> None:
@@ -109,6 +112,8 @@ async def pool_run(port: int, composer: Composer, n: int, size: int, concurrency
         await asyncio.gather(*(one(i) for i in range(n)))
         elapsed = time.perf_counter() - started
     await smtp.close()
+    if smtp.pipelined != (n if pipelining else 0):
+        raise SystemExit(f"expected {'every' if pipelining else 'no'} transaction pipelined, got {smtp.pipelined}")
     return n / elapsed, cpu.share(elapsed)
 
 
@@ -179,21 +184,28 @@ async def main() -> None:
         print(f"messages={args.messages} size={len(sample)} bytes pool={args.pool}")
         ceiling = sink_ceiling(port, args.messages, len(sample))
         print(f"sink ceiling (smtp-source, 20 sessions): {ceiling:,.0f} msgs/s", flush=True)
-        results: dict[str, list[float]] = {"aiosmtplib.send": [], "belfry pool": [], "belfry service": []}
+        results: dict[str, list[float]] = {
+            "aiosmtplib.send": [],
+            "belfry pool plain": [],
+            "belfry pool": [],
+            "belfry service": [],
+        }
         for run in range(args.runs):
             for name, coro in (
                 ("aiosmtplib.send", peer_run(port, payloads)),
-                ("belfry pool", pool_run(port, composer, args.messages, args.pool)),
+                ("belfry pool plain", pool_run(port, composer, args.messages, args.pool, pipelining=False)),
+                ("belfry pool", pool_run(port, composer, args.messages, args.pool, pipelining=True)),
                 ("belfry service", service_run(dsn, port, args.messages, args.pool)),
             ):
                 rate, cpu = await coro
                 results[name].append(rate)
-                print(f"run {run + 1} {name:16s} {rate:8,.0f} msgs/s  ({cpu})", flush=True)
+                print(f"run {run + 1} {name:17s} {rate:8,.0f} msgs/s  ({cpu})", flush=True)
         med = {k: statistics.median(v) for k, v in results.items()}
         for name, rate in med.items():
-            print(f"median {name:16s} {rate:8,.0f} msgs/s")
+            print(f"median {name:17s} {rate:8,.0f} msgs/s")
         print(
             f"ratio belfry pool / aiosmtplib.send {med['belfry pool'] / med['aiosmtplib.send']:.1f}x; "
+            f"pipelined / plain pool {med['belfry pool'] / med['belfry pool plain']:.1f}x; "
             f"belfry service / aiosmtplib.send {med['belfry service'] / med['aiosmtplib.send']:.1f}x"
         )
     finally:

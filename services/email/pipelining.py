@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import re
+from typing import cast
 
 import aiosmtplib
 from aiosmtplib.email import quote_address
@@ -111,8 +112,9 @@ async def send_pipelined(
     (its state is then unknown).
     """
     protocol = client.protocol
-    transport = protocol.transport if protocol is not None else None
-    if protocol is None or not isinstance(transport, asyncio.Transport) or transport.is_closing():
+    # uvloop's transports are not asyncio.Transport subclasses, hence the cast, not isinstance.
+    transport = cast(asyncio.Transport | None, protocol.transport if protocol is not None else None)
+    if protocol is None or transport is None or transport.is_closing():
         raise aiosmtplib.SMTPServerDisconnected("not connected")
     payload = dot_stuffed(message)
     mail = [b"MAIL", b"FROM:" + quote_address(sender).encode("ascii")]

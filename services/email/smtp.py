@@ -24,8 +24,11 @@ from services.email.settings import SmtpSettings
 class SmtpPool:
     """Up to ``size`` live connections, each used by one transaction at a time."""
 
-    def __init__(self, settings: SmtpSettings, *, tls_context: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self, settings: SmtpSettings, *, tls_context: ssl.SSLContext | None = None, pipelining: bool = True
+    ) -> None:
         self._settings = settings
+        self._pipelining = pipelining  # False only to measure the plain path against a pipelining server
         if tls_context is None and settings.ca_file is not None:
             tls_context = ssl.create_default_context(cafile=str(settings.ca_file))
         self._tls = tls_context
@@ -65,7 +68,7 @@ class SmtpPool:
         async with self._slots:
             client = self._idle.pop() if self._idle else await self._open()
             try:
-                if client.supports_extension("pipelining"):
+                if self._pipelining and client.supports_extension("pipelining"):
                     await send_pipelined(client, sender, recipients, message, self._settings.timeout)
                     self.pipelined += 1
                 else:

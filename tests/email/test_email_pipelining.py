@@ -9,6 +9,7 @@ write, as pipelining servers do; the fallback is tested against both.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import ssl
 from collections.abc import AsyncIterator
@@ -17,6 +18,7 @@ from typing import Any
 
 import aiosmtplib
 import pytest
+import uvloop
 from belfry.queue import Fail, Retry
 
 from services.email.pipelining import dot_stuffed
@@ -242,6 +244,22 @@ async def test_a_multiline_final_reply_is_success() -> None:
         await pool.close()
         await server.stop()
     assert server.messages == [MESSAGE] and pool.pipelined == 1
+
+
+def test_pipelining_on_uvloop() -> None:
+    # The service runs on uvloop, whose transports are not asyncio's classes.
+    async def scenario() -> tuple[int, list[bytes]]:
+        async with serving() as pipe_server:
+            pool = _pool(pipe_server.port)
+            try:
+                await pool.send("from@example.test", ["to@example.test"], MESSAGE)
+            finally:
+                await pool.close()
+        return pool.pipelined, pipe_server.messages
+
+    with concurrent.futures.ThreadPoolExecutor(1) as thread:
+        pipelined, messages = thread.submit(uvloop.run, scenario()).result()
+    assert pipelined == 1 and messages == [MESSAGE]
 
 
 def test_dot_stuffing_and_line_ends() -> None:
