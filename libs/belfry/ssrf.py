@@ -92,6 +92,12 @@ class Target:
         return f"https://{literal}:{self.port}{self.path}"
 
     @property
+    def checked_url(self) -> str:
+        """The URL rebuilt from the parts the guard checked (name, port, path): nothing left to misparse."""
+        literal = f"[{self.host}]" if ":" in self.host else self.host
+        return f"https://{literal}:{self.port}{self.path}"
+
+    @property
     def host_header(self) -> str:
         """What the server expects in Host (the port only when it is not the default)."""
         return self.host if self.port == 443 else f"{self.host}:{self.port}"

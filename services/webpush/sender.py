@@ -131,8 +131,9 @@ class WebPushSender:
         origin = f"https://{target.host_header}"
         self._resolver.pin(target)
         try:
+            # Rebuilt from the checked parts, so the client cannot read a different host out of the URL.
             async with self._session.post(
-                target.url,
+                target.checked_url,
                 data=body,
                 headers={**headers, "authorization": self._vapid.header(origin)},
                 allow_redirects=False,

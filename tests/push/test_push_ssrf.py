@@ -82,6 +82,14 @@ async def test_allowed_urls_are_pinned_to_the_one_resolution() -> None:
     assert asked == ["updates.push.services.mozilla.com"]
     assert target.pinned_url == f"https://{PUBLIC}:443/wpush/v2/abc?x=1"
     assert target.host_header == "updates.push.services.mozilla.com"
+    assert target.checked_url == "https://updates.push.services.mozilla.com:443/wpush/v2/abc?x=1"
+
+
+async def test_the_request_url_is_rebuilt_from_the_checked_parts() -> None:
+    resolve, _ = fixed([PUBLIC])
+    target = await ssrf.Guard(ANY_PUBLIC, resolve).check("https://[2606:4700::1111]/in#frag")
+    assert target.checked_url == "https://[2606:4700::1111]:443/in"
+    assert target.address == "2606:4700::1111"
 
 
 async def test_an_explicitly_allowed_network_is_reachable() -> None:
@@ -203,3 +211,20 @@ async def test_a_redirect_to_an_internal_address_is_not_followed(
     assert isinstance(outcome, Fail)
     assert "redirect" in outcome.error
     assert push_service.requests == before + 1
+
+
+async def test_the_push_service_certificate_is_verified(
+    pool: asyncpg.Pool, pki: Pki, push_service: PushService, account_id: str
+) -> None:
+    """Without the test CA the loopback service's certificate is untrusted: no push, a retry naming it."""
+    port = push_port(push_service)
+    policy = ssrf.Policy(
+        allowed_hosts=("localhost",), allowed_ports=(port,), allowed_networks=ssrf.parse_networks("127.0.0.0/8")
+    )
+    sub = push_service.subscribe()
+    before = push_service.requests
+    async with open_sender(pool, pki, ssrf.Guard(policy), trust_test_ca=False) as (sender, _):
+        result = await sender.deliver(sub.endpoint, sub.p256dh, b64url(sub.auth), b'{"title":"x"}', {"ttl": "60"})
+    assert result.kind == "retry"
+    assert "certificate" in result.reason.lower()
+    assert push_service.requests == before

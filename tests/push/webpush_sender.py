@@ -17,11 +17,11 @@ from tests.push.fakes.tls import Pki
 
 @asynccontextmanager
 async def open_sender(
-    pool: asyncpg.Pool, pki: Pki, guard: ssrf.Guard, *, default_ttl: int = 60
+    pool: asyncpg.Pool, pki: Pki, guard: ssrf.Guard, *, default_ttl: int = 60, trust_test_ca: bool = True
 ) -> AsyncIterator[tuple[WebPushSender, client.PinnedResolver]]:
-    """A sender trusting the test CA; its session is closed on exit."""
+    """A sender trusting the test CA (or only the system store); its session is closed on exit."""
     resolver = client.PinnedResolver()
-    session = client.session(resolver, ca_file=pki.ca_file, timeout=5.0)
+    session = client.session(resolver, ca_file=pki.ca_file if trust_test_ca else None, timeout=5.0)
     sender = WebPushSender(
         pool=pool,
         session=session,
