@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import re
 from typing import cast
 
@@ -87,6 +88,12 @@ class _Replies(asyncio.Protocol):
         return self._replies.popleft()
 
 
+@functools.lru_cache(maxsize=64)
+def _quoted_sender(sender: str) -> bytes:
+    # The sender is the service's one configured address: parse it once.
+    return quote_address(sender).encode("ascii")
+
+
 def _command(*parts: bytes) -> bytes:
     line = b" ".join(parts)
     if any(c < 0x20 or c == 0x7F for c in line):
@@ -96,10 +103,17 @@ def _command(*parts: bytes) -> bytes:
 
 def dot_stuffed(message: bytes) -> bytes:
     """The DATA payload: CRLF line ends, leading dots doubled, ended by ``.`` alone (RFC 5321 §4.5.2)."""
-    body = _LINE_ENDS.sub(b"\r\n", message)
+    body = message
+    # Fast paths: composed messages already have CRLF line ends and no line
+    # starting with a dot; counting bytes is far cheaper than a regex pass.
+    crlf = body.count(b"\r\n")
+    if body.count(b"\r") != crlf or body.count(b"\n") != crlf:
+        body = _LINE_ENDS.sub(b"\r\n", body)
     if not body.endswith(b"\r\n"):
         body += b"\r\n"
-    return _LEADING_DOT.sub(b"..", body) + b".\r\n"
+    if body.startswith(b".") or b"\n." in body:
+        body = _LEADING_DOT.sub(b"..", body)
+    return body + b".\r\n"
 
 
 async def send_pipelined(
@@ -117,7 +131,7 @@ async def send_pipelined(
     if protocol is None or transport is None or transport.is_closing():
         raise aiosmtplib.SMTPServerDisconnected("not connected")
     payload = dot_stuffed(message)
-    mail = [b"MAIL", b"FROM:" + quote_address(sender).encode("ascii")]
+    mail = [b"MAIL", b"FROM:" + _quoted_sender(sender)]
     if client.supports_extension("size"):
         mail.append(f"SIZE={len(payload) - 3}".encode("ascii"))  # RFC 1870: without the final ".\r\n"
     commands = _command(*mail)

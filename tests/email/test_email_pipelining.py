@@ -265,6 +265,9 @@ def test_pipelining_on_uvloop() -> None:
 def test_dot_stuffing_and_line_ends() -> None:
     assert dot_stuffed(b".a\nb\r.c") == b"..a\r\nb\r\n..c\r\n.\r\n"
     assert dot_stuffed(b"x\r\n") == b"x\r\n.\r\n"
+    assert dot_stuffed(b"a\r\nb\nc") == b"a\r\nb\r\nc\r\n.\r\n"  # a bare LF among CRLFs
+    assert dot_stuffed(b"a\r\n.b\r\n") == b"a\r\n..b\r\n.\r\n"  # already CRLF, a dot to stuff
+    assert dot_stuffed(b"plain\r\nlines\r\n") == b"plain\r\nlines\r\n.\r\n"
 
 
 async def test_a_crlf_in_an_address_adds_no_command() -> None:
