@@ -20,7 +20,7 @@ from belfry.queue import NewDelivery
 from services.dispatcher import render, rules, store
 from services.dispatcher.model import Event, Recipient, Topic
 from services.dispatcher.preferences import Preferences
-from services.dispatcher.routing import Routed, digest_fact, route
+from services.dispatcher.routing import Routed, digest_fact, route, silent_assignment
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class Plan:
     topic: Topic
     verdicts: tuple[rules.Verdict, ...]
     routed: dict[str, Routed]  # per user who passed the rules
-    digest: tuple[NewDelivery, ...]
+    digest: tuple[NewDelivery, ...]  # batching handoffs beyond the routed ones: digest facts, silent assignments
 
 
 class Planner:
@@ -116,6 +116,13 @@ class Planner:
             if rules.feeds_digest(event.topic, topic.batching)
             else ()
         )
+        if topic.batching == "assignment":
+            # A self-assignment tells nobody, but it still moves the object: batching must see it.
+            digest += tuple(
+                silent_assignment(nid, event, topic, self._message(nid, event, topic, people[v.user_id], actor_name))
+                for v in verdicts
+                if v.reason == rules.SELF_ACTION
+            )
         return Plan(event, nid, topic, tuple(verdicts), routed, digest)
 
     def _message(self, nid: uuid.UUID, event: Event, topic: Topic, person: Recipient, actor_name: str) -> Message:

@@ -124,8 +124,11 @@ def route(
             assigned_at=event.occurred_at.isoformat(),
             expires_at=expiry.isoformat(),
         )
-        deliveries = [new("batching", to_payload(assignment))] if on else []
-        return Routed(_record(decided, dict.fromkeys(on, (BATCHED, ""))), deliveries, None)
+        # Handed over even with every channel off: batching needs every assignment to take
+        # the object out of the previous assignee's open window (the undo rule).
+        return Routed(
+            _record(decided, dict.fromkeys(on, (BATCHED, ""))), [new("batching", to_payload(assignment))], None
+        )
 
     state: dict[str, tuple[str, str]] = {}
     deliveries = []
@@ -173,6 +176,30 @@ def _record(decided: dict[str, tuple[bool, str, str]], state: dict[str, tuple[st
             s, r = SUPPRESSED, reason
         out.append({"c": channel, "s": s, "r": r})
     return out
+
+
+def silent_assignment(notification_id: uuid.UUID, event: Event, topic: Topic, message: Message) -> NewDelivery:
+    """The handoff of an assignment nobody is told about (self-assignment): ``channels=()``.
+
+    Batching still needs it to take the object out of the previous assignee's window.
+    """
+    assignment = Assignment(
+        message=message,
+        channels=(),
+        object_type=event.object.type,
+        object_id=event.object.id,
+        assigned_at=event.occurred_at.isoformat(),
+        expires_at=expires_at(event, topic).isoformat(),
+    )
+    return NewDelivery(
+        account_id=event.account_id,
+        notification_id=notification_id,
+        user_id=message.user_id,
+        channel="batching",
+        topic=event.topic,
+        payload=to_payload(assignment),
+        expires_at=expires_at(event, topic),
+    )
 
 
 def digest_fact(notification_id: uuid.UUID, event: Event, user_id: str) -> NewDelivery:

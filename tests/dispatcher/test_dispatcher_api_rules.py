@@ -132,7 +132,9 @@ async def test_website_visits_are_email_only(mesh: Mesh, account_id: str) -> Non
     assert {r["channel"] for r in await deliveries(mesh.pool, account_id, answer.notification_id)} == {"email"}
 
 
-async def test_assignment_goes_to_batching_and_self_assignment_is_silent(mesh: Mesh, account_id: str) -> None:
+async def test_assignment_goes_to_batching_and_self_assignment_is_handed_over_silently(
+    mesh: Mesh, account_id: str
+) -> None:
     await seed(mesh, account_id)
     answer = await publish(mesh, event(account_id, topic="deals.deal_assigned", recipient_user_ids=["ana"]))
     rows = await deliveries(mesh.pool, account_id, answer.notification_id)
@@ -142,7 +144,10 @@ async def test_assignment_goes_to_batching_and_self_assignment_is_silent(mesh: M
     own = await publish(
         mesh, event(account_id, topic="deals.deal_assigned", recipient_user_ids=["ana"], actor=pb.Actor(user_id="ana"))
     )
-    assert await deliveries(mesh.pool, account_id, own.notification_id) == []
+    [handed] = await deliveries(mesh.pool, account_id, own.notification_id)
+    silent = from_payload(handed["payload"])
+    assert isinstance(silent, Assignment) and silent.channels == () and handed["channel"] == "batching"
+    assert (await recipients(mesh, account_id, own.notification_id))["ana"] == ("STATE_SUPPRESSED", "self_action")
 
 
 async def test_quiet_hours_hold_deliveries_and_keep_a_silent_bell(
