@@ -28,6 +28,9 @@ from aiosmtplib.email import quote_address
 _LINE_ENDS = re.compile(rb"\r\n|\r|\n")
 _LEADING_DOT = re.compile(rb"(?m)^\.")
 _MAX_REPLY = 64 * 1024
+# A plain dot-atom mailbox needs no parsing to be quoted (and cannot inject:
+# no spaces, brackets or control characters).
+_PLAIN_MAILBOX = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9.-]+")
 
 
 class _Replies(asyncio.Protocol):
@@ -91,7 +94,13 @@ class _Replies(asyncio.Protocol):
 @functools.lru_cache(maxsize=64)
 def _quoted_sender(sender: str) -> bytes:
     # The sender is the service's one configured address: parse it once.
-    return quote_address(sender).encode("ascii")
+    return _quoted(sender)
+
+
+def _quoted(address: str) -> bytes:
+    if _PLAIN_MAILBOX.fullmatch(address):
+        return b"<" + address.encode("ascii") + b">"
+    return quote_address(address).encode("ascii")
 
 
 def _command(*parts: bytes) -> bytes:
@@ -135,7 +144,7 @@ async def send_pipelined(
     if client.supports_extension("size"):
         mail.append(f"SIZE={len(payload) - 3}".encode("ascii"))  # RFC 1870: without the final ".\r\n"
     commands = _command(*mail)
-    commands += b"".join(_command(b"RCPT", b"TO:" + quote_address(r).encode("ascii")) for r in recipients)
+    commands += b"".join(_command(b"RCPT", b"TO:" + _quoted(r)) for r in recipients)
     commands += b"DATA\r\n"
 
     replies = _Replies()

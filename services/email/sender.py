@@ -43,39 +43,44 @@ class EmailSender:
     smtp: SmtpPool
     composer: Composer
     daily_cap: int
-    # Cap decisions taken by ``prepare``, keyed by (delivery id, lease token);
-    # each is used once by ``handle``.
-    _allowed: dict[tuple[int, int], bool] = field(default_factory=dict, compare=False, repr=False)
+    # What ``prepare`` learnt per (delivery id, lease token): the parsed
+    # message and recipient, and the cap decision (None: exempt). Each entry
+    # is used once by ``handle``.
+    _prepared: dict[tuple[int, int], tuple[Message, Address, bool | None]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     async def prepare(self, leases: list[Lease]) -> None:
         """Take the daily-cap slots of a claimed batch in one round trip."""
-        requests: list[store.CapRequest] = []
-        for lease in leases:
-            parsed = _parsed(lease)
+        parsed = {lease.delivery_id: (lease, _parsed(lease)) for lease in leases}
+        requests = [
+            store.CapRequest(lease.account_id, lease.delivery_id, p[1].addr_spec, lease.topic)
+            for lease, p in parsed.values()
             # Locked account topics (support, billing) are exempt from the cap.
-            if isinstance(parsed, Fail) or parsed[0].locked:
-                continue
-            requests.append(store.CapRequest(lease.account_id, lease.delivery_id, parsed[1].addr_spec, lease.topic))
+            if not isinstance(p, Fail) and not p[0].locked
+        ]
         allowed = await store.take_cap_slots(self.pool, requests, self.daily_cap)
-        by_id = {lease.delivery_id: lease for lease in leases}
-        for request in requests:
-            self._allowed[request.delivery_id, by_id[request.delivery_id].token] = request.delivery_id in allowed
+        for delivery_id, (lease, p) in parsed.items():
+            if not isinstance(p, Fail):
+                self._prepared[delivery_id, lease.token] = (p[0], p[1], None if p[0].locked else delivery_id in allowed)
 
     async def _may_send(self, lease: Lease, to: Address) -> bool:
-        decided = self._allowed.pop((lease.delivery_id, lease.token), None)
-        if decided is not None:
-            return decided
         # Not prepared (the batch step failed, or a caller without one): ask alone.
         request = store.CapRequest(lease.account_id, lease.delivery_id, to.addr_spec, lease.topic)
         return lease.delivery_id in await store.take_cap_slots(self.pool, [request], self.daily_cap)
 
     async def handle(self, lease: Lease) -> Outcome:
         """Send one delivery and say what became of it."""
-        parsed = _parsed(lease)
-        if isinstance(parsed, Fail):
-            return parsed
-        message, to = parsed
-        if not message.locked and not await self._may_send(lease, to):
+        prepared = self._prepared.pop((lease.delivery_id, lease.token), None)
+        if prepared is not None:
+            message, to, allowed = prepared
+        else:
+            parsed = _parsed(lease)
+            if isinstance(parsed, Fail):
+                return parsed
+            message, to = parsed
+            allowed = None if message.locked else await self._may_send(lease, to)
+        if allowed is False:
             metrics.DELIVERIES.labels("email", "dropped").inc()
             return Drop(DAILY_CAP_REASON)
         data = self.composer.compose(lease.delivery_id, message, to)

@@ -1,14 +1,26 @@
-"""The daily cap taken for a whole batch in one round trip keeps the one-at-a-time rules."""
+"""The daily cap taken for a whole batch in one round trip keeps the one-at-a-time rules; the sender uses it."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
 import uuid
+from datetime import UTC, datetime, timedelta
+from email.headerregistry import Address
 
 import asyncpg
+import pytest
+from belfry.message import Message
+from belfry.queue import Lease
 
+from services.email.compose import Composer
+from services.email.sender import EmailSender
+from services.email.settings import SmtpSettings
+from services.email.smtp import SmtpPool
 from services.email.store import CapRequest, take_cap_slots
+from services.email.templates import Templates
+from services.email.unsubscribe import Signer
+from tests.email.email_helpers import UNSUBSCRIBE_KEY, Capture, message
 
 _IDS = itertools.count(10_000_000 + uuid.uuid4().int % 1_000_000_000)
 
@@ -79,3 +91,45 @@ async def test_racing_batches_share_the_cap_exactly(pool: asyncpg.Pool, account_
 
 async def test_an_empty_batch_asks_nothing(pool: asyncpg.Pool) -> None:
     assert await take_cap_slots(pool, [], 5) == set()
+
+
+def _lease(delivery_id: int, msg: Message) -> Lease:
+    return Lease(
+        delivery_id=delivery_id,
+        account_id=msg.account_id,
+        notification_id=uuid.UUID(msg.notification_id),
+        user_id=msg.user_id,
+        channel="email",
+        topic=msg.topic,
+        payload=msg.to_json(),
+        attempts=1,
+        max_attempts=5,
+        token=1,
+        expires_at=datetime.now(UTC) + timedelta(minutes=1),
+    )
+
+
+@pytest.mark.parametrize("prepared", [True, False])
+async def test_the_sender_caps_with_or_without_the_batch_step(
+    pool: asyncpg.Pool, account_id: str, smtp: tuple[Capture, int], prepared: bool
+) -> None:
+    capture, port = smtp
+    address = f"sender-{uuid.uuid4().hex[:8]}@example.test"
+    settings = SmtpSettings("127.0.0.1", port, "", "", False, False, 5.0, 2)
+    composer = Composer(
+        Templates(), Signer(UNSUBSCRIBE_KEY.encode(), ttl_seconds=3600), Address("B", "b", "x.test"), "https://x.test"
+    )
+    sender = EmailSender(pool=pool, smtp=SmtpPool(settings), composer=composer, daily_cap=2)
+    leases = [_lease(next(_IDS), message(account_id, user_id=f"u{i}", recipient_email=address)) for i in range(4)]
+    locked = message(account_id, user_id="l", recipient_email=address, topic="account.billing", locked=True)
+    leases.append(_lease(next(_IDS), locked))
+    leases.append(_lease(next(_IDS), message(account_id, recipient_email="not an address")))
+    try:
+        if prepared:
+            await sender.prepare(leases)
+        outcomes = [await sender.handle(lease) for lease in leases]
+    finally:
+        await sender.smtp.close()
+    assert [type(o).__name__ for o in outcomes] == ["Sent", "Sent", "Drop", "Drop", "Sent", "Fail"]
+    assert len([c for c in capture.snapshot() if c.rcpt_tos == [address]]) == 3
+    assert await _count(pool, account_id, address, "contacts.contact_assigned") == 2
