@@ -20,7 +20,7 @@ from belfry.queue import NewDelivery
 from services.dispatcher import render, rules, store
 from services.dispatcher.model import Event, Recipient, Topic
 from services.dispatcher.preferences import Preferences
-from services.dispatcher.routing import Routed, digest_fact, route, silent_assignment
+from services.dispatcher.routing import Decision, Routed, decide, digest_fact, route, silent_assignment
 
 
 @dataclass(frozen=True)
@@ -77,10 +77,16 @@ class Planner:
         ]
         users = {v.user_id for vs in verdicts for v in vs} | {e.actor_user_id for e in events if e.actor_user_id}
         topic, people = await self._preferences.effective(account_id, topic_key, sorted(users))
-        return [self._plan_one(e, vs, topic, people) for e, vs in zip(events, verdicts, strict=True)]
+        decisions: dict[tuple[str, bool], Decision] = {}
+        return [self._plan_one(e, vs, topic, people, decisions) for e, vs in zip(events, verdicts, strict=True)]
 
     def _plan_one(
-        self, event: Event, verdicts: list[rules.Verdict], topic: Topic, people: dict[str, Recipient]
+        self,
+        event: Event,
+        verdicts: list[rules.Verdict],
+        topic: Topic,
+        people: dict[str, Recipient],
+        decisions: dict[tuple[str, bool], Decision],
     ) -> Plan | BelfryError:
         if not verdicts:
             return InvalidArgument(
@@ -99,18 +105,17 @@ class Planner:
         actor = people.get(event.actor_user_id)
         actor_name = actor.display_name if actor is not None and actor.known else ""
         email_only = rules.email_only(event.topic)
-        routed = {
-            v.user_id: route(
-                nid,
-                event,
-                topic,
-                people[v.user_id],
-                self._message(nid, event, topic, people[v.user_id], actor_name),
-                email_only=email_only,
-            )
-            for v in verdicts
-            if not v.reason
-        }
+        routed = {}
+        for v in verdicts:
+            if v.reason:
+                continue
+            person = people[v.user_id]
+            # The group's events share topic and preferences: decide once per recipient.
+            decision = decisions.get((v.user_id, email_only))
+            if decision is None:
+                decision = decisions[v.user_id, email_only] = decide(topic, person, email_only=email_only)
+            message = self._message(nid, event, topic, person, actor_name)
+            routed[v.user_id] = route(nid, event, topic, person, message, email_only=email_only, decision=decision)
         digest = (
             tuple(digest_fact(nid, event, v.user_id) for v in verdicts)
             if rules.feeds_digest(event.topic, topic.batching)

@@ -86,6 +86,48 @@ def _decide(topic: Topic, recipient: Recipient, email_only: bool) -> dict[str, t
     return out
 
 
+@dataclass(frozen=True)
+class Decision:
+    """What one recipient's preferences decide for a topic, the same for every event of a call.
+
+    Computed once per (recipient, topic) and shared by that recipient's events:
+    the channel record is one list object, so its JSON is encoded once too.
+    """
+
+    decided: dict[str, tuple[bool, str, str]]
+    on: frozenset[str]
+    queue_channels: tuple[str, ...]
+    quiet: bool
+    held_until: datetime | None
+    channels: list[dict[str, str]]  # the status record (do not mutate: it is shared)
+
+
+def decide(topic: Topic, recipient: Recipient, *, email_only: bool = False) -> Decision:
+    """One recipient's channel decisions for ``topic`` (pure; reusable across that recipient's events)."""
+    decided = _decide(topic, recipient, email_only)
+    on = frozenset(c for c, (enabled, _, _) in decided.items() if enabled)
+    quiet = recipient.in_quiet_hours and not topic.locked and recipient.quiet_until is not None
+    state: dict[str, tuple[str, str]] = {}
+    if topic.batching == "assignment":
+        state = dict.fromkeys(on, (BATCHED, ""))
+    else:
+        for channel in on:
+            if quiet and channel == "popup":
+                state[channel] = (SUPPRESSED, QUIET_HOURS)
+            elif quiet and channel != "bell":
+                state[channel] = (HELD, QUIET_HOURS)
+            else:
+                state[channel] = (ACCEPTED, "")
+    return Decision(
+        decided=decided,
+        on=on,
+        queue_channels=_queue_channels(on),
+        quiet=quiet,
+        held_until=recipient.quiet_until if quiet and topic.batching != "assignment" else None,
+        channels=_record(decided, state),
+    )
+
+
 def route(
     notification_id: uuid.UUID,
     event: Event,
@@ -94,13 +136,12 @@ def route(
     message: Message,
     *,
     email_only: bool = False,
+    decision: Decision | None = None,
 ) -> Routed:
-    """The deliveries for one recipient who passed the rules."""
-    decided = _decide(topic, recipient, email_only)
-    on = {c for c, (enabled, _, _) in decided.items() if enabled}
+    """The deliveries for one recipient who passed the rules (``decision``: from ``decide``, when reused)."""
+    d = decision or decide(topic, recipient, email_only=email_only)
+    on, quiet, held_until = d.on, d.quiet, d.held_until
     expiry = expires_at(event, topic)
-    quiet = recipient.in_quiet_hours and not topic.locked and recipient.quiet_until is not None
-    held_until = recipient.quiet_until if quiet else None
 
     def new(channel: str, payload: dict[str, Any], available_at: datetime | None = None) -> NewDelivery:
         return NewDelivery(
@@ -114,11 +155,10 @@ def route(
             available_at=available_at,
         )
 
-    queue_channels = _queue_channels(on)
     if topic.batching == "assignment":
         assignment = Assignment(
             message=message,
-            channels=queue_channels,
+            channels=d.queue_channels,
             object_type=event.object.type,
             object_id=event.object.id,
             assigned_at=event.occurred_at.isoformat(),
@@ -126,37 +166,27 @@ def route(
         )
         # Handed over even with every channel off: batching needs every assignment to take
         # the object out of the previous assignee's open window (the undo rule).
-        return Routed(
-            _record(decided, dict.fromkeys(on, (BATCHED, ""))), [new("batching", to_payload(assignment))], None
-        )
+        return Routed(d.channels, [new("batching", to_payload(assignment))], None)
 
-    state: dict[str, tuple[str, str]] = {}
     deliveries = []
     base = message_payload(message)
-    if on & {"bell", "popup", "browser"}:
+    if "bell" in on or "popup" in on or "browser" in on:
         # In quiet hours the bell collects silently: no toast, no sound, no OS notification now.
         flags = {
             "bell": "bell" in on,
             "popup": "popup" in on and not quiet,
             "browser": "browser" in on and not quiet,
-            "sound": decided["popup"][2] if "popup" in on and not quiet else "",
+            "sound": d.decided["popup"][2] if "popup" in on and not quiet else "",
         }
         if flags["bell"] or flags["popup"] or flags["browser"]:
             deliveries.append(new("bell", {**base, **flags}))
-    for channel in sorted(on):
-        if quiet and channel == "popup":
-            state[channel] = (SUPPRESSED, QUIET_HOURS)
-        elif quiet and channel != "bell":
-            state[channel] = (HELD, QUIET_HOURS)
-        else:
-            state[channel] = (ACCEPTED, "")
     for channel in ("browser", "email", "mobile", "other_apps"):
         if channel in on:
             deliveries.append(new(channel, {**base, "bell": False, "browser": channel == "browser"}, held_until))
-    return Routed(_record(decided, state), deliveries, held_until)
+    return Routed(d.channels, deliveries, held_until)
 
 
-def _queue_channels(on: set[str]) -> tuple[str, ...]:
+def _queue_channels(on: frozenset[str]) -> tuple[str, ...]:
     """The queue channels that carry the enabled preference channels."""
     out: list[str] = []
     if on & {"bell", "popup", "browser"}:

@@ -70,8 +70,10 @@ def candidates(event: Event) -> list[str]:
 
 def mention_only(event: Event, user_id: str) -> bool:
     """True when ``user_id`` is named only as a mention (not as recipient or owner)."""
+    if user_id not in event.mentioned_user_ids:
+        return False  # the common case: no need to gather everyone else
     others = {*event.recipient_user_ids, *owners(event), *event.custom_property_user_ids}
-    return user_id in event.mentioned_user_ids and user_id not in others
+    return user_id not in others
 
 
 def is_self_action(event: Event, user_id: str) -> bool:
@@ -137,7 +139,7 @@ def decide(event: Event, *, visited: Collection[str], team_primary: Sequence[str
             reason = INBOX_NOT_VISITED
         else:
             reason = ""
-        verdicts.append(Verdict(user_id, reason, mention_only(event, user_id) and bool(event.activity_id)))
+        verdicts.append(Verdict(user_id, reason, bool(event.activity_id) and mention_only(event, user_id)))
     return verdicts
 
 

@@ -115,6 +115,18 @@ async def insert_notifications(
     return {r["notification_id"] for r in inserted}
 
 
+def _channels_json(rows: Sequence[RecipientRow]) -> list[str]:
+    """Each row's channel record as JSON, encoded once per distinct record object (they are shared)."""
+    done: dict[int, str] = {}
+    out = []
+    for r in rows:
+        text = done.get(id(r.channels))
+        if text is None:
+            text = done[id(r.channels)] = json.dumps(r.channels)
+        out.append(text)
+    return out
+
+
 def _recipient_arrays(rows: Sequence[RecipientRow]) -> list[list[Any]]:
     return [
         [r.account_id for r in rows],
@@ -123,7 +135,7 @@ def _recipient_arrays(rows: Sequence[RecipientRow]) -> list[list[Any]]:
         [r.state for r in rows],
         [r.reason for r in rows],
         # As text: a list of lists would be taken for a two-dimensional array.
-        [json.dumps(r.channels) for r in rows],
+        _channels_json(rows),
         [r.held_until for r in rows],
     ]
 
