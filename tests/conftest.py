@@ -81,12 +81,21 @@ async def database_url(admin_dsn: str) -> AsyncIterator[str]:
         yield url
 
 
+@contextlib.asynccontextmanager
+async def open_pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    """A small pool for a test database."""
+    p = await db.create_pool(database_url, application_name="belfry-tests", min_size=1, max_size=8)
+    try:
+        yield p
+    finally:
+        await p.close()
+
+
 @pytest.fixture(scope="session")
 async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
     """One pool for the session's direct database checks."""
-    p = await db.create_pool(database_url, application_name="belfry-tests", min_size=1, max_size=8)
-    yield p
-    await p.close()
+    async with open_pool(database_url) as p:
+        yield p
 
 
 @pytest.fixture

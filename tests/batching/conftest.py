@@ -32,7 +32,7 @@ from services.batching.server import build_for as batching_build_for
 from services.batching.settings import load_settings as batching_settings
 from services.preferences.server import build_for as prefs_build_for
 from services.preferences.settings import load_settings as prefs_settings
-from tests.conftest import common_env
+from tests.conftest import common_env, fresh_database, open_pool
 
 TOPICS = {
     "contact": "contacts.contact_assigned",
@@ -300,3 +300,19 @@ async def tenant(world: World, account_id: str) -> str:
     for user in ("ana", "bob", "cy"):
         await world.prefs.user(account_id, user)
     return account_id
+
+
+# This area runs senders, which claim every due row of their channel: it gets a
+# database of its own so rows written by other areas' tests never reach them.
+@pytest.fixture(scope="session")
+async def database_url(admin_dsn: str) -> AsyncIterator[str]:
+    """This area's own freshly migrated database."""
+    async with fresh_database(admin_dsn) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    """A pool on this area's database."""
+    async with open_pool(database_url) as p:
+        yield p

@@ -24,7 +24,7 @@ from services.dispatcher.server import build_for as dispatcher_build
 from services.dispatcher.settings import load_settings as dispatcher_settings
 from services.preferences.server import build_for as preferences_build
 from services.preferences.settings import load_settings as preferences_settings
-from tests.conftest import common_env
+from tests.conftest import common_env, fresh_database, open_pool
 
 # The preferences service's clock is pinned, so quiet hours are decided at a known instant.
 PINNED_NOW = dt.datetime.now(dt.UTC).replace(second=0, microsecond=0)
@@ -156,3 +156,19 @@ async def _leave_the_queue_as_found(account_id: str, pool: asyncpg.Pool) -> Asyn
     senders and queue tests that run later, which must not find our rows waiting."""
     yield
     await pool.execute("delete from queue.deliveries where account_id like $1 || '%'", account_id)
+
+
+# This area runs senders, which claim every due row of their channel: it gets a
+# database of its own so rows written by other areas' tests never reach them.
+@pytest.fixture(scope="session")
+async def database_url(admin_dsn: str) -> AsyncIterator[str]:
+    """This area's own freshly migrated database."""
+    async with fresh_database(admin_dsn) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    """A pool on this area's database."""
+    async with open_pool(database_url) as p:
+        yield p

@@ -5,9 +5,10 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import socket
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 from aiosmtpd.controller import Controller
 from cryptography import x509
@@ -15,6 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from tests.conftest import fresh_database, open_pool
 from tests.email.email_helpers import Capture
 
 
@@ -56,3 +58,19 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
     return cert_path, key_path
+
+
+# This area runs senders, which claim every due row of their channel: it gets a
+# database of its own so rows written by other areas' tests never reach them.
+@pytest.fixture(scope="session")
+async def database_url(admin_dsn: str) -> AsyncIterator[str]:
+    """This area's own freshly migrated database."""
+    async with fresh_database(admin_dsn) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    """A pool on this area's database."""
+    async with open_pool(database_url) as p:
+        yield p

@@ -17,7 +17,7 @@ from belfry.message import Item, Message
 from belfry.queue import NewDelivery, enqueue
 
 from services.gateway import server, settings
-from tests.conftest import common_env
+from tests.conftest import common_env, fresh_database, open_pool
 
 
 class Replica:
@@ -135,3 +135,19 @@ async def frames_until(ws: websockets.ClientConnection, kind: str) -> list[dict[
         seen.append(frame)
         if frame["type"] == kind:
             return seen
+
+
+# This area runs senders, which claim every due row of their channel: it gets a
+# database of its own so rows written by other areas' tests never reach them.
+@pytest.fixture(scope="session")
+async def database_url(admin_dsn: str) -> AsyncIterator[str]:
+    """This area's own freshly migrated database."""
+    async with fresh_database(admin_dsn) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    """A pool on this area's database."""
+    async with open_pool(database_url) as p:
+        yield p

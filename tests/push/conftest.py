@@ -17,7 +17,7 @@ from belfry.queue import NewDelivery, enqueue
 
 from services.webpush.server import build_for as webpush_build_for
 from services.webpush.settings import load_settings as webpush_settings
-from tests.conftest import common_env
+from tests.conftest import common_env, fresh_database, open_pool
 from tests.push.fakes.http import serve_tls
 from tests.push.fakes.push_service import PushService
 from tests.push.fakes.tls import Pki, make_pki
@@ -115,3 +115,19 @@ async def enqueue_message(pool: asyncpg.Pool, channel_name: str, msg: Message) -
                 )
             ],
         )
+
+
+# This area runs senders, which claim every due row of their channel: it gets a
+# database of its own so rows written by other areas' tests never reach them.
+@pytest.fixture(scope="session")
+async def database_url(admin_dsn: str) -> AsyncIterator[str]:
+    """This area's own freshly migrated database."""
+    async with fresh_database(admin_dsn) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    """A pool on this area's database."""
+    async with open_pool(database_url) as p:
+        yield p

@@ -11,9 +11,8 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
-from belfry import db
 
-from tests.conftest import fresh_database
+from tests.conftest import fresh_database, open_pool
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +25,5 @@ async def database_url(admin_dsn: str) -> AsyncIterator[str]:
 @pytest.fixture(scope="module")
 async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
     """A pool on this module's database."""
-    p = await db.create_pool(database_url, application_name="belfry-tests-queue", min_size=1, max_size=8)
-    yield p
-    await p.close()
+    async with open_pool(database_url) as p:
+        yield p
