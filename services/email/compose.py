@@ -55,7 +55,7 @@ class Composer:
             else self.signer.url(self.public_url, message.account_id, message.user_id, message.topic)
         )
         rendered = self.templates.render(
-            message, preferences_url=f"{self.public_url}/settings/notifications", unsubscribe_url=unsubscribe
+            message, preferences_url=f"{self.public_url}/settings", unsubscribe_url=unsubscribe
         )
         # Built by hand rather than with email.message.EmailMessage: the header
         # registry and generator cost ~2 ms per message, more than everything

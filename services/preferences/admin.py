@@ -202,7 +202,7 @@ class Admin:
             topic=NOTICE_TOPIC,
             title=topic.name(user.locale),
             body=body,
-            url=f"{self._ops.app_url}/settings/notifications",
+            url=f"{self._ops.app_url}/settings",
             occurred_at=now.isoformat(),
             actor_user_id=admin.user_id,
             recipient_email=user.email,
