@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
-import json
-
 import asyncpg
+import orjson
 
 Pool = asyncpg.Pool
 Connection = asyncpg.Connection
 
 
+def _encode(value: object) -> str:
+    # orjson: the json codec runs for every delivery payload the dispatcher
+    # writes, and the standard library's encoder was a third of its CPU.
+    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
     # jsonb columns come back as Python objects instead of strings.
-    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
-    await conn.set_type_codec("json", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+    await conn.set_type_codec("jsonb", encoder=_encode, decoder=orjson.loads, schema="pg_catalog")
+    await conn.set_type_codec("json", encoder=_encode, decoder=orjson.loads, schema="pg_catalog")
 
 
 async def create_pool(dsn: str, *, application_name: str, min_size: int = 2, max_size: int = 10) -> asyncpg.Pool:
