@@ -138,7 +138,7 @@ class Planner:
             account_id=event.account_id,
             user_id=person.user_id,
             topic=event.topic,
-            title=self._labels.title(event.topic, locale),
+            title=render.title(self._labels.title(event.topic, locale), obj.display_name),
             body=render.body(obj.display_name, actor_name, locale),
             url=obj.url,
             occurred_at=event.occurred_at.isoformat(),

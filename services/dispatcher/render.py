@@ -48,6 +48,23 @@ def load_labels(path: Path = DEFAULT_CATALOGUE) -> Labels:
     return Labels(topics)
 
 
+_TITLE_OBJECT_CHARS = 80
+
+
+def title(label: str, object_name: str) -> str:
+    """The topic label, then the object it is about, so a subject or toast says what happened to what.
+
+    The object's name is untrusted producer text: kept as text, and shortened
+    (the body carries it whole) so a long name cannot crowd the label out.
+    """
+    name = " ".join(object_name.split())
+    if not name:
+        return label
+    if len(name) > _TITLE_OBJECT_CHARS:
+        name = name[: _TITLE_OBJECT_CHARS - 1].rstrip() + "\u2026"
+    return f"{label}: {name}"
+
+
 def body(object_name: str, actor_name: str, locale: str) -> str:
     """One line naming the object and who acted (untrusted text, kept as text)."""
     lang = language(locale)

@@ -24,7 +24,7 @@ async def test_publish_writes_notification_and_one_delivery_per_channel(mesh: Me
     email = next(Message.from_json(r["payload"]) for r in rows if r["user_id"] == "chloe" and r["channel"] == "email")
     assert email.recipient_email == "chloe@example.test"
     assert email.locale == "fr"
-    assert email.title.startswith("Une transaction")
+    assert email.title.startswith("Une transaction") and email.title.endswith(": Big <b>deal</b>")
     assert email.body == "Big <b>deal</b>, par Dan Wu"  # untrusted text kept as text, escaped by senders
     assert email.notification_id == answer.notification_id
     assert not answer.replayed

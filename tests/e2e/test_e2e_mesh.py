@@ -156,7 +156,7 @@ async def test_event_reaches_email_and_bell_and_honours_preferences(
         assert frame["unread"] >= 1
 
     mail = await _mail_to(mesh.mail, f"alice.{account_id}@example.test")
-    assert mail.subject == frame["item"]["title"]
+    assert mail.subject == frame["item"]["title"] == "@mention in a comment: Quote Q-42"
     parsed = email.message_from_bytes(mail.path.read_bytes(), policy=email.policy.default)
     text = parsed.get_body(preferencelist=("plain",))
     assert text is not None and "Quote Q-42" in text.get_content()
