@@ -1,8 +1,8 @@
 """The words of a notification, in the recipient's language (English or French).
 
-Titles are the catalogue's topic labels (the same file the preferences
-service serves, read once at start); the body names the object and the
-actor. Producer text stays plain text here: each sender escapes it for its
+Titles are the catalogue's topic label (the same file the preferences
+service serves, read once at start) followed by the object's name; the body
+names the object and the actor. Producer text stays plain text here: each sender escapes it for its
 medium (HTML email, the bell, pop-ups, push payloads).
 """
 
