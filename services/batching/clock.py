@@ -9,8 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
+
+import asyncpg
+from belfry import log
+
+_LOG = log.get(__name__)
 
 
 class Clock(Protocol):
@@ -68,3 +74,20 @@ class ManualClock:
         finally:
             moved.cancel()
             stopped.cancel()
+
+
+async def repeat(
+    tick: Callable[[], Awaitable[int]], *, clock: Clock, stop: asyncio.Event, batch: int, every: float, what: str
+) -> None:
+    """Run ``tick`` until ``stop``: again at once while it leases full batches, else after ``every`` seconds.
+
+    A database outage is logged and waited out, never fatal to the loop.
+    """
+    while not stop.is_set():
+        try:
+            handled = await tick()
+        except (OSError, asyncpg.PostgresError) as exc:
+            _LOG.warning(f"{what} failed; retrying", error=str(exc))
+            handled = 0
+        if handled < batch:
+            await clock.wait(every, stop)

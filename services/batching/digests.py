@@ -27,7 +27,7 @@ from belfry.queue import enqueue
 from prometheus_client import Counter
 
 from services.batching import digest_content, digest_store, quiet
-from services.batching.clock import Clock
+from services.batching.clock import Clock, repeat
 from services.batching.digest_store import Subject
 from services.batching.prefs import Answer, Preferences
 from services.batching.schedule import Weekly, fire_instant, next_fire, zone
@@ -71,14 +71,9 @@ class Digests:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Fire digests until ``stop`` is set; a database outage is waited out, not fatal."""
-        while not stop.is_set():
-            try:
-                handled = await self.tick()
-            except (OSError, asyncpg.PostgresError) as exc:
-                _LOG.warning("digest pass failed; retrying", error=str(exc))
-                handled = 0
-            if handled < self._batch:
-                await self._clock.wait(self._tick_seconds, stop)
+        await repeat(
+            self.tick, clock=self._clock, stop=stop, batch=self._batch, every=self._tick_seconds, what="digest pass"
+        )
 
     async def tick(self) -> int:
         """Lease the subjects due now, schedule or fire each; return how many were leased."""

@@ -27,7 +27,7 @@ from belfry.queue import enqueue
 from prometheus_client import Counter
 
 from services.batching import merge, quiet, store
-from services.batching.clock import Clock
+from services.batching.clock import Clock, repeat
 from services.batching.prefs import Answer, Preferences
 
 _LOG = log.get(__name__)
@@ -68,14 +68,9 @@ class Closer:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Close windows until ``stop`` is set; a database outage is waited out, not fatal."""
-        while not stop.is_set():
-            try:
-                handled = await self.tick()
-            except (OSError, asyncpg.PostgresError) as exc:
-                _LOG.warning("closing windows failed; retrying", error=str(exc))
-                handled = 0
-            if handled < self._batch:
-                await self._clock.wait(self._tick_seconds, stop)
+        await repeat(
+            self.tick, clock=self._clock, stop=stop, batch=self._batch, every=self._tick_seconds, what="closing windows"
+        )
 
     async def tick(self) -> int:
         """Lease and close the windows that are due now; return how many were leased."""
