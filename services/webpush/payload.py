@@ -54,11 +54,14 @@ def encode(msg: Message, limit: int = MAX_PLAINTEXT) -> bytes:
 
 
 def topic_header(msg: Message) -> str:
-    """The RFC 8030 Topic (≤ 32 base64url characters): a newer push with it replaces a pending one.
+    """The RFC 8030 Topic (≤ 32 base64url characters), the same for every attempt of one notification.
 
-    A merged notification ("3 contacts were assigned to you") collapses onto
-    the user's topic, so an undelivered "2 contacts" is replaced rather than
-    shown beside it; a single one collapses only with its own retries.
+    A push service keeps only the newest pending message of a Topic for an
+    offline browser (RFC 8030 §5.4), so the Topic is derived from the
+    notification's id and account only: a retry replaces its own earlier attempt, while two
+    distinct notifications — merged ones too, each window being its own
+    notification — never replace each other. Hashed, so the push service does
+    not learn our ids.
     """
-    key = f"{msg.user_id}\x00{msg.topic}" if msg.items else msg.notification_id
+    key = f"{msg.account_id}\x00{msg.notification_id}"
     return base64.urlsafe_b64encode(hashlib.sha256(key.encode()).digest()).rstrip(b"=").decode()[:32]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import asyncpg
 import grpc
@@ -179,14 +180,35 @@ async def test_long_bodies_are_truncated_to_fit_and_still_decrypt(
     assert len(payload.encode(msg)) <= payload.MAX_PLAINTEXT
 
 
-async def test_merged_notifications_share_a_topic_single_ones_do_not(account_id: str) -> None:
-    items = (Item("contact", "1", "A", "/c/1"), Item("contact", "2", "B", "/c/2"))
-    merged_a = message(account_id, "u1", items=items)
-    merged_b = message(account_id, "u1", items=(*items, Item("contact", "3", "C", "/c/3")))
-    single_a, single_b = message(account_id, "u1"), message(account_id, "u1")
-    assert payload.topic_header(merged_a) == payload.topic_header(merged_b)
-    assert payload.topic_header(single_a) != payload.topic_header(single_b)
-    assert len(payload.topic_header(merged_a)) <= 32
+async def test_only_a_notifications_own_retries_share_a_topic(
+    sender: WebPushSender,
+    push_service: PushService,
+    channel: grpc.aio.Channel,
+    token_keys: dict[str, bytes],
+    account_id: str,
+) -> None:
+    # A push service keeps only the newest pending push of a Topic (RFC 8030 §5.4): distinct
+    # notifications of one topic, merged or not, must never replace each other for an offline browser.
+    sub = push_service.subscribe()
+    await register(channel, token_keys, account_id, "u1", sub)
+    one = (Item("contact", "1", "A", "/c/1"),)  # the dispatcher gives every object notification its item
+    three = (*one, Item("contact", "2", "B", "/c/2"), Item("contact", "3", "C", "/c/3"))
+    sent = [
+        message(account_id, "u1", items=one),
+        message(account_id, "u1", items=(Item("contact", "2", "B", "/c/2"),)),
+        message(account_id, "u1", items=three[:2], title="2 contacts were assigned to you"),
+        message(account_id, "u1", items=three, title="3 contacts were assigned to you"),
+    ]
+    for msg in sent:
+        assert isinstance(await sender.handle(lease_for(msg, "browser")), Sent)
+    retry = replace(lease_for(sent[0], "browser"), attempts=2, token=2)  # the same delivery, claimed again
+    assert isinstance(await sender.handle(retry), Sent)
+    got = [r for r in push_service.received if r.sub_id == sub.sub_id]
+    assert [r.payload["tag"] for r in got] == [m.notification_id for m in (*sent, sent[0])]
+    topics = [r.headers["topic"] for r in got]
+    assert len(set(topics[:4])) == 4
+    assert topics[4] == topics[0]
+    assert all(len(t) <= 32 for t in topics)
 
 
 async def test_the_vapid_header_is_signed_once_and_renewed_before_expiry() -> None:
