@@ -1,4 +1,4 @@
-"""The local run's mail catcher and the ``belfry mail`` command."""
+"""The local run: its environment, the mail catcher and the ``belfry mail`` command."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from pathlib import Path
 import aiosmtplib
 import pytest
 from belfry import cli
-from belfry.local import mailcatcher
+from belfry.local import mailcatcher, supervisor
+
+from services.email.settings import load_settings as email_settings
 
 
 async def test_caught_mail_is_listed_and_shown(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -35,3 +37,10 @@ async def test_caught_mail_is_listed_and_shown(tmp_path: Path, capsys: pytest.Ca
     shown = capsys.readouterr().out
     assert "Subject: Subject 2" in shown and "body 2" in shown
     assert cli.main(["--home", str(tmp_path), "mail", "3"]) == 1
+
+
+def test_the_local_mesh_sets_the_sender_address_the_email_service_reads(tmp_path: Path) -> None:
+    env = supervisor.mesh_env(tmp_path, "postgresql://postgres@127.0.0.1:5432/belfry", ("127.0.0.1", 2525), {})
+    sender = email_settings(env).from_address
+    assert sender.addr_spec == "notifications@belfry.localhost"
+    assert sender.display_name == "Belfry"

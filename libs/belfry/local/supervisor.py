@@ -96,7 +96,7 @@ def mesh_env(home: Path, database_url: str, smtp: tuple[str, int] | None, enviro
     env.setdefault("BELFRY_GATEWAY_ALLOWED_ORIGINS", f"{public},http://localhost:{env['BELFRY_GATEWAY_HTTP_PORT']}")
     env.setdefault("BELFRY_VAPID_PRIVATE_KEY_FILE", str(home / "vapid_private.pem"))
     env.setdefault("BELFRY_WEBHOOK_SECRET_KEY_FILE", str(home / "webhook_secret.key"))
-    env.setdefault("BELFRY_SMTP_FROM", "Belfry <notifications@belfry.localhost>")
+    env.setdefault("BELFRY_EMAIL_FROM", "Belfry <notifications@belfry.localhost>")
     if smtp is not None:
         env["BELFRY_SMTP_HOST"], env["BELFRY_SMTP_PORT"] = smtp[0], str(smtp[1])
         env.setdefault("BELFRY_SMTP_STARTTLS", "false")
