@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 
 from belfry import auth, config, migrate, rpc
-from belfry.errors import BelfryError
+from belfry.errors import BelfryError, ConfigError
 from belfry.local import demo, mailcatcher, supervisor
 
 
@@ -112,12 +112,27 @@ def _mail(args: argparse.Namespace) -> int:
     return 0
 
 
+def _local_token_keys(home: Path) -> str:
+    """The signing keys ``belfry up`` wrote into ``home``; a ConfigError saying what to do when there are none."""
+    path = home / "secrets.env"
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        text = ""
+    known = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+    if "BELFRY_TOKEN_KEYS" not in known:
+        raise ConfigError(
+            f"no token signing keys: BELFRY_TOKEN_KEYS is not set and {path} holds none; "
+            f"run `belfry --home {home} up` once (it creates them there), "
+            "or set BELFRY_TOKEN_KEYS (and BELFRY_TOKEN_ACTIVE_KID) to the keys the services use"
+        )
+    return known["BELFRY_TOKEN_KEYS"]
+
+
 def _token(args: argparse.Namespace) -> int:
     env = config.Env()
     common = config.load_common("cli", env, default_port=0)
-    keys = common.token_keys or config.parse_token_keys(
-        dict(line.split("=", 1) for line in (args.home / "secrets.env").read_text().splitlines())["BELFRY_TOKEN_KEYS"]
-    )
+    keys = common.token_keys or config.parse_token_keys(_local_token_keys(args.home))
     active = common.token_active_kid or next(iter(keys))
     print(auth.TokenIssuer(keys, active, args.ttl).issue(args.account, args.user))
     return 0
