@@ -10,6 +10,7 @@ import base64
 import dataclasses
 import email.utils
 import uuid
+from datetime import UTC, datetime
 from email.header import Header
 from email.headerregistry import Address
 from email.utils import formataddr
@@ -65,7 +66,8 @@ class Composer:
             ("From", formataddr((self.sender.display_name, self.sender.addr_spec), charset="utf-8")),
             ("To", formataddr((to.display_name, to.addr_spec), charset="utf-8")),
             ("Subject", _encoded(headers.header_text(rendered.subject))),
-            ("Date", email.utils.formatdate(usegmt=True)),
+            # RFC 5322 §4.3: "GMT" is obsolete and "-0000" means "zone unknown"; an aware UTC time gives "+0000".
+            ("Date", email.utils.format_datetime(datetime.now(UTC))),
             ("Message-ID", message_id(delivery_id, message.account_id, self.sender.domain)),
             ("MIME-Version", "1.0"),
             ("Auto-Submitted", "auto-generated"),  # RFC 3834: no vacation replies

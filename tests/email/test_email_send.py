@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from email.message import EmailMessage
 from urllib.parse import parse_qs, urlsplit
 
@@ -80,6 +81,21 @@ async def test_locked_topic_says_why_and_has_no_unsubscribe(
     mail = caught.parsed
     assert mail["List-Unsubscribe"] is None and mail["List-Unsubscribe-Post"] is None
     assert "cannot be turned off" in _part(mail, "plain")
+
+
+async def test_the_date_header_names_utc_as_plus_0000(
+    running: service.Running, pool: asyncpg.Pool, smtp: tuple[Capture, int], account_id: str
+) -> None:
+    capture, _ = smtp
+    msg = message(account_id)
+    await enqueue_messages(pool, [msg])
+    await wait_until_finished(pool, account_id, 1)
+    [caught] = [c for c in capture.snapshot() if c.rcpt_tos == [msg.recipient_email]]
+    [date] = [line for line in caught.raw.split(b"\r\n") if line.lower().startswith(b"date:")]
+    # RFC 5322 §4.3: "GMT" is obsolete syntax and "-0000" means "zone unknown"; UTC is written "+0000".
+    assert date.endswith(b" +0000"), date
+    sent_at = caught.parsed["Date"].datetime
+    assert sent_at.utcoffset() == timedelta(0)
 
 
 async def test_smtp_replies_map_to_retry_and_dead_letter(
