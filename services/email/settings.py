@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 from collections.abc import Mapping
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 from email.headerregistry import Address
 from email.utils import parseaddr
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from belfry.config import CommonSettings, Env, load_common
 
@@ -74,9 +76,11 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         env.problem("BELFRY_EMAIL_FROM must be an address such as 'Belfry <notifications@example.com>'")
     if "@" not in addr:
         env.problem("BELFRY_EMAIL_FROM must contain an address with a domain")
-    public_url = env.str("BELFRY_PUBLIC_URL", "http://localhost:8080").rstrip("/")
-    if not public_url.startswith(("https://", "http://")):
-        env.problem("BELFRY_PUBLIC_URL must start with https:// (or http:// for a local run)")
+    public_url = env.str("BELFRY_PUBLIC_URL", "http://localhost:8080")
+    problem = public_url_problem(public_url)
+    if problem:
+        env.problem(problem)
+    public_url = public_url.rstrip("/")
     key = env.str("BELFRY_UNSUBSCRIBE_KEY", "")
     if len(key) < 32:
         env.problem(
@@ -98,3 +102,35 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
     )
     env.check()
     return settings
+
+
+def _loopback(host: str) -> bool:
+    """``localhost``, a ``.localhost`` name (RFC 6761) or a loopback address."""
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def public_url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be the base of List-Unsubscribe links, or None when it can.
+
+    RFC 8058 one-click unsubscribe links must be https. Plain http is
+    accepted only for a loopback host: a development run whose mail never
+    leaves the machine (``belfry up``, a port-forwarded dev cluster).
+    """
+    try:
+        parts = urlsplit(url)
+        host = (parts.hostname or "").lower()
+    except ValueError:
+        parts, host = None, ""
+    if parts is None or parts.scheme not in ("https", "http") or not host:
+        return f"BELFRY_PUBLIC_URL must be an https:// URL such as https://notifications.example.com, got {url!r}"
+    if parts.scheme == "http" and not _loopback(host):
+        return (
+            f"BELFRY_PUBLIC_URL must be https:// (RFC 8058 one-click unsubscribe links are https only), got {url!r}; "
+            "plain http:// is accepted only for a loopback development host (localhost, 127.0.0.1, [::1])"
+        )
+    return None
