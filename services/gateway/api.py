@@ -36,12 +36,16 @@ class Guard:
         self.verifier = verifier
         self.origins = origins
 
-    def caller(self, request: Request) -> Caller:
-        """The caller named by the bearer token; Unauthenticated otherwise."""
+    def check_origin(self, request: Request) -> None:
+        """PermissionDenied when a state-changing request comes from a foreign Origin."""
         if request.method != "GET" and not self.origins.allows(
             request.headers.get("origin"), request.headers.get("host")
         ):
             raise PermissionDenied("this origin may not call the gateway")
+
+    def caller(self, request: Request) -> Caller:
+        """The caller named by the bearer token; Unauthenticated otherwise."""
+        self.check_origin(request)
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():

@@ -2,7 +2,8 @@
 
 The page's bearer token is passed through as ``authorization`` metadata: the
 services authorise the user themselves (roles are looked up there, never
-here). Only the user-facing RPCs listed below are reachable; a gRPC status
+here). The RPCs in ``_PUBLIC`` (the VAPID public key) need no token, here as
+over gRPC. Only the user-facing RPCs listed below are reachable; a gRPC status
 becomes the matching HTTP status with the service's own message.
 """
 
@@ -45,6 +46,8 @@ _PREFERENCES = (
     "ListAuditLog",
 )
 _WEBPUSH = ("GetVapidPublicKey", "RegisterSubscription", "ListSubscriptions", "DeleteSubscription")
+# RPCs that need no token (the service says so in its proto): served without one, none passed on.
+_PUBLIC = frozenset({("webpush", "GetVapidPublicKey")})
 
 _HTTP = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
@@ -98,10 +101,14 @@ class Proxies:
 
         async def call(request: Request) -> JSONResponse:
             """POST /api/{service}/{method} with the request message as JSON."""
+            service, name = request.path_params["service"], request.path_params["method"]
+            public = (service, name) in _PUBLIC
             try:
-                guard.caller(request)  # reject early and check the Origin; the service re-verifies the token
-                methods = self._services.get(request.path_params["service"], {})
-                name = request.path_params["method"]
+                if public:
+                    guard.check_origin(request)
+                else:
+                    guard.caller(request)  # reject early and check the Origin; the service re-verifies the token
+                methods = self._services.get(service, {})
                 if name not in methods:
                     raise InvalidArgument(f"unknown method {name!r}", field="method")
                 method, request_type = methods[name]
@@ -112,7 +119,7 @@ class Proxies:
                     raise InvalidArgument(f"the body does not fit {request_type.__name__}: {exc}") from exc
             except BelfryError as exc:
                 return error_response(exc)
-            metadata = (("authorization", request.headers["authorization"]),)
+            metadata = () if public else (("authorization", request.headers["authorization"]),)
             try:
                 reply = await method(message, metadata=metadata, timeout=self._timeout)
             except grpc.aio.AioRpcError as exc:

@@ -116,3 +116,19 @@ async def test_proxy_maps_errors_and_checks_input(proxied: Replica, issuer: Toke
         assert (await http.post("/api/preferences/GetPreferences", json={}, headers=headers)).json()["settings"][
             "muted"
         ] is True
+
+
+async def test_the_vapid_public_key_needs_no_token(proxied: Replica, issuer: TokenIssuer, account_id: str) -> None:
+    async with httpx.AsyncClient(base_url=proxied.http) as http:
+        anonymous = await http.post("/api/webpush/GetVapidPublicKey", json={})
+        assert anonymous.status_code == 200, anonymous.text
+        signed_in = await http.post(
+            "/api/webpush/GetVapidPublicKey",
+            json={},
+            headers={"authorization": f"Bearer {issuer.issue(account_id, 'u1')}"},
+        )
+        assert anonymous.json()["public_key"] == signed_in.json()["public_key"]
+        # Only that RPC is public: the caller's subscriptions still need the token.
+        assert (await http.post("/api/webpush/ListSubscriptions", json={})).status_code == 401
+        foreign = await http.post("/api/webpush/GetVapidPublicKey", json={}, headers={"origin": "https://evil.example"})
+        assert foreign.status_code == 403  # a foreign page's POST is refused as for every other route
