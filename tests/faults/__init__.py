@@ -1,0 +1,1 @@
+"""Fault injection: real processes, a private PostgreSQL, a TCP fault proxy and hostile peers."""
