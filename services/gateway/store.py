@@ -175,17 +175,48 @@ async def get(pool: asyncpg.Pool, account_id: str, user_id: str, feed_id: int) -
     return None if row is None else _item(row)
 
 
-async def since(pool: asyncpg.Pool, account_id: str, user_id: str, after_id: int, limit: int) -> list[FeedItem]:
-    """Items numbered after ``after_id``, oldest first, at most ``limit`` (for resume)."""
+async def since(
+    pool: asyncpg.Pool, account_id: str, user_id: str, after_id: int, up_to: int, limit: int
+) -> list[FeedItem]:
+    """Items numbered after ``after_id`` and at most ``up_to``, oldest first, at most ``limit`` (for resume)."""
     rows = await pool.fetch(
         f"""select {_COLUMNS} from gateway.feed
-            where account_id = $1 and user_id = $2 and id > $3 order by id limit $4""",
+            where account_id = $1 and user_id = $2 and id > $3 and id <= $4 order by id limit $5""",
         account_id,
         user_id,
         after_id,
+        up_to,
         limit,
     )
     return [_item(r) for r in rows]
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where a user's feed stands: the newest id handed out and the unread count, as of one moment."""
+
+    last_id: int
+    unread: int
+
+
+async def position(pool: asyncpg.Pool, account_id: str, user_id: str) -> Position:
+    """The newest id and the unread count in one statement, so one snapshot: the count is of ids up to it.
+
+    Read separately, an item committed between the two reads would be counted
+    but not covered by the id (a ``ready`` frame saying 2 unread up to an id
+    that has 1).
+    """
+    row = await pool.fetchrow(
+        """select coalesce((select last_id from gateway.feed_seq where account_id = $1 and user_id = $2), 0)
+                      as last_id,
+                  (select count(*) from gateway.feed
+                    where account_id = $1 and user_id = $2 and in_feed and read_at is null and archived_at is null)
+                      as unread""",
+        account_id,
+        user_id,
+    )
+    assert row is not None  # a select without FROM always returns its one row
+    return Position(last_id=int(row["last_id"]), unread=int(row["unread"]))
 
 
 async def last_id(pool: asyncpg.Pool, account_id: str, user_id: str) -> int:

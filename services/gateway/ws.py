@@ -127,20 +127,25 @@ class Endpoint:
                 tab.offer(0, json.dumps({"type": "refreshed", "expires_at": expires_at}))
 
     async def _resume(self, websocket: WebSocket, tab: Tab, last_id: int | None) -> int:
-        """Send what the client missed since ``last_id``; the newest id sent (or known)."""
-        newest = await store.last_id(self.pool, tab.account_id, tab.user_id)
-        unread = await store.unread_count(self.pool, tab.account_id, tab.user_id)
+        """Send what the client missed since ``last_id``; the newest id sent (or known).
+
+        Everything sent here is as of one snapshot of the feed (``store.position``):
+        the unread count covers exactly the ids up to ``ready``'s ``last_id``.
+        Items committed after it reach the tab live (it joined the hub first).
+        """
+        now = await store.position(self.pool, tab.account_id, tab.user_id)
         if last_id is None:
-            await websocket.send_text(json.dumps({"type": "ready", "last_id": newest, "unread": unread}))
-            return newest
-        if last_id > newest or newest - last_id > self.limits.resume_limit:
+            await websocket.send_text(json.dumps({"type": "ready", "last_id": now.last_id, "unread": now.unread}))
+            return now.last_id
+        if last_id > now.last_id or now.last_id - last_id > self.limits.resume_limit:
             # Too old (or from another database): the client reloads its feed over HTTP.
-            await websocket.send_text(json.dumps({"type": "reset", "last_id": newest, "unread": unread}))
-            return newest
-        missed = await store.since(self.pool, tab.account_id, tab.user_id, last_id, self.limits.resume_limit)
+            await websocket.send_text(json.dumps({"type": "reset", "last_id": now.last_id, "unread": now.unread}))
+            return now.last_id
+        missed = await store.since(
+            self.pool, tab.account_id, tab.user_id, last_id, now.last_id, self.limits.resume_limit
+        )
         for item in missed:
-            frame = {"type": "item", "item": item.to_json(), "unread": unread, "resumed": True}
+            frame = {"type": "item", "item": item.to_json(), "unread": now.unread, "resumed": True}
             await websocket.send_text(json.dumps(frame))
-        newest = missed[-1].id if missed else last_id
-        await websocket.send_text(json.dumps({"type": "ready", "last_id": newest, "unread": unread}))
-        return newest
+        await websocket.send_text(json.dumps({"type": "ready", "last_id": now.last_id, "unread": now.unread}))
+        return now.last_id

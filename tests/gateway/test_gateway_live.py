@@ -10,7 +10,7 @@ import websockets
 from belfry.auth import TokenIssuer
 from belfry.queue import presence
 
-from tests.gateway.conftest import Publish, StartReplica, connect, frames_until
+from tests.gateway.conftest import Publish, Replica, StartReplica, connect, frames_until
 
 
 async def test_item_reaches_every_tab_on_two_replicas(
@@ -157,3 +157,53 @@ async def test_presence_row_while_a_tab_is_open(
             break
         await asyncio.sleep(0.01)
     assert not await presence.has_live_tab(pool, account_id, "u1")
+
+
+# What add_many does for one item, inside the caller's transaction: bump the user's counter, store the row.
+_ADD_ONE = """
+with bumped as (
+    insert into gateway.feed_seq as s (account_id, user_id, last_id) values ($1, $2, 1)
+    on conflict (account_id, user_id) do update set last_id = s.last_id + 1
+    returning last_id
+)
+insert into gateway.feed (account_id, user_id, id, notification_id, topic, title, body, url,
+                          in_feed, popup, browser, sound)
+select $1, $2, last_id, gen_random_uuid(), 'conversation.mentioned', 'raced', 'raced', 'https://app.example/x',
+       true, false, false, ''
+from bumped
+"""
+
+
+async def test_ready_frame_counts_exactly_the_unread_items_up_to_its_last_id(
+    replica: Replica, issuer: TokenIssuer, publish: Publish, pool: asyncpg.Pool, account_id: str
+) -> None:
+    token = issuer.issue(account_id, "u1")
+    watcher = await connect(replica.ws, token)
+    await frames_until(watcher, "ready")
+    await publish(account_id, "u1", "before")
+    await frames_until(watcher, "item")
+    await watcher.close()
+    # An item committed while a new tab reads its starting point: the writer holds the feed locked, so
+    # the gateway's read of the feed waits, and the item commits while it waits.
+    async with pool.acquire() as writer, writer.transaction():
+        await writer.execute("lock table gateway.feed in access exclusive mode")
+        tab = await connect(replica.ws, token)
+        for _ in range(1000):
+            if await pool.fetchval(
+                "select count(*) from pg_stat_activity where $1 = any(pg_blocking_pids(pid))",
+                writer.get_server_pid(),
+            ):
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("the gateway never read the feed")
+        await writer.execute(_ADD_ONE, account_id, "u1")
+    [ready] = await frames_until(tab, "ready")
+    await tab.close()
+    unread_up_to_last_id = await pool.fetchval(
+        """select count(*) from gateway.feed where account_id = $1 and user_id = 'u1' and id <= $2
+             and in_feed and read_at is null and archived_at is null""",
+        account_id,
+        ready["last_id"],
+    )
+    assert ready["unread"] == unread_up_to_last_id, ready
