@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 import structlog
 from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -43,6 +44,58 @@ _CODES: dict[type[errors.BelfryError], grpc.StatusCode] = {
 
 # A servicer registration: the generated ``add_XServicer_to_server`` bound to a servicer.
 Registration = Callable[[grpc.aio.Server], None]
+Deserializer = Callable[[bytes], Any]
+
+
+class _Undecodable:
+    """Stands in for a unary request whose bytes could not be parsed; the handler raises its error."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: errors.InvalidArgument) -> None:
+        self.error = error
+
+
+def _undecodable(name: str, exc: Exception) -> errors.InvalidArgument:
+    """The error a client gets for bytes that are not a ``name``, saying what is wrong with them."""
+    reason = str(exc).rpartition("': ")[2] or type(exc).__name__
+    if isinstance(exc, UnicodeDecodeError) or "UTF-8" in reason:
+        reason = "invalid UTF-8 in a string field (every string field must be valid UTF-8)"
+    elif "corrupt" in reason.lower():
+        reason = "the bytes are not a protobuf encoding of it (corrupt wire format)"
+    return errors.InvalidArgument(f"the request is not a valid {name}: {reason}")
+
+
+def _message_name(deserializer: Deserializer, method: str) -> str:
+    """``PublishRequest`` for the generated ``PublishRequest.FromString``; else the method's request."""
+    descriptor = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
+    name = getattr(descriptor, "name", None)
+    return name if isinstance(name, str) else f"request of {method}"
+
+
+def _guard_unary(deserializer: Deserializer, method: str) -> Deserializer:
+    """grpc parses a unary request before any handler runs and answers UNKNOWN when that fails;
+    this returns a marker instead, which the wrapped handler turns into INVALID_ARGUMENT."""
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except (DecodeError, UnicodeDecodeError) as exc:
+            return _Undecodable(_undecodable(_message_name(deserializer, method), exc))
+
+    return deserialize
+
+
+def _guard_stream(deserializer: Deserializer, method: str) -> Deserializer:
+    """Streamed requests are parsed as the handler reads them: the error is raised right there."""
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except (DecodeError, UnicodeDecodeError) as exc:
+            raise _undecodable(_message_name(deserializer, method), exc) from None
+
+    return deserialize
 
 
 def status_code_of(exc: errors.BelfryError) -> grpc.StatusCode:
@@ -76,7 +129,13 @@ def to_status(exc: errors.BelfryError) -> grpc.Status:
 
 
 class _Interceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ships no type stubs
-    """Binds log context, maps typed errors, counts and times every RPC."""
+    """Binds log context, maps typed errors, counts and times every RPC.
+
+    It also guards every request deserializer: bytes that are not the
+    request message (invalid UTF-8 in a string, a corrupt encoding) get
+    INVALID_ARGUMENT naming the message and the fault, from every service
+    alike, instead of grpc's UNKNOWN.
+    """
 
     def __init__(self, service: str) -> None:
         self._service = service
@@ -90,75 +149,88 @@ class _Interceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc sh
         method = handler_call_details.method
         if handler is None or method.startswith(("/grpc.health", "/grpc.reflection")):
             return handler
-        service = self._service
+        return _wrap(handler, method, self._service)
 
-        async def observe(context: grpc.aio.ServicerContext, run: Callable[[], Awaitable[Any]]) -> Any:
-            structlog.contextvars.bind_contextvars(rpc=method, request_id=uuid.uuid4().hex[:16])
-            started = time.perf_counter()
-            code = grpc.StatusCode.OK
-            try:
-                return await run()
-            except errors.BelfryError as exc:
-                code = status_code_of(exc)
-                await context.abort_with_status(to_status(exc))
-            except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
-                raise
-            except grpc.aio.AbortError:
-                code = context.code() or grpc.StatusCode.UNKNOWN
-                raise
-            except Exception:
-                code = grpc.StatusCode.INTERNAL
-                _LOG.exception("rpc failed")
-                await context.abort(grpc.StatusCode.INTERNAL, "internal error; the server log has the details")
-            finally:
-                elapsed = time.perf_counter() - started
-                metrics.RPC_REQUESTS.labels(service, method, code.name).inc()
-                metrics.RPC_LATENCY.labels(service, method).observe(elapsed)
-                if code != grpc.StatusCode.OK:
-                    metrics.RPC_ERRORS.labels(service, method, code.name).inc()
-                # One canonical line per request; healthy traffic at debug level.
-                level = _LOG.info if code != grpc.StatusCode.OK else _LOG.debug
-                level("rpc", code=code.name, ms=round(elapsed * 1000, 2))
-                structlog.contextvars.unbind_contextvars("rpc", "request_id")
 
-        if handler.unary_unary:
-            inner_uu = handler.unary_unary
+async def _observe(
+    service: str, method: str, context: grpc.aio.ServicerContext, run: Callable[[], Awaitable[Any]]
+) -> Any:
+    """Run one call: log context, typed errors to statuses, metrics, one canonical log line."""
+    structlog.contextvars.bind_contextvars(rpc=method, request_id=uuid.uuid4().hex[:16])
+    started = time.perf_counter()
+    code = grpc.StatusCode.OK
+    try:
+        return await run()
+    except errors.BelfryError as exc:
+        code = status_code_of(exc)
+        await context.abort_with_status(to_status(exc))
+    except asyncio.CancelledError:
+        code = grpc.StatusCode.CANCELLED
+        raise
+    except grpc.aio.AbortError:
+        code = context.code() or grpc.StatusCode.UNKNOWN
+        raise
+    except Exception:
+        code = grpc.StatusCode.INTERNAL
+        _LOG.exception("rpc failed")
+        await context.abort(grpc.StatusCode.INTERNAL, "internal error; the server log has the details")
+    finally:
+        elapsed = time.perf_counter() - started
+        metrics.RPC_REQUESTS.labels(service, method, code.name).inc()
+        metrics.RPC_LATENCY.labels(service, method).observe(elapsed)
+        if code != grpc.StatusCode.OK:
+            metrics.RPC_ERRORS.labels(service, method, code.name).inc()
+        # One canonical line per request; healthy traffic at debug level.
+        level = _LOG.info if code != grpc.StatusCode.OK else _LOG.debug
+        level("rpc", code=code.name, ms=round(elapsed * 1000, 2))
+        structlog.contextvars.unbind_contextvars("rpc", "request_id")
 
-            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                return await observe(context, lambda: inner_uu(request, context))
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary_unary, handler.request_deserializer, handler.response_serializer
-            )
-        if handler.stream_stream or handler.unary_stream:
-            streaming = handler.unary_stream or handler.stream_stream
+def _wrap(handler: grpc.RpcMethodHandler, method: str, service: str) -> grpc.RpcMethodHandler:
+    """The same handler, observed, with its request deserializer guarded."""
+    parse = handler.request_deserializer
+    if parse is not None:
+        parse = (_guard_stream if handler.request_streaming else _guard_unary)(parse, method)
+    if handler.unary_unary:
+        inner_uu = handler.unary_unary
 
-            # A coroutine that writes through the context: the aio server accepts
-            # it for streaming methods, and it lets ``observe`` see the whole call.
-            async def stream(request: Any, context: grpc.aio.ServicerContext) -> None:
-                async def drain() -> None:
-                    result = streaming(request, context)
-                    if hasattr(result, "__aiter__"):
-                        async for item in result:
-                            await context.write(item)
-                    else:
-                        await result
+        async def call_uu(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if type(request) is _Undecodable:
+                raise request.error
+            return await inner_uu(request, context)
 
-                await observe(context, drain)
+        async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            return await _observe(service, method, context, lambda: call_uu(request, context))
 
-            factory = (
-                grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler
-            )
-            return factory(stream, handler.request_deserializer, handler.response_serializer)
-        inner_su = handler.stream_unary
+        return grpc.unary_unary_rpc_method_handler(unary_unary, parse, handler.response_serializer)
+    if handler.stream_stream or handler.unary_stream:
+        streaming = handler.unary_stream or handler.stream_stream
 
-        async def stream_unary(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
-            return await observe(context, lambda: inner_su(requests, context))
+        # A coroutine that writes through the context: the aio server accepts
+        # it for streaming methods, and it lets ``_observe`` see the whole call.
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> None:
+            async def drain() -> None:
+                if type(request) is _Undecodable:
+                    raise request.error
+                result = streaming(request, context)
+                if hasattr(result, "__aiter__"):
+                    async for item in result:
+                        await context.write(item)
+                else:
+                    await result
 
-        return grpc.stream_unary_rpc_method_handler(
-            stream_unary, handler.request_deserializer, handler.response_serializer
+            await _observe(service, method, context, drain)
+
+        factory = (
+            grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler
         )
+        return factory(stream, parse, handler.response_serializer)
+    inner_su = handler.stream_unary
+
+    async def stream_unary(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+        return await _observe(service, method, context, lambda: inner_su(requests, context))
+
+    return grpc.stream_unary_rpc_method_handler(stream_unary, parse, handler.response_serializer)
 
 
 def server_credentials(tls: TlsSettings) -> grpc.ServerCredentials | None:

@@ -7,7 +7,6 @@ import asyncio
 import hashlib
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from datetime import UTC
 
 import asyncpg
@@ -21,19 +20,6 @@ from services.dispatcher import status, status_store, store, validate
 from services.dispatcher.coalesce import Coalescer
 from services.dispatcher.model import SOURCES, Accepted, Event, ObjectRef
 from services.dispatcher.publish import Dispatcher, Result
-
-
-@dataclass(frozen=True)
-class Undecodable:
-    """A request the protobuf runtime could not parse (e.g. a string with invalid UTF-8)."""
-
-    error: str
-
-    def refuse(self) -> errors.InvalidArgument:
-        """The error the producer gets."""
-        return errors.InvalidArgument(
-            "the request is not valid protobuf (string fields must be valid UTF-8): " + self.error, field="event"
-        )
 
 
 class DispatcherServicer(dispatcher_pb2_grpc.DispatcherServiceServicer):
@@ -86,12 +72,8 @@ class DispatcherServicer(dispatcher_pb2_grpc.DispatcherServiceServicer):
             return exc
         return event
 
-    async def Publish(
-        self, request: pb.PublishRequest | Undecodable, context: grpc.aio.ServicerContext
-    ) -> pb.PublishResponse:
+    async def Publish(self, request: pb.PublishRequest, context: grpc.aio.ServicerContext) -> pb.PublishResponse:
         """Publish one event; idempotent on (account, idempotency key) for 24 hours."""
-        if isinstance(request, Undecodable):
-            raise request.refuse()
         if not request.HasField("event"):
             raise errors.InvalidArgument("the request carries no event", field="event")
         result = await self._coalescer.submit(self._event(request.event))
@@ -100,11 +82,9 @@ class DispatcherServicer(dispatcher_pb2_grpc.DispatcherServiceServicer):
         return pb.PublishResponse(notification_id=str(result.notification_id), replayed=result.replayed)
 
     async def PublishBatch(
-        self, request: pb.PublishBatchRequest | Undecodable, context: grpc.aio.ServicerContext
+        self, request: pb.PublishBatchRequest, context: grpc.aio.ServicerContext
     ) -> pb.PublishBatchResponse:
         """Publish up to 1,000 events; each is atomic on its own and gets its own status."""
-        if isinstance(request, Undecodable):
-            raise request.refuse()
         if len(request.events) > self._max_batch:
             raise errors.InvalidArgument(
                 f"a batch holds at most {self._max_batch} events, got {len(request.events)}; split it", field="events"
@@ -113,10 +93,10 @@ class DispatcherServicer(dispatcher_pb2_grpc.DispatcherServiceServicer):
         return pb.PublishBatchResponse(statuses=[_status(i, r) for i, r in enumerate(results)])
 
     async def PublishStream(
-        self, requests: AsyncIterator[pb.PublishStreamRequest | Undecodable], context: grpc.aio.ServicerContext
+        self, requests: AsyncIterator[pb.PublishStreamRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.PublishStreamAck]:
         """Acknowledge every event; events that arrive together are written together."""
-        inbox: asyncio.Queue[pb.PublishStreamRequest | Undecodable | None] = asyncio.Queue(maxsize=self._max_batch * 2)
+        inbox: asyncio.Queue[pb.PublishStreamRequest | None] = asyncio.Queue(maxsize=self._max_batch * 2)
 
         async def read() -> None:
             try:
@@ -137,29 +117,29 @@ class DispatcherServicer(dispatcher_pb2_grpc.DispatcherServiceServicer):
                     batch.pop()
                 for ack in await self._acks([r for r in batch if r is not None]):
                     yield ack
+            # What ended the reading ends the call: a message that could not be
+            # parsed (the kit's INVALID_ARGUMENT) after every earlier one was acknowledged.
+            await reader
         finally:
             reader.cancel()
 
-    async def _acks(self, batch: list[pb.PublishStreamRequest | Undecodable]) -> list[pb.PublishStreamAck]:
-        items = [r.refuse() if isinstance(r, Undecodable) else self._event(r.event) for r in batch]
+    async def _acks(self, batch: list[pb.PublishStreamRequest]) -> list[pb.PublishStreamAck]:
+        items = [self._event(r.event) for r in batch]
         if not items:
             return []
         try:
             results = await self._dispatcher.publish(items)
         except errors.BelfryError as exc:  # backpressure: every event of this turn is refused alike
             results = [exc] * len(items)
-        # Sequence 0 names a message too damaged to read its own sequence.
         return [
-            pb.PublishStreamAck(sequence=0 if isinstance(r, Undecodable) else r.sequence, status=_status(0, res))
+            pb.PublishStreamAck(sequence=r.sequence, status=_status(0, res))
             for r, res in zip(batch, results, strict=True)
         ]
 
     async def RecordInboxVisit(
-        self, request: pb.RecordInboxVisitRequest | Undecodable, context: grpc.aio.ServicerContext
+        self, request: pb.RecordInboxVisitRequest, context: grpc.aio.ServicerContext
     ) -> pb.RecordInboxVisitResponse:
         """Record that a user visited the conversations inbox (the first visit is kept)."""
-        if isinstance(request, Undecodable):
-            raise request.refuse()
         _require(account_id=request.account_id, user_id=request.user_id)
         when = await store.record_visit(self._pool, request.account_id, request.user_id)
         response = pb.RecordInboxVisitResponse()
@@ -167,11 +147,9 @@ class DispatcherServicer(dispatcher_pb2_grpc.DispatcherServiceServicer):
         return response
 
     async def GetNotification(
-        self, request: pb.GetNotificationRequest | Undecodable, context: grpc.aio.ServicerContext
+        self, request: pb.GetNotificationRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetNotificationResponse:
         """One notification's timeline per recipient and channel."""
-        if isinstance(request, Undecodable):
-            raise request.refuse()
         _require(account_id=request.account_id, notification_id=request.notification_id)
         nid = _uuid(request.notification_id, "notification_id")
         record = await status_store.get_notification(self._pool, request.account_id, nid)
@@ -182,11 +160,9 @@ class DispatcherServicer(dispatcher_pb2_grpc.DispatcherServiceServicer):
         return pb.GetNotificationResponse(notification=status.to_proto(record))
 
     async def ListNotifications(
-        self, request: pb.ListNotificationsRequest | Undecodable, context: grpc.aio.ServicerContext
+        self, request: pb.ListNotificationsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListNotificationsResponse:
         """A user's notifications, newest first, paged."""
-        if isinstance(request, Undecodable):
-            raise request.refuse()
         _require(account_id=request.account_id, user_id=request.user_id)
         size = request.page.page_size or 50
         if not 0 < size <= 500:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 
 import grpc
+import pytest
 from belfry.api.directory.v1 import directory_pb2
 from belfry.api.dispatcher.v1 import dispatcher_pb2 as pb
 from belfry.message import Message
@@ -110,7 +111,36 @@ async def test_invalid_utf8_is_invalid_argument(mesh: Mesh, account_id: str) -> 
     error = await refused(call(broken))
     await channel.close()
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "UTF-8" in (error.details() or "")
+    assert "not a valid PublishRequest: invalid UTF-8 in a string field" in (error.details() or "")
+
+
+async def test_a_stream_acknowledges_what_came_before_an_undecodable_message_then_ends(
+    mesh: Mesh, account_id: str
+) -> None:
+    await seed(mesh, account_id)
+    good = pb.PublishStreamRequest(sequence=1, event=event(account_id, recipient_user_ids=["ana"]))
+    damaged = event(account_id, recipient_user_ids=["ana"])
+    damaged.object.display_name = "AAAA"
+    broken = pb.PublishStreamRequest(sequence=2, event=damaged).SerializeToString().replace(b"AAAA", b"A\xff\xfeA")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{mesh.dispatcher_port}") as channel:
+        call = channel.stream_stream(
+            "/belfry.api.dispatcher.v1.DispatcherService/PublishStream",
+            request_serializer=lambda b: b,
+            response_deserializer=pb.PublishStreamAck.FromString,
+        )(iter([good.SerializeToString(), broken]))
+        acks: list[pb.PublishStreamAck] = []
+
+        async def read_all() -> None:
+            async for ack in call:
+                acks.append(ack)
+
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await read_all()
+    assert [(a.sequence, a.status.outcome) for a in acks] == [(1, pb.OUTCOME_ACCEPTED)]
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid PublishStreamRequest: invalid UTF-8" in (caught.value.details() or "")
+    count = await mesh.pool.fetchval("select count(*) from dispatcher.notifications where account_id = $1", account_id)
+    assert count == 1
 
 
 def _varint(n: int) -> bytes:
