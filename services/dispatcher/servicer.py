@@ -11,7 +11,7 @@ from datetime import UTC
 
 import asyncpg
 import grpc
-from belfry import errors, rpc
+from belfry import errors, rpc, text
 from belfry.api.dispatcher.v1 import dispatcher_pb2 as pb
 from belfry.api.dispatcher.v1 import dispatcher_pb2_grpc
 from google.protobuf import json_format
@@ -46,7 +46,8 @@ class DispatcherServicer(dispatcher_pb2_grpc.DispatcherServiceServicer):
             # The body hash covers everything but the key: clear it for a moment (cheaper than a copy).
             key = message.idempotency_key
             message.ClearField("idempotency_key")
-            body_hash = hashlib.sha256(message.SerializeToString(deterministic=True)).digest()
+            encoded = message.SerializeToString(deterministic=True)
+            body_hash = hashlib.sha256(encoded).digest()
             message.idempotency_key = key
             o = message.object
             event = Event(
@@ -68,6 +69,10 @@ class DispatcherServicer(dispatcher_pb2_grpc.DispatcherServiceServicer):
                 unassigned=message.unassigned,
             )
             validate.check(event, now, self._limits)
+            # A NUL character is a zero byte in the encoding: only then is every text walked
+            # (PostgreSQL cannot store it; the walk names the field).
+            if b"\x00" in encoded or text.NUL in key:
+                text.check_record(event, "event")
         except errors.BelfryError as exc:
             return exc
         return event

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import asyncpg
+from belfry import text
 from belfry.api.preferences.v1 import preferences_pb2
 from belfry.errors import InvalidArgument, NotFound
 
@@ -78,6 +79,7 @@ class BatchAnswers:
                 f"user_ids names {len(user_ids)} users; at most {self._max_batch} per call, split the request",
                 field="user_ids",
             )
+        text.check_all(user_ids, "user_ids")
         async with self._pool.acquire() as conn:
             # The counter is read before any data: data loaded afterwards is at least this fresh.
             found = await store.account_seq(conn, account_id)

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import asyncpg
+from belfry import text
 from belfry.errors import InvalidArgument, NotFound
 
 from services.preferences import store
@@ -15,10 +16,10 @@ MAX_ID = 128
 
 
 def check_id(value: str, field: str) -> str:
-    """A non-empty identifier of reasonable length."""
+    """A non-empty identifier of reasonable length that PostgreSQL can store."""
     if not value or len(value) > MAX_ID or value != value.strip():
         raise InvalidArgument(f"{field} must be 1 to {MAX_ID} characters without surrounding spaces", field=field)
-    return value
+    return text.check_storable(value, field)
 
 
 def check_time_zone(value: str, field: str) -> str:
@@ -33,7 +34,8 @@ def check_time_zone(value: str, field: str) -> str:
 
 
 def check_user(user: User) -> User:
-    """Reject a user record that could not be notified correctly."""
+    """Reject a user record that could not be notified correctly (or stored)."""
+    text.check_record(user, "user")
     check_id(user.account_id, "user.account_id")
     check_id(user.user_id, "user.user_id")
     local, _, domain = user.email.partition("@")
@@ -55,6 +57,7 @@ class Directory:
     async def upsert_account(self, account: Account) -> Account:
         """Create or update an account."""
         check_id(account.account_id, "account.account_id")
+        text.check_record(account, "account")
         async with self._pool.acquire() as conn, conn.transaction():
             return await store.upsert_account(conn, account)
 
@@ -79,17 +82,19 @@ class Directory:
         return [found[u] for u in dict.fromkeys(user_ids) if u in found]
 
     def check_batch(self, user_ids: Sequence[str], field: str) -> None:
-        """At most ``max_batch`` ids per call."""
+        """At most ``max_batch`` ids per call, each one PostgreSQL can store."""
         if len(user_ids) > self._max_batch:
             raise InvalidArgument(
                 f"{field} names {len(user_ids)} users; at most {self._max_batch} per call, split the request",
                 field=field,
             )
+        text.check_all(user_ids, field)
 
     async def upsert_team(self, team: Team) -> Team:
         """Create or replace a team and its members."""
         check_id(team.account_id, "team.account_id")
         check_id(team.team_id, "team.team_id")
+        text.check_record(team, "team")
         ids = [m.user_id for m in team.members]
         if len(set(ids)) != len(ids):
             raise InvalidArgument("team.members names a user twice", field="team.members")

@@ -143,6 +143,27 @@ async def test_a_stream_acknowledges_what_came_before_an_undecodable_message_the
     assert count == 1
 
 
+async def test_a_nul_character_is_invalid_argument_naming_the_field(mesh: Mesh, account_id: str) -> None:
+    # PostgreSQL cannot store U+0000 (text nor jsonb): refused up front, never INTERNAL.
+    await seed(mesh, account_id)
+    named = event(account_id, recipient_user_ids=["ana"])
+    named.object.display_name = "Big\x00deal"
+    error = await refused(publish(mesh, named))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "event.object.display_name contains a NUL character" in (error.details() or "")
+    in_variables = event(account_id, recipient_user_ids=["ana"])
+    in_variables.variables.update({"amount": 0, "stage": {"name": "wo\x00n"}})
+    good = event(account_id, recipient_user_ids=["ana"])
+    good.variables.update({"amount": 0})  # zero bytes in the encoding, no NUL character
+    answer = await mesh.dispatcher.PublishBatch(pb.PublishBatchRequest(events=[in_variables, good]))
+    first, second = answer.statuses
+    assert first.outcome == pb.OUTCOME_REJECTED and first.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "event.variables['stage']['name'] contains a NUL character" in first.message
+    assert second.outcome == pb.OUTCOME_ACCEPTED
+    count = await mesh.pool.fetchval("select count(*) from dispatcher.notifications where account_id = $1", account_id)
+    assert count == 1
+
+
 def _varint(n: int) -> bytes:
     out = bytearray()
     while True:

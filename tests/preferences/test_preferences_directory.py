@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+
 import grpc
 import pytest
 from belfry.api.common.v1 import common_pb2
@@ -75,6 +77,37 @@ async def test_bad_user_fields_write_nothing(svc: Prefs, account_id: str) -> Non
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and text in (err.value.details() or "")
     users = await svc.directory.GetUsers(directory_pb2.GetUsersRequest(account_id=account_id, user_ids=["ana"]))
     assert list(users.missing_user_ids) == ["ana"]
+
+
+async def test_a_nul_character_is_invalid_argument_naming_the_field(svc: Prefs, account_id: str) -> None:
+    # PostgreSQL text cannot hold U+0000: refused before any query, never INTERNAL.
+    async def refusal(call: Awaitable[object]) -> str:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+        assert "NUL character" in (err.value.details() or "")
+        return err.value.details() or ""
+
+    d = svc.directory
+    account = directory_pb2.Account(account_id=account_id, name="Ac\x00me", tier=directory_pb2.TIER_ENTERPRISE)
+    assert "account.name" in await refusal(d.UpsertAccount(directory_pb2.UpsertAccountRequest(account=account)))
+    await svc.account(account_id)
+    assert "user.display_name" in await refusal(svc.user(account_id, "ana", display_name="An\x00a"))
+    assert "user.user_id" in await refusal(svc.user(account_id, "an\x00a"))
+    assert "user.tool_access[1]" in await refusal(svc.user(account_id, "ana", tool_access=["forms", "x\x00"]))
+    await svc.user(account_id, "ben")
+    team = directory_pb2.Team(
+        account_id=account_id, team_id="t1", name="Sup\x00port", members=[directory_pb2.TeamMember(user_id="ben")]
+    )
+    assert "team.name" in await refusal(d.UpsertTeam(directory_pb2.UpsertTeamRequest(team=team)))
+    found = d.GetUsers(directory_pb2.GetUsersRequest(account_id=account_id, user_ids=["ben", "a\x00"]))
+    assert "user_ids[1]" in await refusal(found)
+    topic = "contacts.contact_assigned"
+    batch = preferences_pb2.EffectiveBatchRequest(account_id=account_id, topic=topic, user_ids=["ben", "a\x00"])
+    assert "user_ids[1]" in await refusal(svc.prefs.EffectiveBatch(batch))
+    users = await d.GetUsers(directory_pb2.GetUsersRequest(account_id=account_id, user_ids=["ana", "ben"]))
+    assert [u.user_id for u in users.users] == ["ben"]
+    assert [u.display_name for u in users.users] == ["Ben"]
 
 
 async def test_effective_batch_fills_every_field(svc: Prefs, account_id: str) -> None:
