@@ -2,7 +2,8 @@
 
 A service prints ``BELFRY_READY <name> <port>`` on stderr once it serves
 (``belfry.service``); ``ServiceProcess.start`` waits for that line, keeps the
-rest of stderr for failure messages, and exposes the process's gRPC health.
+last lines of its logs and stderr for failure messages, and exposes the
+process's gRPC health.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class ProcessDied(AssertionError):
 
 @dataclass
 class ServiceProcess:
-    """One running service process and the tail of what it wrote on stderr."""
+    """One running service process and the tail of what it wrote."""
 
     name: str
     process: asyncio.subprocess.Process
@@ -48,19 +49,23 @@ class ServiceProcess:
             cwd=ROOT,
             env=env,
             stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
         child = cls(name, process)
         ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
-        async def pump() -> None:
-            assert process.stderr is not None
-            async for raw in process.stderr:
+        async def read(stream: asyncio.StreamReader | None) -> None:
+            assert stream is not None
+            async for raw in stream:
                 line = raw.decode(errors="replace").rstrip()
                 if line.startswith("BELFRY_READY ") and not ready.done():
                     ready.set_result(int(line.split()[-1]))
                 child.lines.append(line)
+
+        async def pump() -> None:
+            # Logs go to stdout, the readiness line and tracebacks to stderr: keep both, interleaved.
+            await asyncio.gather(read(process.stdout), read(process.stderr))
             if not ready.done():
                 ready.set_exception(ProcessDied(f"{name} exited with {await process.wait()}:\n{child.tail()}"))
 
@@ -88,7 +93,7 @@ class ServiceProcess:
             raise ProcessDied(f"{self.name} exited with {self.process.returncode}:\n{self.tail()}")
 
     def tail(self, lines: int = 40) -> str:
-        """The last lines the process wrote on stderr."""
+        """The last lines the process wrote (logs and stderr)."""
         return "\n".join(list(self.lines)[-lines:])
 
     async def health(self, service: str = "") -> int | None:

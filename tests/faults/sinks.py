@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +26,7 @@ class StallingCapture(Capture):
     """A capture server; while ``stall`` is set, DATA is recorded and never answered."""
 
     stall: bool = False
+    on_stall: Callable[[Caught], None] | None = None  # called (in the server's thread) once the data is in
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802 - aiosmtpd's hook name
         """Record, then hang (stalling) or answer 250 (not stalling)."""
@@ -34,6 +35,8 @@ class StallingCapture(Capture):
         item = Caught(envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content or envelope.content)
         with self.lock:
             self.caught.append(item)
+        if self.on_stall is not None:
+            self.on_stall(item)
         await asyncio.Event().wait()  # cancelled when the controller stops
         return "451 4.3.0 never sent"
 
