@@ -127,6 +127,8 @@ class CommonSettings:
     token_keys: dict[str, bytes]
     token_active_kid: str
     token_ttl_seconds: int
+    # The longest a peer's Retry-After may hold a delivery back (senders clamp to it).
+    max_retry_after_seconds: float = 3600.0
     # Plaintext gRPC health only, for kubelet probes (they cannot present a client certificate).
     health_address: str = ""
 
@@ -195,4 +197,5 @@ def load_common(service: str, env: Env, *, default_port: int) -> CommonSettings:
         token_active_kid=active,
         token_ttl_seconds=env.int("BELFRY_TOKEN_TTL_SECONDS", 900, minimum=30),
         health_address=env.str("BELFRY_HEALTH_ADDRESS", ""),
+        max_retry_after_seconds=env.float("BELFRY_MAX_RETRY_AFTER_SECONDS", 3600.0, minimum=1.0),
     )

@@ -32,3 +32,20 @@ async def create_pool(dsn: str, *, application_name: str, min_size: int = 2, max
     )
     assert pool is not None  # create_pool only returns None when awaited without init
     return pool
+
+
+# Errors that say the database is away (restarting, unreachable, the
+# connection reset or released), not that a statement is wrong: the caller
+# waits and tries again instead of giving up on the work.
+_DISCONNECTS = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+)
+
+
+def is_disconnect(exc: BaseException) -> bool:
+    """True when ``exc`` means the database is unreachable or restarting, so retrying later is right."""
+    return isinstance(exc, _DISCONNECTS)

@@ -18,16 +18,20 @@ from typing import Protocol
 
 import asyncpg
 import grpc
-from grpc_health.v1 import health
+from grpc_health.v1 import health, health_pb2
 
-from belfry import db, log, metrics, rpc
+from belfry import background, db, log, metrics, rpc
 from belfry.config import CommonSettings
 from belfry.errors import ConfigError
 
 _LOG = log.get(__name__)
 
 # A background loop runs until its stop event is set (sender workers, schedulers).
-Background = Callable[[asyncio.Event], Awaitable[None]]
+Background = background.Loop
+
+# How often readiness checks the database, and how long one check may take.
+_READINESS_SECONDS = 1.0
+_READINESS_TIMEOUT = 2.0
 
 
 class HasCommon(Protocol):
@@ -98,18 +102,50 @@ async def start(
         running.probe, running.probe_port = await rpc.create_health_server(common.health_address, health_servicer)
 
     def spawn(loop: Background) -> asyncio.Task[None]:
-        async def guarded() -> None:
-            try:
-                await loop(running.stop_event)
-            except Exception:
-                _LOG.exception("background loop crashed; the service stops so the orchestrator restarts it")
-                running.stop_event.set()
-                raise
+        # A failing loop is restarted with backoff: one bad row or a database
+        # restart must not take the whole service (and its RPCs) down.
+        name = getattr(loop, "__qualname__", repr(loop))
+        return asyncio.create_task(background.keep_running(name, loop, running.stop_event))
 
-        return asyncio.create_task(guarded())
-
-    running.tasks = [spawn(loop) for loop in built.background]
+    readiness = _readiness(own_pool, health_servicer, [*built.service_names, ""])
+    running.tasks = [spawn(loop) for loop in [readiness, *built.background]]
     return running
+
+
+def _readiness(pool: asyncpg.Pool, health_servicer: health.aio.HealthServicer, names: Sequence[str]) -> Background:
+    """A loop that reports NOT_SERVING while the database is unreachable, SERVING once it answers again.
+
+    Kubernetes then routes callers to replicas that can do the work, and the
+    process stays up to resume by itself: nothing here restarts anything.
+    """
+    state = {"serving": True}
+
+    async def check() -> None:
+        try:
+            async with asyncio.timeout(_READINESS_TIMEOUT):
+                await pool.fetchval("select 1")
+        except Exception as exc:
+            if not db.is_disconnect(exc):
+                raise
+            serving = False
+            problem = repr(exc)
+        else:
+            serving, problem = True, ""
+        if serving == state["serving"]:
+            return
+        state["serving"] = serving
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in names:
+            await health_servicer.set(name, status)
+        if serving:
+            _LOG.info("database reachable again; serving")
+        else:
+            _LOG.warning("database unreachable; not serving until it answers", error=problem)
+
+    async def loop(stop: asyncio.Event) -> None:
+        await background.every("database readiness", _READINESS_SECONDS, check, stop)
+
+    return loop
 
 
 async def _run(name: str, common: CommonSettings, build: Callable[[asyncpg.Pool], Awaitable[Built]]) -> None:

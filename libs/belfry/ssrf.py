@@ -18,6 +18,7 @@ its aiohttp session through a resolver fed with ``check``'s targets instead
 from __future__ import annotations
 
 import asyncio
+import datetime
 import email.utils
 import ipaddress
 import re
@@ -47,6 +48,8 @@ KNOWN_PUSH_HOSTS: tuple[str, ...] = (
 
 # Whitespace (\s is str.isspace for str patterns), control characters, backslashes: one C scan per URL.
 _UNSAFE_CHAR = re.compile(r"[\s\x00-\x1f\\]")
+# Retry-After delta-seconds: ASCII digits only (str.isdigit also takes "²" and other scripts' digits).
+_DELTA_SECONDS = re.compile(r"[0-9]+")
 # Only letters, digits, dots and dashes: a hostname or a dotted-quad address.
 _HOSTNAME = re.compile(r"^[a-z0-9.-]+$")
 # Spellings inet_aton accepts but that are not plain dotted quads (2130706433, 0x7f.1, 0177.0.0.1).
@@ -251,14 +254,24 @@ def client(
 
 
 def retry_after_seconds(value: str | None, now: float) -> float | None:
-    """Retry-After as delta-seconds or an HTTP date → seconds from now (None when absent or unreadable)."""
+    """Retry-After (RFC 9110 §10.2.3) as seconds from ``now``; None when absent or not valid.
+
+    Only ASCII digits (delta-seconds) or an HTTP date are accepted; anything
+    else (signs, exponents, other scripts' digits) is ignored. The value is not
+    capped here: the queue clamps every delay to its configured maximum when
+    it records the outcome (``Queue.retry_delay``), so no peer can push a
+    delivery out of range.
+    """
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
+    if _DELTA_SECONDS.fullmatch(value):
+        # Any number of digits is valid; past 20 of them the exact value no longer matters.
+        return float(value) if len(value) <= 20 else 1e20
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, IndexError):
         return None
+    if when.tzinfo is None:  # "-0000" or a date without a zone: RFC 9110 dates are UTC
+        when = when.replace(tzinfo=datetime.UTC)
     return max(0.0, when.timestamp() - now)

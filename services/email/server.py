@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable
 
 import asyncpg
+from belfry import background
 from belfry.auth import TokenVerifier
 from belfry.queue import Queue, admin, worker
 from belfry.service import Built
@@ -32,7 +32,13 @@ def build_for(settings: Settings) -> Callable[[asyncpg.Pool], Awaitable[Built]]:
             public_url=settings.public_url,
         )
         sender = EmailSender(pool=pool, smtp=smtp, composer=composer, daily_cap=settings.daily_cap)
-        queue = Queue(pool, "email", worker=settings.worker_id, lease_seconds=settings.lease_seconds)
+        queue = Queue(
+            pool,
+            "email",
+            worker=settings.worker_id,
+            lease_seconds=settings.lease_seconds,
+            max_retry_after=settings.common.max_retry_after_seconds,
+        )
 
         async def send_loop(stop: asyncio.Event) -> None:
             await worker.run(
@@ -46,10 +52,7 @@ def build_for(settings: Settings) -> Callable[[asyncpg.Pool], Awaitable[Built]]:
 
         async def forget_old_counts(stop: asyncio.Event) -> None:
             # The cap is per UTC day: yesterday's counters are kept a little, then dropped.
-            while not stop.is_set():
-                await store.purge_counts(pool)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=3600)
+            await background.every("email cap counters purge", 3600, lambda: store.purge_counts(pool), stop)
 
         async def maintenance(stop: asyncio.Event) -> None:
             await worker.maintain(pool, stop=stop, retention_seconds=settings.retention_seconds)

@@ -88,7 +88,13 @@ class GatewayBuild:
             http.should_exit = True
             await task
 
-        queue = Queue(pool, "bell", worker=s.replica, lease_seconds=s.lease_seconds)
+        queue = Queue(
+            pool,
+            "bell",
+            worker=s.replica,
+            lease_seconds=s.lease_seconds,
+            max_retry_after=s.common.max_retry_after_seconds,
+        )
         sender = BellSender(pool)
 
         async def send_loop(stop: asyncio.Event) -> None:

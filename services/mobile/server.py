@@ -42,7 +42,13 @@ def build_for(settings: Settings) -> Callable[[asyncpg.Pool], Awaitable[Built]]:
             if provider is None:
                 _LOG.warning("push provider not configured; its deliveries fail with 'not configured'", provider=name)
         sender = MobileSender(pool=pool, android=fcm, ios=apns)
-        queue = Queue(pool, "mobile", worker=settings.worker_id, lease_seconds=settings.lease_seconds)
+        queue = Queue(
+            pool,
+            "mobile",
+            worker=settings.worker_id,
+            lease_seconds=settings.lease_seconds,
+            max_retry_after=settings.common.max_retry_after_seconds,
+        )
 
         async def send_loop(stop: asyncio.Event) -> None:
             await worker.run(queue, sender.handle, stop=stop, batch=settings.batch, concurrency=settings.concurrency)

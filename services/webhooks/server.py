@@ -27,7 +27,13 @@ def build_for(settings: Settings) -> Callable[[asyncpg.Pool], Awaitable[Built]]:
         client = ssrf.client(ca_file=settings.ca_file, timeout=settings.timeout_seconds)
         verifier = TokenVerifier(settings.common.token_keys)
         sender = WebhookSender(pool=pool, client=client, guard=guard, box=box)
-        queue = Queue(pool, "other_apps", worker=settings.worker_id, lease_seconds=settings.lease_seconds)
+        queue = Queue(
+            pool,
+            "other_apps",
+            worker=settings.worker_id,
+            lease_seconds=settings.lease_seconds,
+            max_retry_after=settings.common.max_retry_after_seconds,
+        )
 
         async def send_loop(stop: asyncio.Event) -> None:
             await worker.run(queue, sender.handle, stop=stop, batch=settings.batch, concurrency=settings.concurrency)

@@ -41,7 +41,13 @@ def build_for(settings: Settings) -> Callable[[asyncpg.Pool], Awaitable[Built]]:
             vapid=signer,
             default_ttl=settings.default_ttl_seconds,
         )
-        queue = Queue(pool, "browser", worker=settings.worker_id, lease_seconds=settings.lease_seconds)
+        queue = Queue(
+            pool,
+            "browser",
+            worker=settings.worker_id,
+            lease_seconds=settings.lease_seconds,
+            max_retry_after=settings.common.max_retry_after_seconds,
+        )
 
         async def send_loop(stop: asyncio.Event) -> None:
             await worker.run(queue, sender.handle, stop=stop, batch=settings.batch, concurrency=settings.concurrency)

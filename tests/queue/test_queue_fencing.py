@@ -66,4 +66,8 @@ async def test_stale_token_from_a_resumed_sender_changes_nothing(
         item.notification_id,
     )
     assert row is not None
-    assert row["state"] == "sent" and row["errors"] == [] and row["attempts"] == 2
+    # The history keeps the rescue, and nothing of the paused sender's late settle.
+    assert row["state"] == "sent" and row["attempts"] == 2
+    assert [(e["error"], e["worker"]) for e in row["errors"]] == [
+        ("lease expired before the outcome was recorded", "paused-child")
+    ]

@@ -9,6 +9,7 @@ the replica that rescued its delivery.
 
 from __future__ import annotations
 
+import math
 import random
 import uuid
 from collections.abc import Sequence
@@ -31,6 +32,15 @@ MAX_ATTEMPTS: dict[str, int] = {
     "other_apps": 12,
     "batching": 5,
 }
+
+
+# The longest a peer's Retry-After may hold a delivery back (seconds), unless
+# a sender is configured otherwise (BELFRY_MAX_RETRY_AFTER_SECONDS). A delivery
+# is never held past its time to live either way: it expires instead.
+MAX_RETRY_AFTER_SECONDS = 3600.0
+
+# The error a delivery carries when its lease expired on its last attempt.
+LOST_ON_LAST_ATTEMPT = "sender lost during the last attempt"
 
 
 def notify_channel(channel: str) -> str:
@@ -149,6 +159,7 @@ class Queue:
         worker: str,
         lease_seconds: float = 30.0,
         max_attempts: int | None = None,
+        max_retry_after: float = MAX_RETRY_AFTER_SECONDS,
     ) -> None:
         if channel not in CHANNELS:
             raise ValueError(f"unknown channel {channel!r}; expected one of {', '.join(CHANNELS)}")
@@ -158,6 +169,7 @@ class Queue:
         self.lease_seconds = lease_seconds
         # The channel's ceiling applies even to rows enqueued with a higher one.
         self.max_attempts = max_attempts or MAX_ATTEMPTS[channel]
+        self.max_retry_after = max_retry_after
         # Round-robin position: the next claim starts after the last account served.
         self._cursor = ""
 
@@ -232,8 +244,10 @@ class Queue:
                 errs.append(outcome.error)
             else:
                 states.append("queued")
-                delays.append(max(backoff(lease.attempts), outcome.retry_after or 0.0))
+                delays.append(self.retry_delay(lease.attempts, outcome.retry_after))
                 errs.append(outcome.error)
+        # A peer's error text may hold NUL, which PostgreSQL's jsonb refuses.
+        errs = [None if e is None else e.replace("\x00", "\\x00") for e in errs]
         status = await self.pool.execute(
             """
             update queue.deliveries d
@@ -260,14 +274,43 @@ class Queue:
         )
         return int(status.split()[-1])
 
+    def retry_delay(self, attempts: int, retry_after: float | None) -> float:
+        """Seconds before the next attempt: our backoff, or the peer's Retry-After when longer, capped.
+
+        A peer's value is clamped to ``max_retry_after`` (and anything not a
+        finite number is ignored), so no answer can push a delivery's next
+        attempt out of range or hold it longer than an operator allows.
+        """
+        delay = backoff(attempts)
+        if retry_after is not None and math.isfinite(retry_after):
+            delay = max(delay, retry_after)
+        return min(max(delay, 0.0), self.max_retry_after)
+
     async def rescue(self) -> int:
-        """Make deliveries whose lease expired (their sender died or stalled) claimable again."""
+        """Make deliveries whose lease expired (their sender died or stalled) claimable again.
+
+        The attempt that was under way counts: a delivery whose lease expired on
+        its last attempt is dead (``LOST_ON_LAST_ATTEMPT``), so a payload that
+        kills its sender ends in the dead letters instead of being retried forever.
+        """
         status = await self.pool.execute(
             """
-            update queue.deliveries set state = 'queued', lease_token = null, lease_expires_at = null, leased_by = null
-            where channel = $1 and state = 'leased' and lease_expires_at < now()
+            update queue.deliveries d
+            set state = case when last then 'dead' else 'queued' end,
+                finished_at = case when last then now() end,
+                lease_token = null, lease_expires_at = null, leased_by = null,
+                errors = d.errors || jsonb_build_array(jsonb_build_object(
+                    'at', now(), 'attempt', d.attempts, 'worker', d.leased_by,
+                    'error', case when last then $3::text else 'lease expired before the outcome was recorded' end))
+            from (select delivery_id, account_id, attempts >= least(max_attempts, $2) as last
+                  from queue.deliveries
+                  where channel = $1 and state = 'leased' and lease_expires_at < now()
+                  for update skip locked) x
+            where d.account_id = x.account_id and d.delivery_id = x.delivery_id
             """,
             self.channel,
+            self.max_attempts,
+            LOST_ON_LAST_ATTEMPT,
         )
         return int(status.split()[-1])
 

@@ -1,9 +1,24 @@
-"""The loop every sender runs: wait for work, claim a batch, handle, settle.
+"""The loop every sender runs: wait for work, claim, handle, settle each as it finishes.
 
-Idle senders sleep on LISTEN/NOTIFY and wake within milliseconds of a commit;
-``poll_seconds`` is the fallback when a notification is missed (a dropped
-listener connection, deliveries that become due by time rather than insert).
-Outcomes are written in batches: one statement settles a whole claim.
+Three parts run side by side in one worker:
+
+* the **claimer** leases due deliveries whenever handlers have room (up to
+  ``batch`` leases held at once), rescues expired leases and expires
+  deliveries past their time to live; idle, it sleeps on LISTEN/NOTIFY and
+  wakes within milliseconds of a commit (``poll_seconds`` is the fallback
+  when a notification is missed);
+* ``concurrency`` **handlers** take leases one at a time; each send is
+  bounded so it ends before its lease does, so a hung peer holds only its own
+  delivery;
+* the **settler** records outcomes as they arrive: whatever finished while
+  the previous statement ran is written by the next one, so a slow send never
+  holds back the settle of its neighbours, and under load outcomes are still
+  written many to a statement.
+
+The database going away (a restart, a reset connection) stops nothing: the
+claimer waits with backoff and listens again, the settler keeps finished
+outcomes and writes them once the database is back (fencing tokens make a
+late write of a lease someone else has since taken change nothing).
 """
 
 from __future__ import annotations
@@ -15,14 +30,23 @@ from collections.abc import Awaitable, Callable
 
 import asyncpg
 
-from belfry import log
+from belfry import background, db, log
 from belfry.queue import ops
-from belfry.queue.store import Lease, Outcome, Queue, Retry, notify_channel
+from belfry.queue.store import Fail, Lease, Outcome, Queue, Retry, notify_channel
 
 _LOG = log.get(__name__)
 
 Handler = Callable[[Lease], Awaitable[Outcome]]
 Preparer = Callable[[list[Lease]], Awaitable[None]]
+
+# A send must end this share of the lease before the lease expires, so its
+# outcome is written while the lease is still ours.
+_SEND_SHARE = 0.8
+# At shutdown, how many times the settler tries to write what is left before
+# leaving it to lease expiry (the deliveries are then retried, never lost).
+_FINAL_SETTLE_TRIES = 5
+
+Result = tuple[Lease, Outcome]
 
 
 async def run(
@@ -36,7 +60,7 @@ async def run(
     rescue_seconds: float = 1.0,
     prepare: Preparer | None = None,
 ) -> None:
-    """Drain ``queue`` with ``handle`` until ``stop`` is set.
+    """Drain ``queue`` with ``handle`` until ``stop`` is set; a database outage is waited out.
 
     Expired leases are rescued and deliveries past their time to live expired
     at most every ``rescue_seconds`` (not on every claim: under load the claim
@@ -46,51 +70,221 @@ async def run(
     are handled (e.g. to take per-batch database decisions in one round trip);
     if it fails, the handlers still run and must cope on their own.
     """
-    wake = asyncio.Event()
-    listener: asyncpg.pool.PoolConnectionProxy = await queue.pool.acquire()
+    worker = _Worker(queue, handle, batch=batch, concurrency=concurrency, prepare=prepare)
+    await worker.run(stop, poll_seconds=poll_seconds, rescue_seconds=rescue_seconds)
 
-    def on_notify(*_: object) -> None:
-        wake.set()
 
-    await listener.add_listener(notify_channel(queue.channel), on_notify)
-    limiter = asyncio.Semaphore(concurrency)
+class _Worker:
+    def __init__(
+        self, queue: Queue, handle: Handler, *, batch: int, concurrency: int, prepare: Preparer | None
+    ) -> None:
+        self.queue = queue
+        self.handle = handle
+        self.batch = max(1, batch)
+        self.concurrency = max(1, concurrency)
+        self.prepare = prepare
+        # Claim again once this many leases are free: small claims cost a round trip each.
+        self.min_claim = max(1, min(self.concurrency, self.batch // 2))
+        self.inbox: asyncio.Queue[tuple[Lease, float]] = asyncio.Queue()
+        self.held = 0  # leases claimed whose handler has not finished
+        self.room = asyncio.Event()  # a handler finished: the claimer may have room again
+        self.wake = asyncio.Event()  # a NOTIFY arrived (or the listener was lost)
+        self.finished: list[Result] = []
+        self.settle_wake = asyncio.Event()
+        self.closing = False
 
-    async def guarded(lease: Lease) -> tuple[Lease, Outcome]:
-        async with limiter:
+    async def run(self, stop: asyncio.Event, *, poll_seconds: float, rescue_seconds: float) -> None:
+        handlers = [asyncio.create_task(self._handle_forever()) for _ in range(self.concurrency)]
+        settler = asyncio.create_task(self._settle_forever())
+        try:
+            await self._claim_forever(stop, poll_seconds, rescue_seconds)
+        finally:
+            # Drain: every claimed lease is handled and its outcome written before we return.
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.inbox.join()
+            for task in handlers:
+                task.cancel()
+            self.closing = True
+            self.settle_wake.set()
+            await asyncio.gather(*handlers, settler, return_exceptions=True)
+
+    # -- claimer ----------------------------------------------------------
+
+    async def _claim_forever(self, stop: asyncio.Event, poll_seconds: float, rescue_seconds: float) -> None:
+        delays = background.Backoff(base=0.1, cap=10.0)
+        listener: asyncpg.pool.PoolConnectionProxy | None = None
+        last_rescue = float("-inf")
+        try:
+            while not stop.is_set():
+                try:
+                    if listener is None or listener.is_closed():
+                        listener = await self._listen(listener)
+                    if time.monotonic() - last_rescue >= rescue_seconds:
+                        await self.queue.rescue()
+                        await self.queue.expire()
+                        last_rescue = time.monotonic()
+                    claimed = await self._claim()
+                except Exception as exc:
+                    if stop.is_set():
+                        break
+                    wait = delays.next()
+                    if db.is_disconnect(exc):
+                        _LOG.warning("queue unreachable; retrying", channel=self.queue.channel, error=repr(exc))
+                    else:
+                        _LOG.exception("queue step failed; retrying", channel=self.queue.channel)
+                    await self._unlisten(listener)
+                    listener = None
+                    await background.sleep(stop, wait)
+                    continue
+                delays.reset()
+                if claimed:
+                    continue
+                await self._idle(stop, poll_seconds)
+        finally:
+            await self._unlisten(listener)
+
+    async def _claim(self) -> bool:
+        """Lease what there is room for; True when the claim came back full (claim again at once)."""
+        room = self.batch - self.held
+        if room < self.min_claim:
+            return False
+        # Clear before claiming: a NOTIFY that lands while we claim must wake the next wait.
+        self.wake.clear()
+        leases = await self.queue.claim(room)
+        if not leases:
+            return False
+        deadline = time.monotonic() + self.queue.lease_seconds * _SEND_SHARE
+        self.held += len(leases)
+        if self.prepare is not None:
             try:
-                return lease, await handle(lease)
-            except Exception as exc:  # a bug in one delivery must not stop the sender
-                _LOG.exception("handler crashed", delivery_id=lease.delivery_id)
-                return lease, Retry(f"handler crashed: {exc!r}")
+                await self.prepare(leases)
+            except Exception:  # the handlers fall back to their per-lease path
+                _LOG.exception("batch preparation failed", count=len(leases))
+        for lease in leases:
+            self.inbox.put_nowait((lease, deadline))
+        return len(leases) == room
 
-    last_rescue = 0.0
-    try:
-        while not stop.is_set():
-            if time.monotonic() - last_rescue >= rescue_seconds:
-                await queue.rescue()
-                await queue.expire()
-                last_rescue = time.monotonic()
-            # Clear before claiming: a NOTIFY that lands while we claim must wake the next wait.
-            wake.clear()
-            leases = await queue.claim(batch)
-            if leases:
-                if prepare is not None:
-                    try:
-                        await prepare(leases)
-                    except Exception:  # the handlers fall back to their per-lease path
-                        _LOG.exception("batch preparation failed", count=len(leases))
-                results = await asyncio.gather(*(guarded(lease) for lease in leases))
-                lost = len(results) - await queue.settle(results)
-                if lost:
-                    _LOG.warning("leases lost before settle (another replica owns them now)", count=lost)
-                continue
-            waiters = [asyncio.ensure_future(wake.wait()), asyncio.ensure_future(stop.wait())]
+    async def _idle(self, stop: asyncio.Event, poll_seconds: float) -> None:
+        """Sleep until there is work (a NOTIFY, or room after a full claim), ``stop``, or the poll timeout."""
+        # Full: only a finished handler can change that. Otherwise only new work can.
+        self.room.clear()
+        full = self.batch - self.held < self.min_claim
+        events = [self.room, stop] if full else [self.wake, stop]
+        waiters = [asyncio.ensure_future(event.wait()) for event in events]
+        try:
             await asyncio.wait(waiters, timeout=poll_seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
             for waiter in waiters:
                 waiter.cancel()
-    finally:
-        await listener.remove_listener(notify_channel(queue.channel), on_notify)
-        await queue.pool.release(listener)
+
+    def _on_notify(self, *_: object) -> None:
+        self.wake.set()
+
+    async def _listen(self, old: asyncpg.pool.PoolConnectionProxy | None) -> asyncpg.pool.PoolConnectionProxy:
+        """(Re)acquire the listening connection; a claim follows at once, so nothing committed meanwhile is missed."""
+        await self._unlisten(old)
+        conn: asyncpg.pool.PoolConnectionProxy = await self.queue.pool.acquire()
+        try:
+            await conn.add_listener(notify_channel(self.queue.channel), self._on_notify)
+        except BaseException:
+            await self._release(conn)
+            raise
+        return conn
+
+    async def _unlisten(self, conn: asyncpg.pool.PoolConnectionProxy | None) -> None:
+        if conn is None:
+            return
+        if not conn.is_closed():
+            with contextlib.suppress(Exception):
+                await conn.remove_listener(notify_channel(self.queue.channel), self._on_notify)
+        await self._release(conn)
+
+    async def _release(self, conn: asyncpg.pool.PoolConnectionProxy) -> None:
+        # A connection the database dropped is discarded by the pool; nothing to clean up here.
+        with contextlib.suppress(Exception):
+            await self.queue.pool.release(conn, timeout=5)
+
+    # -- handlers ---------------------------------------------------------
+
+    async def _handle_forever(self) -> None:
+        while True:
+            lease, deadline = await self.inbox.get()
+            try:
+                outcome = await self._handle_one(lease, deadline)
+                # Append after the await: the settler swaps ``finished`` for a new list meanwhile.
+                self.finished.append((lease, outcome))
+                self.settle_wake.set()
+            finally:
+                self.held -= 1
+                self.room.set()
+                self.inbox.task_done()
+
+    async def _handle_one(self, lease: Lease, deadline: float) -> Outcome:
+        budget = deadline - time.monotonic()
+        if budget <= 0:
+            return Retry("the lease ran out before the send started")
+        try:
+            async with asyncio.timeout(budget):
+                return await self.handle(lease)
+        except TimeoutError:
+            _LOG.warning("send timed out", delivery_id=lease.delivery_id, seconds=round(budget, 1))
+            return Retry(f"send timed out after {budget:.1f}s (bounded by the lease)")
+        except Exception as exc:  # a bug in one delivery must not stop the sender
+            _LOG.exception("handler crashed", delivery_id=lease.delivery_id)
+            return Retry(f"handler crashed: {exc!r}")
+
+    # -- settler ----------------------------------------------------------
+
+    async def _settle_forever(self) -> None:
+        delays = background.Backoff(base=0.1, cap=10.0)
+        while True:
+            await self.settle_wake.wait()
+            self.settle_wake.clear()
+            while self.finished:
+                results, self.finished = self.finished, []
+                try:
+                    await self._settle(results)
+                except Exception as exc:
+                    self.finished[:0] = results  # keep them: written once the database is back
+                    if self.closing and delays.failures >= _FINAL_SETTLE_TRIES:
+                        _LOG.error(
+                            "outcomes not recorded at shutdown; their leases will expire and they will be retried",
+                            count=len(self.finished),
+                            error=repr(exc),
+                        )
+                        return
+                    wait = delays.next()
+                    _LOG.warning("settle failed; retrying", count=len(results), error=repr(exc), retry_in=wait)
+                    await asyncio.sleep(wait)
+                    continue
+                delays.reset()
+            if self.closing:
+                return
+
+    async def _settle(self, results: list[Result]) -> None:
+        try:
+            changed = await self.queue.settle(results)
+        except Exception as exc:
+            if db.is_disconnect(exc) or len(results) == 1:
+                raise
+            # A statement error caused by one outcome must not cost the others theirs.
+            _LOG.exception("batch settle failed; settling one by one", count=len(results))
+            changed = 0
+            for result in results:
+                changed += await self._settle_alone(result)
+        lost = len(results) - changed
+        if lost:
+            _LOG.warning("leases lost before settle (another replica owns them now)", count=lost)
+
+    async def _settle_alone(self, result: Result) -> int:
+        lease, outcome = result
+        try:
+            return await self.queue.settle([result])
+        except Exception as exc:
+            if db.is_disconnect(exc):
+                raise
+            _LOG.exception("outcome could not be recorded", delivery_id=lease.delivery_id, outcome=repr(outcome))
+            return await self.queue.settle([(lease, Fail(f"outcome could not be recorded: {exc!r}"))])
 
 
 async def maintain(
@@ -107,16 +301,13 @@ async def maintain(
     are purged; every ``gauges_seconds`` QUEUE_DEPTH / QUEUE_AGE are refreshed.
     Any number of replicas may run it (purges skip each other's locked rows).
     """
-    last_purge = float("-inf")
-    while not stop.is_set():
-        try:
-            await ops.update_gauges(pool)
-            if time.monotonic() - last_purge >= every_seconds:
-                purged = await ops.purge(pool, older_than_seconds=retention_seconds)
-                last_purge = time.monotonic()
-                if purged:
-                    _LOG.info("purged finished deliveries", count=purged)
-        except (OSError, asyncpg.PostgresError) as exc:  # the database may be restarting: try again later
-            _LOG.warning("queue maintenance failed", error=str(exc))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=gauges_seconds)
+
+    async def purge() -> None:
+        purged = await ops.purge(pool, older_than_seconds=retention_seconds)
+        if purged:
+            _LOG.info("purged finished deliveries", count=purged)
+
+    await asyncio.gather(
+        background.every("queue gauges", gauges_seconds, lambda: ops.update_gauges(pool), stop),
+        background.every("queue purge", every_seconds, purge, stop),
+    )
