@@ -71,6 +71,7 @@ class Intake:
         row = store.AssignmentRow(
             account_id=lease.account_id,
             delivery_id=lease.delivery_id,
+            notification_id=lease.notification_id,
             user_id=lease.user_id,
             actor_user_id=a.message.actor_user_id,
             object_type=a.object_type,

@@ -78,3 +78,28 @@ def deliveries(
             )
         )
     return out
+
+
+def decisions(sent: Sequence[NewDelivery], recipient: Recipient | None) -> list[dict[str, str]]:
+    """The merged notification's per-channel decisions, in the dispatcher's status format.
+
+    ``[{"c": preference channel, "s": state, "r": reason}]`` for what ``sent``
+    (from ``deliveries``) carries: the bell delivery stands for the bell and the
+    pop-up (silenced by quiet hours: ``suppressed``/``quiet_hours``); every other
+    delivery is its own channel, ``held``/``quiet_hours`` when it waits for the
+    end of quiet hours.
+    """
+    out: list[dict[str, str]] = []
+    for d in sent:
+        if d.channel == "bell":
+            if d.payload.get("bell"):
+                out.append({"c": "bell", "s": "accepted", "r": ""})
+            if d.payload.get("popup"):
+                out.append({"c": "popup", "s": "accepted", "r": ""})
+            elif recipient is not None and recipient.in_quiet_hours and "popup" in recipient.switched_on:
+                out.append({"c": "popup", "s": "suppressed", "r": "quiet_hours"})
+        elif d.available_at is not None:
+            out.append({"c": d.channel, "s": "held", "r": "quiet_hours"})
+        else:
+            out.append({"c": d.channel, "s": "accepted", "r": ""})
+    return out

@@ -98,7 +98,8 @@ class Reader:
                    coalesce(array_agg(i.object_id order by i.assigned_at) filter (where i.object_id is not null),
                             '{}') as object_ids
             from batching.windows w
-            left join batching.window_items i on i.account_id = w.account_id and i.window_id = w.window_id
+            left join batching.window_items i
+              on i.account_id = w.account_id and i.window_id = w.window_id and i.state = 'in'
             where w.account_id = $1 and w.state = 'open' and ($2 = '' or w.user_id = $2)
             group by w.account_id, w.window_id
             order by w.closes_at, w.window_id

@@ -25,6 +25,7 @@ class AssignmentRow:
 
     account_id: str
     delivery_id: int
+    notification_id: uuid.UUID  # the source notification (the handoff delivery's)
     user_id: str
     actor_user_id: str
     object_type: str
@@ -78,9 +79,11 @@ async def add_assignment(conn: Conn, a: AssignmentRow, now: datetime, window: ti
     """Apply one assignment in the caller's transaction; returns what happened.
 
     ``stale``: a newer assignment of the object was seen already. Otherwise the
-    object leaves every other user's open window (the assignment was undone),
-    then ``self`` (self-assignment: nothing to tell) or ``added`` to the
-    user's open window for the object type, opening it if needed.
+    object is withdrawn from every other user's open window (the assignment was
+    undone), then ``self`` (self-assignment: nothing to tell) or ``added`` to the
+    user's open window for the object type, opening it if needed. Items are
+    never deleted here: a withdrawn or replaced item stays as the record of what
+    became of its notification (``batching.assignment_outcomes``).
     """
     newest = await conn.fetchval(
         """
@@ -99,38 +102,61 @@ async def add_assignment(conn: Conn, a: AssignmentRow, now: datetime, window: ti
     )
     if not newest:
         return "stale"
+    # The windows are key-share locked first: a closer holds its window FOR UPDATE
+    # while it merges, so a withdrawal waits for that close and then skips the
+    # window it finds sent (an item already merged is never marked withdrawn),
+    # or withdraws the item when the close rolled back. Intakes lock their own
+    # window FOR NO KEY UPDATE, which a key-share lock does not wait for, so two
+    # intakes that take objects from each other's windows cannot deadlock.
     await conn.execute(
         """
-        delete from batching.window_items i using batching.windows w
-        where w.account_id = $1 and w.object_type = $2 and w.state = 'open' and w.user_id <> $3
-          and i.account_id = w.account_id and i.window_id = w.window_id and i.object_id = $4
+        with held as materialized (
+            select w.account_id, w.window_id from batching.windows w
+            where w.account_id = $1 and w.object_type = $2 and w.state = 'open' and w.user_id <> $3
+              and exists (select 1 from batching.window_items i
+                          where i.account_id = w.account_id and i.window_id = w.window_id
+                            and i.object_id = $4 and i.state <> 'withdrawn')
+            for key share of w
+        )
+        update batching.window_items i set state = 'withdrawn', left_at = $5
+        from held
+        where i.account_id = held.account_id and i.window_id = held.window_id
+          and i.object_id = $4 and i.state <> 'withdrawn'
         """,
         a.account_id,
         a.object_type,
         a.user_id,
         a.object_id,
+        now,
     )
     if a.actor_user_id and a.actor_user_id == a.user_id:
         return "self"
     window_id = await _open_window(conn, a, now, window)
+    # The same object assigned again to the same user inside the window: the newer
+    # assignment carries it, the older one is kept as 'replaced' (it goes out in
+    # the same notification). The assignees row above is newest-wins, so the row
+    # inserted here is always the newest.
     await conn.execute(
         """
-        insert into batching.window_items as i
-            (account_id, window_id, object_id, delivery_id, assigned_at, expires_at, channels, message)
-        values ($1, $2, $3, $4, $5, $6, $7, $8)
-        on conflict (account_id, window_id, object_id) do update
-            set delivery_id = excluded.delivery_id, assigned_at = excluded.assigned_at,
-                expires_at = excluded.expires_at, channels = excluded.channels, message = excluded.message
-            where i.assigned_at <= excluded.assigned_at
+        with replaced as (
+            update batching.window_items set state = 'replaced', left_at = $10
+            where account_id = $1 and window_id = $2 and object_id = $3 and state = 'in' and notification_id <> $4
+        )
+        insert into batching.window_items
+            (account_id, window_id, object_id, notification_id, delivery_id, assigned_at, expires_at, channels, message)
+        values ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+        on conflict (account_id, window_id, object_id, notification_id) do nothing
         """,
         a.account_id,
         window_id,
         a.object_id,
+        a.notification_id,
         a.delivery_id,
         a.assigned_at,
         a.expires_at,
         list(a.channels),
         a.message,
+        now,
     )
     return "added"
 
@@ -158,7 +184,7 @@ async def _open_window(conn: Conn, a: AssignmentRow, now: datetime, window: time
             """
             select window_id from batching.windows
             where account_id = $1 and user_id = $2 and object_type = $3 and state = 'open'
-            for update
+            for no key update
             """,
             a.account_id,
             a.user_id,
@@ -211,7 +237,7 @@ async def lock_for_close(conn: Conn, w: DueWindow) -> list[WindowItem] | None:
     rows = await conn.fetch(
         """
         select object_id, assigned_at, expires_at, channels, message from batching.window_items
-        where account_id = $1 and window_id = $2
+        where account_id = $1 and window_id = $2 and state = 'in'
         order by assigned_at, object_id
         for update
         """,
@@ -223,23 +249,27 @@ async def lock_for_close(conn: Conn, w: DueWindow) -> list[WindowItem] | None:
     ]
 
 
+@dataclass(frozen=True)
+class Sent:
+    """What a closed window sent, kept as the merged notification's record."""
+
+    notification_id: uuid.UUID | None
+    count: int
+    title: str | None = None  # merged notifications only (two or more items)
+    url: str | None = None
+    channels: list[dict[str, str]] | None = None
+
+
 async def finish(
-    conn: Conn,
-    w: DueWindow,
-    *,
-    state: str,
-    now: datetime,
-    worker: str,
-    notification_id: uuid.UUID | None,
-    count: int,
-    note: str = "",
+    conn: Conn, w: DueWindow, *, state: str, now: datetime, worker: str, sent: Sent | None, note: str = ""
 ) -> None:
     """Close a window for good (in the transaction that enqueued its notification)."""
     await conn.execute(
         """
         update batching.windows
         set state = $3, closed_at = $4, closed_by = $5, notification_id = $6, item_count = $7,
-            last_error = nullif($8, ''), lease_token = null, lease_by = null, lease_until = null
+            last_error = nullif($8, ''), title = $9, url = $10, channels = $11,
+            lease_token = null, lease_by = null, lease_until = null
         where account_id = $1 and window_id = $2
         """,
         w.account_id,
@@ -247,9 +277,12 @@ async def finish(
         state,
         now,
         worker,
-        notification_id,
-        count,
+        sent.notification_id if sent else None,
+        sent.count if sent else 0,
         note,
+        sent.title if sent else None,
+        sent.url if sent else None,
+        sent.channels if sent else None,
     )
 
 

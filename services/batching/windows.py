@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import uuid
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import cast
@@ -23,7 +24,7 @@ import asyncpg
 from belfry import log
 from belfry.errors import FailedPrecondition, Unavailable
 from belfry.message import Message
-from belfry.queue import enqueue
+from belfry.queue import NewDelivery, enqueue
 from prometheus_client import Counter
 
 from services.batching import merge, quiet, store
@@ -114,9 +115,7 @@ class Closer:
                 if not items or (recipient is not None and not recipient.known):
                     state = "empty" if not items else "dropped"
                     note = "" if not items else "the user is no longer an active member of the account"
-                    await store.finish(
-                        conn, w, state=state, now=now, worker=self._worker, notification_id=None, count=0, note=note
-                    )
+                    await store.finish(conn, w, state=state, now=now, worker=self._worker, sent=None, note=note)
                     WINDOWS_CLOSED.labels(state).inc()
                     return
                 messages = [(i.object_id, Message.from_json(i.message)) for i in items]
@@ -129,15 +128,18 @@ class Closer:
                     expires_at=max(i.expires_at for i in items),
                 )
                 await enqueue(cast(asyncpg.Connection, conn), deliveries)
-                await store.finish(
-                    conn,
-                    w,
-                    state="sent",
-                    now=now,
-                    worker=self._worker,
-                    notification_id=deliveries[0].notification_id if deliveries else None,
+                # The record behind the merged notification's status (read by the dispatcher
+                # through batching.merged_notifications); a window of one sends its own
+                # notification, which the dispatcher already has a record of.
+                merged = len(items) > 1
+                sent = store.Sent(
+                    notification_id=_notification_id(message, deliveries),
                     count=len(items),
+                    title=message.title if merged else None,
+                    url=message.url if merged else None,
+                    channels=quiet.decisions(deliveries, recipient) if merged else None,
                 )
+                await store.finish(conn, w, state="sent", now=now, worker=self._worker, sent=sent)
             WINDOWS_CLOSED.labels("sent").inc()
             _LOG.info("window closed", window_id=str(w.window_id), items=len(items), channels=len(deliveries))
         except (OSError, asyncpg.PostgresError) as exc:
@@ -145,3 +147,13 @@ class Closer:
         except Exception as exc:  # a bad row must not stop the closer for every other window
             _LOG.exception("window could not be merged", window_id=str(w.window_id))
             await self._postpone([w], f"merge failed: {exc!r}")
+
+
+def _notification_id(message: Message, deliveries: Sequence[NewDelivery]) -> uuid.UUID | None:
+    """The id the window's notification went out under (also when nobody's channel was on)."""
+    if deliveries:
+        return deliveries[0].notification_id
+    try:
+        return uuid.UUID(message.notification_id)
+    except ValueError:  # only a handoff the dispatcher did not write; nothing was sent under it
+        return None

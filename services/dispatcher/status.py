@@ -54,6 +54,41 @@ def timeline(d: store.DeliveryRecord) -> list[pb.TimelineEntry]:
     return entries
 
 
+def handed_over(
+    d: store.DeliveryRecord, outcome: store.BatchingOutcome | None, notification_id: uuid.UUID
+) -> list[pb.TimelineEntry]:
+    """The ``batching`` delivery's life: the queue's entries, then what batching did with the assignment.
+
+    A window holding this assignment alone sends this very notification ("sent on
+    its own"); otherwise it went out inside the merged notification it names.
+    """
+    entries = timeline(d)
+    if outcome is None:
+        return entries
+    if outcome.outcome == "held":
+        entries.append(_entry(pb.STATE_HELD, d.finished_at, f"assignment window until {outcome.at.isoformat()}"))
+    elif outcome.outcome == "withdrawn":
+        entries.append(_entry(pb.STATE_WITHDRAWN, outcome.at, outcome.reason))
+    elif outcome.outcome == "merged" and outcome.merged_into == notification_id:
+        entries.append(_entry(pb.STATE_SENT, outcome.at, "sent on its own when its assignment window closed"))
+    elif outcome.outcome == "merged":
+        entries.append(_entry(pb.STATE_MERGED, outcome.at, f"merged into {outcome.merged_into}"))
+    else:
+        entries.append(_entry(pb.STATE_DROPPED, outcome.at, outcome.reason))
+    return entries
+
+
+def _deliveries(r: store.RecipientRecord, notification_id: uuid.UUID) -> list[pb.DeliveryStatus]:
+    return [
+        pb.DeliveryStatus(
+            queue_channel=d.channel,
+            timeline=handed_over(d, r.batching, notification_id) if d.channel == "batching" else timeline(d),
+            attempts=d.attempts,
+        )
+        for d in r.deliveries
+    ]
+
+
 def to_proto(record: store.NotificationRecord) -> pb.Notification:
     """A stored notification as the API shows it."""
     obj = record.object
@@ -86,12 +121,13 @@ def to_proto(record: store.NotificationRecord) -> pb.Notification:
                     )
                     for c in r.channels
                 ],
-                deliveries=[
-                    pb.DeliveryStatus(queue_channel=d.channel, timeline=timeline(d), attempts=d.attempts)
-                    for d in r.deliveries
-                ],
+                deliveries=_deliveries(r, record.notification_id),
+                merged_into=str(r.batching.merged_into)
+                if r.batching is not None and r.batching.merged_into is not None
+                else "",
             )
         )
+    answer.merged_from.extend(str(i) for i in record.merged_from)
     return answer
 
 

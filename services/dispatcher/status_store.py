@@ -1,6 +1,10 @@
 """The status API's SQL: notifications, their decisions and their deliveries, read back.
 
 The queue's rows are read here, never written (``belfry.queue`` owns them).
+Neither are batching's: what became of an assignment handed to batching, and
+the merged notifications batching sends, come from the two views batching
+keeps as its contract for this API (``batching.assignment_outcomes`` and
+``batching.merged_notifications``; see docs/batching.md).
 """
 
 from __future__ import annotations
@@ -9,9 +13,11 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeAlias
 
 import asyncpg
+
+_Conn: TypeAlias = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 
 
 @dataclass(frozen=True)
@@ -28,6 +34,16 @@ class DeliveryRecord:
 
 
 @dataclass(frozen=True)
+class BatchingOutcome:
+    """What batching did with a recipient's assignment (``batching.assignment_outcomes``)."""
+
+    outcome: str  # held | merged | withdrawn | dropped
+    at: datetime
+    merged_into: uuid.UUID | None
+    reason: str
+
+
+@dataclass(frozen=True)
 class RecipientRecord:
     """A recipient's stored decisions and the deliveries made for them."""
 
@@ -37,6 +53,7 @@ class RecipientRecord:
     channels: list[dict[str, str]]
     held_until: datetime | None
     deliveries: tuple[DeliveryRecord, ...]
+    batching: BatchingOutcome | None = None
 
 
 @dataclass(frozen=True)
@@ -52,6 +69,7 @@ class NotificationRecord:
     actor_source: int
     object: dict[str, Any]
     recipients: tuple[RecipientRecord, ...]
+    merged_from: tuple[uuid.UUID, ...] = ()  # a merged notification's sources, oldest first
 
 
 _NOTIFICATION_COLUMNS = (
@@ -70,7 +88,10 @@ async def get_notification(
 async def load_notifications(
     pool: asyncpg.Pool, account_id: str, ids: Sequence[uuid.UUID], *, user_id: str | None
 ) -> list[NotificationRecord]:
-    """Notifications by id (in the given order), recipients limited to ``user_id`` when given."""
+    """Notifications by id (in the given order), recipients limited to ``user_id`` when given.
+
+    An id the dispatcher did not write may be a merged notification of batching's.
+    """
     async with pool.acquire() as conn:
         heads = await conn.fetch(
             f"select {_NOTIFICATION_COLUMNS} from dispatcher.notifications"
@@ -101,6 +122,11 @@ async def load_notifications(
             list(ids),
             user_id,
         )
+        found = {h["notification_id"] for h in heads}
+        missing = [i for i in ids if i not in found]
+        merged = await _merged(conn, account_id, missing) if missing else []
+        handed = [d["notification_id"] for d in deliveries if d["channel"] == "batching"]
+        outcomes = await _outcomes(conn, account_id, handed, user_id) if handed else {}
     by_recipient: dict[tuple[uuid.UUID, str], list[DeliveryRecord]] = {}
     for d in deliveries:
         by_recipient.setdefault((d["notification_id"], d["user_id"]), []).append(
@@ -116,6 +142,7 @@ async def load_notifications(
         )
     people: dict[uuid.UUID, list[RecipientRecord]] = {}
     for r in recipients:
+        key = (r["notification_id"], r["user_id"])
         people.setdefault(r["notification_id"], []).append(
             RecipientRecord(
                 r["user_id"],
@@ -123,7 +150,8 @@ async def load_notifications(
                 r["reason"],
                 r["channels"],
                 r["held_until"],
-                tuple(by_recipient.get((r["notification_id"], r["user_id"]), ())),
+                tuple(by_recipient.get(key, ())),
+                outcomes.get(key),
             )
         )
     records = {
@@ -140,7 +168,59 @@ async def load_notifications(
         )
         for h in heads
     }
+    for m in merged:
+        nid = m["notification_id"]
+        people_of = (
+            RecipientRecord(
+                m["user_id"], "accepted", "", m["channels"], None, tuple(by_recipient.get((nid, m["user_id"]), ()))
+            ),
+        )
+        records[nid] = NotificationRecord(
+            m["account_id"],
+            nid,
+            m["topic"],
+            m["occurred_at"],
+            m["merged_at"],
+            "",
+            0,
+            {"type": m["object_type"], "display_name": m["title"], "url": m["url"]},
+            people_of if user_id is None or user_id == m["user_id"] else (),
+            tuple(m["source_ids"]),
+        )
     return [records[i] for i in ids if i in records]
+
+
+async def _merged(conn: _Conn, account_id: str, ids: Sequence[uuid.UUID]) -> list[asyncpg.Record]:
+    """Batching's merged notifications among ``ids`` (read only: batching owns the view)."""
+    return await conn.fetch(
+        """
+        select account_id, notification_id, user_id, topic, object_type, title, url, channels, merged_at,
+               occurred_at, source_ids
+        from batching.merged_notifications
+        where account_id = $1 and notification_id = any($2::uuid[])
+        """,
+        account_id,
+        list(ids),
+    )
+
+
+async def _outcomes(
+    conn: _Conn, account_id: str, ids: Sequence[uuid.UUID], user_id: str | None
+) -> dict[tuple[uuid.UUID, str], BatchingOutcome]:
+    """What batching did with the assignments of ``ids`` handed to it, per (notification, user)."""
+    rows = await conn.fetch(
+        """
+        select notification_id, user_id, outcome, at, merged_into, reason from batching.assignment_outcomes
+        where account_id = $1 and notification_id = any($2::uuid[]) and ($3::text is null or user_id = $3)
+        """,
+        account_id,
+        list(set(ids)),
+        user_id,
+    )
+    return {
+        (r["notification_id"], r["user_id"]): BatchingOutcome(r["outcome"], r["at"], r["merged_into"], r["reason"])
+        for r in rows
+    }
 
 
 async def list_for_user(

@@ -135,14 +135,19 @@ class World:
         return batching_pb2_grpc.BatchingServiceStub(channel)
 
     async def handoff(self, account_id: str, user_id: str, item: Assignment | DigestFact) -> None:
-        """Enqueue a handoff on the batching channel, as the dispatcher does."""
+        """Enqueue a handoff on the batching channel, as the dispatcher does.
+
+        An assignment travels under its message's notification id (the dispatcher's
+        notification), so batching's record of it names that notification.
+        """
+        nid = uuid.UUID(item.message.notification_id) if isinstance(item, Assignment) else uuid.uuid4()
         async with self.pool.acquire() as conn:
             await enqueue(
                 cast(asyncpg.Connection, conn),
                 [
                     NewDelivery(
                         account_id=account_id,
-                        notification_id=uuid.uuid4(),
+                        notification_id=nid,
                         user_id=user_id,
                         channel="batching",
                         topic=item.message.topic if isinstance(item, Assignment) else item.topic,

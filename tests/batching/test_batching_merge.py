@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 
 from belfry.message import Message
 
@@ -137,3 +138,53 @@ async def test_an_assignment_after_the_window_closed_opens_a_new_window(world: W
     await world.until(lambda: _closed(world, tenant), "second window closed")
     emails = [Message.from_json(r["payload"]) for r in await world.deliveries(tenant, channel="email")]
     assert [[i.id for i in m.items] for m in emails] == [["1", "2"], ["3"]]
+
+
+async def test_what_became_of_each_assignment_is_kept_for_the_status_api(world: World, tenant: str) -> None:
+    await world.start_replica()
+    first = world.assignment(tenant, "ana", "1")
+    await world.handoff(tenant, "ana", first)
+    await world.until(lambda: world.handled(tenant), "first assignment applied")
+    later = []
+    for n in ("1", "2", "3"):  # contact 1 again: the newer assignment carries it
+        world.clock.advance(1)
+        later.append(world.assignment(tenant, "ana", n))
+        await world.handoff(tenant, "ana", later[-1])
+    await world.until(lambda: world.handled(tenant), "assignments applied")
+    await world.handoff(tenant, "bob", world.assignment(tenant, "bob", "3"))  # contact 3 taken back
+    await world.until(lambda: world.handled(tenant), "reassignment applied")
+    again, other, gone = (uuid.UUID(a.message.notification_id) for a in later)
+    source = uuid.UUID(first.message.notification_id)
+
+    held = await world.pool.fetch(
+        "select outcome, at from batching.assignment_outcomes where account_id = $1 and user_id = 'ana'"
+        " and outcome = 'held'",
+        tenant,
+    )
+    assert len(held) == 3
+    assert {r["at"] for r in held} == {world.clock.now() - dt.timedelta(seconds=3) + dt.timedelta(seconds=300)}
+
+    world.clock.advance(300)
+    await world.until(lambda: _closed(world, tenant), "windows closed")
+    [merged] = {r["notification_id"] for r in await world.deliveries(tenant) if r["user_id"] == "ana"}
+    outcomes = {
+        r["notification_id"]: (r["outcome"], r["merged_into"], r["reason"])
+        for r in await world.pool.fetch(
+            "select * from batching.assignment_outcomes where account_id = $1 and user_id = 'ana'", tenant
+        )
+    }
+    assert outcomes == {
+        source: ("merged", merged, ""),
+        again: ("merged", merged, ""),
+        other: ("merged", merged, ""),
+        gone: ("withdrawn", None, "withdrawn by reassignment"),
+    }
+    record = await world.pool.fetchrow(
+        "select * from batching.merged_notifications where account_id = $1 and notification_id = $2", tenant, merged
+    )
+    assert record is not None
+    assert (record["user_id"], record["title"]) == ("ana", "2 contacts were assigned to you")
+    assert record["source_ids"] == [source, again, other]
+    assert {"c": "email", "s": "accepted", "r": ""} in record["channels"]
+    [email] = [r for r in await world.deliveries(tenant, channel="email") if r["user_id"] == "ana"]
+    assert [i.id for i in Message.from_json(email["payload"]).items] == ["1", "2"]

@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import socket
+import uuid
 
+import pytest
 from belfry.api.batching.v1 import batching_pb2
 from belfry.message import Message
-from belfry.queue import Queue, Sent
+from belfry.queue import Lease, Queue, Sent
 
+from services.batching import store
 from services.batching.clock import ManualClock
 from services.batching.intake import Intake
 from services.batching.windows import WINDOWS_CLOSED
@@ -150,3 +153,64 @@ async def test_windows_wait_for_preferences_when_it_is_unreachable(world: World,
     error = await world.pool.fetchval("select last_error from batching.windows where account_id = $1", tenant)
     assert "preferences did not answer" in error
     assert await world.deliveries(tenant) == []
+
+
+async def _claim(queue: Queue, account_id: str) -> list[Lease]:
+    return [lease for lease in await queue.claim(100) if lease.account_id == account_id]
+
+
+@pytest.mark.parametrize("close", ["commits", "rolls_back"])
+async def test_a_reassignment_racing_a_close_is_withdrawn_only_if_the_close_did_not_send(
+    world: World, tenant: str, close: str
+) -> None:
+    # No replica runs: the test is one closer and one intake, through the service's own code,
+    # with the reassignment arriving while the closer holds Ana's window.
+    queue = Queue(world.pool, "batching", worker="racing", lease_seconds=60)
+    intake = Intake(world.pool, ManualClock(world.clock.now()), window=dt.timedelta(seconds=300))
+    taken = world.assignment(tenant, "ana", "X")
+    await world.handoff(tenant, "ana", taken)
+    await world.handoff(tenant, "ana", world.assignment(tenant, "ana", "Y"))
+    leases = await _claim(queue, tenant)
+    for lease in leases:
+        assert await intake.handle(lease) == Sent()
+    await queue.settle([(lease, Sent()) for lease in leases])
+    due = await store.claim_due(
+        world.pool,
+        world.clock.now() + dt.timedelta(seconds=301),
+        lease=dt.timedelta(seconds=60),
+        worker="c",
+        limit=1000,
+    )
+    [window] = [w for w in due if w.account_id == tenant]
+
+    async with world.pool.acquire() as conn:
+        tx = conn.transaction()
+        await tx.start()
+        assert len(await store.lock_for_close(conn, window) or []) == 2
+        world.clock.advance(1)
+        await world.handoff(tenant, "bob", world.assignment(tenant, "bob", "X"))
+        [moved] = await _claim(queue, tenant)
+        reassignment = asyncio.create_task(intake.handle(moved))
+
+        async def waiting_for_the_close() -> bool:
+            waiting = await world.pool.fetchval(
+                "select count(*) from pg_stat_activity where datname = current_database()"
+                " and wait_event_type = 'Lock' and query like '%withdrawn%'"
+            )
+            return bool(waiting)
+
+        await world.until(waiting_for_the_close, "the reassignment to wait for the closer's lock")
+        if close == "commits":
+            sent = store.Sent(notification_id=uuid.uuid4(), count=2)
+            await store.finish(conn, window, state="sent", now=world.clock.now(), worker="c", sent=sent)
+            await tx.commit()
+        else:
+            await tx.rollback()
+        assert await reassignment == Sent()
+
+    outcome = await world.pool.fetchval(
+        "select outcome from batching.assignment_outcomes where account_id = $1 and notification_id = $2",
+        tenant,
+        uuid.UUID(taken.message.notification_id),
+    )
+    assert outcome == ("merged" if close == "commits" else "withdrawn")

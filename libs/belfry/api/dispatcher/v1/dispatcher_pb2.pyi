@@ -101,6 +101,10 @@ class _StateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_State.ValueType
     """dropped on purpose by a sender (e.g. daily cap, live tab)"""
     STATE_BATCHED: _State.ValueType  # 11
     """handed to batching (assignment merge)"""
+    STATE_MERGED: _State.ValueType  # 12
+    """batching sent this assignment inside another notification: reason "merged into <id>" """
+    STATE_WITHDRAWN: _State.ValueType  # 13
+    """batching took this assignment out of its window unsent: "withdrawn by reassignment" """
 
 class State(_State, metaclass=_StateEnumTypeWrapper):
     """Where one decision or delivery stands."""
@@ -128,6 +132,10 @@ STATE_DROPPED: State.ValueType  # 10
 """dropped on purpose by a sender (e.g. daily cap, live tab)"""
 STATE_BATCHED: State.ValueType  # 11
 """handed to batching (assignment merge)"""
+STATE_MERGED: State.ValueType  # 12
+"""batching sent this assignment inside another notification: reason "merged into <id>" """
+STATE_WITHDRAWN: State.ValueType  # 13
+"""batching took this assignment out of its window unsent: "withdrawn by reassignment" """
 Global___State: _TypeAlias = State  # noqa: Y015
 
 @_typing.final
@@ -586,11 +594,17 @@ class RecipientStatus(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     CHANNELS_FIELD_NUMBER: _builtins.int
     DELIVERIES_FIELD_NUMBER: _builtins.int
+    MERGED_INTO_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     state: Global___State.ValueType
     """ACCEPTED, or SUPPRESSED by a recipient rule"""
     reason: _builtins.str
     """the rule: self_action, api_created, not_first_mention, ..."""
+    merged_into: _builtins.str
+    """Assignment topics: the notification this recipient's assignment went out
+    in once its window closed (a merged notification, or this one when the
+    window held nothing else); empty while it waits, or when it was withdrawn.
+    """
     @_builtins.property
     def channels(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChannelStatus]: ...
     @_builtins.property
@@ -603,10 +617,11 @@ class RecipientStatus(_message.Message):
         reason: _builtins.str = ...,
         channels: _abc.Iterable[Global___ChannelStatus] | None = ...,
         deliveries: _abc.Iterable[Global___DeliveryStatus] | None = ...,
+        merged_into: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channels", b"channels", "deliveries", b"deliveries", "reason", b"reason", "state", b"state", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channels", b"channels", "deliveries", b"deliveries", "merged_into", b"merged_into", "reason", b"reason", "state", b"state", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -624,6 +639,7 @@ class Notification(_message.Message):
     ACTOR_FIELD_NUMBER: _builtins.int
     OBJECT_FIELD_NUMBER: _builtins.int
     RECIPIENTS_FIELD_NUMBER: _builtins.int
+    MERGED_FROM_FIELD_NUMBER: _builtins.int
     notification_id: _builtins.str
     account_id: _builtins.str
     topic: _builtins.str
@@ -637,6 +653,12 @@ class Notification(_message.Message):
     def object(self) -> Global___ObjectRef: ...
     @_builtins.property
     def recipients(self) -> _containers.RepeatedCompositeFieldContainer[Global___RecipientStatus]: ...
+    @_builtins.property
+    def merged_from(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """A merged notification (batching's, for several assignments to one user):
+        the notifications it merges, oldest first. Empty for every other notification.
+        """
+
     def __init__(
         self,
         *,
@@ -648,10 +670,11 @@ class Notification(_message.Message):
         actor: Global___Actor | None = ...,
         object: Global___ObjectRef | None = ...,
         recipients: _abc.Iterable[Global___RecipientStatus] | None = ...,
+        merged_from: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["accepted_at", b"accepted_at", "actor", b"actor", "object", b"object", "occurred_at", b"occurred_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_at", b"accepted_at", "account_id", b"account_id", "actor", b"actor", "notification_id", b"notification_id", "object", b"object", "occurred_at", b"occurred_at", "recipients", b"recipients", "topic", b"topic"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_at", b"accepted_at", "account_id", b"account_id", "actor", b"actor", "merged_from", b"merged_from", "notification_id", b"notification_id", "object", b"object", "occurred_at", b"occurred_at", "recipients", b"recipients", "topic", b"topic"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
