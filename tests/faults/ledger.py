@@ -142,23 +142,33 @@ class Ledger:
 
 
 async def ledger(pool: asyncpg.Pool, capture: Capture, account_id: str) -> Ledger:
-    """Read the account's books from the queue and the sink."""
-    rows = await fetch(
-        pool,
-        "select delivery_id, state, attempts from queue.deliveries where account_id = $1 and channel = 'email'",
-        account_id,
-    )
+    """Read the account's email books from the queue and the sink."""
     handoffs = collections.Counter(
         delivery_of(str(c.parsed["Message-ID"]))
         for c in capture.snapshot()
         if account_id in str(c.parsed["Message-ID"])
     )
+    result = await books(pool, account_id, handoffs)
+    result.unknown_at_sink = sorted(set(handoffs) - set(result.attempts))
+    return result
+
+
+async def books(
+    pool: asyncpg.Pool, account_id: str, handoffs: collections.Counter[int], channel: str = "email"
+) -> Ledger:
+    """The account's books on ``channel``, given how often the peer received each delivery id (any account's)."""
+    rows = await fetch(
+        pool,
+        "select delivery_id, state, attempts from queue.deliveries where account_id = $1 and channel = $2",
+        account_id,
+        channel,
+    )
     known = {r["delivery_id"] for r in rows}
+    mine = collections.Counter({d: n for d, n in handoffs.items() if d in known})
     return Ledger(
         accepted=len(rows),
         by_state=collections.Counter(r["state"] for r in rows),
-        handoffs=handoffs,
+        handoffs=mine,
         attempts={r["delivery_id"]: r["attempts"] for r in rows},
-        sent_not_at_sink=[r["delivery_id"] for r in rows if r["state"] == "sent" and not handoffs[r["delivery_id"]]],
-        unknown_at_sink=sorted(set(handoffs) - known),
+        sent_not_at_sink=[r["delivery_id"] for r in rows if r["state"] == "sent" and not mine[r["delivery_id"]]],
     )

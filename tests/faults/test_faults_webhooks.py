@@ -2,10 +2,11 @@
 
 Several accounts' deliveries are committed in one transaction, so one claim
 takes them all. One account's endpoint answers normally; the others answer
-``429`` with a ``Retry-After`` no sane server sends. The process must stay
-up, the normal delivery must be sent, and each hostile one must be due
-again no later than the documented maximum (one hour by default), or be
-expired when that would fall past its time to live.
+``429`` with a ``Retry-After`` no sane server sends, or trickle a body one
+byte at a time. The process must stay up, the normal delivery must be sent
+without waiting for the others, each 429 must be due again no later than
+the documented maximum (one hour by default) or be expired when that would
+fall past its time to live, and a trickling send must end within its lease.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from belfry.auth import TokenIssuer
 from belfry.queue import NewDelivery, enqueue
 
 from tests.email.email_helpers import message
-from tests.faults.hostile import ABSURD_RETRY_AFTER, Answer, Behaviour, HostilePeer, too_many_requests
+from tests.faults.hostile import ABSURD_RETRY_AFTER, Answer, Behaviour, HostilePeer, SlowBody, too_many_requests
 from tests.faults.ledger import fetch
 from tests.faults.processes import SERVING, ServiceProcess
 from tests.faults.senders import webhooks_process_env
@@ -128,3 +129,44 @@ async def settled_rows(
             return done
         await asyncio.sleep(0.05)
     raise AssertionError(f"not every delivery was settled: {[dict(r) for r in rows]}\n{sender.tail()}")
+
+
+async def test_a_body_trickled_forever_holds_back_no_other_delivery(
+    database_url: str, pool: asyncpg.Pool, token_keys: dict[str, bytes], pki: Pki, peer: HostilePeer
+) -> None:
+    """An endpoint that answers one byte every half second never trips a per-read timeout.
+
+    Claimed in the same batch, the other account's delivery is sent and
+    recorded while the slow one is still being read, and the slow send ends
+    (to be retried) within its lease rather than holding its batch.
+    """
+    run = uuid.uuid4().hex[:8]
+    good, slow = f"acc_good_{run}", f"acc_slow_{run}"
+    peer.routes["/slow"] = SlowBody(size=10_000, chunk=1, interval=0.5)
+    env = webhooks_process_env(database_url, token_keys, pki, peer.port, BELFRY_WEBHOOKS_LEASE_SECONDS="3")
+    sender = await ServiceProcess.start("webhooks", env)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{sender.port}") as channel:
+            await connect(channel, token_keys, good, peer.url("/good"))
+            await connect(channel, token_keys, slow, peer.url("/slow"))
+        expires = datetime.now(UTC) + timedelta(hours=2)
+        async with pool.acquire() as conn, conn.transaction():  # one commit: one claim takes both
+            await enqueue(
+                conn,
+                [
+                    NewDelivery(
+                        a, uuid.uuid4(), "u1", "other_apps", "contacts.contact_assigned", message(a).to_json(), expires
+                    )
+                    for a in (good, slow)
+                ],
+            )
+        await peer.wait_for("/slow")
+        rows = await settled_rows(pool, [good], sender)
+        assert rows[good]["state"] == "sent", rows[good]
+        still = await fetch(pool, "select state from queue.deliveries where account_id = $1", slow)
+        assert still[0]["state"] == "leased"  # the good one did not wait for it
+        ended = await settled_rows(pool, [slow], sender)
+        assert ended[slow]["state"] == "queued", ended[slow]  # cut within its lease, to be tried again
+        sender.assert_alive()
+    finally:
+        await sender.kill()
