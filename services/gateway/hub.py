@@ -24,6 +24,8 @@ from services.gateway import store
 _LOG = log.get(__name__)
 
 UserKey = tuple[str, str]
+# Put on the pending queue when the database closes the listening connection.
+_LISTENER_LOST: tuple[str, str, int] = ("", "", -1)
 
 
 CLOSE_SLOW_CONSUMER = 4408
@@ -112,6 +114,7 @@ class Hub:
         self.presence_ttl = presence_ttl
         self.tabs: dict[UserKey, set[Tab]] = defaultdict(set)
         self._pending: asyncio.Queue[tuple[str, str, int]] = asyncio.Queue()
+        self._relisten = False  # the listening connection was lost: tabs resume once it is back
 
     async def join(self, tab: Tab) -> None:
         """Register a tab; the user's presence row (one per user and replica) is refreshed."""
@@ -130,11 +133,11 @@ class Hub:
             del self.tabs[tab.key]
             await presence.remove(self.pool, tab.account_id, tab.user_id, self.replica)
 
-    def close_all(self) -> None:
-        """Ask every tab to close (1001: going away); pages reconnect to another replica and resume."""
+    def close_all(self, code: int = 1001, reason: str = "server shutting down: reconnect") -> None:
+        """Ask every tab to close (1001: going away by default); pages reconnect and resume from their last id."""
         for tabs in list(self.tabs.values()):
             for tab in list(tabs):
-                tab.stop(1001, "server shutting down: reconnect")
+                tab.stop(code, reason)
 
     @property
     def connections(self) -> int:
@@ -147,11 +150,26 @@ class Hub:
             if (account_id, user_id) in self.tabs:
                 self._pending.put_nowait((account_id, user_id, int(feed_id)))
 
+    def _on_lost(self, *_: object) -> None:
+        self._pending.put_nowait(_LISTENER_LOST)
+
     async def listen(self, stop: asyncio.Event) -> None:
-        """Background loop: LISTEN for new feed rows and push them to local tabs, in order."""
+        """Background loop: LISTEN for new feed rows and push them to local tabs, in order.
+
+        If the database drops the listening connection (a restart, a reset),
+        NOTIFYs sent meanwhile are gone: the loop ends with an error so the
+        service's background runner listens again with backoff, and once the
+        new LISTEN is in place every local tab is asked to reconnect (1012),
+        which resumes it from its last id with nothing missed.
+        """
         conn: asyncpg.pool.PoolConnectionProxy = await self.pool.acquire()
+        conn.add_termination_listener(self._on_lost)
         await conn.add_listener(store.FEED_CHANNEL, self._on_notify)
+        if self._relisten:
+            self._relisten = False
+            self.close_all(1012, "feed connection restored: resume")
         stopping = asyncio.ensure_future(stop.wait())
+        lost = False
         try:
             while not stop.is_set():
                 getter = asyncio.ensure_future(self._pending.get())
@@ -159,6 +177,10 @@ class Hub:
                 if not getter.done():
                     getter.cancel()
                     break
+                if getter.result() == _LISTENER_LOST:
+                    lost = self._relisten = True
+                    self._drain_pending()
+                    raise ConnectionResetError("the feed's listening connection was closed by the database")
                 batch = [getter.result()]
                 while not self._pending.empty():
                     batch.append(self._pending.get_nowait())
@@ -168,8 +190,15 @@ class Hub:
                     _LOG.warning("fan-out read failed", error=str(exc), items=len(batch))
         finally:
             stopping.cancel()
-            await conn.remove_listener(store.FEED_CHANNEL, self._on_notify)
-            await self.pool.release(conn)
+            if not lost:
+                conn.remove_termination_listener(self._on_lost)
+                await conn.remove_listener(store.FEED_CHANNEL, self._on_notify)
+            with contextlib.suppress(Exception):  # a connection the database dropped is already gone
+                await self.pool.release(conn)
+
+    def _drain_pending(self) -> None:
+        while not self._pending.empty():
+            self._pending.get_nowait()
 
     async def _push(self, batch: list[tuple[str, str, int]]) -> None:
         items = [b for b in batch if b[2] > 0]

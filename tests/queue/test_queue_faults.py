@@ -185,3 +185,35 @@ async def test_a_send_is_bounded_by_its_lease(pool: asyncpg.Pool, account_id: st
     assert row is not None
     assert row["errors"][-1]["error"].startswith("send timed out")
     assert row["available_at"] > datetime.now(UTC) - timedelta(seconds=5)
+
+
+async def test_a_lost_listener_is_replaced_and_work_still_wakes_the_worker(pool: asyncpg.Pool, account_id: str) -> None:
+    seen = asyncio.Event()
+
+    async def handle(lease: Lease) -> Outcome:
+        if lease.account_id == account_id:
+            seen.set()
+        return Sent()
+
+    stop = asyncio.Event()
+    queue = Queue(pool, "other_apps", worker="w")
+    # Polling every hour: only a NOTIFY on a live listener can wake it in time.
+    task = asyncio.create_task(worker.run(queue, handle, stop=stop, poll_seconds=3600, rescue_seconds=3600))
+    try:
+        pids: list[int] = []
+        while not pids:
+            pids = list(
+                await pool.fetchval(
+                    """select coalesce(array_agg(pid), '{}') from pg_stat_activity
+                       where datname = current_database() and query = 'LISTEN "belfry_queue_other_apps"'"""
+                )
+            )
+            await asyncio.sleep(0.02)
+        # The database drops the listening connection (as a restart or a reset would).
+        await pool.execute("select pg_terminate_backend(pid) from unnest($1::int[]) as pid", pids)
+        await asyncio.sleep(0.2)  # give it time to listen again: the wake-up below must come from a NOTIFY
+        await put(pool, [delivery(account_id, "other_apps")])
+        await asyncio.wait_for(seen.wait(), timeout=30)
+    finally:
+        stop.set()
+        await task

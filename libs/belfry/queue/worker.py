@@ -89,6 +89,7 @@ class _Worker:
         self.held = 0  # leases claimed whose handler has not finished
         self.room = asyncio.Event()  # a handler finished: the claimer may have room again
         self.wake = asyncio.Event()  # a NOTIFY arrived (or the listener was lost)
+        self.listener_lost = False
         self.finished: list[Result] = []
         self.settle_wake = asyncio.Event()
         self.closing = False
@@ -117,7 +118,7 @@ class _Worker:
         try:
             while not stop.is_set():
                 try:
-                    if listener is None or listener.is_closed():
+                    if listener is None or self.listener_lost:
                         listener = await self._listen(listener)
                     if time.monotonic() - last_rescue >= rescue_seconds:
                         await self.queue.rescue()
@@ -180,11 +181,19 @@ class _Worker:
     def _on_notify(self, *_: object) -> None:
         self.wake.set()
 
+    def _on_lost(self, *_: object) -> None:
+        # The database closed the listening connection (a restart, a reset): listen again, and claim
+        # at once, since NOTIFYs sent meanwhile are gone.
+        self.listener_lost = True
+        self.wake.set()
+
     async def _listen(self, old: asyncpg.pool.PoolConnectionProxy | None) -> asyncpg.pool.PoolConnectionProxy:
         """(Re)acquire the listening connection; a claim follows at once, so nothing committed meanwhile is missed."""
         await self._unlisten(old)
         conn: asyncpg.pool.PoolConnectionProxy = await self.queue.pool.acquire()
+        self.listener_lost = False
         try:
+            conn.add_termination_listener(self._on_lost)
             await conn.add_listener(notify_channel(self.queue.channel), self._on_notify)
         except BaseException:
             await self._release(conn)
@@ -194,8 +203,9 @@ class _Worker:
     async def _unlisten(self, conn: asyncpg.pool.PoolConnectionProxy | None) -> None:
         if conn is None:
             return
-        if not conn.is_closed():
+        if not self.listener_lost:
             with contextlib.suppress(Exception):
+                conn.remove_termination_listener(self._on_lost)
                 await conn.remove_listener(notify_channel(self.queue.channel), self._on_notify)
         await self._release(conn)
 
