@@ -4,8 +4,10 @@ On the embedded defaults (nothing configured) it starts a private PostgreSQL
 and a mail catcher under ``BELFRY_HOME`` (default ``./.belfry``); with
 ``BELFRY_DATABASE_URL``/``DATABASE_URL`` or ``BELFRY_SMTP_HOST`` set, the same
 services use the real ones. Children report readiness on stderr
-(``BELFRY_READY <name> <port>``); if one dies, the supervisor stops the rest,
-so a half-running mesh never pretends to be healthy.
+(``BELFRY_READY <name> <port>``). A child that exits on its own is started
+again on the same port after a backoff (capped at half a minute, reset once it
+has run for a minute), as an orchestrator would, while the others keep
+working; Ctrl-C or SIGTERM stops them all.
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ import os
 import secrets
 import signal
 import sys
+import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from belfry import migrate
+from belfry import background, migrate
 from belfry.local import database, mailcatcher
 
 # Start order: what others call comes first.
@@ -47,6 +50,8 @@ GRPC_PORTS: dict[str, int] = {
 }
 HTTP_PORT = 8080
 READY_TIMEOUT = 60.0
+# A child that ran this long before exiting restarts after the shortest backoff again.
+STABLE_SECONDS = 60.0
 
 
 @dataclass
@@ -57,6 +62,8 @@ class Child:
     process: asyncio.subprocess.Process
     ready: asyncio.Future[int]
     pump: asyncio.Task[None]
+    env: dict[str, str] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
 
 
 def _secrets(home: Path) -> dict[str, str]:
@@ -124,7 +131,7 @@ async def _spawn(name: str, env: dict[str, str]) -> Child:
         if not ready.done():
             ready.set_exception(RuntimeError(f"{name} exited with code {await process.wait()} before it was ready"))
 
-    return Child(name, process, ready, asyncio.create_task(pump()))
+    return Child(name, process, ready, asyncio.create_task(pump()), child_env)
 
 
 async def stop_all(children: list[Child], grace: float) -> None:
@@ -160,6 +167,43 @@ async def start_mesh(env: dict[str, str], names: tuple[str, ...] = SERVICES) -> 
     return children
 
 
+async def supervise(children: list[Child], stop: asyncio.Event) -> None:
+    """Until ``stop`` is set, start again (in place in ``children``) every child that exits."""
+    await asyncio.gather(*(_keep_alive(children, i, stop) for i in range(len(children))))
+
+
+async def _keep_alive(children: list[Child], index: int, stop: asyncio.Event) -> None:
+    delays = background.Backoff(base=0.5, cap=30.0)
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        while True:
+            child = children[index]
+            exited = asyncio.ensure_future(child.process.wait())
+            await asyncio.wait([exited, stopping], return_when=asyncio.FIRST_COMPLETED)
+            if stop.is_set():
+                exited.cancel()
+                return
+            if time.monotonic() - child.started >= STABLE_SECONDS:
+                delays.reset()
+            wait = delays.next()
+            print(  # noqa: T201
+                f"belfry: {child.name} exited with code {child.process.returncode}; restarting in {wait:.1f}s",
+                file=sys.stderr,
+                flush=True,
+            )
+            if await background.sleep(stop, wait):
+                return
+            env = dict(child.env)
+            if child.ready.done() and not child.ready.cancelled() and child.ready.exception() is None:
+                # Same port as before: the other services already call it there.
+                env[f"BELFRY_{child.name.upper()}_GRPC_ADDRESS"] = f"127.0.0.1:{child.ready.result()}"
+            children[index] = await _spawn(child.name, env)
+            # Nobody awaits a restarted child's readiness; its failure shows as the next exit.
+            children[index].ready.add_done_callback(lambda f: f.cancelled() or f.exception())
+    finally:
+        stopping.cancel()
+
+
 async def up(home: Path, environ: Mapping[str, str], *, on_ready: Any = None) -> int:
     """Run the whole mesh until SIGINT/SIGTERM or until a service dies."""
     await asyncio.to_thread(home.mkdir, parents=True, exist_ok=True)
@@ -185,14 +229,10 @@ async def up(home: Path, environ: Mapping[str, str], *, on_ready: Any = None) ->
             loop.add_signal_handler(sig, stop.set)
         if on_ready is not None:
             await on_ready(env)
-        watchers = [asyncio.ensure_future(c.process.wait()) for c in children]
-        await asyncio.wait([asyncio.ensure_future(stop.wait()), *watchers], return_when=asyncio.FIRST_COMPLETED)
-        dead = [c.name for c in children if c.process.returncode is not None]
-        if dead:
-            print(f"belfry: {', '.join(dead)} stopped unexpectedly; stopping the mesh", file=sys.stderr)  # noqa: T201
+        await supervise(children, stop)
         print("belfry: stopping", flush=True)  # noqa: T201
         await stop_all(children, float(env.get("BELFRY_DRAIN_SECONDS", "10")) + 5)
-        return 1 if dead else 0
+        return 0
     finally:
         if catcher is not None:
             with contextlib.suppress(Exception):
