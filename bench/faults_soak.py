@@ -331,12 +331,12 @@ async def main() -> None:
     controller = Controller(sink, hostname="127.0.0.1", port=smtp_port)
     controller.start()
     try:
-        async with fresh_database(pg.admin_dsn) as url:
+        async with fresh_database(pg.admin_dsn) as url, contextlib.AsyncExitStack() as stack:
             pool = await db.create_pool(url, application_name="bench-faults-soak", min_size=1, max_size=4)
             conn = await pool.acquire()
             server = await conn.fetchval("show server_version")
             await pool.release(conn)
-            pki = make_pki(Path(tempfile.mkdtemp(prefix="belfry-soak-pki-")))
+            pki = make_pki(Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="belfry-soak-pki-"))))
             print(
                 f"Python {platform.python_version()}, PostgreSQL {server} (private cluster, fsync off),"
                 f" asyncpg {metadata.version('asyncpg')}, grpcio {metadata.version('grpcio')},"
