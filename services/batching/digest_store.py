@@ -17,8 +17,6 @@ import asyncpg
 
 from services.batching.store import Conn
 
-DIGESTS = ("tasks", "workflows")
-
 
 @dataclass(frozen=True)
 class TaskFact:

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 _BY = {"en": "by", "fr": "par"}
-_SOMEONE = {"en": "Someone", "fr": "Quelqu'un"}
 
 DEFAULT_CATALOGUE = Path(__file__).resolve().parent.parent / "preferences" / "catalogue.toml"
 
@@ -72,8 +71,3 @@ def body(object_name: str, actor_name: str, locale: str) -> str:
         # ASCII punctuation: a plain-ASCII body stays readable as is in the raw email.
         return f"{object_name}, {_BY[lang]} {actor_name}" if object_name else actor_name
     return object_name
-
-
-def someone(locale: str) -> str:
-    """How an actor with no known name is called."""
-    return _SOMEONE[language(locale)]

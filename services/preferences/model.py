@@ -5,8 +5,6 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass, field
 
-TIERS = ("starter", "professional", "enterprise")
-
 
 @dataclass(frozen=True)
 class Account:

@@ -18,8 +18,6 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from services.preferences.catalogue import CHANNELS, Topic
 from services.preferences.model import ChannelDecision, Choices, Decision, QuietHours, User, UserPreferences
 
-EMPTY: Choices = {}
-
 
 def quiet_window(quiet: QuietHours, time_zone: str, now: dt.datetime) -> dt.datetime | None:
     """The end (UTC) of the quiet-hours window ``now`` falls in, or None when outside one."""
