@@ -18,6 +18,8 @@ _LOG = log.get(__name__)
 
 # A loop runs until its stop event is set (sender workers, schedulers).
 Loop = Callable[[asyncio.Event], Awaitable[None]]
+# Waits up to the given seconds, returning early once the event is set (a clock's ``wait``).
+Wait = Callable[[float, asyncio.Event], Awaitable[object]]
 
 
 class Backoff:
@@ -79,11 +81,14 @@ async def every(
     stop: asyncio.Event,
     *,
     backoff: Backoff | None = None,
+    wait: Wait | None = None,
 ) -> None:
     """Run ``job()`` every ``seconds`` until ``stop`` is set (the first run at once).
 
     A failed run is logged and tried again after a backoff shorter than the
     period, so a job missed during a database restart runs soon after it.
+    ``wait(seconds, stop)``, when given, replaces the plain sleep between runs
+    (an injected clock: a test's manual clock wakes the job when it moves).
     """
     delays = backoff or Backoff(cap=max(0.2, seconds))
     while not stop.is_set():
@@ -92,10 +97,12 @@ async def every(
         except asyncio.CancelledError:
             raise
         except Exception:
-            wait = delays.next()
-            _LOG.exception("periodic job failed; trying again", job=name, retry_in=round(wait, 2))
+            delay = delays.next()
+            _LOG.exception("periodic job failed; trying again", job=name, retry_in=round(delay, 2))
         else:
             delays.reset()
-            wait = seconds
-        if await sleep(stop, wait):
+            delay = seconds
+        if wait is not None:
+            await wait(delay, stop)
+        elif await sleep(stop, delay):
             return

@@ -13,10 +13,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
-import asyncpg
-from belfry import log
-
-_LOG = log.get(__name__)
+from belfry import background
 
 
 class Clock(Protocol):
@@ -81,13 +78,12 @@ async def repeat(
 ) -> None:
     """Run ``tick`` until ``stop``: again at once while it leases full batches, else after ``every`` seconds.
 
-    A database outage is logged and waited out, never fatal to the loop.
+    It runs under ``belfry.background.every``, waiting on ``clock``: a failed
+    tick (a database outage) is logged and tried again, never fatal.
     """
-    while not stop.is_set():
-        try:
-            handled = await tick()
-        except (OSError, asyncpg.PostgresError) as exc:
-            _LOG.warning(f"{what} failed; retrying", error=str(exc))
-            handled = 0
-        if handled < batch:
-            await clock.wait(every, stop)
+
+    async def drain() -> None:
+        while await tick() >= batch and not stop.is_set():
+            pass
+
+    await background.every(what, every, drain, stop, wait=clock.wait)

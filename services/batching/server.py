@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
 import asyncpg
-from belfry import log, rpc
+from belfry import background, log, rpc
 from belfry.api.batching.v1 import batching_pb2, batching_pb2_grpc
 from belfry.queue import Queue
 from belfry.queue import worker as queue_worker
@@ -54,16 +54,13 @@ def build_for(settings: Settings, *, clock: Clock | None = None) -> Callable[[as
             queue = Queue(pool, "batching", worker=settings.worker, lease_seconds=settings.lease_seconds)
             await queue_worker.run(queue, intake.handle, stop=stop)
 
+        async def purge() -> None:
+            purged = await store.purge(pool, the_clock.now() - timedelta(seconds=settings.retention_seconds))
+            if purged:
+                _LOG.info("purged old batching records", count=purged)
+
         async def housekeeping(stop: asyncio.Event) -> None:
-            while not stop.is_set():
-                try:
-                    before = the_clock.now() - timedelta(seconds=settings.retention_seconds)
-                    purged = await store.purge(pool, before)
-                    if purged:
-                        _LOG.info("purged old batching records", count=purged)
-                except (OSError, asyncpg.PostgresError) as exc:
-                    _LOG.warning("batching housekeeping failed", error=str(exc))
-                await SystemClock().wait(_PURGE_EVERY, stop)
+            await background.every("batching purge", _PURGE_EVERY, purge, stop)
 
         servicer = BatchingServicer(status.Reader(pool, the_clock))
         return Built(

@@ -11,19 +11,16 @@ Two limits, both answered with RESOURCE_EXHAUSTED and a RetryInfo delay:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import asyncpg
-from belfry import log
+from belfry import background
 from belfry.errors import ResourceExhausted
 from belfry.queue import CHANNELS
 
 from services.dispatcher import store
-
-_LOG = log.get(__name__)
 
 
 @dataclass(frozen=True)
@@ -65,13 +62,7 @@ class Backpressure:
 
     async def loop(self, stop: asyncio.Event) -> None:
         """Background loop: keep the backlog figures fresh."""
-        while not stop.is_set():
-            try:
-                await self.refresh()
-            except (OSError, asyncpg.PostgresError) as exc:
-                _LOG.warning("backlog measurement failed", error=str(exc))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.limits.refresh_seconds)
+        await background.every("queue backlog measurement", self.limits.refresh_seconds, self.refresh, stop)
 
     def check_queue(self) -> None:
         """Raise ResourceExhausted when the queue is far behind."""

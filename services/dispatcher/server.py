@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable
 
 import asyncpg
 import grpc
-from belfry import log, rpc, service
+from belfry import background, log, rpc, service
 from belfry.api.dispatcher.v1 import dispatcher_pb2, dispatcher_pb2_grpc
 
 from services.dispatcher import render, store
@@ -36,18 +35,13 @@ def build_for(settings: Settings) -> Callable[[asyncpg.Pool], Awaitable[service.
         def register(server: grpc.aio.Server) -> None:
             dispatcher_pb2_grpc.add_DispatcherServiceServicer_to_server(servicer, server)
 
+        async def purge_once() -> None:
+            keys, old = await store.purge(pool, key_hours=settings.key_hours, retention_days=settings.retention_days)
+            if keys or old:
+                _LOG.info("purged", idempotency_keys=keys, recipient_rows=old)
+
         async def purge(stop: asyncio.Event) -> None:
-            while not stop.is_set():
-                try:
-                    keys, old = await store.purge(
-                        pool, key_hours=settings.key_hours, retention_days=settings.retention_days
-                    )
-                    if keys or old:
-                        _LOG.info("purged", idempotency_keys=keys, recipient_rows=old)
-                except (OSError, asyncpg.PostgresError) as exc:
-                    _LOG.warning("purge failed", error=str(exc))
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), settings.purge_seconds)
+            await background.every("dispatcher purge", settings.purge_seconds, purge_once, stop)
 
         async def close() -> None:
             await channel.close()

@@ -16,7 +16,7 @@ import time
 from collections import defaultdict, deque
 
 import asyncpg
-from belfry import log
+from belfry import background, log
 from belfry.queue import presence
 
 from services.gateway import store
@@ -219,17 +219,15 @@ class Hub:
                 tab.offer(feed_id, text)
 
     async def keep_presence(self, stop: asyncio.Event) -> None:
-        """Background loop: refresh this replica's presence rows and purge expired ones."""
-        every = max(self.presence_ttl / 3, 0.05)
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=every)
-            try:
-                for account_id, user_id in list(self.tabs):
-                    await presence.touch(self.pool, account_id, user_id, self.replica, self.replica, self.presence_ttl)
-                await presence.purge_expired(self.pool)
-            except (OSError, asyncpg.PostgresError) as exc:  # presence is best effort; rows expire on their own
-                _LOG.warning("presence refresh failed", error=str(exc))
+        """Background loop: refresh this replica's presence rows and purge expired ones; remove them at stop."""
+
+        async def refresh() -> None:
+            for account_id, user_id in list(self.tabs):
+                await presence.touch(self.pool, account_id, user_id, self.replica, self.replica, self.presence_ttl)
+            await presence.purge_expired(self.pool)
+
+        # Presence is best effort: a failed refresh is retried, and rows expire on their own meanwhile.
+        await background.every("presence refresh", max(self.presence_ttl / 3, 0.05), refresh, stop)
         for account_id, user_id in list(self.tabs):
             with contextlib.suppress(OSError, asyncpg.PostgresError):
                 await presence.remove(self.pool, account_id, user_id, self.replica)
