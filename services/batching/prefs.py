@@ -11,26 +11,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import grpc
+from belfry import channels
 from belfry.api.common.v1 import common_pb2
 from belfry.api.preferences.v1 import preferences_pb2, preferences_pb2_grpc
 from belfry.errors import FailedPrecondition, Unavailable
 
-# Preference channels by name, and → queue channels (the pop-up rides on the bell delivery).
-PREFERENCE_CHANNEL = {
-    common_pb2.CHANNEL_EMAIL: "email",
-    common_pb2.CHANNEL_BELL: "bell",
-    common_pb2.CHANNEL_POPUP: "popup",
-    common_pb2.CHANNEL_BROWSER: "browser",
-    common_pb2.CHANNEL_MOBILE: "mobile",
-    common_pb2.CHANNEL_OTHER_APPS: "other_apps",
-}
-QUEUE_CHANNEL = {
-    common_pb2.CHANNEL_EMAIL: "email",
-    common_pb2.CHANNEL_BELL: "bell",
-    common_pb2.CHANNEL_BROWSER: "browser",
-    common_pb2.CHANNEL_MOBILE: "mobile",
-    common_pb2.CHANNEL_OTHER_APPS: "other_apps",
-}
 _BATCH = 1000
 # Answers that retrying cannot change (an unknown topic or account): the caller goes on without them.
 _REFUSED = {
@@ -101,6 +86,9 @@ class Preferences:
 
 def _recipient(r: preferences_pb2.RecipientDecision) -> Recipient:
     quiet_until = r.quiet_until.ToDatetime(tzinfo=UTC) if r.in_quiet_hours and r.HasField("quiet_until") else None
+    switched_on = frozenset(
+        channels.BY_VALUE[c.channel].name for c in r.channels if c.enabled and c.channel in channels.BY_VALUE
+    )
     return Recipient(
         user_id=r.user_id,
         known=r.known,
@@ -108,10 +96,8 @@ def _recipient(r: preferences_pb2.RecipientDecision) -> Recipient:
         display_name=r.display_name,
         locale=r.locale or "en",
         time_zone=r.time_zone or "UTC",
-        enabled=frozenset(QUEUE_CHANNEL[c.channel] for c in r.channels if c.enabled and c.channel in QUEUE_CHANNEL),
-        switched_on=frozenset(
-            PREFERENCE_CHANNEL[c.channel] for c in r.channels if c.enabled and c.channel in PREFERENCE_CHANNEL
-        ),
+        enabled=frozenset(channels.queue_channels(switched_on)),
+        switched_on=switched_on,
         popup_sound=next((c.sound for c in r.channels if c.channel == common_pb2.CHANNEL_POPUP and c.enabled), ""),
         in_quiet_hours=r.in_quiet_hours and quiet_until is not None,
         quiet_until=quiet_until,

@@ -12,11 +12,12 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import asyncpg
+from belfry import channels
 
 from services.batching.clock import Clock
 
-# The sender channels (batching's own intake channel is not a "held" delivery).
-_SENDERS = ["email", "bell", "browser", "mobile", "other_apps"]
+# The queue channels that deliver to users (batching's own intake channel is not a "held" delivery).
+_SENDERS = list(channels.queue_channels(frozenset(channels.NAMES)))
 
 
 @dataclass(frozen=True)

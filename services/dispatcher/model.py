@@ -7,9 +7,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-# Preference channels, as the settings page names them.
-CHANNELS = ("email", "bell", "popup", "browser", "other_apps", "mobile")
-
 # Actor sources.
 SOURCES = ("", "ui", "api", "import", "workflow")
 

@@ -12,23 +12,13 @@ from collections.abc import Sequence
 from datetime import UTC
 
 import grpc
-from belfry import errors
-from belfry.api.common.v1 import common_pb2
+from belfry import channels, errors
 from belfry.api.directory.v1 import directory_pb2, directory_pb2_grpc
 from belfry.api.preferences.v1 import preferences_pb2, preferences_pb2_grpc
 
 from services.dispatcher.model import ChannelChoice, Recipient, Topic
 
 CHUNK = 1000  # EffectiveBatch's limit per call
-
-CHANNEL_NAMES = {
-    common_pb2.CHANNEL_EMAIL: "email",
-    common_pb2.CHANNEL_BELL: "bell",
-    common_pb2.CHANNEL_POPUP: "popup",
-    common_pb2.CHANNEL_BROWSER: "browser",
-    common_pb2.CHANNEL_OTHER_APPS: "other_apps",
-    common_pb2.CHANNEL_MOBILE: "mobile",
-}
 
 
 def _translate(exc: grpc.aio.AioRpcError, what: str) -> errors.BelfryError:
@@ -92,7 +82,7 @@ def _topic(t: preferences_pb2.TopicInfo) -> Topic:
         ttl_seconds=int(t.ttl_seconds) or 7 * 86400,
         category=t.category,
         batching=t.batching,
-        allowed_channels=tuple(CHANNEL_NAMES[c] for c in t.allowed_channels if c in CHANNEL_NAMES),
+        allowed_channels=tuple(channels.BY_VALUE[c].name for c in t.allowed_channels if c in channels.BY_VALUE),
     )
 
 
@@ -105,9 +95,9 @@ def _recipient(r: preferences_pb2.RecipientDecision) -> Recipient:
         locale=r.locale or "en",
         time_zone=r.time_zone or "UTC",
         channels=tuple(
-            ChannelChoice(CHANNEL_NAMES[c.channel], c.enabled, c.reason, c.sound)
+            ChannelChoice(channels.BY_VALUE[c.channel].name, c.enabled, c.reason, c.sound)
             for c in r.channels
-            if c.channel in CHANNEL_NAMES
+            if c.channel in channels.BY_VALUE
         ),
         in_quiet_hours=r.in_quiet_hours,
         quiet_until=r.quiet_until.ToDatetime(tzinfo=UTC) if r.HasField("quiet_until") else None,

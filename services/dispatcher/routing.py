@@ -1,10 +1,10 @@
 """From one recipient's preferences to queue deliveries (pure: no I/O).
 
-Preference channels map to queue channels as the senders expect them:
-email → "email"; bell, pop-up and browser → one "bell" delivery whose
-message carries the three flags (the gateway shows it in live tabs), plus a
-"browser" delivery when the browser channel is on (web push drops it when a
-live tab has it); mobile → "mobile"; other apps → "other_apps". Assignment
+Preference channels map to queue channels as the channel registry
+(``belfry.channels``) says: bell, pop-up and browser share one "bell"
+delivery whose message carries the three flags (the gateway shows it in live
+tabs), the browser also has its own "browser" delivery (web push drops it
+when a live tab has it), and every other channel has its own. Assignment
 topics go to batching instead, which merges them over its window.
 """
 
@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from belfry import channels
 from belfry.handoff import Assignment, DigestFact, to_payload
 from belfry.message import Message
 from belfry.queue import NewDelivery
 
-from services.dispatcher.model import CHANNELS, Event, Recipient, Topic
+from services.dispatcher.model import Event, Recipient, Topic
 
 ACCEPTED = "accepted"
 SUPPRESSED = "suppressed"
@@ -73,7 +74,7 @@ def _decide(topic: Topic, recipient: Recipient, email_only: bool) -> dict[str, t
     """channel → (enabled, reason when off, sound) after the topic's and the rule's limits."""
     answers = {c.channel: c for c in recipient.channels}
     out: dict[str, tuple[bool, str, str]] = {}
-    for channel in CHANNELS:
+    for channel in channels.NAMES:
         choice = answers.get(channel)
         if channel not in topic.allowed_channels:
             out[channel] = (False, NOT_ALLOWED, "")
@@ -121,7 +122,7 @@ def decide(topic: Topic, recipient: Recipient, *, email_only: bool = False) -> D
     return Decision(
         decided=decided,
         on=on,
-        queue_channels=_queue_channels(on),
+        queue_channels=channels.queue_channels(on),
         quiet=quiet,
         held_until=recipient.quiet_until if quiet and topic.batching != "assignment" else None,
         channels=_record(decided, state),
@@ -170,7 +171,7 @@ def route(
 
     deliveries = []
     base = message_payload(message)
-    if "bell" in on or "popup" in on or "browser" in on:
+    if "bell" in d.queue_channels:
         # In quiet hours the bell collects silently: no toast, no sound, no OS notification now.
         flags = {
             "bell": "bell" in on,
@@ -180,25 +181,16 @@ def route(
         }
         if flags["bell"] or flags["popup"] or flags["browser"]:
             deliveries.append(new("bell", {**base, **flags}))
-    for channel in ("browser", "email", "mobile", "other_apps"):
-        if channel in on:
+    for channel in d.queue_channels:
+        if channel != "bell":
             deliveries.append(new(channel, {**base, "bell": False, "browser": channel == "browser"}, held_until))
     return Routed(d.channels, deliveries, held_until)
-
-
-def _queue_channels(on: frozenset[str]) -> tuple[str, ...]:
-    """The queue channels that carry the enabled preference channels."""
-    out: list[str] = []
-    if on & {"bell", "popup", "browser"}:
-        out.append("bell")
-    out.extend(c for c in ("browser", "email", "mobile", "other_apps") if c in on)
-    return tuple(out)
 
 
 def _record(decided: dict[str, tuple[bool, str, str]], state: dict[str, tuple[str, str]]) -> list[dict[str, str]]:
     """Every preference channel's decision, as stored for the status API."""
     out = []
-    for channel in CHANNELS:
+    for channel in channels.NAMES:
         enabled, reason, _ = decided[channel]
         if enabled:
             s, r = state.get(channel, (ACCEPTED, ""))

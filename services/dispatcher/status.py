@@ -6,14 +6,13 @@ import base64
 import uuid
 from datetime import datetime, timedelta
 
-from belfry import errors
+from belfry import channels, errors
 from belfry.api.common.v1 import common_pb2
 from belfry.api.dispatcher.v1 import dispatcher_pb2 as pb
 
 from services.dispatcher import status_store as store
-from services.dispatcher.preferences import CHANNEL_NAMES
 
-_CHANNEL_ENUMS = {name: value for value, name in CHANNEL_NAMES.items()}
+_CHANNEL_ENUMS = {c.name: c.value for c in channels.PREFERENCE}
 _DECISION_STATES = {
     "accepted": pb.STATE_ACCEPTED,
     "suppressed": pb.STATE_SUPPRESSED,

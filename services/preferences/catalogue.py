@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from belfry.channels import NAMES as CHANNELS
 from belfry.errors import ConfigError, InvalidArgument, NotFound
 
-CHANNELS: tuple[str, ...] = ("email", "bell", "popup", "browser", "other_apps", "mobile")
 BATCHING_KINDS = frozenset({"", "assignment", "digest"})
 _PATH = Path(__file__).with_name("catalogue.toml")
 
@@ -85,7 +85,7 @@ def _topic(category: dict[str, Any], raw: dict[str, Any], product: dict[str, Any
         return raw.get(name, category.get(name, product.get(name)))
 
     key = f"{category['key']}.{raw['key']}"
-    channels = tuple(pick("channels"))
+    channels = tuple(pick("channels") or CHANNELS)  # every channel unless the file narrows it
     defaults = frozenset(pick("defaults"))
     for channel in channels:
         if channel not in CHANNELS:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import datetime as dt
 
+from belfry import channels
 from belfry.api.common.v1 import common_pb2
 from belfry.api.directory.v1 import directory_pb2
 from belfry.api.preferences.v1 import preferences_pb2
 from belfry.errors import InvalidArgument
 from google.protobuf import timestamp_pb2
 
-from services.preferences.catalogue import CHANNELS, Topic
+from services.preferences.catalogue import Topic
 from services.preferences.model import (
     Account,
     ChannelDecision,
@@ -32,14 +33,15 @@ _TIER_PB = {v: k for k, v in _TIERS.items()}
 
 def channel_name(value: int, *, field: str) -> str:
     """The channel's name; unknown or unspecified is INVALID_ARGUMENT."""
-    if 1 <= value <= len(CHANNELS):
-        return CHANNELS[value - 1]
-    raise InvalidArgument(f"unknown channel {value}; use one of {', '.join(CHANNELS)}", field=field)
+    found = channels.BY_VALUE.get(value)
+    if found is None:
+        raise InvalidArgument(f"unknown channel {value}; use one of {', '.join(channels.NAMES)}", field=field)
+    return found.name
 
 
 def channel_pb(name: str) -> common_pb2.Channel.ValueType:
     """The enum value of a channel name."""
-    return common_pb2.Channel.ValueType(CHANNELS.index(name) + 1)
+    return channels.BY_NAME[name].value
 
 
 def tier_name(value: int) -> str:
@@ -153,7 +155,8 @@ def settings_pb(s: UserSettings, default_sound: str) -> preferences_pb2.ChannelS
     q = s.quiet
     return preferences_pb2.ChannelSettings(
         switches=[
-            preferences_pb2.ChannelSwitch(channel=channel_pb(c), enabled=c not in s.channels_off) for c in CHANNELS
+            preferences_pb2.ChannelSwitch(channel=channel_pb(c), enabled=c not in s.channels_off)
+            for c in channels.NAMES
         ],
         red_dot=s.red_dot,
         default_sound=s.default_sound or default_sound,

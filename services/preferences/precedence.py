@@ -15,7 +15,9 @@ import datetime as dt
 from collections.abc import Mapping
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from services.preferences.catalogue import CHANNELS, Topic
+from belfry.channels import NAMES as CHANNELS
+
+from services.preferences.catalogue import Topic
 from services.preferences.model import ChannelDecision, Choices, Decision, QuietHours, User, UserPreferences
 
 

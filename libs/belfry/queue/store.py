@@ -19,19 +19,11 @@ from typing import Any
 
 import asyncpg
 
-CHANNELS = ("email", "bell", "browser", "mobile", "other_apps", "batching")
+from belfry import channels
 
-# Attempts before a delivery becomes a dead letter, per channel. Email and
-# webhooks face remote servers that recover slowly; the bell and batching are
-# local and either work quickly or have a bug that retrying will not fix.
-MAX_ATTEMPTS: dict[str, int] = {
-    "email": 10,
-    "bell": 5,
-    "browser": 8,
-    "mobile": 8,
-    "other_apps": 12,
-    "batching": 5,
-}
+CHANNELS = channels.QUEUE_NAMES
+# Attempts before a delivery becomes a dead letter, per channel (the channel registry's).
+MAX_ATTEMPTS = channels.MAX_ATTEMPTS
 
 
 # The longest a peer's Retry-After may hold a delivery back (seconds), unless
