@@ -44,6 +44,14 @@ def channel_pb(name: str) -> common_pb2.Channel.ValueType:
     return channels.BY_NAME[name].value
 
 
+def channel_views() -> list[preferences_pb2.ChannelView]:
+    """Every channel as the settings page shows it (ListTopics), from the channel registry."""
+    return [
+        preferences_pb2.ChannelView(channel=c.value, name=c.label, tab=c.tab, tab_name=channels.TABS[c.tab])
+        for c in channels.PREFERENCE
+    ]
+
+
 def tier_name(value: int) -> str:
     """The tier's name; unspecified is INVALID_ARGUMENT."""
     try:

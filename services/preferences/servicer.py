@@ -160,4 +160,5 @@ class PreferencesServicer(AdminRpcs, preferences_pb2_grpc.PreferencesServiceServ
             sounds=sounds,
             settings=convert.settings_pb(prefs.settings, catalogue.default_sound),
             version=prefs.settings.version,
+            channels=convert.channel_views(),
         )

@@ -198,6 +198,15 @@ async def test_list_topics_shows_what_the_caller_may_see(svc: Prefs, account_id:
     assert "payments.payment_failed" not in keys and "forms.submission" not in keys and T in keys
     assert any(c.name == "Transactions" for c in ana.categories)  # ana reads French
     assert ana.sounds[0] == "chime" and len(ana.sounds) == 6
+    # The settings page draws its tabs and switches from these, not from a copy of its own.
+    assert [(c.channel, c.name, c.tab, c.tab_name) for c in ana.channels] == [
+        (common_pb2.CHANNEL_EMAIL, "Email", "email", "Email"),
+        (common_pb2.CHANNEL_BELL, "Bell", "desktop", "Desktop"),
+        (common_pb2.CHANNEL_POPUP, "Pop-up", "desktop", "Desktop"),
+        (common_pb2.CHANNEL_BROWSER, "Browser", "desktop", "Desktop"),
+        (common_pb2.CHANNEL_OTHER_APPS, "Other apps", "other", "Other apps"),
+        (common_pb2.CHANNEL_MOBILE, "Mobile", "mobile", "Mobile app"),
+    ]
     website = next(t for c in ana.categories for t in c.topics if t.key == "website_visits.contact_visited")
     assert [s.channel for s in website.channels] == [ch("email")]
     billing = next(t for c in ana.categories for t in c.topics if t.key == "account.billing")

@@ -1,8 +1,8 @@
 // Super admins of enterprise accounts: account defaults and role profiles, in the settings layout.
 import { clearError, el, prefs, showError } from "./common.js";
-import { CHANNEL_NAMES, TABS, categoryList, searchBox, tabBar } from "./layout.js";
+import { categoryList, searchBox, tabBar, tabsOf } from "./layout.js";
 
-const view = { tab: TABS[0], query: "", topics: null, target: "", choices: [], profiles: [] };
+const view = { tabs: [], tab: null, query: "", topics: null, target: "", choices: [], profiles: [] };
 
 function key(topic, channel) {
   return `${topic}|${channel}`;
@@ -10,6 +10,8 @@ function key(topic, channel) {
 
 async function load() {
   view.topics = await prefs("ListTopics", {});
+  view.tabs = tabsOf(view.topics.channels);
+  view.tab = view.tabs.find((t) => t.key === view.tab?.key) || view.tabs[0];
   view.profiles = (await prefs("ListRoleProfiles", {})).profiles || [];
   if (view.target) {
     const profile = view.profiles.find((p) => p.permission_set === view.target);
@@ -41,14 +43,14 @@ function render() {
   };
   const toggle = (topic, channel, enabled) => {
     const rest = view.choices.filter((c) => key(c.topic, c.channel) !== key(topic.key, channel));
-    saveChoices([...rest, { topic: topic.key, channel, enabled }], `${topic.name} (${CHANNEL_NAMES[channel]})`);
+    saveChoices([...rest, { topic: topic.key, channel, enabled }], `${topic.name} (${view.tab.names[channel]})`);
   };
   const target = document.getElementById("target");
   target.replaceChildren(el("option", { value: "" }, "Account defaults"),
     ...view.profiles.map((p) => el("option", { value: p.permission_set, selected: p.permission_set === view.target }, `Role profile: ${p.permission_set}`)));
   const list = el("div", { id: "categories" }, ...categoryList(view.topics.categories || [], view.tab, view.query, isOn, toggle));
   document.getElementById("settings").replaceChildren(
-    tabBar(view.tab, (tab) => { view.tab = tab; render(); }),
+    tabBar(view.tabs, view.tab, (tab) => { view.tab = tab; render(); }),
     searchBox(view.query, (q) => { view.query = q; list.replaceChildren(...categoryList(view.topics.categories || [], view.tab, view.query, isOn, toggle)); }),
     list);
 }

@@ -2,25 +2,21 @@
 // tabs of channels, a search box, expandable categories, topic checkboxes.
 import { el } from "./common.js";
 
-export const TABS = [
-  { key: "email", label: "Email", channels: ["CHANNEL_EMAIL"] },
-  { key: "desktop", label: "Desktop", channels: ["CHANNEL_BELL", "CHANNEL_POPUP", "CHANNEL_BROWSER"] },
-  { key: "other", label: "Other apps", channels: ["CHANNEL_OTHER_APPS"] },
-  { key: "mobile", label: "Mobile app", channels: ["CHANNEL_MOBILE"] },
-];
+// The tabs, from ListTopics' channels (the server's channel registry: no copy here):
+// [{key, label, channels: ["CHANNEL_EMAIL"], names: {CHANNEL_EMAIL: "Email"}}], in order.
+export function tabsOf(channels) {
+  const tabs = new Map();
+  for (const c of channels || []) {
+    if (!tabs.has(c.tab)) tabs.set(c.tab, { key: c.tab, label: c.tab_name, channels: [], names: {} });
+    tabs.get(c.tab).channels.push(c.channel);
+    tabs.get(c.tab).names[c.channel] = c.name;
+  }
+  return [...tabs.values()];
+}
 
-export const CHANNEL_NAMES = {
-  CHANNEL_EMAIL: "Email",
-  CHANNEL_BELL: "Bell",
-  CHANNEL_POPUP: "Pop-up",
-  CHANNEL_BROWSER: "Browser",
-  CHANNEL_OTHER_APPS: "Other apps",
-  CHANNEL_MOBILE: "Mobile",
-};
-
-export function tabBar(current, onPick) {
+export function tabBar(tabs, current, onPick) {
   return el("div", { class: "tabs", role: "tablist" },
-    ...TABS.map((tab) => el("button", {
+    ...tabs.map((tab) => el("button", {
       type: "button", role: "tab", "data-tab": tab.key, "aria-selected": String(tab.key === current.key),
       onclick: () => onPick(tab),
     }, tab.label)));
@@ -49,7 +45,7 @@ export function categoryList(categories, tab, query, isOn, onToggle, extra = () 
             el("input", {
               type: "checkbox", "data-channel": channel, checked: isOn(topic, channel), disabled: Boolean(topic.locked),
               onchange: (e) => onToggle(topic, channel, e.target.checked),
-            }), ` ${CHANNEL_NAMES[channel]}`)
+            }), ` ${tab.names[channel]}`)
           : el("span", {})),
         ...(tab.channels.length === 1 ? [el("span", {}), el("span", {})] : []),
         extra(topic) || el("span", {}));

@@ -1,12 +1,14 @@
 // The user's notification settings: every change is saved at once through the preferences service.
 import { clearError, el, prefs, showError } from "./common.js";
-import { CHANNEL_NAMES, TABS, categoryList, searchBox, tabBar } from "./layout.js";
+import { categoryList, searchBox, tabBar, tabsOf } from "./layout.js";
 import { play } from "./sounds.js";
 
-const view = { tab: TABS[0], query: "", data: null };
+const view = { tabs: [], tab: null, query: "", data: null };
 
 async function load() {
   view.data = await prefs("ListTopics", {});
+  view.tabs = tabsOf(view.data.channels);
+  view.tab = view.tabs.find((t) => t.key === view.tab?.key) || view.tabs[0];
   render();
 }
 
@@ -56,8 +58,8 @@ function channelCard() {
   const card = el("div", { class: "card" },
     el("div", { class: "row" }, ...view.tab.channels.map((channel) => el("label", {},
       el("input", { type: "checkbox", "data-switch": channel, checked: switchOn(channel),
-        onchange: (e) => updateSettings((x) => setSwitch(x, channel, e.target.checked), `${CHANNEL_NAMES[channel]} switched ${e.target.checked ? "on" : "off"}`) }),
-      ` ${CHANNEL_NAMES[channel]} notifications`))));
+        onchange: (e) => updateSettings((x) => setSwitch(x, channel, e.target.checked), `${view.tab.names[channel]} switched ${e.target.checked ? "on" : "off"}`) }),
+      ` ${view.tab.names[channel]} notifications`))));
   if (view.tab.key === "desktop") {
     card.append(
       el("div", { class: "row" }, "Pop-up sound: ",
@@ -96,14 +98,14 @@ function render() {
   const root = document.getElementById("settings");
   const isOn = (topic, channel) => Boolean((topic.channels || []).find((c) => c.channel === channel)?.enabled);
   const toggle = (topic, channel, enabled) =>
-    save("SetPreference", { choice: { topic: topic.key, channel, enabled } }, `${topic.name} (${CHANNEL_NAMES[channel]})`);
+    save("SetPreference", { choice: { topic: topic.key, channel, enabled } }, `${topic.name} (${view.tab.names[channel]})`);
   const topicSound = (topic) => view.tab.key === "desktop" && (topic.channels || []).some((c) => c.channel === "CHANNEL_POPUP")
     ? soundPicker(topic.sound || "", (v) => save("SetTopicSound", { topic: topic.key, sound: v }, `${topic.name} sound`), `sound-${topic.key}`)
     : null;
   const list = el("div", { id: "categories" }, ...categoryList(view.data.categories || [], view.tab, view.query, isOn, toggle, topicSound));
   root.replaceChildren(
     quietCard(),
-    tabBar(view.tab, (tab) => { view.tab = tab; render(); }),
+    tabBar(view.tabs, view.tab, (tab) => { view.tab = tab; render(); }),
     channelCard(),
     searchBox(view.query, (q) => {
       view.query = q;

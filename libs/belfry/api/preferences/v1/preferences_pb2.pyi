@@ -591,6 +591,39 @@ class CategoryView(_message.Message):
 Global___CategoryView: _TypeAlias = CategoryView  # noqa: Y015
 
 @_typing.final
+class ChannelView(_message.Message):
+    """A channel as the settings page shows it (from the channel registry)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    TAB_FIELD_NUMBER: _builtins.int
+    TAB_NAME_FIELD_NUMBER: _builtins.int
+    channel: _common_pb2.Channel.ValueType
+    name: _builtins.str
+    """its switch: "Pop-up" """
+    tab: _builtins.str
+    """the tab it is on: "desktop" """
+    tab_name: _builtins.str
+    """that tab's title: "Desktop" """
+    def __init__(
+        self,
+        *,
+        channel: _common_pb2.Channel.ValueType = ...,
+        name: _builtins.str = ...,
+        tab: _builtins.str = ...,
+        tab_name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "name", b"name", "tab", b"tab", "tab_name", b"tab_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChannelView: _TypeAlias = ChannelView  # noqa: Y015
+
+@_typing.final
 class ListTopicsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -598,6 +631,7 @@ class ListTopicsResponse(_message.Message):
     SOUNDS_FIELD_NUMBER: _builtins.int
     SETTINGS_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    CHANNELS_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     @_builtins.property
     def categories(self) -> _containers.RepeatedCompositeFieldContainer[Global___CategoryView]: ...
@@ -607,6 +641,10 @@ class ListTopicsResponse(_message.Message):
 
     @_builtins.property
     def settings(self) -> Global___ChannelSettings: ...
+    @_builtins.property
+    def channels(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChannelView]:
+        """every channel in settings-page order; tabs in order of first appearance"""
+
     def __init__(
         self,
         *,
@@ -614,10 +652,11 @@ class ListTopicsResponse(_message.Message):
         sounds: _abc.Iterable[_builtins.str] | None = ...,
         settings: Global___ChannelSettings | None = ...,
         version: _builtins.int = ...,
+        channels: _abc.Iterable[Global___ChannelView] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["settings", b"settings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["categories", b"categories", "settings", b"settings", "sounds", b"sounds", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["categories", b"categories", "channels", b"channels", "settings", b"settings", "sounds", b"sounds", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
