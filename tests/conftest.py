@@ -11,6 +11,7 @@ fresh account id (tenancy keeps them apart), not by truncating tables.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import socket
@@ -124,3 +125,18 @@ def common_env(database_url: str, token_keys: dict[str, bytes], **extra: str) ->
     }
     env.update(extra)
     return env
+
+
+async def fanned_out(pool: asyncpg.Pool, account_id: str) -> None:
+    """Wait until the dispatcher has fanned out every event it accepted for ``account_id`` (and its ``_x`` siblings).
+
+    Publishing answers once an event is durable; recipients and deliveries
+    are written just after, by the fan-out workers. Events whose fan-out is
+    waiting out a backoff or failed for good do not hold this up.
+    """
+    while await pool.fetchval(  # noqa: ASYNC110 - the backlog lives in the database; no event to await
+        """select exists (select 1 from dispatcher.fanout
+                          where account_id like $1 || '%' and not_before <= now())""",
+        account_id,
+    ):
+        await asyncio.sleep(0.01)

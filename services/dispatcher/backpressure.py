@@ -2,8 +2,10 @@
 
 Two limits, both answered with RESOURCE_EXHAUSTED and a RetryInfo delay:
 - the delivery queue is far behind: more than ``max_depth`` deliveries due and
-  unclaimed, or the oldest due one waiting longer than ``max_lag_seconds``
-  (measured by a background loop, so publishing never waits on the count);
+  unclaimed, or the oldest due one waiting longer than ``max_lag_seconds``;
+  or fan-out is: the oldest accepted event not yet fanned out waited longer
+  than ``max_lag_seconds`` (both measured by a background loop, so publishing
+  never waits on the count);
 - an account publishes faster than ``account_rate`` events per second
   (a token bucket per account and replica, ``account_burst`` deep).
 """
@@ -52,6 +54,7 @@ class Backpressure:
         self._buckets: dict[str, _Bucket] = {}
         self.depth = 0
         self.lag = 0.0
+        self.fanout_lag = 0.0
 
     async def refresh(self) -> None:
         """Measure the queue's backlog now (only what a configured limit needs)."""
@@ -59,6 +62,7 @@ class Backpressure:
             self.depth = await store.queue_depth(self._pool, cap=self.limits.max_depth)
         if self.limits.max_lag_seconds:
             self.lag = await store.queue_lag(self._pool, CHANNELS)
+            self.fanout_lag = await store.fanout_lag(self._pool)
 
     async def loop(self, stop: asyncio.Event) -> None:
         """Background loop: keep the backlog figures fresh."""
@@ -77,6 +81,12 @@ class Backpressure:
             raise ResourceExhausted(
                 f"the delivery queue is {self.lag:.0f} s behind (limit {limits.max_lag_seconds:.0f} s); "
                 "publishing is paused until senders catch up",
+                retry_after=max(1.0, limits.refresh_seconds * 5),
+            )
+        if limits.max_lag_seconds and self.fanout_lag >= limits.max_lag_seconds:
+            raise ResourceExhausted(
+                f"fan-out is {self.fanout_lag:.0f} s behind (limit {limits.max_lag_seconds:.0f} s); "
+                "publishing is paused until it catches up",
                 retry_after=max(1.0, limits.refresh_seconds * 5),
             )
 

@@ -87,3 +87,50 @@ class Accepted:
 
     notification_id: uuid.UUID
     replayed: bool = False
+
+
+def event_fields(event: Event) -> dict[str, Any]:
+    """The parts of an event its notification row has no column for, as stored for fan-out."""
+    return {
+        "source": event.source,
+        "owners": list(event.owner_user_ids),
+        "custom": list(event.custom_property_user_ids),
+        "recipients": list(event.recipient_user_ids),
+        "mentioned": list(event.mentioned_user_ids),
+        "variables": event.variables,
+        "activity": event.activity_id,
+        "team": event.team_id,
+        "unassigned": event.unassigned,
+    }
+
+
+def stored_event(
+    *,
+    account_id: str,
+    topic: str,
+    occurred_at: datetime,
+    idempotency_key: str,
+    body_hash: bytes,
+    actor_user_id: str,
+    obj: dict[str, str],
+    fields: dict[str, Any],
+) -> Event:
+    """The event as accepted, from its notification row (the inverse of ``event_fields``)."""
+    return Event(
+        account_id=account_id,
+        topic=topic,
+        occurred_at=occurred_at,
+        idempotency_key=idempotency_key,
+        body_hash=body_hash,
+        actor_user_id=actor_user_id,
+        source=fields.get("source", ""),
+        object=ObjectRef(**{k: obj.get(k, "") for k in ("type", "id", "display_name", "url", "owner_user_id")}),
+        owner_user_ids=tuple(fields.get("owners", ())),
+        custom_property_user_ids=tuple(fields.get("custom", ())),
+        recipient_user_ids=tuple(fields.get("recipients", ())),
+        mentioned_user_ids=tuple(fields.get("mentioned", ())),
+        variables=fields.get("variables", {}),
+        activity_id=fields.get("activity", ""),
+        team_id=fields.get("team", ""),
+        unassigned=bool(fields.get("unassigned", False)),
+    )

@@ -1,19 +1,21 @@
-"""From validated events to plans: rules applied, preferences asked, rows prepared.
+"""From accepted events to plans: rules applied, preferences asked, rows prepared.
 
 Events are grouped by (account, topic) so one ``EffectiveBatch`` call serves
 a whole group; stored facts the rules need (inbox visits, team primary
-members) are looked up once per group. Nothing here writes.
+members) are looked up once per group. Nothing here writes. ``admit`` is the
+accept path's part: the cheap checks a producer hears about synchronously.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import asyncpg
-from belfry.errors import BelfryError, InvalidArgument
+from belfry.errors import BelfryError, InvalidArgument, NotFound
 from belfry.message import Item, Message
 from belfry.queue import NewDelivery
 
@@ -33,6 +35,21 @@ class Plan:
     verdicts: tuple[rules.Verdict, ...]
     routed: dict[str, Routed]  # per user who passed the rules
     digest: tuple[NewDelivery, ...]  # batching handoffs beyond the routed ones: digest facts, silent assignments
+    next_position: int | None = None  # more candidates left past this chunk: fan out from here next
+
+
+@dataclass(frozen=True)
+class Job:
+    """One accepted event to expand: candidates ``[position, position + chunk)`` in user id order (0: all)."""
+
+    event: Event
+    notification_id: uuid.UUID
+    position: int = 0
+    chunk: int = 0
+
+
+# How long the accept path trusts that an (account, topic) pair exists.
+_ADMIT_SECONDS = 30.0
 
 
 class Planner:
@@ -42,17 +59,41 @@ class Planner:
         self._pool = pool
         self._preferences = preferences
         self._labels = labels
+        self._known: dict[tuple[str, str], float] = {}
 
-    async def plan(self, events: Sequence[Event]) -> list[Plan | BelfryError]:
-        """One plan (or the reason there is none) per event, in order."""
+    async def admit(self, events: Sequence[Event]) -> list[BelfryError | None]:
+        """Per event, the reason to refuse it now (None: accept): it names nobody, or its account or topic is unknown.
+
+        Known (account, topic) pairs are remembered for a short while, so the
+        accept path asks preferences once per pair, not once per event.
+        """
+        now = time.monotonic()
+        pairs = {(e.account_id, e.topic) for e in events}
+        missing = [p for p in pairs if self._known.get(p, 0.0) < now]
+        answers = await asyncio.gather(*(self._check_pair(*p) for p in missing))
+        refused = {p: a for p, a in zip(missing, answers, strict=True) if a is not None}
+        for pair in missing:
+            if pair not in refused:
+                self._known[pair] = now + _ADMIT_SECONDS
+        return [refused.get((e.account_id, e.topic)) or _names_nobody(e) for e in events]
+
+    async def _check_pair(self, account_id: str, topic: str) -> BelfryError | None:
+        try:
+            await self._preferences.effective(account_id, topic, [])
+        except (NotFound, InvalidArgument) as exc:
+            return exc
+        return None
+
+    async def plan(self, jobs: Sequence[Job]) -> list[Plan | BelfryError]:
+        """One plan (or the reason there is none) per job, in order."""
         groups: dict[tuple[str, str], list[int]] = {}
-        for i, event in enumerate(events):
-            groups.setdefault((event.account_id, event.topic), []).append(i)
-        out: list[Plan | BelfryError | None] = [None] * len(events)
+        for i, job in enumerate(jobs):
+            groups.setdefault((job.event.account_id, job.event.topic), []).append(i)
+        out: list[Plan | BelfryError | None] = [None] * len(jobs)
 
         async def one_group(indexes: list[int]) -> None:
             try:
-                plans = await self._plan_group([events[i] for i in indexes])
+                plans = await self._plan_group([jobs[i] for i in indexes])
             except BelfryError as exc:
                 plans = [exc] * len(indexes)
             for i, p in zip(indexes, plans, strict=True):
@@ -61,7 +102,8 @@ class Planner:
         await asyncio.gather(*(one_group(ix) for ix in groups.values()))
         return [p for p in out if p is not None]
 
-    async def _plan_group(self, events: list[Event]) -> list[Plan | BelfryError]:
+    async def _plan_group(self, jobs: list[Job]) -> list[Plan | BelfryError]:
+        events = [job.event for job in jobs]
         account_id, topic_key = events[0].account_id, events[0].topic
         teams: dict[str, list[str]] = {}
         for event in events:
@@ -71,37 +113,40 @@ class Planner:
         if rules.category_of(topic_key) == rules.CONVERSATIONS:
             names = {u for e in events for u in rules.candidates(e)} | {u for t in teams.values() for u in t}
             visited = await store.visited(self._pool, account_id, sorted(names))
-        verdicts = [
-            rules.decide(e, visited=visited, team_primary=teams.get(e.team_id) if e.unassigned else None)
-            for e in events
+        windows = [
+            _window(
+                rules.decide(
+                    job.event,
+                    visited=visited,
+                    team_primary=teams.get(job.event.team_id) if job.event.unassigned else None,
+                ),
+                job,
+            )
+            for job in jobs
         ]
-        users = {v.user_id for vs in verdicts for v in vs} | {e.actor_user_id for e in events if e.actor_user_id}
+        users = {v.user_id for vs, _ in windows for v in vs} | {e.actor_user_id for e in events if e.actor_user_id}
         topic, people = await self._preferences.effective(account_id, topic_key, sorted(users))
         decisions: dict[tuple[str, bool], Decision] = {}
-        return [self._plan_one(e, vs, topic, people, decisions) for e, vs in zip(events, verdicts, strict=True)]
+        return [
+            self._plan_one(job, vs, more, topic, people, decisions)
+            for job, (vs, more) in zip(jobs, windows, strict=True)
+        ]
 
     def _plan_one(
         self,
-        event: Event,
-        verdicts: list[rules.Verdict],
+        job: Job,
+        candidates: list[rules.Verdict],
+        next_position: int | None,
         topic: Topic,
         people: dict[str, Recipient],
         decisions: dict[tuple[str, bool], Decision],
     ) -> Plan | BelfryError:
-        if not verdicts:
-            return InvalidArgument(
-                "the event names no recipients: set recipient_user_ids, owner_user_ids, "
-                "custom_property_user_ids, mentioned_user_ids or object.owner_user_id",
-                field="event.recipient_user_ids",
-            )
-        for v in verdicts:
-            person = people.get(v.user_id)
-            if person is None or not person.known:
-                return InvalidArgument(
-                    f"user {v.user_id!r} is not an active member of account {event.account_id!r}",
-                    field="event.recipient_user_ids",
-                )
-        nid = uuid.uuid4()
+        event, nid = job.event, job.notification_id
+        # Users the directory does not know (or no longer lists as active) are recorded, not told.
+        verdicts = [
+            v if (p := people.get(v.user_id)) is not None and p.known else rules.Verdict(v.user_id, rules.NOT_A_MEMBER)
+            for v in candidates
+        ]
         actor = people.get(event.actor_user_id)
         actor_name = actor.display_name if actor is not None and actor.known else ""
         email_only = rules.email_only(event.topic)
@@ -128,7 +173,7 @@ class Planner:
                 for v in verdicts
                 if v.reason == rules.SELF_ACTION
             )
-        return Plan(event, nid, topic, tuple(verdicts), routed, digest)
+        return Plan(event, nid, topic, tuple(verdicts), routed, digest, next_position)
 
     def _message(self, nid: uuid.UUID, event: Event, topic: Topic, person: Recipient, actor_name: str) -> Message:
         obj = event.object
@@ -150,3 +195,22 @@ class Planner:
             items=(Item(obj.type, obj.id, obj.display_name, obj.url),) if obj.id else (),
             variables=event.variables,
         )
+
+
+def _window(verdicts: list[rules.Verdict], job: Job) -> tuple[list[rules.Verdict], int | None]:
+    """The job's chunk of the candidates (in user id order, so a resumed expansion continues where it stopped)."""
+    if not job.chunk:
+        return verdicts, None
+    ordered = sorted(verdicts, key=lambda v: v.user_id)
+    end = job.position + job.chunk
+    return ordered[job.position : end], end if end < len(ordered) else None
+
+
+def _names_nobody(event: Event) -> BelfryError | None:
+    if rules.candidates(event) or rules.is_unassigned_team_conversation(event):
+        return None
+    return InvalidArgument(
+        "the event names no recipients: set recipient_user_ids, owner_user_ids, "
+        "custom_property_user_ids, mentioned_user_ids or object.owner_user_id",
+        field="event.recipient_user_ids",
+    )

@@ -1,12 +1,15 @@
-"""Accepting events: idempotency, backpressure, and the one write per event.
+"""Accepting events: validation, idempotency, backpressure, and the one lean write per event.
 
-A call's events are planned together and written in one transaction; each
-event's rows (notification, decisions, mention claims, deliveries) are all
-in it or all out, so every event is atomic on its own while a batch of a
-thousand costs a handful of statements. The idempotency key is claimed by
+A producer's call commits the least that makes its events durable and
+idempotent: each event once, on its notification row with its key, and a
+fan-out backlog row, all in one statement for the whole call. Who is told,
+on which channels and with what text is decided behind, by the fan-out
+workers (``services.dispatcher.fanout``). The idempotency key is claimed by
 the notification insert itself (``on conflict do nothing``): of any number
 of concurrent duplicates exactly one inserts, the others wait for it and
-answer as replays.
+answer as replays. What can be refused without the recipients' records
+(schema, sizes, an unknown account or topic, an event naming nobody) is
+refused here, synchronously, per event.
 """
 
 from __future__ import annotations
@@ -15,16 +18,14 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import cast
 
 import asyncpg
 from belfry import errors, metrics
-from belfry.queue import NewDelivery, enqueue
 
-from services.dispatcher import rules, store
+from services.dispatcher import store
 from services.dispatcher.backpressure import Backpressure
-from services.dispatcher.model import SOURCES, Accepted, Event
-from services.dispatcher.planning import Plan, Planner
+from services.dispatcher.model import SOURCES, Accepted, Event, event_fields
+from services.dispatcher.planning import Planner
 
 Result = Accepted | errors.BelfryError
 
@@ -55,24 +56,25 @@ class Dispatcher:
         results: list[Result | None] = [x if isinstance(x, errors.BelfryError) else None for x in items]
         firsts, repeats = self._admit(items, results)
         # No look-up of the keys first: a new event (the common case) costs no extra
-        # round trip; a replay is recognised when its insert finds the key taken, or
-        # when it cannot be planned any more (e.g. a recipient left since).
+        # round trip; a replay is recognised when its insert finds the key taken.
         todo = list(firsts.values())
-        plans = await self._planner.plan([_event(items[i]) for i in todo])
-        ready = [p for p in plans if isinstance(p, Plan)]
+        refusals = await self._planner.admit([_event(items[i]) for i in todo])
+        rows = {
+            i: _notification_row(_event(items[i])) for i, refused in zip(todo, refusals, strict=True) if not refused
+        }
         try:
-            written = await self._write(ready) if ready else set()
+            written = await store.accept(self._pool, list(rows.values())) if rows else set()
         except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.DeadlockDetectedError) as exc:
             # Nothing was committed: the whole call may be retried as is (the keys make it safe).
             raise errors.Unavailable(
                 f"the database could not take these events now ({type(exc).__name__}); retry"
             ) from exc
-        for i, plan in zip(todo, plans, strict=True):
-            if isinstance(plan, Plan) and plan.notification_id in written:
-                results[i] = Accepted(plan.notification_id)
+        for i, refused in zip(todo, refusals, strict=True):
+            row = rows.get(i)
+            if row is not None and row.notification_id in written:
+                results[i] = Accepted(row.notification_id)
             else:
-                if not isinstance(plan, Plan):
-                    results[i] = plan  # unless the key turns out to be a replay
+                results[i] = refused  # unless the key turns out to be a replay
                 repeats.append(i)
         await self._resolve(items, results, firsts, repeats)
         final = [r if r is not None else errors.Unavailable("event was not processed; retry it") for r in results]
@@ -126,60 +128,6 @@ class Dispatcher:
                 # The first event with this key was refused: the repeat gets the same answer.
                 results[i] = results[firsts[key]]
 
-    async def _write(self, plans: list[Plan]) -> set[uuid.UUID]:
-        """Write the plans in one transaction; return the notification ids inserted."""
-        claims = [
-            (p.event.account_id, p.event.activity_id, v.user_id, p.notification_id)
-            for p in plans
-            for v in p.verdicts
-            if v.mention_only and not v.reason
-        ]
-        notifications = [_notification_row(p) for p in plans]
-        async with self._pool.acquire() as conn, conn.transaction():
-            if claims:
-                # Who is told depends on which mentions are first: claim them, then decide.
-                inserted = await store.insert_notifications(conn, notifications)
-                plans = [p for p in plans if p.notification_id in inserted]
-                firsts = await store.claim_mentions(conn, [c for c in claims if c[3] in inserted])
-                recipients, tagged = _rows(plans, firsts)
-                await store.insert_recipients(conn, recipients)
-            else:
-                # Nothing depends on the insert: notifications and decisions in one statement.
-                recipients, tagged = _rows(plans, set())
-                inserted = await store.insert_notifications(conn, notifications, recipients)
-            deliveries = [d for plan_id, d in tagged if plan_id in inserted]
-            # enqueue is typed for a bare connection; a pooled one behaves the same.
-            await enqueue(cast(asyncpg.Connection, conn), deliveries)
-        return inserted
-
-
-def _rows(
-    plans: Sequence[Plan], firsts: set[tuple[str, str, str]]
-) -> tuple[list[store.RecipientRow], list[tuple[uuid.UUID, NewDelivery]]]:
-    """Every candidate's record, and the deliveries with the notification they belong to."""
-    recipients: list[store.RecipientRow] = []
-    deliveries: list[tuple[uuid.UUID, NewDelivery]] = []
-    for plan in plans:
-        e = plan.event
-        first = {u for (a, act, u) in firsts if a == e.account_id and act == e.activity_id}
-        for v in rules.first_mentions(plan.verdicts, first):
-            routed = plan.routed.get(v.user_id) if not v.reason else None
-            recipients.append(
-                store.RecipientRow(
-                    e.account_id,
-                    plan.notification_id,
-                    v.user_id,
-                    "accepted" if routed else "suppressed",
-                    v.reason,
-                    routed.channels if routed else [],
-                    routed.held_until if routed else None,
-                )
-            )
-            if routed:
-                deliveries.extend((plan.notification_id, d) for d in routed.deliveries)
-        deliveries.extend((plan.notification_id, d) for d in plan.digest)
-    return recipients, deliveries
-
 
 def _event(item: Event | errors.BelfryError) -> Event:
     assert isinstance(item, Event)
@@ -198,11 +146,10 @@ def _replay(event: Event, found: tuple[uuid.UUID, bytes]) -> Result:
     )
 
 
-def _notification_row(plan: Plan) -> store.NotificationRow:
-    e = plan.event
+def _notification_row(e: Event) -> store.NotificationRow:
     return store.NotificationRow(
         account_id=e.account_id,
-        notification_id=plan.notification_id,
+        notification_id=uuid.uuid4(),
         idempotency_key=e.idempotency_key,
         body_hash=e.body_hash,
         topic=e.topic,
@@ -216,4 +163,5 @@ def _notification_row(plan: Plan) -> store.NotificationRow:
             "url": e.object.url,
             "owner_user_id": e.object.owner_user_id,
         },
+        event=event_fields(e),
     )

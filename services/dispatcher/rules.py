@@ -27,6 +27,8 @@ NOT_FIRST_MENTION = "not_first_mention"
 NOT_QUOTE_OWNER = "not_quote_owner"
 INBOX_NOT_VISITED = "inbox_not_visited"
 NOT_PRIMARY_MEMBER = "not_primary_team_member"
+# Named by the event, but not an active member of the account (recorded at fan-out, nobody refused).
+NOT_A_MEMBER = "not_an_active_member"
 
 
 @dataclass(frozen=True)

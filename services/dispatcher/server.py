@@ -12,6 +12,7 @@ from belfry.api.dispatcher.v1 import dispatcher_pb2, dispatcher_pb2_grpc
 
 from services.dispatcher import render, store
 from services.dispatcher.backpressure import Backpressure
+from services.dispatcher.fanout import Fanout
 from services.dispatcher.planning import Planner
 from services.dispatcher.preferences import Preferences
 from services.dispatcher.publish import Dispatcher
@@ -29,7 +30,8 @@ def build_for(settings: Settings) -> Callable[[asyncpg.Pool], Awaitable[service.
         preferences = Preferences(channel, deadline=settings.preferences_deadline)
         pressure = Backpressure(pool, settings.backpressure)
         await pressure.refresh()
-        dispatcher = Dispatcher(pool, Planner(pool, preferences, render.load_labels(settings.catalogue)), pressure)
+        planner = Planner(pool, preferences, render.load_labels(settings.catalogue))
+        dispatcher = Dispatcher(pool, planner, pressure)
         servicer = DispatcherServicer(dispatcher, pool, settings.limits, max_batch=settings.max_batch)
 
         def register(server: grpc.aio.Server) -> None:
@@ -49,7 +51,11 @@ def build_for(settings: Settings) -> Callable[[asyncpg.Pool], Awaitable[service.
         return service.Built(
             registrations=[register],
             service_names=[dispatcher_pb2.DESCRIPTOR.services_by_name["DispatcherService"].full_name],
-            background=[pressure.loop, purge],
+            background=[
+                pressure.loop,
+                purge,
+                *(Fanout(pool, planner, settings.fanout).run for _ in range(settings.fanout_workers)),
+            ],
             cleanup=[close],
         )
 

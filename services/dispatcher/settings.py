@@ -9,7 +9,7 @@ from pathlib import Path
 
 from belfry.config import CommonSettings, Env, load_common
 
-from services.dispatcher import backpressure, render, validate
+from services.dispatcher import backpressure, fanout, render, validate
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,8 @@ class Settings:
     key_hours: float
     retention_days: float
     purge_seconds: float
+    fanout_workers: int
+    fanout: fanout.Tuning
 
 
 def load_settings(environ: Mapping[str, str]) -> Settings:
@@ -52,6 +54,11 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         key_hours=env.float("BELFRY_DISPATCHER_IDEMPOTENCY_HOURS", 24.0, minimum=0.001),
         retention_days=env.float("BELFRY_DISPATCHER_RETENTION_DAYS", 30.0, minimum=0.001),
         purge_seconds=env.float("BELFRY_DISPATCHER_PURGE_SECONDS", 60.0, minimum=0.01),
+        fanout_workers=env.int("BELFRY_DISPATCHER_FANOUT_WORKERS", 2, minimum=1),
+        fanout=fanout.Tuning(
+            batch=env.int("BELFRY_DISPATCHER_FANOUT_BATCH", 200, minimum=1),
+            chunk=env.int("BELFRY_DISPATCHER_FANOUT_CHUNK", 1000, minimum=1),
+        ),
     )
     env.check()
     return settings

@@ -127,6 +127,9 @@ def to_proto(record: store.NotificationRecord) -> pb.Notification:
             )
         )
     answer.merged_from.extend(str(i) for i in record.merged_from)
+    if record.fanout:
+        answer.fanout_state = pb.STATE_FAILED if record.fanout == "failed" else pb.STATE_ACCEPTED
+        answer.fanout_reason = record.fanout_error
     return answer
 
 

@@ -70,10 +70,16 @@ class NotificationRecord:
     object: dict[str, Any]
     recipients: tuple[RecipientRecord, ...]
     merged_from: tuple[uuid.UUID, ...] = ()  # a merged notification's sources, oldest first
+    fanout: str = ""  # "pending" while recipients are being expanded, "failed" if that ended for good, else ""
+    fanout_error: str = ""
 
 
 _NOTIFICATION_COLUMNS = (
-    "account_id, notification_id, topic, occurred_at, accepted_at, actor_user_id, actor_source, object"
+    "account_id, notification_id, topic, occurred_at, accepted_at, actor_user_id, actor_source, object,"
+    " (select case when f.not_before = 'infinity' then 'failed' else 'pending' end from dispatcher.fanout f"
+    "  where f.account_id = n.account_id and f.notification_id = n.notification_id) as fanout,"
+    " (select f.error from dispatcher.fanout f"
+    "  where f.account_id = n.account_id and f.notification_id = n.notification_id) as fanout_error"
 )
 
 
@@ -94,7 +100,7 @@ async def load_notifications(
     """
     async with pool.acquire() as conn:
         heads = await conn.fetch(
-            f"select {_NOTIFICATION_COLUMNS} from dispatcher.notifications"
+            f"select {_NOTIFICATION_COLUMNS} from dispatcher.notifications n"
             " where account_id = $1 and notification_id = any($2::uuid[])",
             account_id,
             list(ids),
@@ -165,6 +171,8 @@ async def load_notifications(
             h["actor_source"],
             h["object"],
             tuple(people.get(h["notification_id"], ())),
+            fanout=h["fanout"] or "",
+            fanout_error=h["fanout_error"] or "",
         )
         for h in heads
     }

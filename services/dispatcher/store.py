@@ -1,9 +1,12 @@
 """All of the dispatcher's SQL.
 
-Writes happen inside the caller's transaction (with the queue's enqueue), so
-an event's notification, decisions, mention claims and deliveries commit or
-vanish together. Bulk statements use ``unnest`` so a batch of a thousand
-events costs a handful of round trips.
+Accepting writes each event once (its notification row, carrying the event
+and its idempotency key) with a row in the fan-out backlog, in one statement.
+A fan-out worker then writes, inside one transaction of its own, the
+recipient records, mention claims and deliveries of the events it claimed
+and removes (or advances) their backlog rows: all of it commits or none of
+it does. Bulk statements use ``unnest`` so a batch of a thousand events
+costs a handful of round trips.
 """
 
 from __future__ import annotations
@@ -34,6 +37,21 @@ class NotificationRow:
     actor_user_id: str
     actor_source: int
     object: dict[str, str]
+    event: dict[str, Any]  # what fan-out needs beyond the columns: recipients, mentions, variables, ...
+
+
+# Fan-out workers LISTEN here; an accept's NOTIFY is sent when it commits.
+FANOUT_CHANNEL = "belfry_dispatcher_fanout"
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """A claimed fan-out backlog row with its notification."""
+
+    row: NotificationRow
+    accepted_at: datetime
+    position: int
+    attempts: int
 
 
 @dataclass(frozen=True)
@@ -67,15 +85,13 @@ async def find_keys(
     return {(r["account_id"], r["idempotency_key"]): (r["notification_id"], bytes(r["body_hash"])) for r in rows}
 
 
-async def insert_notifications(
-    conn: Conn, rows: Sequence[NotificationRow], recipients: Sequence[RecipientRow] = ()
-) -> set[uuid.UUID]:
-    """Insert notifications (and, when given, their recipients); return the ids inserted.
+async def accept(conn: Conn | asyncpg.Pool, rows: Sequence[NotificationRow]) -> set[uuid.UUID]:
+    """Record events and their fan-out backlog rows in one statement; return the ids inserted.
 
-    A key taken meanwhile by a concurrent publisher is skipped, with its
-    recipients: the concurrent insert waits for the other transaction and
-    then skips, which is what makes concurrent duplicates produce exactly one
-    notification.
+    A key taken meanwhile by a concurrent publisher is skipped: the concurrent
+    insert waits for the other transaction and then skips, which is what makes
+    concurrent duplicates produce exactly one notification. The NOTIFY that
+    wakes the fan-out workers is part of the statement (sent on commit).
     """
     if not rows:
         return set()
@@ -86,20 +102,17 @@ async def insert_notifications(
         with n as (
             insert into dispatcher.notifications
                 (account_id, notification_id, idempotency_key, body_hash, topic, occurred_at,
-                 actor_user_id, actor_source, object)
+                 actor_user_id, actor_source, object, event)
             select * from unnest($1::text[], $2::uuid[], $3::text[], $4::bytea[], $5::text[], $6::timestamptz[],
-                                 $7::text[], $8::smallint[], $9::jsonb[])
+                                 $7::text[], $8::smallint[], $9::jsonb[], $10::jsonb[])
             on conflict (account_id, idempotency_key) where idempotency_key is not null do nothing
-            returning notification_id
+            returning account_id, notification_id, accepted_at
         ),
-        r as (
-            insert into dispatcher.recipients (account_id, notification_id, user_id, state, reason, channels, held_until)
-            select a, x.n, u, s, r, c::jsonb, h
-            from unnest($10::text[], $11::uuid[], $12::text[], $13::text[], $14::text[], $15::text[], $16::timestamptz[])
-                as x(a, n, u, s, r, c, h)
-            where x.n in (select notification_id from n)
+        f as (
+            insert into dispatcher.fanout (account_id, notification_id, accepted_at)
+            select account_id, notification_id, accepted_at from n
         )
-        select notification_id from n
+        select n.notification_id, pg_notify($11, '') from n
         """,
         [r.account_id for r in ordered],
         [r.notification_id for r in ordered],
@@ -110,9 +123,111 @@ async def insert_notifications(
         [r.actor_user_id for r in ordered],
         [r.actor_source for r in ordered],
         [r.object for r in ordered],
-        *_recipient_arrays(recipients),
+        [r.event for r in ordered],
+        FANOUT_CHANNEL,
     )
     return {r["notification_id"] for r in inserted}
+
+
+async def claim_fanout(conn: Conn, limit: int, after: str, upto: str | None = None) -> list[Backlog]:
+    """Lock up to ``limit`` due backlog rows (inside the caller's transaction), fairly across accounts.
+
+    Accounts after ``after`` (and up to ``upto`` when given) are visited in
+    order; each gets an equal share of ``limit``, oldest first. Rows other
+    workers hold are skipped; the locks last until the caller's transaction
+    ends (so a second claim in it must not overlap the first: ``upto``).
+    """
+    rows = await conn.fetch(_CLAIM_FANOUT, limit, after, upto)
+    return [
+        Backlog(
+            row=NotificationRow(
+                account_id=r["account_id"],
+                notification_id=r["notification_id"],
+                idempotency_key=r["idempotency_key"] or "",
+                body_hash=bytes(r["body_hash"]),
+                topic=r["topic"],
+                occurred_at=r["occurred_at"],
+                actor_user_id=r["actor_user_id"],
+                actor_source=r["actor_source"],
+                object=r["object"],
+                event=r["event"] or {},
+            ),
+            accepted_at=r["accepted_at"],
+            position=r["position"],
+            attempts=r["attempts"],
+        )
+        for r in rows
+    ]
+
+
+async def finish_fanout(
+    conn: Conn,
+    done: Sequence[tuple[str, uuid.UUID]],
+    advanced: Sequence[tuple[str, uuid.UUID, int]],
+    retry: Sequence[tuple[str, uuid.UUID, float, str]],
+    failed: Sequence[tuple[str, uuid.UUID, str]],
+) -> None:
+    """Settle claimed backlog rows: fanned out (removed), advanced to a position, retried later, failed for good."""
+    if done:
+        await conn.execute(
+            """
+            delete from dispatcher.fanout f using unnest($1::text[], $2::uuid[]) as x(a, n)
+            where f.account_id = x.a and f.notification_id = x.n
+            """,
+            [d[0] for d in done],
+            [d[1] for d in done],
+        )
+    if advanced:
+        await conn.execute(
+            """
+            update dispatcher.fanout f set position = x.p
+            from unnest($1::text[], $2::uuid[], $3::int[]) as x(a, n, p)
+            where f.account_id = x.a and f.notification_id = x.n
+            """,
+            [a[0] for a in advanced],
+            [a[1] for a in advanced],
+            [a[2] for a in advanced],
+        )
+    if retry or failed:
+        await conn.execute(
+            """
+            update dispatcher.fanout f
+            set attempts = f.attempts + 1, error = x.e,
+                not_before = case when x.d is null then 'infinity' else now() + make_interval(secs => x.d) end
+            from unnest($1::text[], $2::uuid[], $3::float8[], $4::text[]) as x(a, n, d, e)
+            where f.account_id = x.a and f.notification_id = x.n
+            """,
+            [r[0] for r in retry] + [f[0] for f in failed],
+            [r[1] for r in retry] + [f[1] for f in failed],
+            [r[2] for r in retry] + [None] * len(failed),
+            [r[3] for r in retry] + [f[2] for f in failed],
+        )
+
+
+async def fanout_lag(conn: Conn | asyncpg.Pool) -> float:
+    """Seconds the oldest event waiting for fan-out has waited (0 when none waits)."""
+    lag: float = await conn.fetchval(
+        """
+        select coalesce(extract(epoch from now() - min(accepted_at)), 0)::float8
+        from dispatcher.fanout where not_before < 'infinity'
+        """
+    )
+    return lag
+
+
+async def fanout_state(
+    conn: Conn | asyncpg.Pool, account_id: str, notification_id: uuid.UUID
+) -> tuple[str, str] | None:
+    """``("pending" | "failed", error)`` while a notification waits for (or failed) fan-out; None once fanned out."""
+    row = await conn.fetchrow(
+        """select not_before = 'infinity' as failed, error from dispatcher.fanout
+           where account_id = $1 and notification_id = $2""",
+        account_id,
+        notification_id,
+    )
+    if row is None:
+        return None
+    return ("failed" if row["failed"] else "pending", row["error"] or "")
 
 
 def _channels_json(rows: Sequence[RecipientRow]) -> list[str]:
@@ -227,6 +342,9 @@ async def purge(pool: asyncpg.Pool, *, key_hours: float, retention_days: float, 
                 select account_id, notification_id from dispatcher.notifications
                 where accepted_at < now() - make_interval(secs => $1) limit $2)
             returning account_id, notification_id)
+        , backlog as (
+            delete from dispatcher.fanout f using gone
+            where f.account_id = gone.account_id and f.notification_id = gone.notification_id)
         delete from dispatcher.recipients r using gone
         where r.account_id = gone.account_id and r.notification_id = gone.notification_id
         """,
@@ -264,3 +382,34 @@ async def queue_lag(pool: asyncpg.Pool, channels: Sequence[str]) -> float:
         list(channels),
     )
     return lag
+
+
+# One statement: walk the accounts with due backlog (a loose index scan on
+# fanout_due: one probe per account), give each an equal share of the limit,
+# and lock those rows (skipping other workers' locks).
+_CLAIM_FANOUT = """
+with recursive walk(account_id, n) as (
+    (select account_id, 1 from dispatcher.fanout
+     where not_before <= now() and account_id > $2 and ($3::text is null or account_id <= $3)
+     order by account_id limit 1)
+    union all
+    select nxt.account_id, w.n + 1 from walk w,
+    lateral (select f.account_id from dispatcher.fanout f
+             where f.not_before <= now() and f.account_id > w.account_id and ($3::text is null or f.account_id <= $3)
+             order by f.account_id limit 1) nxt
+    where w.n < $1
+),
+share as (select greatest(1, ceil($1::float8 / nullif(count(*), 0)))::int as per from walk),
+picked as (
+    select p.* from walk w, share s,
+    lateral (select f.account_id, f.notification_id, f.accepted_at, f.position, f.attempts
+             from dispatcher.fanout f
+             where f.account_id = w.account_id and f.not_before <= now()
+             order by f.not_before limit s.per
+             for update skip locked) p
+    limit $1
+)
+select p.accepted_at, p.position, p.attempts, n.*
+from picked p join dispatcher.notifications n
+    on n.account_id = p.account_id and n.notification_id = p.notification_id
+"""

@@ -24,7 +24,7 @@ from services.dispatcher.server import build_for as dispatcher_build
 from services.dispatcher.settings import load_settings as dispatcher_settings
 from services.preferences.server import build_for as preferences_build
 from services.preferences.settings import load_settings as preferences_settings
-from tests.conftest import common_env, fresh_database, open_pool
+from tests.conftest import common_env, fanned_out, fresh_database, open_pool
 
 # The preferences service's clock is pinned, so quiet hours are decided at a known instant.
 PINNED_NOW = dt.datetime.now(dt.UTC).replace(second=0, microsecond=0)
@@ -129,7 +129,8 @@ def event(account_id: str, topic: str = "deals.stage_changed", **fields: object)
 
 
 async def deliveries(pool: asyncpg.Pool, account_id: str, notification_id: str) -> list[asyncpg.Record]:
-    """The queue rows of one notification."""
+    """The queue rows of one notification (once fan-out has written them)."""
+    await fanned_out(pool, account_id)
     return await pool.fetch(
         "select * from queue.deliveries where account_id = $1 and notification_id = $2 order by user_id, channel",
         account_id,
@@ -138,8 +139,9 @@ async def deliveries(pool: asyncpg.Pool, account_id: str, notification_id: str) 
 
 
 async def publish(mesh: Mesh, ev: pb.Event) -> pb.PublishResponse:
-    """Publish one event."""
+    """Publish one event and wait until it is fanned out (its recipients and deliveries written)."""
     answer: pb.PublishResponse = await mesh.dispatcher.Publish(pb.PublishRequest(event=ev))
+    await fanned_out(mesh.pool, ev.account_id)
     return answer
 
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import datetime as dt
 
-import grpc
 from belfry.api.directory.v1 import directory_pb2
 from belfry.api.dispatcher.v1 import dispatcher_pb2 as pb
 from belfry.api.preferences.v1 import preferences_pb2
 from belfry.auth import TokenIssuer
 from belfry.handoff import Assignment, DigestFact, from_payload
 
-from tests.dispatcher.conftest import PINNED_NOW, Mesh, deliveries, event, publish, refused, seed
+from tests.dispatcher.conftest import PINNED_NOW, Mesh, deliveries, event, publish, seed
 
 
 async def recipients(mesh: Mesh, account_id: str, notification_id: str) -> dict[str, tuple[str, str]]:
@@ -177,9 +176,14 @@ async def test_quiet_hours_hold_deliveries_and_keep_a_silent_bell(
     assert (email.state, email.reason) == (pb.STATE_HELD, "quiet_hours")
 
 
-async def test_unknown_team_is_a_clear_error(mesh: Mesh, account_id: str) -> None:
+async def test_unknown_team_fails_the_fan_out_with_a_clear_reason(mesh: Mesh, account_id: str) -> None:
     await seed(mesh, account_id)
     ev = event(account_id, topic="conversations.unassigned_new", team_id="ghosts", unassigned=True)
-    error = await refused(publish(mesh, ev))
-    assert error.code() == grpc.StatusCode.NOT_FOUND
-    assert "ghosts" in (error.details() or "")
+    # The team is looked up behind the producer's call: the event is accepted, its fan-out fails for good.
+    answer = await publish(mesh, ev)
+    found = await mesh.dispatcher.GetNotification(
+        pb.GetNotificationRequest(account_id=account_id, notification_id=answer.notification_id)
+    )
+    assert found.notification.fanout_state == pb.STATE_FAILED
+    assert "ghosts" in found.notification.fanout_reason
+    assert not found.notification.recipients

@@ -14,7 +14,7 @@ from grpc_status import rpc_status
 
 from services.dispatcher.server import build_for
 from services.dispatcher.settings import load_settings
-from tests.conftest import common_env
+from tests.conftest import common_env, fanned_out
 from tests.dispatcher.conftest import NO_TLS, Mesh, event, refused, seed
 
 
@@ -79,6 +79,7 @@ async def test_queue_far_behind_refuses_publishing(mesh: Mesh, account_id: str, 
     await mesh.dispatcher.PublishBatch(
         pb.PublishBatchRequest(events=[event(account_id, recipient_user_ids=["ana"]) for _ in range(50)])
     )
+    await fanned_out(mesh.pool, account_id)
     async for stub in _start(mesh, token_keys, BELFRY_DISPATCHER_MAX_QUEUE_DEPTH="1"):
         ev = event(account_id, recipient_user_ids=["ana"])
         error = await refused(stub.Publish(pb.PublishRequest(event=ev)))
@@ -90,3 +91,21 @@ async def test_queue_far_behind_refuses_publishing(mesh: Mesh, account_id: str, 
             ev.idempotency_key,
         )
         assert found == 0
+
+
+async def test_fan_out_far_behind_refuses_publishing(mesh: Mesh, account_id: str, token_keys: dict[str, bytes]) -> None:
+    await seed(mesh, account_id)
+    # An event accepted two minutes ago still waits for fan-out (held back: no worker may take it now).
+    # Two minutes: past this replica's limit, within the shared mesh's default (other tests keep publishing).
+    await mesh.pool.execute(
+        """insert into dispatcher.fanout (account_id, notification_id, accepted_at, not_before)
+           values ($1, gen_random_uuid(), now() - interval '2 minutes', now() + interval '1 hour')""",
+        account_id,
+    )
+    try:
+        async for stub in _start(mesh, token_keys, BELFRY_DISPATCHER_MAX_QUEUE_LAG_SECONDS="60"):
+            error = await refused(stub.Publish(pb.PublishRequest(event=event(account_id, recipient_user_ids=["ana"]))))
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "fan-out" in (error.details() or "") and retry_delay(error) >= 1
+    finally:
+        await mesh.pool.execute("delete from dispatcher.fanout where account_id = $1", account_id)

@@ -42,7 +42,7 @@ async def test_publish_fills_key_and_time_so_a_retry_is_a_replay(
 async def test_publish_batch_splits_and_keeps_input_order(mesh: Mesh, account_id: str, publisher: Publisher) -> None:
     await seed(mesh, account_id)
     events = [event(account_id, recipient_user_ids=["ana"]) for _ in range(1205)]
-    events[1100] = event(account_id, recipient_user_ids=["ghost"])
+    events[1100] = event(account_id, topic="deals.ghost", recipient_user_ids=["ana"])  # unknown topic
     statuses = await publisher.publish_batch(events)
     assert [s.index for s in statuses] == list(range(1205))
     assert statuses[1100].outcome == pb.OUTCOME_REJECTED

@@ -53,15 +53,19 @@ async def test_same_key_other_body_is_already_exists_and_writes_nothing(mesh: Me
     assert count == 2  # ana's email and bell only
 
 
-async def test_recipient_from_another_account_is_invalid_and_writes_nothing(mesh: Mesh, account_id: str) -> None:
+async def test_recipient_from_another_account_is_recorded_and_never_told(mesh: Mesh, account_id: str) -> None:
     await seed(mesh, account_id)
     other = f"acc_{uuid.uuid4().hex[:12]}"
     await seed(mesh, other, [("zoe", "Zoé", "fr", ())])
-    error = await refused(publish(mesh, event(account_id, recipient_user_ids=["ana", "zoe"])))
-    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "zoe" in (error.details() or "")
+    answer = await publish(mesh, event(account_id, recipient_user_ids=["ana", "zoe"]))
+    found = await mesh.dispatcher.GetNotification(
+        pb.GetNotificationRequest(account_id=account_id, notification_id=answer.notification_id)
+    )
+    states = {r.user_id: (r.state, r.reason) for r in found.notification.recipients}
+    assert states == {"ana": (pb.STATE_ACCEPTED, ""), "zoe": (pb.STATE_SUPPRESSED, "not_an_active_member")}
+    assert {r["user_id"] for r in await deliveries(mesh.pool, account_id, answer.notification_id)} == {"ana"}
     for table in ("dispatcher.notifications", "dispatcher.recipients", "queue.deliveries"):
-        assert await mesh.pool.fetchval(f"select count(*) from {table} where account_id = $1", account_id) == 0
+        assert await mesh.pool.fetchval(f"select count(*) from {table} where account_id = $1", other) == 0
 
 
 async def test_unknown_topic_and_unknown_account(mesh: Mesh, account_id: str) -> None:
@@ -189,8 +193,12 @@ async def test_replay_is_answered_even_when_the_event_could_not_be_planned_any_m
     )
     again = await publish(mesh, ev)
     assert again.replayed and again.notification_id == first.notification_id
-    fresh = await refused(publish(mesh, event(account_id, recipient_user_ids=["ana"])))
-    assert fresh.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # A new event naming her is accepted; fan-out records that she is no longer a member.
+    fresh = await publish(mesh, event(account_id, recipient_user_ids=["ana"]))
+    found = await mesh.dispatcher.GetNotification(
+        pb.GetNotificationRequest(account_id=account_id, notification_id=fresh.notification_id)
+    )
+    assert [(r.user_id, r.reason) for r in found.notification.recipients] == [("ana", "not_an_active_member")]
 
 
 async def test_events_published_metric_counts_each_outcome(mesh: Mesh, account_id: str) -> None:
@@ -203,6 +211,6 @@ async def test_events_published_metric_counts_each_outcome(mesh: Mesh, account_i
     before = {o: sample(o) for o in ("accepted", "replayed", "rejected")}
     ev = event(account_id, recipient_user_ids=["ana"])
     await mesh.dispatcher.PublishBatch(
-        pb.PublishBatchRequest(events=[ev, ev, event(account_id, recipient_user_ids=["ghost"])])
+        pb.PublishBatchRequest(events=[ev, ev, event(account_id, topic="deals.ghost", recipient_user_ids=["ana"])])
     )
     assert {o: sample(o) - before[o] for o in before} == {"accepted": 1, "replayed": 1, "rejected": 1}

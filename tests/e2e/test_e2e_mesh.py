@@ -31,7 +31,7 @@ from belfry.api.preferences.v1 import preferences_pb2, preferences_pb2_grpc
 from belfry.auth import TokenIssuer
 from belfry.local import demo, mailcatcher, supervisor
 
-from tests.conftest import common_env
+from tests.conftest import common_env, fanned_out
 
 TOPIC = "comments.mentioned"
 
@@ -196,6 +196,7 @@ async def test_bad_input_is_refused_and_writes_nothing(mesh: Mesh, account_id: s
             account_id=account_id, topic=TOPIC, recipients=["alice"], idempotency_key="k-1", object_name="B"
         )
         assert await publish(changed) == grpc.StatusCode.ALREADY_EXISTS
+    await fanned_out(pool, account_id)
     rows = await pool.fetchval("select count(*) from queue.deliveries where account_id = $1", account_id)
     notifications = {
         r["notification_id"]

@@ -640,9 +640,18 @@ class Notification(_message.Message):
     OBJECT_FIELD_NUMBER: _builtins.int
     RECIPIENTS_FIELD_NUMBER: _builtins.int
     MERGED_FROM_FIELD_NUMBER: _builtins.int
+    FANOUT_STATE_FIELD_NUMBER: _builtins.int
+    FANOUT_REASON_FIELD_NUMBER: _builtins.int
     notification_id: _builtins.str
     account_id: _builtins.str
     topic: _builtins.str
+    fanout_state: Global___State.ValueType
+    """Fan-out, which expands the recipients behind the producer's call:
+    STATE_ACCEPTED while it is under way (recipients appear as it goes),
+    STATE_FAILED with fanout_reason when it ended for good (e.g. the account
+    was deleted), STATE_UNSPECIFIED once every recipient is recorded.
+    """
+    fanout_reason: _builtins.str
     @_builtins.property
     def occurred_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -671,10 +680,12 @@ class Notification(_message.Message):
         object: Global___ObjectRef | None = ...,
         recipients: _abc.Iterable[Global___RecipientStatus] | None = ...,
         merged_from: _abc.Iterable[_builtins.str] | None = ...,
+        fanout_state: Global___State.ValueType = ...,
+        fanout_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["accepted_at", b"accepted_at", "actor", b"actor", "object", b"object", "occurred_at", b"occurred_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_at", b"accepted_at", "account_id", b"account_id", "actor", b"actor", "merged_from", b"merged_from", "notification_id", b"notification_id", "object", b"object", "occurred_at", b"occurred_at", "recipients", b"recipients", "topic", b"topic"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_at", b"accepted_at", "account_id", b"account_id", "actor", b"actor", "fanout_reason", b"fanout_reason", "fanout_state", b"fanout_state", "merged_from", b"merged_from", "notification_id", b"notification_id", "object", b"object", "occurred_at", b"occurred_at", "recipients", b"recipients", "topic", b"topic"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

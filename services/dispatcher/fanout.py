@@ -1,0 +1,202 @@
+"""Fan-out: accepted events become recipient records and deliveries, behind the producer's call.
+
+A worker claims a batch of backlog rows (fairly across accounts, skipping
+rows other workers hold), plans them — recipient rules, preferences,
+rendering — and in the same transaction writes the recipient records,
+mention claims and deliveries and removes the backlog rows. A crash anywhere
+rolls all of it back and the rows are claimed again: every accepted event
+is fanned out exactly once. A large audience goes in chunks of ``chunk``
+candidates, each chunk committed with the backlog row's new position, so a
+crash midway resumes where the last chunk ended.
+
+Planning that fails because a dependency is away (preferences unreachable)
+is retried with backoff; a refusal that will not change (the account was
+deleted since) ends the row as failed, visible in the status API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import cast
+
+import asyncpg
+from belfry import errors, log
+from belfry.queue import NewDelivery, enqueue
+
+from services.dispatcher import rules, store
+from services.dispatcher.model import stored_event
+from services.dispatcher.planning import Job, Plan, Planner
+
+_LOG = log.get(__name__)
+
+# Backoff for an event whose planning hit an unavailable dependency.
+_RETRY_BASE = 1.0
+_RETRY_CAP = 60.0
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """How a fan-out worker claims work."""
+
+    batch: int = 200  # backlog rows per transaction
+    chunk: int = 1000  # candidates of one event per transaction
+    poll_seconds: float = 1.0  # fallback when a NOTIFY is missed (and rows due after a backoff)
+
+
+class Fanout:
+    """One fan-out worker (run several per process and per replica: they share the backlog)."""
+
+    def __init__(self, pool: asyncpg.Pool, planner: Planner, tuning: Tuning = Tuning()) -> None:
+        self._pool = pool
+        self._planner = planner
+        self._tuning = tuning
+        self._cursor = ""  # round-robin position over accounts
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Background loop: fan out until ``stop``; a lost LISTEN connection ends it with an error (restarted)."""
+        wake = asyncio.Event()
+        lost = asyncio.Event()
+
+        def on_notify(*_: object) -> None:
+            wake.set()
+
+        def on_lost(*_: object) -> None:
+            lost.set()
+            wake.set()
+
+        conn: asyncpg.pool.PoolConnectionProxy = await self._pool.acquire()
+        conn.add_termination_listener(on_lost)
+        try:
+            await conn.add_listener(store.FANOUT_CHANNEL, on_notify)
+            while not stop.is_set():
+                # Clear before claiming: an accept that commits meanwhile must wake the next wait.
+                wake.clear()
+                if await self.step() >= self._tuning.batch:
+                    continue
+                if lost.is_set():
+                    raise ConnectionResetError("the fan-out LISTEN connection was closed by the database")
+                waiters = [asyncio.ensure_future(wake.wait()), asyncio.ensure_future(stop.wait())]
+                await asyncio.wait(waiters, timeout=self._tuning.poll_seconds, return_when=asyncio.FIRST_COMPLETED)
+                for waiter in waiters:
+                    waiter.cancel()
+        finally:
+            if not lost.is_set():
+                conn.remove_termination_listener(on_lost)
+                await conn.remove_listener(store.FANOUT_CHANNEL, on_notify)
+            with contextlib.suppress(Exception):  # a connection the database dropped is already gone
+                await self._pool.release(conn, timeout=5)
+
+    async def step(self) -> int:
+        """Claim and fan out one batch in one transaction; return how many backlog rows were claimed."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            claimed = await store.claim_fanout(conn, self._tuning.batch, self._cursor)
+            if len(claimed) < self._tuning.batch and self._cursor:
+                # Wrap around to the accounts the first pass did not visit.
+                claimed += await store.claim_fanout(conn, self._tuning.batch - len(claimed), "", self._cursor)
+            self._cursor = max((b.row.account_id for b in claimed), default="")
+            if not claimed:
+                return 0
+            jobs = [_job(b, self._tuning.chunk) for b in claimed]
+            plans = await self._planner.plan(jobs)
+            ready = [p for p in plans if isinstance(p, Plan)]
+            await _write(conn, ready)
+            done, advanced, retry, failed = _settle(claimed, plans)
+            await store.finish_fanout(conn, done, advanced, retry, failed)
+        if retry or failed:
+            _LOG.warning("fan-out deferred or failed", retried=len(retry), failed=len(failed))
+        return len(claimed)
+
+
+def _job(backlog: store.Backlog, chunk: int) -> Job:
+    row = backlog.row
+    event = stored_event(
+        account_id=row.account_id,
+        topic=row.topic,
+        occurred_at=row.occurred_at,
+        idempotency_key=row.idempotency_key,
+        body_hash=row.body_hash,
+        actor_user_id=row.actor_user_id,
+        obj=row.object,
+        fields=row.event,
+    )
+    return Job(event, row.notification_id, backlog.position, chunk)
+
+
+Key = tuple[str, uuid.UUID]
+
+
+def _settle(
+    claimed: Sequence[store.Backlog], plans: Sequence[Plan | errors.BelfryError]
+) -> tuple[
+    list[Key],
+    list[tuple[str, uuid.UUID, int]],
+    list[tuple[str, uuid.UUID, float, str]],
+    list[tuple[str, uuid.UUID, str]],
+]:
+    done: list[Key] = []
+    advanced: list[tuple[str, uuid.UUID, int]] = []
+    retry: list[tuple[str, uuid.UUID, float, str]] = []
+    failed: list[tuple[str, uuid.UUID, str]] = []
+    for backlog, plan in zip(claimed, plans, strict=True):
+        key = (backlog.row.account_id, backlog.row.notification_id)
+        if isinstance(plan, Plan):
+            if plan.next_position is None:
+                done.append(key)
+            else:
+                advanced.append((*key, plan.next_position))
+        elif isinstance(plan, errors.Unavailable | errors.ResourceExhausted):
+            delay = min(_RETRY_CAP, _RETRY_BASE * 2 ** min(backlog.attempts, 10))
+            retry.append((*key, delay, plan.message))
+        else:
+            failed.append((*key, plan.message))
+    return done, advanced, retry, failed
+
+
+async def _write(conn: asyncpg.pool.PoolConnectionProxy, plans: list[Plan]) -> None:
+    """Write the plans' recipient records, mention claims and deliveries (inside the caller's transaction)."""
+    if not plans:
+        return
+    claims = [
+        (p.event.account_id, p.event.activity_id, v.user_id, p.notification_id)
+        for p in plans
+        for v in p.verdicts
+        if v.mention_only and not v.reason
+    ]
+    # Who is told depends on which mentions are first: claim them, then decide.
+    firsts = await store.claim_mentions(conn, claims)
+    recipients, deliveries = _rows(plans, firsts)
+    await store.insert_recipients(conn, recipients)
+    # enqueue is typed for a bare connection; a pooled one behaves the same.
+    await enqueue(cast(asyncpg.Connection, conn), deliveries)
+
+
+def _rows(
+    plans: Sequence[Plan], firsts: set[tuple[str, str, str]]
+) -> tuple[list[store.RecipientRow], list[NewDelivery]]:
+    """Every candidate's record, and the deliveries."""
+    recipients: list[store.RecipientRow] = []
+    deliveries: list[NewDelivery] = []
+    for plan in plans:
+        e = plan.event
+        first = {u for (a, act, u) in firsts if a == e.account_id and act == e.activity_id}
+        for v in rules.first_mentions(plan.verdicts, first):
+            routed = plan.routed.get(v.user_id) if not v.reason else None
+            recipients.append(
+                store.RecipientRow(
+                    e.account_id,
+                    plan.notification_id,
+                    v.user_id,
+                    "accepted" if routed else "suppressed",
+                    v.reason,
+                    routed.channels if routed else [],
+                    routed.held_until if routed else None,
+                )
+            )
+            if routed:
+                deliveries.extend(routed.deliveries)
+        deliveries.extend(plan.digest)
+    return recipients, deliveries
