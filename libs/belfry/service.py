@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -28,6 +29,12 @@ _LOG = log.get(__name__)
 
 # A background loop runs until its stop event is set (sender workers, schedulers).
 Background = background.Loop
+
+# The cyclic garbage collector's generation thresholds once a service is up
+# (CPython's default is 700/10/10). Request handling allocates many short-lived
+# objects and few cycles: collecting gen 0 every 700 allocations took 18 % of
+# the dispatcher's busy samples.
+_GC_THRESHOLDS = (20_000, 20, 20)
 
 # How often readiness checks the database, and how long one check may take.
 _READINESS_SECONDS = 1.0
@@ -153,6 +160,11 @@ async def _run(name: str, common: CommonSettings, build: Callable[[asyncpg.Pool]
 
     metrics_port = metrics.serve_metrics(common.metrics_address)
     running = await start(name, common, build)
+    # What start-up made (modules, generated message classes, settings) lives as long as the process:
+    # move it out of the collector's view, so each collection walks only what requests made.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*_GC_THRESHOLDS)
     # Handlers first: a supervisor may send SIGTERM as soon as it reads the line below.
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

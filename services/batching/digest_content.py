@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import Sequence
 from datetime import datetime
 
+from belfry import i18n
 from belfry.message import Item, Message
 
 from services.batching.digest_store import TaskFact, WorkflowChange
@@ -25,7 +26,7 @@ def digest_id(account_id: str, user_id: str, digest: str, period: str) -> uuid.U
 
 
 def _french(locale: str) -> bool:
-    return locale.lower().startswith("fr")
+    return i18n.language(locale) == "fr"
 
 
 def tasks_message(

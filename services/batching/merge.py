@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import replace
 
+from belfry import i18n
 from belfry.message import Item, Message
 
 # uuid5 namespace of merged notifications and digests: a retried close or
@@ -48,14 +49,14 @@ def item_of(message: Message, object_type: str, object_id: str) -> Item:
 def title(object_type: str, count: int, locale: str) -> str:
     """``3 contacts were assigned to you`` / ``3 contacts vous ont été attribués``."""
     en, fr, agreement = _NOUNS.get(object_type, (f"{object_type} records", f"fiches {object_type}", "es"))
-    if locale.lower().startswith("fr"):
+    if i18n.language(locale) == "fr":
         return f"{count} {fr} vous ont été attribué{agreement}"
     return f"{count} {en} were assigned to you"
 
 
 def body(items: Sequence[Item], locale: str) -> str:
     """The names, listed: ``Acme, Beta and Gamma`` (``… and 4 more`` past ten)."""
-    french = locale.lower().startswith("fr")
+    french = i18n.language(locale) == "fr"
     names = [i.display_name for i in items[:_NAMED]]
     rest = len(items) - len(names)
     if rest:

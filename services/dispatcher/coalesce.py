@@ -24,7 +24,7 @@ Publish = Callable[[Sequence[Event | errors.BelfryError]], Awaitable[list[Result
 class Coalescer:
     """Batches concurrent single events into shared writes."""
 
-    def __init__(self, publish: Publish, *, max_batch: int = 256, flushes: int = 4) -> None:
+    def __init__(self, publish: Publish, *, max_batch: int = 256, flushes: int = 1) -> None:
         self._publish = publish
         self._max_batch = max_batch
         self._flushes = flushes

@@ -32,7 +32,9 @@ def build_for(settings: Settings) -> Callable[[asyncpg.Pool], Awaitable[service.
         await pressure.refresh()
         planner = Planner(pool, preferences, render.load_labels(settings.catalogue))
         dispatcher = Dispatcher(pool, planner, pressure)
-        servicer = DispatcherServicer(dispatcher, pool, settings.limits, max_batch=settings.max_batch)
+        servicer = DispatcherServicer(
+            dispatcher, pool, settings.limits, max_batch=settings.max_batch, writers=settings.publish_writers
+        )
 
         def register(server: grpc.aio.Server) -> None:
             dispatcher_pb2_grpc.add_DispatcherServiceServicer_to_server(servicer, server)

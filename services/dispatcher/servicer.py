@@ -25,12 +25,14 @@ from services.dispatcher.publish import Dispatcher, Result
 class DispatcherServicer(dispatcher_pb2_grpc.DispatcherServiceServicer):
     """The producer API and the status API."""
 
-    def __init__(self, dispatcher: Dispatcher, pool: asyncpg.Pool, limits: validate.Limits, *, max_batch: int) -> None:
+    def __init__(
+        self, dispatcher: Dispatcher, pool: asyncpg.Pool, limits: validate.Limits, *, max_batch: int, writers: int = 1
+    ) -> None:
         self._dispatcher = dispatcher
         self._pool = pool
         self._limits = limits
         self._max_batch = max_batch
-        self._coalescer = Coalescer(dispatcher.publish)
+        self._coalescer = Coalescer(dispatcher.publish, flushes=writers)
 
     def _event(self, message: pb.Event) -> Event | errors.BelfryError:
         """Convert and validate one event; an error is returned, not raised, so batches go on."""

@@ -27,13 +27,14 @@ class Settings:
     retention_days: float
     purge_seconds: float
     fanout_workers: int
+    publish_writers: int
     fanout: fanout.Tuning
 
 
 def load_settings(environ: Mapping[str, str]) -> Settings:
     """Read and check every setting; raise one ConfigError naming all problems."""
     env = Env(environ)
-    common = load_common("dispatcher", env, default_port=50052)
+    common = load_common("dispatcher", env)
     settings = Settings(
         common=common,
         preferences_address=env.str("BELFRY_PREFERENCES_ADDRESS", "127.0.0.1:50051"),
@@ -55,6 +56,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         retention_days=env.float("BELFRY_DISPATCHER_RETENTION_DAYS", 30.0, minimum=0.001),
         purge_seconds=env.float("BELFRY_DISPATCHER_PURGE_SECONDS", 60.0, minimum=0.01),
         fanout_workers=env.int("BELFRY_DISPATCHER_FANOUT_WORKERS", 2, minimum=1),
+        publish_writers=env.int("BELFRY_DISPATCHER_PUBLISH_WRITERS", 1, minimum=1),
         fanout=fanout.Tuning(
             batch=env.int("BELFRY_DISPATCHER_FANOUT_BATCH", 200, minimum=1),
             chunk=env.int("BELFRY_DISPATCHER_FANOUT_CHUNK", 1000, minimum=1),

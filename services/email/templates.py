@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+from belfry import i18n
 from belfry.message import Message
 
-LOCALES = ("en", "fr")
 _ROOT = Path(__file__).resolve().parent / "templates"
 
 
@@ -52,8 +52,7 @@ class Templates:
 
     def render(self, message: Message, *, preferences_url: str, unsubscribe_url: str | None) -> Rendered:
         """Subject, text and HTML for ``message`` in the recipient's language."""
-        locale = message.locale.split("-")[0].split("_")[0].lower()
-        locale = locale if locale in LOCALES else "en"
+        locale = i18n.language(message.locale)
         context: dict[str, Any] = {
             "m": message,
             "items": message.items,

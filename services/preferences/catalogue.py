@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from belfry.channels import NAMES as CHANNELS
+from belfry import i18n
 from belfry.errors import ConfigError, InvalidArgument, NotFound
 
 BATCHING_KINDS = frozenset({"", "assignment", "digest"})
@@ -24,8 +25,11 @@ class Category:
     """A group of topics on the settings page."""
 
     key: str
-    name_en: str
-    name_fr: str
+    names: dict[str, str]  # per language (belfry.i18n)
+
+    def name(self, locale: str) -> str:
+        """The display name in the locale's language."""
+        return i18n.pick(self.names, locale)
 
 
 @dataclass(frozen=True)
@@ -34,8 +38,7 @@ class Topic:
 
     key: str
     category: str
-    name_en: str
-    name_fr: str
+    names: dict[str, str]  # per language (belfry.i18n)
     channels: tuple[str, ...]  # allowed channels, in settings-page order
     defaults: frozenset[str]  # product default: channels on
     locked: bool
@@ -45,8 +48,8 @@ class Topic:
     sound: str  # product sound for pop-ups, "" = the user's default
 
     def name(self, locale: str) -> str:
-        """The display name in ``locale`` (French or English)."""
-        return self.name_fr if locale.startswith("fr") else self.name_en
+        """The display name in the locale's language."""
+        return i18n.pick(self.names, locale)
 
     def visible(self, *, super_admin: bool, tool_access: frozenset[str]) -> bool:
         """Whether a user with these directory facts may see (and receive) this topic."""
@@ -104,8 +107,7 @@ def _topic(category: dict[str, Any], raw: dict[str, Any], product: dict[str, Any
     return Topic(
         key=key,
         category=category["key"],
-        name_en=raw["en"],
-        name_fr=raw["fr"],
+        names=_names(raw, key, problems),
         channels=tuple(c for c in CHANNELS if c in channels),
         defaults=defaults,
         locked=bool(pick("locked") or False),
@@ -116,6 +118,12 @@ def _topic(category: dict[str, Any], raw: dict[str, Any], product: dict[str, Any
     )
 
 
+def _names(raw: dict[str, Any], key: str, problems: list[str]) -> dict[str, str]:
+    """The entry's name in every language we write in (a missing one is a problem)."""
+    problems.extend(f"{key}: no name in {lang!r}" for lang in i18n.LANGUAGES if not raw.get(lang))
+    return {lang: str(raw.get(lang, "")) for lang in i18n.LANGUAGES}
+
+
 def parse(text: str) -> Catalogue:
     """Parse and check a catalogue; ConfigError lists every problem."""
     data = tomllib.loads(text)
@@ -124,7 +132,7 @@ def parse(text: str) -> Catalogue:
     categories: list[Category] = []
     topics: dict[str, Topic] = {}
     for category in data["category"]:
-        categories.append(Category(category["key"], category["en"], category["fr"]))
+        categories.append(Category(category["key"], _names(category, category["key"], problems)))
         for raw in category["topics"]:
             topic = _topic(category, raw, product, problems)
             if topic.key in topics:

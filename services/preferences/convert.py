@@ -147,7 +147,7 @@ def decision_pb(user_id: str, d: Decision) -> preferences_pb2.RecipientDecision:
 
 
 def topic_info_pb(topic: Topic) -> preferences_pb2.TopicInfo:
-    """What the dispatcher needs to know about the topic itself."""
+    """What the dispatcher and batching need to know about the topic itself, its labels included."""
     return preferences_pb2.TopicInfo(
         key=topic.key,
         locked=topic.locked,
@@ -155,6 +155,7 @@ def topic_info_pb(topic: Topic) -> preferences_pb2.TopicInfo:
         category=topic.category,
         batching=topic.batching,
         allowed_channels=[channel_pb(c) for c in topic.channels],
+        labels=topic.names,
     )
 
 

@@ -151,9 +151,7 @@ class PreferencesServicer(AdminRpcs, preferences_pb2_grpc.PreferencesServiceServ
         sounds = [catalogue.default_sound, *(s for s in catalogue.sounds if s != catalogue.default_sound)]
         return preferences_pb2.ListTopicsResponse(
             categories=[
-                preferences_pb2.CategoryView(
-                    key=c.key, name=c.name_fr if locale.startswith("fr") else c.name_en, topics=views[c.key]
-                )
+                preferences_pb2.CategoryView(key=c.key, name=c.name(locale), topics=views[c.key])
                 for c in catalogue.categories
                 if c.key in views
             ],

@@ -121,6 +121,7 @@ async def test_effective_batch_fills_every_field(svc: Prefs, account_id: str) ->
     )
     assert answer.topic.key == "contacts.contact_assigned" and answer.topic.batching == "assignment"
     assert answer.topic.category == "contacts" and not answer.topic.locked and answer.topic.ttl_seconds > 0
+    assert dict(answer.topic.labels) == {"en": "Contact assigned to you", "fr": "Contact qui vous est attribué"}
     assert len(answer.topic.allowed_channels) == 6
     ana, gone, zed = answer.recipients
     assert (ana.user_id, ana.known, ana.email, ana.display_name, ana.locale, ana.time_zone) == (

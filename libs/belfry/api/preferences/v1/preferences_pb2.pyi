@@ -1148,9 +1148,29 @@ Global___UnsubscribeRequest: _TypeAlias = UnsubscribeRequest  # noqa: Y015
 
 @_typing.final
 class TopicInfo(_message.Message):
-    """What the dispatcher needs to know about the topic itself."""
+    """What the dispatcher and batching need to know about the topic itself."""
 
     DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
 
     KEY_FIELD_NUMBER: _builtins.int
     LOCKED_FIELD_NUMBER: _builtins.int
@@ -1158,6 +1178,7 @@ class TopicInfo(_message.Message):
     CATEGORY_FIELD_NUMBER: _builtins.int
     BATCHING_FIELD_NUMBER: _builtins.int
     ALLOWED_CHANNELS_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     locked: _builtins.bool
     """support/billing: always on, bypasses quiet hours"""
@@ -1168,6 +1189,12 @@ class TopicInfo(_message.Message):
     """"assignment": held and merged by batching; "digest": digest fact; "" = immediate"""
     @_builtins.property
     def allowed_channels(self) -> _containers.RepeatedScalarFieldContainer[_common_pb2.Channel.ValueType]: ...
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The topic's name per language ("en", "fr"): the first words of every
+        notification's title, so no other service reads the catalogue file.
+        """
+
     def __init__(
         self,
         *,
@@ -1177,10 +1204,11 @@ class TopicInfo(_message.Message):
         category: _builtins.str = ...,
         batching: _builtins.str = ...,
         allowed_channels: _abc.Iterable[_common_pb2.Channel.ValueType] | None = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_channels", b"allowed_channels", "batching", b"batching", "category", b"category", "key", b"key", "locked", b"locked", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_channels", b"allowed_channels", "batching", b"batching", "category", b"category", "key", b"key", "labels", b"labels", "locked", b"locked", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
