@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from belfry.channels import NAMES as CHANNELS
 from belfry import i18n
+from belfry.channels import NAMES as CHANNELS
 from belfry.errors import ConfigError, InvalidArgument, NotFound
 
 BATCHING_KINDS = frozenset({"", "assignment", "digest"})
