@@ -17,14 +17,15 @@ COPY pyproject.toml README.md ./
 # The code, generated gRPC modules (libs/belfry/api) and migrations included.
 COPY libs ./libs
 COPY services ./services
-# Editable install: belfry.migrate finds services/<name>/migrations beside the
-# source tree, which stays at /app in the run stage too.
-RUN /opt/belfry/bin/pip install -e ./ \
-    && /opt/belfry/bin/python -m compileall -q libs services \
+# A regular install (pip compiles the bytecode): the packages and their data
+# (migrations, catalogue, templates, the web app) land in the virtual
+# environment, where belfry.migrate finds the migrations with
+# importlib.resources, so the source tree stays behind in this stage.
+RUN /opt/belfry/bin/pip install ./ \
     && /opt/belfry/bin/belfry --help >/dev/null
 
-# Run stage: the interpreter, the virtual environment and the source; no pip,
-# no build tools, no root.
+# Run stage: the interpreter and the virtual environment; no pip, no build
+# tools, no root.
 FROM python:3.11.14-slim-bookworm
 
 LABEL org.opencontainers.image.title="belfry" \
@@ -42,11 +43,9 @@ RUN python -m pip uninstall --yes pip setuptools wheel \
     && useradd --system --uid 10001 --gid belfry --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin belfry
 
 COPY --from=build /opt/belfry /opt/belfry
-COPY --from=build /app /app
 RUN rm -f /opt/belfry/bin/pip /opt/belfry/bin/pip3 /opt/belfry/bin/pip3.11 \
     && rm -rf /opt/belfry/lib/python3.11/site-packages/pip
 
-WORKDIR /app
 # Numeric user so Kubernetes can verify runAsNonRoot without resolving names.
 USER 10001:10001
 # 50051-50058: gRPC (one per service); 8080: gateway HTTP; 9464: Prometheus metrics.

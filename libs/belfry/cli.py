@@ -13,16 +13,13 @@ from pathlib import Path
 
 import grpc
 
-from belfry import auth, config, migrate, rpc
+from belfry import auth, config, migrate, rpc, service
 from belfry.errors import BelfryError, ConfigError
 from belfry.local import demo, mailcatcher, supervisor
 
 
 def _serve(args: argparse.Namespace) -> int:
-    if args.name not in supervisor.SERVICES:
-        print(f"unknown service {args.name!r}; one of: {', '.join(supervisor.SERVICES)}", file=sys.stderr)
-        return 2
-    runpy.run_module(f"services.{args.name}", run_name="__main__", alter_sys=True)
+    runpy.run_module(service.declaration(args.name).package, run_name="__main__", alter_sys=True)
     return 0
 
 
@@ -143,7 +140,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--home", type=Path, default=supervisor.default_home(), help="local run folder (BELFRY_HOME)")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("serve", help="run one service (the container entry point)")
-    p.add_argument("name", help=" | ".join(supervisor.SERVICES))
+    p.add_argument("name", help=" | ".join(d.name for d in service.declared()))
     p.set_defaults(run=_serve)
     sub.add_parser("migrate", help="apply database migrations (BELFRY_DATABASE_URL)").set_defaults(run=_migrate)
     p = sub.add_parser("up", help="run the whole mesh locally, on embedded defaults unless configured")

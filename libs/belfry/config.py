@@ -169,8 +169,15 @@ def parse_token_keys(raw: str) -> dict[str, bytes]:
     return keys
 
 
-def load_common(service: str, env: Env, *, default_port: int) -> CommonSettings:
-    """Read the settings shared by every service (call ``env.check()`` after service-specific reads)."""
+def load_common(service: str, env: Env, *, default_port: int | None = None) -> CommonSettings:
+    """Read the settings shared by every service (call ``env.check()`` after service-specific reads).
+
+    The gRPC port defaults to ``default_port``, else to the one the service declares.
+    """
+    if default_port is None:
+        from belfry.service import declaration  # noqa: PLC0415 - belfry.service imports this module
+
+        default_port = declaration(service).port
     raw_keys = env.str("BELFRY_TOKEN_KEYS", "")
     try:
         keys = parse_token_keys(raw_keys)

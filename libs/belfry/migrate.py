@@ -1,7 +1,9 @@
 """Forward-only migrations over plain SQL files.
 
-Each owner (the queue module in ``libs/`` and each service) keeps its files
-in a ``migrations/`` folder, named ``NNNN_description.sql``. The runner takes
+Each owner (the queue module in ``libs/`` and each declared service) keeps
+its files in a ``migrations/`` folder of its package, named
+``NNNN_description.sql``, read with importlib.resources so an installed
+wheel carries them like the source tree does. The runner takes
 a PostgreSQL advisory lock so that several replicas (or a Kubernetes Job
 racing a test) never apply the same file twice, records a SHA-256 checksum of
 every applied file, and refuses to start when an applied file was edited:
@@ -12,32 +14,26 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from pathlib import Path
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 
 import asyncpg
 
-from belfry import log
+from belfry import log, service
 from belfry.errors import FailedPrecondition
 
 _LOG = log.get(__name__)
 _LOCK_KEY = 0x62656C66  # "belf": one lock for every migration run
 
-_ROOT = Path(__file__).resolve().parent
-_SERVICES = _ROOT.parent.parent / "services"
 
-# Owners in dependency order: a later owner may reference an earlier one's
-# tables (the dispatcher writes the queue's rows in its own transaction).
-OWNERS: tuple[tuple[str, Path], ...] = (
-    ("queue", _ROOT / "queue" / "migrations"),
-    ("preferences", _SERVICES / "preferences" / "migrations"),
-    ("dispatcher", _SERVICES / "dispatcher" / "migrations"),
-    ("batching", _SERVICES / "batching" / "migrations"),
-    ("gateway", _SERVICES / "gateway" / "migrations"),
-    ("webpush", _SERVICES / "webpush" / "migrations"),
-    ("mobile", _SERVICES / "mobile" / "migrations"),
-    ("webhooks", _SERVICES / "webhooks" / "migrations"),
-    ("email", _SERVICES / "email" / "migrations"),
-)
+def owners() -> list[tuple[str, Traversable]]:
+    """Whose migrations, in dependency order: the queue's first, then each declared service's.
+
+    A later owner may reference an earlier one's tables (the dispatcher writes
+    the queue's rows in its own transaction).
+    """
+    found = [("queue", files("belfry.queue") / "migrations")]
+    return found + [(d.name, files(d.package) / "migrations") for d in service.declared()]
 
 
 @dataclass(frozen=True)
@@ -54,14 +50,14 @@ class Migration:
         return hashlib.sha256(self.sql.encode()).hexdigest()
 
 
-def discover(owners: tuple[tuple[str, Path], ...] = OWNERS) -> list[Migration]:
+def discover() -> list[Migration]:
     """Every migration file, owners in order, files by name."""
     found: list[Migration] = []
-    for owner, folder in owners:
+    for owner, folder in owners():
         if not folder.is_dir():
             continue
-        for path in sorted(folder.glob("*.sql")):
-            found.append(Migration(owner, path.stem, path.read_text()))
+        for path in sorted((p for p in folder.iterdir() if p.name.endswith(".sql")), key=lambda p: p.name):
+            found.append(Migration(owner, path.name.removesuffix(".sql"), path.read_text(encoding="utf-8")))
     return found
 
 

@@ -1,9 +1,13 @@
 """The one shape every service has: build → start (tests, port 0) → run (processes).
 
-A service module provides ``load_settings(environ)`` and ``build(settings, pool)``
-returning a :class:`Built`; ``start`` opens the pool, binds the gRPC server and
-starts the background loops, and ``main`` is what ``python -m services.<name>``
-calls. Tests start the very same servers in-process on port 0.
+A service package provides ``settings.load_settings(environ)``,
+``server.build_for(settings)`` returning what builds a :class:`Built`, and
+``migrations/*.sql``; ``start`` opens the pool, binds the gRPC server and
+starts the background loops, and ``main`` is what its ``__main__`` calls.
+Tests start the very same servers in-process on port 0.
+
+Services declare themselves (:class:`Declaration`, in ``services/__init__.py``);
+the kit iterates over :func:`declared` and never names a service.
 """
 
 from __future__ import annotations
@@ -11,11 +15,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import importlib
 import os
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import asyncpg
 import grpc
@@ -41,12 +46,47 @@ _READINESS_SECONDS = 1.0
 _READINESS_TIMEOUT = 2.0
 
 
+# The package whose ``SERVICES`` declares the deployment's services.
+_REGISTRY = "services"
+
+
 class HasCommon(Protocol):
     """Service settings embed the common block."""
 
     @property
     def common(self) -> CommonSettings:
         """The settings every service shares."""
+
+
+S = TypeVar("S", bound=HasCommon)
+
+
+@dataclass(frozen=True)
+class Declaration:
+    """A service as the kit sees it: ``belfry up``, ``belfry serve`` and ``belfry migrate`` iterate over these.
+
+    Plain data, so reading the declarations imports no service's code: the
+    package holds the rest (``__main__``, the settings loader and build
+    function it passes to :func:`main`, ``migrations/*.sql``).
+    """
+
+    name: str
+    port: int  # default gRPC port (a bare process, the local mesh, the Kubernetes manifests)
+    package: str  # e.g. "services.email"
+
+
+def declared() -> tuple[Declaration, ...]:
+    """Every service, in start order (what others call comes first), as the registry package declares them."""
+    found: tuple[Declaration, ...] = importlib.import_module(_REGISTRY).SERVICES
+    return found
+
+
+def declaration(name: str) -> Declaration:
+    """The declared service called ``name``; ConfigError names the known ones."""
+    for d in declared():
+        if d.name == name:
+            return d
+    raise ConfigError(f"unknown service {name!r}; one of: {', '.join(d.name for d in declared())}")
 
 
 @dataclass
@@ -180,8 +220,8 @@ async def _run(name: str, common: CommonSettings, build: Callable[[asyncpg.Pool]
 
 def main(
     name: str,
-    load: Callable[[Mapping[str, str]], HasCommon],
-    build_for: Callable[[HasCommon], Callable[[asyncpg.Pool], Awaitable[Built]]],
+    load: Callable[[Mapping[str, str]], S],
+    build_for: Callable[[S], Callable[[asyncpg.Pool], Awaitable[Built]]],
 ) -> None:
     """Entry point of ``python -m services.<name>``: settings, logging, uvloop, run."""
     try:

@@ -5,4 +5,4 @@ from belfry import service
 from services.batching.server import build_for
 from services.batching.settings import load_settings
 
-service.main("batching", load_settings, build_for)  # type: ignore[arg-type]  # Settings satisfies HasCommon structurally
+service.main("batching", load_settings, build_for)

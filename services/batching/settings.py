@@ -11,8 +11,6 @@ from belfry.config import CommonSettings, Env, load_common
 
 from services.batching.schedule import Weekly
 
-DEFAULT_PORT = 50053
-
 
 @dataclass(frozen=True)
 class Settings:
@@ -45,7 +43,7 @@ def _weekly(env: Env, name: str, default: str) -> Weekly:
 def load_settings(environ: Mapping[str, str]) -> Settings:
     """Parse the environment; every problem is reported at once."""
     env = Env(environ)
-    common = load_common("batching", env, default_port=DEFAULT_PORT)
+    common = load_common("batching", env)
     settings = Settings(
         common=common,
         preferences_address=env.str("BELFRY_PREFERENCES_ADDRESS", "127.0.0.1:50051"),

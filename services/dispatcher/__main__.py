@@ -5,4 +5,4 @@ from belfry import service
 from services.dispatcher.server import build_for
 from services.dispatcher.settings import load_settings
 
-service.main("dispatcher", load_settings, build_for)  # type: ignore[arg-type]  # Settings satisfies HasCommon structurally
+service.main("dispatcher", load_settings, build_for)

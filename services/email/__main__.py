@@ -5,4 +5,4 @@ from belfry import service
 from services.email.server import build_for
 from services.email.settings import load_settings
 
-service.main("email", load_settings, build_for)  # type: ignore[arg-type]  # Settings satisfies HasCommon structurally
+service.main("email", load_settings, build_for)

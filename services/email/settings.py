@@ -51,7 +51,7 @@ class Settings:
 def load_settings(environ: Mapping[str, str]) -> Settings:
     """Parse and check the environment; every problem is reported at once."""
     env = Env(environ)
-    common = load_common("email", env, default_port=50054)
+    common = load_common("email", env)
     implicit_tls = env.bool("BELFRY_SMTP_TLS", False)
     smtp = SmtpSettings(
         host=env.str("BELFRY_SMTP_HOST", "localhost"),

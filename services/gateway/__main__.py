@@ -5,4 +5,4 @@ from belfry import service
 from services.gateway.server import build_for
 from services.gateway.settings import load_settings
 
-service.main("gateway", load_settings, build_for)  # type: ignore[arg-type]  # Settings satisfies HasCommon structurally
+service.main("gateway", load_settings, build_for)

@@ -38,7 +38,7 @@ class Settings:
 def load_settings(environ: Mapping[str, str]) -> Settings:
     """Parse and check the environment; every problem is reported at once."""
     env = Env(environ)
-    common = load_common("gateway", env, default_port=50058)
+    common = load_common("gateway", env)
     origins = frozenset(
         o.strip().rstrip("/") for o in env.str("BELFRY_GATEWAY_ALLOWED_ORIGINS", "").split(",") if o.strip()
     )

@@ -5,4 +5,4 @@ from belfry import service
 from services.mobile.server import build_for
 from services.mobile.settings import load_settings
 
-service.main("mobile", load_settings, build_for)  # type: ignore[arg-type]  # Settings satisfies HasCommon structurally
+service.main("mobile", load_settings, build_for)

@@ -101,7 +101,7 @@ def _apns(env: Env) -> ApnsSettings | None:
 def load_settings(environ: Mapping[str, str]) -> Settings:
     """Parse and check the environment; every problem is reported at once."""
     env = Env(environ)
-    common = load_common("mobile", env, default_port=50056)
+    common = load_common("mobile", env)
     settings = Settings(
         common=common,
         fcm=_fcm(env),

@@ -5,4 +5,4 @@ from belfry import service
 from services.preferences.server import build_for
 from services.preferences.settings import load_settings
 
-service.main("preferences", load_settings, build_for)  # type: ignore[arg-type]  # Settings satisfies HasCommon structurally
+service.main("preferences", load_settings, build_for)

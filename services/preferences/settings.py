@@ -7,8 +7,6 @@ from dataclasses import dataclass
 
 from belfry.config import CommonSettings, Env, load_common
 
-DEFAULT_PORT = 50051
-
 
 @dataclass(frozen=True)
 class Settings:
@@ -24,7 +22,7 @@ class Settings:
 def load_settings(environ: Mapping[str, str]) -> Settings:
     """Parse the environment; every problem is reported at once."""
     env = Env(environ)
-    common = load_common("preferences", env, default_port=DEFAULT_PORT)
+    common = load_common("preferences", env)
     max_batch = env.int("BELFRY_PREFERENCES_MAX_BATCH", 1000, minimum=1)
     app_url = env.str("BELFRY_APP_URL", "http://127.0.0.1:8080")
     env.check()

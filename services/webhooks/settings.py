@@ -31,7 +31,7 @@ class Settings:
 def load_settings(environ: Mapping[str, str]) -> Settings:
     """Parse and check the environment; every problem is reported at once."""
     env = Env(environ)
-    common = load_common("webhooks", env, default_port=50057)
+    common = load_common("webhooks", env)
     ports_raw = env.str("BELFRY_WEBHOOKS_ALLOWED_PORTS", "443")
     ports: tuple[int, ...] = (443,)
     try:

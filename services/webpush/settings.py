@@ -34,7 +34,7 @@ class Settings:
 def load_settings(environ: Mapping[str, str]) -> Settings:
     """Parse and check the environment; every problem is reported at once."""
     env = Env(environ)
-    common = load_common("webpush", env, default_port=50055)
+    common = load_common("webpush", env)
     hosts = env.str("BELFRY_WEBPUSH_ALLOWED_HOSTS", ",".join(ssrf.KNOWN_PUSH_HOSTS))
     ports_raw = env.str("BELFRY_WEBPUSH_ALLOWED_PORTS", "443")
     ports: tuple[int, ...] = (443,)

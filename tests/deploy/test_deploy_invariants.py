@@ -1,7 +1,7 @@
 """What every Deployment must satisfy, in both overlays, and what each overlay promises.
 
-Service names and gRPC ports come from the code (the local supervisor's
-table), so the manifests cannot drift from what the services actually bind.
+Service names and gRPC ports come from the code (the services' declarations),
+so the manifests cannot drift from what the services actually bind.
 """
 
 from __future__ import annotations
@@ -9,10 +9,12 @@ from __future__ import annotations
 import re
 
 import pytest
-from belfry.local.supervisor import GRPC_PORTS, SERVICES
+from belfry import service
 
 from tests.deploy.manifests import ROOT, Obj, container, environment, of_kind, port_of, quantity, render
 
+GRPC_PORTS = {d.name: d.port for d in service.declared()}
+SERVICES = tuple(GRPC_PORTS)
 OVERLAYS = ("dev", "prod")
 SENDERS_AND_GATEWAY = {"email", "webpush", "mobile", "webhooks", "gateway"}
 # Secrets the operator creates (docs/deploy.md says how); everything else is rendered.

@@ -13,7 +13,7 @@ import importlib
 from pathlib import Path
 
 import pytest
-from belfry.local.supervisor import SERVICES
+from belfry import service
 
 from tests.deploy.manifests import ROOT, of_kind, render
 from tests.deploy.pki import Authority
@@ -24,7 +24,7 @@ def _cases() -> list[tuple[str, str]]:
     return [
         (overlay, name)
         for overlay in ("dev", "prod")
-        for name in sorted(SERVICES)
+        for name in sorted(d.name for d in service.declared())
         if (ROOT / "services" / name / "settings.py").exists()
     ]
 

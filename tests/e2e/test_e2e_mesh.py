@@ -24,6 +24,7 @@ import grpc
 import httpx
 import pytest
 import websockets
+from belfry import service
 from belfry.api.common.v1 import common_pb2
 from belfry.api.directory.v1 import directory_pb2, directory_pb2_grpc
 from belfry.api.dispatcher.v1 import dispatcher_pb2, dispatcher_pb2_grpc
@@ -75,8 +76,8 @@ async def mesh(
         BELFRY_UNSUBSCRIBE_KEY="u" * 48,
         BELFRY_WEBHOOK_SECRET_KEY_FILE=str(home / "webhook_secret.key"),
     )
-    for name in supervisor.SERVICES:
-        env[f"BELFRY_{name.upper()}_GRPC_ADDRESS"] = "127.0.0.1:0"
+    for declared in service.declared():
+        env[f"BELFRY_{declared.name.upper()}_GRPC_ADDRESS"] = "127.0.0.1:0"
     children = await supervisor.start_mesh(env)
     try:
         yield Mesh(env, children, home / "mail", http_port, TokenIssuer(token_keys, "k1"))
@@ -284,4 +285,4 @@ async def test_publish_command(mesh: Mesh, account_id: str) -> None:
 
 async def test_every_service_drains_and_exits_cleanly_on_sigterm(mesh: Mesh) -> None:
     await supervisor.stop_all(mesh.children, 15)
-    assert {c.name: c.process.returncode for c in mesh.children} == dict.fromkeys(supervisor.SERVICES, 0)
+    assert {c.name: c.process.returncode for c in mesh.children} == {d.name: 0 for d in service.declared()}

@@ -15,7 +15,6 @@ from pathlib import Path
 import grpc
 import pytest
 from belfry import service
-from belfry.local.supervisor import SERVICES
 from google.protobuf import descriptor_pool
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor
 
@@ -54,9 +53,10 @@ async def mesh(
     )
     running: dict[str, service.Running] = {}
     try:
-        for name in SERVICES:
-            settings = importlib.import_module(f"services.{name}.settings").load_settings(env)
-            build = importlib.import_module(f"services.{name}.server").build_for(settings)
+        for declared in service.declared():
+            name = declared.name
+            settings = importlib.import_module(f"{declared.package}.settings").load_settings(env)
+            build = importlib.import_module(f"{declared.package}.server").build_for(settings)
             running[name] = await service.start(name, settings.common, build)
             env[f"BELFRY_{name.upper()}_ADDRESS"] = f"127.0.0.1:{running[name].port}"
         yield running
@@ -140,4 +140,4 @@ async def test_every_method_of_every_service_refuses_undecodable_bytes(
                     probed[name] = probed.get(name, 0) + 1
     # Every service that serves an API was probed (the gateway serves only health over gRPC).
     assert set(probed) == {name for name, r in mesh.items() if r.built.service_names}
-    assert len(probed) >= len(SERVICES) - 1
+    assert len(probed) >= len(service.declared()) - 1

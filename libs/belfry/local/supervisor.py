@@ -19,35 +19,14 @@ import secrets
 import signal
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from belfry import background, migrate
+from belfry import background, migrate, service
 from belfry.local import database, mailcatcher
 
-# Start order: what others call comes first.
-SERVICES: tuple[str, ...] = (
-    "preferences",
-    "webpush",
-    "dispatcher",
-    "batching",
-    "email",
-    "mobile",
-    "webhooks",
-    "gateway",
-)
-GRPC_PORTS: dict[str, int] = {
-    "preferences": 50051,
-    "dispatcher": 50052,
-    "batching": 50053,
-    "email": 50054,
-    "webpush": 50055,
-    "mobile": 50056,
-    "webhooks": 50057,
-    "gateway": 50058,
-}
 HTTP_PORT = 8080
 READY_TIMEOUT = 60.0
 # A child that ran this long before exiting restarts after the shortest backoff again.
@@ -91,9 +70,8 @@ def mesh_env(home: Path, database_url: str, smtp: tuple[str, int] | None, enviro
     env["BELFRY_DATABASE_URL"] = database_url
     env.setdefault("BELFRY_LOG_JSON", "false" if sys.stdout.isatty() else "true")
     env.setdefault("BELFRY_METRICS_ADDRESS", "127.0.0.1:0")
-    env.setdefault("BELFRY_PREFERENCES_ADDRESS", f"127.0.0.1:{GRPC_PORTS['preferences']}")
-    env.setdefault("BELFRY_DISPATCHER_ADDRESS", f"127.0.0.1:{GRPC_PORTS['dispatcher']}")
-    env.setdefault("BELFRY_WEBPUSH_ADDRESS", f"127.0.0.1:{GRPC_PORTS['webpush']}")
+    for declared in service.declared():
+        env.setdefault(f"BELFRY_{declared.name.upper()}_ADDRESS", f"127.0.0.1:{declared.port}")
     env.setdefault("BELFRY_GATEWAY_HTTP_HOST", "127.0.0.1")
     env.setdefault("BELFRY_GATEWAY_HTTP_PORT", str(HTTP_PORT))
     public = f"http://127.0.0.1:{env['BELFRY_GATEWAY_HTTP_PORT']}"
@@ -111,11 +89,12 @@ def mesh_env(home: Path, database_url: str, smtp: tuple[str, int] | None, enviro
 
 
 async def _spawn(name: str, env: dict[str, str]) -> Child:
+    declared = service.declaration(name)
     child_env = dict(
-        env, BELFRY_GRPC_ADDRESS=env.get(f"BELFRY_{name.upper()}_GRPC_ADDRESS", f"127.0.0.1:{GRPC_PORTS[name]}")
+        env, BELFRY_GRPC_ADDRESS=env.get(f"BELFRY_{name.upper()}_GRPC_ADDRESS", f"127.0.0.1:{declared.port}")
     )
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", f"services.{name}", env=child_env, stdout=None, stderr=asyncio.subprocess.PIPE
+        sys.executable, "-m", declared.package, env=child_env, stdout=None, stderr=asyncio.subprocess.PIPE
     )
     ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
@@ -148,14 +127,14 @@ async def stop_all(children: list[Child], grace: float) -> None:
         child.pump.cancel()
 
 
-async def start_mesh(env: dict[str, str], names: tuple[str, ...] = SERVICES) -> list[Child]:
-    """Start the services in order, each waiting for the previous to be ready.
+async def start_mesh(env: dict[str, str], names: Sequence[str] | None = None) -> list[Child]:
+    """Start the services (default: every declared one) in order, each waiting for the previous to be ready.
 
     ``env`` is updated with every service's ``BELFRY_<NAME>_ADDRESS`` as it comes up.
     """
     children: list[Child] = []
     try:
-        for name in names:
+        for name in [d.name for d in service.declared()] if names is None else names:
             child = await _spawn(name, env)
             children.append(child)
             port = await asyncio.wait_for(asyncio.shield(child.ready), READY_TIMEOUT)
