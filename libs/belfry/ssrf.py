@@ -5,7 +5,9 @@ and again before every send, because DNS answers change. ``check`` parses
 strictly (``https`` only, no userinfo, no odd IP spellings, an allowed port
 and, when configured, an allowed host), resolves the name **once**, and
 refuses private, loopback, link-local and other non-global addresses unless
-an operator listed the network explicitly. ``send`` then connects to exactly
+an operator listed the network explicitly. An IPv6 address that carries an
+IPv4 address (mapped, SIIT, compatible, NAT64, 6to4, Teredo) is judged by
+the IPv4 address it carries (``embedded_ipv4``). ``send`` then connects to exactly
 that address (the Host header and TLS SNI still carry the name, so the
 certificate is verified for it), never follows redirects and never goes
 through an environment proxy: nothing re-resolves the name behind our back,
@@ -176,10 +178,17 @@ class Guard:
         return host, port, path
 
     def _address_allowed(self, address: IPAddress) -> bool:
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
         if any(address in net for net in self.policy.allowed_networks):
             return True
+        if isinstance(address, ipaddress.IPv6Address):
+            form, carried = embedded_ipv4(address)
+            if form == "translated":
+                # Another spelling of one IPv4 address: judged as that address, and only so.
+                return self._address_allowed(carried[0])
+            if form == "tunnel" and not all(self._address_allowed(v4) for v4 in carried):
+                return False
+            if form == "local-nat64":
+                return False  # the operator's own NAT64: where the IPv4 sits depends on its prefix length
         return address.is_global and not address.is_multicast
 
     async def check(self, url: str) -> Target:
@@ -201,7 +210,7 @@ class Guard:
                 raise Refused(f"{host} resolved to {raw!r}, which is not an IP address")
             # Every answer must pass: a name that mixes public and private answers is a rebinding tool.
             if not self._address_ok(address):
-                raise Refused(f"{host} resolves to {address}, a private, loopback or link-local address")
+                raise Refused(f"{host} resolves to {address}, {_describe(address)}")
         return Target(url=url, host=host, port=port, path=path, address=addresses[0])
 
     async def send(
@@ -224,12 +233,53 @@ class Guard:
         return await client.send(request, follow_redirects=False)
 
 
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")  # IPv4-mapped addresses
+_SIIT = ipaddress.IPv6Network("::ffff:0:0:0/96")  # RFC 7915 IPv4-translated addresses
+_COMPATIBLE = ipaddress.IPv6Network("::/96")  # deprecated IPv4-compatible addresses (RFC 4291 2.5.5.1)
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052 well-known prefix
+_LOCAL_NAT64 = ipaddress.IPv6Network("64:ff9b:1::/48")  # RFC 8215 local-use translation prefix
+
+
+def embedded_ipv4(address: ipaddress.IPv6Address) -> tuple[str, tuple[ipaddress.IPv4Address, ...]]:
+    """The IPv4 address(es) an IPv6 address carries, and how: ``(form, addresses)``.
+
+    ``translated``: the IPv6 address is only another spelling of one IPv4
+    address (mapped ``::ffff:a.b.c.d``, SIIT ``::ffff:0:a.b.c.d``, compatible
+    ``::a.b.c.d``, NAT64 ``64:ff9b::a.b.c.d``): a packet to it reaches that
+    IPv4 host. ``tunnel``: 6to4 (``2002:AABB:CCDD::/48``) and Teredo (server
+    and client) reach the IPv4 hosts they name through a relay.
+    ``local-nat64``: the local-use prefix ``64:ff9b:1::/48``, whose IPv4 sits
+    where the operator's prefix length puts it (refused). ``("", ())``: none.
+    """
+    # :: and ::1 are themselves (unspecified, loopback), not IPv4-compatible addresses.
+    if int(address) > 1 and (address in _MAPPED or address in _SIIT or address in _NAT64 or address in _COMPATIBLE):
+        return "translated", (ipaddress.IPv4Address(int(address) & 0xFFFFFFFF),)
+    if address in _LOCAL_NAT64:
+        return "local-nat64", ()
+    if address.sixtofour is not None:  # 2002::/16, RFC 3056
+        return "tunnel", (address.sixtofour,)
+    if address.teredo is not None:  # 2001::/32, RFC 4380
+        return "tunnel", address.teredo
+    return "", ()
+
+
 @lru_cache(maxsize=4096)  # called twice per check; a failed parse of a name costs two exceptions
 def _ip_literal(host: str) -> IPAddress | None:
     try:
         return ipaddress.ip_address(host)
     except ValueError:
         return None
+
+
+def _describe(address: IPAddress) -> str:
+    """Why an address was refused, naming the IPv4 address an IPv6 form carries."""
+    form, carried = embedded_ipv4(address) if isinstance(address, ipaddress.IPv6Address) else ("", ())
+    if form == "local-nat64":
+        return "a local-use NAT64 address (64:ff9b:1::/48), which is refused"
+    if carried:
+        named = " and ".join(str(v4) for v4 in carried)
+        return f"which carries the IPv4 address {named}: a private, loopback or link-local address"
+    return "a private, loopback or link-local address"
 
 
 def client(

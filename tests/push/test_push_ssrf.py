@@ -76,6 +76,63 @@ async def test_names_resolving_to_internal_addresses_are_refused(answers: list[s
     assert "resolves to" in err.value.reason
 
 
+# IPv6 forms that carry an IPv4 address: judged by the IPv4 address they carry (issue 17, section 5).
+CARRYING_INTERNAL = [
+    "::127.0.0.1",  # IPv4-compatible
+    "::169.254.169.254",
+    "::ffff:0:127.0.0.1",  # SIIT (IPv4-translated)
+    "::ffff:0:10.0.0.7",
+    "64:ff9b::127.0.0.1",  # NAT64 well-known prefix
+    "64:ff9b::a9fe:a9fe",  # NAT64 of 169.254.169.254
+    "2002:7f00:1::1",  # 6to4 of 127.0.0.1
+    "2002:a9fe:a9fe::1",  # 6to4 of 169.254.169.254
+    "2001:0:808:808:0:0:80ff:fffe",  # Teredo: server 8.8.8.8, client 127.0.0.1
+    "2001:0:a00:7:0:0:f7f7:f7f7",  # Teredo: server 10.0.0.7
+]
+
+
+@pytest.mark.parametrize("address", [*CARRYING_INTERNAL, "64:ff9b:1::7f00:1", "64:ff9b:1::5db8:d822"])
+async def test_ipv6_forms_carrying_an_internal_ipv4_address_are_refused(address: str) -> None:
+    # As a literal in the URL and as a DNS answer alike.
+    resolve, _ = fixed([address])
+    guard = ssrf.Guard(ANY_PUBLIC, resolve)
+    for url in (f"https://[{address}]/in", "https://hooks.example.com/in"):
+        with pytest.raises(ssrf.Refused) as err:
+            await guard.check(url)
+        assert "resolves to" in err.value.reason
+
+
+@pytest.mark.parametrize(
+    ("address", "carried"),
+    [
+        ("::ffff:0:127.0.0.1", "127.0.0.1"),
+        ("64:ff9b::a9fe:a9fe", "169.254.169.254"),
+        ("2002:a00:7::1", "10.0.0.7"),
+        ("2001:0:808:808:0:0:80ff:fffe", "8.8.8.8 and 127.0.0.1"),
+    ],
+)
+async def test_the_refusal_names_the_carried_ipv4_address(address: str, carried: str) -> None:
+    resolve, _ = fixed([address])
+    with pytest.raises(ssrf.Refused) as err:
+        await ssrf.Guard(ANY_PUBLIC, resolve).check("https://hooks.example.com/in")
+    assert f"carries the IPv4 address {carried}" in err.value.reason
+
+
+@pytest.mark.parametrize("address", ["64:ff9b::5db8:d822", "::ffff:0:93.184.216.34", "2002:5db8:d822::1"])
+async def test_ipv6_forms_carrying_a_public_ipv4_address_pass(address: str) -> None:
+    # A DNS64 answer for a public host (an IPv6-only cluster behind NAT64) still works.
+    resolve, _ = fixed([address])
+    target = await ssrf.Guard(ANY_PUBLIC, resolve).check("https://hooks.example.com/in")
+    assert target.address == address
+
+
+async def test_an_allowed_ipv4_network_also_admits_its_translated_spellings() -> None:
+    policy = ssrf.Policy(allowed_networks=ssrf.parse_networks("127.0.0.0/8"))
+    for address in ("::ffff:127.0.0.1", "64:ff9b::127.0.0.1"):
+        resolve, _ = fixed([address])
+        assert (await ssrf.Guard(policy, resolve).check("https://localhost/x")).address == address
+
+
 async def test_allowed_urls_are_pinned_to_the_one_resolution() -> None:
     resolve, asked = fixed([PUBLIC], ["127.0.0.1"])
     target = await ssrf.Guard(PUSH_ONLY, resolve).check("https://updates.push.services.mozilla.com/wpush/v2/abc?x=1")
