@@ -9,8 +9,7 @@ from datetime import timedelta
 import asyncpg
 from belfry import background, log, rpc
 from belfry.api.batching.v1 import batching_pb2, batching_pb2_grpc
-from belfry.queue import Queue
-from belfry.queue import worker as queue_worker
+from belfry.queue.sender import sender_loops
 from belfry.service import Built
 
 from services.batching import status, store
@@ -33,26 +32,21 @@ def build_for(settings: Settings, *, clock: Clock | None = None) -> Callable[[as
     async def build(pool: asyncpg.Pool) -> Built:
         channel = rpc.connect(settings.preferences_address, settings.common.tls)
         preferences = Preferences(channel)
-        lease = timedelta(seconds=settings.lease_seconds)
+        lease = timedelta(seconds=settings.sender.lease_seconds)
+        worker = settings.sender.worker_id
         intake = Intake(pool, the_clock, window=timedelta(seconds=settings.window_seconds))
-        closer = Closer(
-            pool, preferences, the_clock, worker=settings.worker, lease=lease, tick_seconds=settings.tick_seconds
-        )
+        closer = Closer(pool, preferences, the_clock, worker=worker, lease=lease, tick_seconds=settings.tick_seconds)
         digests = Digests(
             pool,
             preferences,
             the_clock,
-            worker=settings.worker,
+            worker=worker,
             schedules={"tasks": settings.task_digest, "workflows": settings.workflow_digest},
             topics={"tasks": settings.task_digest_topic, "workflows": settings.workflow_digest_topic},
             ttl=timedelta(seconds=settings.digest_ttl_seconds),
             lease=lease,
             tick_seconds=settings.digest_tick_seconds,
         )
-
-        async def take_handoffs(stop: asyncio.Event) -> None:
-            queue = Queue(pool, "batching", worker=settings.worker, lease_seconds=settings.lease_seconds)
-            await queue_worker.run(queue, intake.handle, stop=stop)
 
         async def purge() -> None:
             purged = await store.purge(pool, the_clock.now() - timedelta(seconds=settings.retention_seconds))
@@ -66,7 +60,12 @@ def build_for(settings: Settings, *, clock: Clock | None = None) -> Callable[[as
         return Built(
             registrations=[lambda server: batching_pb2_grpc.add_BatchingServiceServicer_to_server(servicer, server)],
             service_names=[batching_pb2.DESCRIPTOR.services_by_name["BatchingService"].full_name],
-            background=[take_handoffs, closer.run, digests.run, housekeeping],
+            background=[
+                *sender_loops(pool, "batching", intake.handle, settings.sender),
+                closer.run,
+                digests.run,
+                housekeeping,
+            ],
             cleanup=[channel.close],
         )
 

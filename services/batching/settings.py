@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import socket
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from belfry.config import CommonSettings, Env, load_common
+from belfry.queue.sender import SenderSettings, load_sender_settings
 
 from services.batching.schedule import Weekly
 
@@ -26,9 +25,10 @@ class Settings:
     task_digest_topic: str
     workflow_digest_topic: str
     digest_ttl_seconds: float  # a digest not delivered by then is expired, not sent late
-    lease_seconds: float  # how long a replica owns a window or digest it is closing
     retention_seconds: float  # closed windows, applied delivery ids and workflow changes are kept this long
-    worker: str  # this replica's name in leases and records
+    # The intake's queue settings; its lease is also how long a replica owns a window or digest it is closing,
+    # and its worker id names the replica in those leases and records.
+    sender: SenderSettings
 
 
 def _weekly(env: Env, name: str, default: str) -> Weekly:
@@ -55,9 +55,10 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         task_digest_topic=env.str("BELFRY_BATCHING_TASK_DIGEST_TOPIC", "tasks.weekly_digest"),
         workflow_digest_topic=env.str("BELFRY_BATCHING_WORKFLOW_DIGEST_TOPIC", "workflows.friday_digest"),
         digest_ttl_seconds=env.float("BELFRY_BATCHING_DIGEST_TTL_SECONDS", 86400.0, minimum=60.0),
-        lease_seconds=env.float("BELFRY_BATCHING_LEASE_SECONDS", 30.0, minimum=1.0),
         retention_seconds=env.float("BELFRY_BATCHING_RETENTION_SECONDS", 14 * 86400.0, minimum=8 * 86400.0),
-        worker=env.str("BELFRY_WORKER_NAME", f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"),
+        sender=load_sender_settings(
+            env, common, "batching", batch=100, concurrency=20, lease_seconds=30.0, min_lease_seconds=1.0
+        ),
     )
     env.check()
     return settings

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from email.headerregistry import Address
 
 import asyncpg
-from belfry import log, metrics
+from belfry import log
 from belfry.message import Message
 from belfry.queue import Drop, Fail, Lease, Outcome, Sent
 
@@ -81,15 +81,12 @@ class EmailSender:
             message, to = parsed
             allowed = None if message.locked else await self._may_send(lease, to)
         if allowed is False:
-            metrics.DELIVERIES.labels("email", "dropped").inc()
             return Drop(DAILY_CAP_REASON)
         data = self.composer.compose(lease.delivery_id, message, to)
         try:
             await self.smtp.send(self.composer.sender.addr_spec, [to.addr_spec], data)
         except Exception as exc:
             outcome = outcome_of(exc)
-            metrics.DELIVERIES.labels("email", type(outcome).__name__.lower()).inc()
             _LOG.info("smtp refused", delivery_id=lease.delivery_id, outcome=repr(outcome))
             return outcome
-        metrics.DELIVERIES.labels("email", "sent").inc()
         return Sent()

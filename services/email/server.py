@@ -1,4 +1,4 @@
-"""Wiring of the email service: the QueueAdmin API, the sender loop, maintenance."""
+"""Wiring of the email service: the QueueAdmin API, the sender's loops, the cap counters' purge."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from collections.abc import Awaitable, Callable
 import asyncpg
 from belfry import background
 from belfry.auth import TokenVerifier
-from belfry.queue import Queue, admin, worker
+from belfry.queue import admin
+from belfry.queue.sender import sender_loops
 from belfry.service import Built
 
 from services.email import store
@@ -32,36 +33,19 @@ def build_for(settings: Settings) -> Callable[[asyncpg.Pool], Awaitable[Built]]:
             public_url=settings.public_url,
         )
         sender = EmailSender(pool=pool, smtp=smtp, composer=composer, daily_cap=settings.daily_cap)
-        queue = Queue(
-            pool,
-            "email",
-            worker=settings.worker_id,
-            lease_seconds=settings.lease_seconds,
-            max_retry_after=settings.common.max_retry_after_seconds,
-        )
-
-        async def send_loop(stop: asyncio.Event) -> None:
-            await worker.run(
-                queue,
-                sender.handle,
-                stop=stop,
-                batch=settings.batch,
-                concurrency=settings.concurrency,
-                prepare=sender.prepare,
-            )
 
         async def forget_old_counts(stop: asyncio.Event) -> None:
             # The cap is per UTC day: yesterday's counters are kept a little, then dropped.
             await background.every("email cap counters purge", 3600, lambda: store.purge_counts(pool), stop)
 
-        async def maintenance(stop: asyncio.Event) -> None:
-            await worker.maintain(pool, stop=stop, retention_seconds=settings.retention_seconds)
-
         servicer = admin.QueueAdminServicer(pool, TokenVerifier(settings.common.token_keys))
         return Built(
             registrations=[admin.registration(servicer)],
             service_names=[admin.SERVICE_NAME],
-            background=[send_loop, maintenance, forget_old_counts],
+            background=[
+                *sender_loops(pool, "email", sender.handle, settings.sender, prepare=sender.prepare),
+                forget_old_counts,
+            ],
             cleanup=[smtp.close],
         )
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-import os
-import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from email.headerregistry import Address
@@ -13,6 +11,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from belfry.config import CommonSettings, Env, load_common
+from belfry.queue.sender import SenderSettings, load_sender_settings
 
 
 @dataclass(frozen=True)
@@ -41,11 +40,7 @@ class Settings:
     unsubscribe_key: bytes
     unsubscribe_ttl_seconds: int
     daily_cap: int
-    worker_id: str
-    batch: int
-    concurrency: int
-    lease_seconds: float
-    retention_seconds: float
+    sender: SenderSettings
 
 
 def load_settings(environ: Mapping[str, str]) -> Settings:
@@ -94,11 +89,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         unsubscribe_key=key.encode(),
         unsubscribe_ttl_seconds=env.int("BELFRY_UNSUBSCRIBE_TTL_SECONDS", 60 * 86400, minimum=3600),
         daily_cap=env.int("BELFRY_EMAIL_DAILY_CAP", 1000, minimum=1),
-        worker_id=env.str("BELFRY_WORKER_ID", f"{socket.gethostname()}-{os.getpid()}"),
-        batch=env.int("BELFRY_EMAIL_BATCH", 200, minimum=1),
-        concurrency=env.int("BELFRY_EMAIL_CONCURRENCY", 64, minimum=1),
-        lease_seconds=env.float("BELFRY_EMAIL_LEASE_SECONDS", 60.0, minimum=0.1),
-        retention_seconds=env.float("BELFRY_QUEUE_RETENTION_SECONDS", 7 * 86400.0, minimum=0.0),
+        sender=load_sender_settings(env, common, "email", batch=200, concurrency=64, lease_seconds=60.0),
     )
     env.check()
     return settings

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 
 import asyncpg
-from belfry import log, metrics
+from belfry import log
 from belfry.message import Message
 from belfry.queue import Drop, Lease, Outcome, Sent
 
@@ -33,10 +33,8 @@ class BellSender:
         try:
             message = Message.from_json(lease.payload)
         except (TypeError, ValueError) as exc:
-            metrics.DELIVERIES.labels("bell", "dropped").inc()
             return Drop(f"payload is not a message: {exc}")
         if message.account_id != lease.account_id or message.user_id != lease.user_id:
-            metrics.DELIVERIES.labels("bell", "dropped").inc()
             return Drop("payload names another account or user than its delivery")
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if not self._pending:
@@ -44,7 +42,6 @@ class BellSender:
             asyncio.get_running_loop().call_soon(self._flush)
         self._pending.append((message, done))
         await done  # a failed flush raises here: the worker retries the delivery
-        metrics.DELIVERIES.labels("bell", "sent").inc()
         return Sent()
 
     def _flush(self) -> None:

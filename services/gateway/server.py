@@ -11,7 +11,7 @@ import asyncpg
 import uvicorn
 from belfry import log
 from belfry.auth import TokenIssuer, TokenVerifier
-from belfry.queue import Queue, worker
+from belfry.queue.sender import sender_loops
 from belfry.service import Built
 from starlette.routing import BaseRoute
 
@@ -39,7 +39,7 @@ class GatewayBuild:
         s = self.settings
         verifier = TokenVerifier(s.common.token_keys)
         origins = OriginPolicy(s.allowed_origins)
-        hub = Hub(pool, s.replica, s.presence_ttl)
+        hub = Hub(pool, s.sender.worker_id, s.presence_ttl)
         self.hub = hub
         limits = Limits(s.auth_timeout, s.queue_size, s.resume_limit, s.send_timeout)
         endpoint = Endpoint(pool, hub, verifier, origins, limits)
@@ -88,25 +88,14 @@ class GatewayBuild:
             http.should_exit = True
             await task
 
-        queue = Queue(
-            pool,
-            "bell",
-            worker=s.replica,
-            lease_seconds=s.lease_seconds,
-            max_retry_after=s.common.max_retry_after_seconds,
-        )
-        sender = BellSender(pool)
-
-        async def send_loop(stop: asyncio.Event) -> None:
-            await worker.run(queue, sender.handle, stop=stop, batch=s.batch, concurrency=s.concurrency)
-
         async def close() -> None:
             with contextlib.suppress(OSError):
                 sock.close()
             await proxies.close()
 
         _LOG.info("http listening", port=self.http_port)
-        return Built(background=[serve_http, hub.listen, hub.keep_presence, send_loop], cleanup=[close])
+        bell = sender_loops(pool, "bell", BellSender(pool).handle, s.sender)
+        return Built(background=[serve_http, hub.listen, hub.keep_presence, *bell], cleanup=[close])
 
 
 def _family(host: str) -> socket.AddressFamily:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from belfry.config import CommonSettings, Env, load_common
+from belfry.queue.sender import SenderSettings, load_sender_settings
 
 
 @dataclass(frozen=True)
@@ -18,7 +17,6 @@ class Settings:
     http_host: str
     http_port: int
     allowed_origins: frozenset[str]
-    replica: str
     presence_ttl: float
     queue_size: int  # frames buffered per connection before it counts as a slow consumer
     resume_limit: int  # a client further behind than this is told to reload its feed
@@ -29,9 +27,7 @@ class Settings:
     demo_user: str
     preferences_target: str
     webpush_target: str
-    batch: int
-    concurrency: int
-    lease_seconds: float
+    sender: SenderSettings  # the bell sender; its worker id also names this replica's presence rows
     unsubscribe_key: bytes | None  # verifies the email sender's one-click unsubscribe links
 
 
@@ -60,7 +56,6 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         http_host=env.str("BELFRY_GATEWAY_HTTP_HOST", "0.0.0.0"),  # noqa: S104 - a server listens on all interfaces
         http_port=env.int("BELFRY_GATEWAY_HTTP_PORT", 8080),
         allowed_origins=origins,
-        replica=env.str("BELFRY_WORKER_ID", f"{socket.gethostname()}-{os.getpid()}"),
         presence_ttl=env.float("BELFRY_GATEWAY_PRESENCE_TTL_SECONDS", 30.0, minimum=0.1),
         queue_size=env.int("BELFRY_GATEWAY_QUEUE_SIZE", 64, minimum=1),
         resume_limit=env.int("BELFRY_GATEWAY_RESUME_LIMIT", 200, minimum=1),
@@ -71,9 +66,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         demo_user=env.str("BELFRY_DEMO_USER", "alice"),
         preferences_target=env.str("BELFRY_PREFERENCES_ADDRESS", "127.0.0.1:50051"),
         webpush_target=env.str("BELFRY_WEBPUSH_ADDRESS", "127.0.0.1:50055"),
-        batch=env.int("BELFRY_GATEWAY_BATCH", 200, minimum=1),
-        concurrency=env.int("BELFRY_GATEWAY_CONCURRENCY", 200, minimum=1),
-        lease_seconds=env.float("BELFRY_GATEWAY_LEASE_SECONDS", 30.0, minimum=0.1),
+        sender=load_sender_settings(env, common, "gateway", batch=200, concurrency=200, lease_seconds=30.0),
         unsubscribe_key=unsubscribe_key.encode() or None,
     )
     env.check()

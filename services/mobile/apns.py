@@ -14,8 +14,9 @@ from collections.abc import Callable
 import httpx
 import jwt
 from belfry import ssrf
+from belfry.queue.sender import Result
 
-from services.mobile.push import Push, Result
+from services.mobile.push import Push
 from services.mobile.settings import ApnsSettings
 
 TOKEN_REUSE_SECONDS = 40 * 60

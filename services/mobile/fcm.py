@@ -16,8 +16,9 @@ from typing import Any
 import httpx
 import jwt
 from belfry import ssrf
+from belfry.queue.sender import Result
 
-from services.mobile.push import Push, Result
+from services.mobile.push import Push
 from services.mobile.settings import FcmSettings
 
 SCOPE = "https://www.googleapis.com/auth/firebase.messaging"

@@ -1,4 +1,4 @@
-"""What the providers receive and answer: provider-neutral push and result."""
+"""What the providers receive: a provider-neutral push (they answer with ``belfry.queue.sender.Result``)."""
 
 from __future__ import annotations
 
@@ -20,12 +20,3 @@ class Push:
     expires_at: int  # Unix seconds; the provider drops it afterwards
     ttl_seconds: int
     high_priority: bool
-
-
-@dataclass(frozen=True)
-class Result:
-    """What happened to one device's push."""
-
-    kind: str  # "sent" | "retry" | "fail" | "gone" (the token is dead: delete the device)
-    reason: str = ""
-    retry_after: float | None = None

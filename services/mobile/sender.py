@@ -10,12 +10,13 @@ from collections.abc import Callable
 from typing import Protocol
 
 import asyncpg
-from belfry import log, metrics
+from belfry import log
 from belfry.message import Message
-from belfry.queue import Drop, Fail, Lease, Outcome, Retry, Sent
+from belfry.queue import Drop, Lease, Outcome
+from belfry.queue.sender import Result, fold
 
 from services.mobile import store
-from services.mobile.push import Push, Result
+from services.mobile.push import Push
 
 _LOG = log.get(__name__)
 NOT_CONFIGURED = "not configured"
@@ -47,21 +48,10 @@ class MobileSender:
         """Push to every device of the user; dead tokens are deleted."""
         devices = await store.list_for_user(self._pool, lease.account_id, lease.user_id)
         if not devices:
-            metrics.DELIVERIES.labels("mobile", "dropped").inc()
             return Drop("no mobile device")
         msg = Message.from_json(lease.payload)
         expires = int(lease.expires_at.timestamp())
-        results = await asyncio.gather(*(self._push(d, msg, expires) for d in devices))
-        if any(r.kind == "sent" for r in results):
-            metrics.DELIVERIES.labels("mobile", "sent").inc()
-            return Sent()
-        retries = [r for r in results if r.kind == "retry"]
-        if retries:
-            metrics.DELIVERIES.labels("mobile", "retried").inc()
-            delays = [r.retry_after for r in retries if r.retry_after is not None]
-            return Retry("; ".join(r.reason for r in retries), max(delays) if delays else None)
-        metrics.DELIVERIES.labels("mobile", "failed").inc()
-        return Fail("; ".join(dict.fromkeys(r.reason for r in results)))
+        return fold(await asyncio.gather(*(self._push(d, msg, expires) for d in devices)))
 
     async def _push(self, device: store.Device, msg: Message, expires: int) -> Result:
         provider = self._providers.get(device.platform)

@@ -1,8 +1,7 @@
-"""Wiring of the mobile service: the Mobile and QueueAdmin APIs, the sender loop."""
+"""Wiring of the mobile service: the Mobile and QueueAdmin APIs, the sender's loops."""
 
 from __future__ import annotations
 
-import asyncio
 import ssl
 from collections.abc import Awaitable, Callable
 
@@ -11,7 +10,8 @@ import httpx
 from belfry import log
 from belfry.api.mobile.v1 import mobile_pb2_grpc as pb_grpc
 from belfry.auth import TokenVerifier
-from belfry.queue import Queue, admin, worker
+from belfry.queue import admin
+from belfry.queue.sender import sender_loops
 from belfry.service import Built
 
 from services.mobile.apns import Apns
@@ -42,17 +42,6 @@ def build_for(settings: Settings) -> Callable[[asyncpg.Pool], Awaitable[Built]]:
             if provider is None:
                 _LOG.warning("push provider not configured; its deliveries fail with 'not configured'", provider=name)
         sender = MobileSender(pool=pool, android=fcm, ios=apns)
-        queue = Queue(
-            pool,
-            "mobile",
-            worker=settings.worker_id,
-            lease_seconds=settings.lease_seconds,
-            max_retry_after=settings.common.max_retry_after_seconds,
-        )
-
-        async def send_loop(stop: asyncio.Event) -> None:
-            await worker.run(queue, sender.handle, stop=stop, batch=settings.batch, concurrency=settings.concurrency)
-
         verifier = TokenVerifier(settings.common.token_keys)
         servicer = MobileServicer(pool, verifier)
         return Built(
@@ -61,7 +50,7 @@ def build_for(settings: Settings) -> Callable[[asyncpg.Pool], Awaitable[Built]]:
                 admin.registration(admin.QueueAdminServicer(pool, verifier)),
             ],
             service_names=[SERVICE_NAME, admin.SERVICE_NAME],
-            background=[send_loop],
+            background=sender_loops(pool, "mobile", sender.handle, settings.sender),
             cleanup=[c.aclose for c in clients],
         )
 

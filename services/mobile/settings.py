@@ -7,13 +7,12 @@ deliveries fail with the reason "not configured" (never a silent drop).
 from __future__ import annotations
 
 import json
-import os
-import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from belfry.config import CommonSettings, Env, load_common
+from belfry.queue.sender import SenderSettings, load_sender_settings
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
@@ -47,10 +46,7 @@ class Settings:
     fcm: FcmSettings | None
     apns: ApnsSettings | None
     ca_file: Path | None
-    worker_id: str
-    batch: int
-    concurrency: int
-    lease_seconds: float
+    sender: SenderSettings
     timeout_seconds: float
 
 
@@ -107,10 +103,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         fcm=_fcm(env),
         apns=_apns(env),
         ca_file=env.path("BELFRY_MOBILE_CA_FILE"),
-        worker_id=env.str("BELFRY_WORKER_ID", f"{socket.gethostname()}-{os.getpid()}"),
-        batch=env.int("BELFRY_MOBILE_BATCH", 200, minimum=1),
-        concurrency=env.int("BELFRY_MOBILE_CONCURRENCY", 100, minimum=1),
-        lease_seconds=env.float("BELFRY_MOBILE_LEASE_SECONDS", 60.0, minimum=0.1),
+        sender=load_sender_settings(env, common, "mobile", batch=200, concurrency=100, lease_seconds=60.0),
         timeout_seconds=env.float("BELFRY_MOBILE_TIMEOUT_SECONDS", 10.0, minimum=0.1),
     )
     env.check()

@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import asyncpg
 import httpx
-from belfry import log, metrics, ssrf
+from belfry import log, ssrf
 from belfry.message import Message
-from belfry.queue import Drop, Fail, Lease, Outcome, Retry, Sent
+from belfry.queue import Drop, Lease, Outcome
+from belfry.queue.sender import Result, fold
 from cryptography.exceptions import InvalidTag
 
 from services.webhooks import body, store
@@ -19,15 +19,6 @@ from services.webhooks.signing import SecretBox, signature
 
 _LOG = log.get(__name__)
 _USER_AGENT = "Belfry-Webhooks/1"
-
-
-@dataclass(frozen=True)
-class Result:
-    """What happened to one endpoint's POST."""
-
-    kind: str  # "sent" | "retry" | "fail" | "gone"
-    reason: str = ""
-    retry_after: float | None = None
 
 
 def classify(response: httpx.Response, now: float) -> Result:
@@ -68,20 +59,9 @@ class WebhookSender:
         """POST the notification to every active webhook of the user."""
         hooks = await store.list_for_user(self._pool, lease.account_id, lease.user_id, active_only=True)
         if not hooks:
-            metrics.DELIVERIES.labels("other_apps", "dropped").inc()
             return Drop("no webhook connected")
         msg = Message.from_json(lease.payload)
-        results = await asyncio.gather(*(self._post(hook, msg, lease.delivery_id) for hook in hooks))
-        if any(r.kind == "sent" for r in results):
-            metrics.DELIVERIES.labels("other_apps", "sent").inc()
-            return Sent()
-        retries = [r for r in results if r.kind == "retry"]
-        if retries:
-            metrics.DELIVERIES.labels("other_apps", "retried").inc()
-            delays = [r.retry_after for r in retries if r.retry_after is not None]
-            return Retry("; ".join(r.reason for r in retries), max(delays) if delays else None)
-        metrics.DELIVERIES.labels("other_apps", "failed").inc()
-        return Fail("; ".join(r.reason for r in results))
+        return fold(await asyncio.gather(*(self._post(hook, msg, lease.delivery_id) for hook in hooks)))
 
     async def _post(self, hook: store.Webhook, msg: Message, delivery_id: int) -> Result:
         log_ = _LOG.bind(account_id=hook.account_id, webhook_id=str(hook.webhook_id))

@@ -1,15 +1,15 @@
-"""Wiring of the webhooks service: the Webhooks and QueueAdmin APIs, the sender loop."""
+"""Wiring of the webhooks service: the Webhooks and QueueAdmin APIs, the sender's loops."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 
 import asyncpg
 from belfry import ssrf
 from belfry.api.webhooks.v1 import webhooks_pb2_grpc as pb_grpc
 from belfry.auth import TokenVerifier
-from belfry.queue import Queue, admin, worker
+from belfry.queue import admin
+from belfry.queue.sender import sender_loops
 from belfry.service import Built
 
 from services.webhooks.sender import WebhookSender
@@ -27,17 +27,6 @@ def build_for(settings: Settings) -> Callable[[asyncpg.Pool], Awaitable[Built]]:
         client = ssrf.client(ca_file=settings.ca_file, timeout=settings.timeout_seconds)
         verifier = TokenVerifier(settings.common.token_keys)
         sender = WebhookSender(pool=pool, client=client, guard=guard, box=box)
-        queue = Queue(
-            pool,
-            "other_apps",
-            worker=settings.worker_id,
-            lease_seconds=settings.lease_seconds,
-            max_retry_after=settings.common.max_retry_after_seconds,
-        )
-
-        async def send_loop(stop: asyncio.Event) -> None:
-            await worker.run(queue, sender.handle, stop=stop, batch=settings.batch, concurrency=settings.concurrency)
-
         servicer = WebhooksServicer(pool, verifier, guard, box)
         return Built(
             registrations=[
@@ -45,7 +34,7 @@ def build_for(settings: Settings) -> Callable[[asyncpg.Pool], Awaitable[Built]]:
                 admin.registration(admin.QueueAdminServicer(pool, verifier)),
             ],
             service_names=[SERVICE_NAME, admin.SERVICE_NAME],
-            background=[send_loop],
+            background=sender_loops(pool, "other_apps", sender.handle, settings.sender),
             cleanup=[client.aclose],
         )
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from belfry import ssrf
 from belfry.config import CommonSettings, Env, load_common
+from belfry.queue.sender import SenderSettings, load_sender_settings
 
 
 @dataclass(frozen=True)
@@ -21,10 +20,7 @@ class Settings:
     ca_file: Path | None
     secret_key: str  # base64 of 32 bytes: encrypts signing secrets at rest
     secret_key_file: Path | None  # generated on first run when missing (local defaults)
-    worker_id: str
-    batch: int
-    concurrency: int
-    lease_seconds: float
+    sender: SenderSettings
     timeout_seconds: float
 
 
@@ -63,10 +59,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         ca_file=env.path("BELFRY_WEBHOOKS_CA_FILE"),
         secret_key=key,
         secret_key_file=Path(key_file) if key_file else None,
-        worker_id=env.str("BELFRY_WORKER_ID", f"{socket.gethostname()}-{os.getpid()}"),
-        batch=env.int("BELFRY_WEBHOOKS_BATCH", 100, minimum=1),
-        concurrency=env.int("BELFRY_WEBHOOKS_CONCURRENCY", 50, minimum=1),
-        lease_seconds=env.float("BELFRY_WEBHOOKS_LEASE_SECONDS", 60.0, minimum=0.1),
+        sender=load_sender_settings(env, common, "webhooks", batch=100, concurrency=50, lease_seconds=60.0),
         timeout_seconds=env.float("BELFRY_WEBHOOKS_TIMEOUT_SECONDS", 10.0, minimum=0.1),
     )
     env.check()

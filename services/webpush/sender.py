@@ -13,15 +13,15 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from datetime import datetime
 
 import aiohttp
 import asyncpg
-from belfry import log, metrics, ssrf
+from belfry import log, ssrf
 from belfry.message import Message
-from belfry.queue import Drop, Fail, Lease, Outcome, Retry, Sent
+from belfry.queue import Drop, Fail, Lease, Outcome
 from belfry.queue.presence import has_live_tab
+from belfry.queue.sender import Result, fold
 
 from services.webpush import ece, payload, store
 from services.webpush.client import PinnedResolver
@@ -30,15 +30,6 @@ from services.webpush.vapid import Vapid
 _LOG = log.get(__name__)
 _MAX_TTL = 28 * 86400
 _MAX_BODY = 64 * 1024  # push services answer in a few hundred bytes at most
-
-
-@dataclass(frozen=True)
-class Result:
-    """What happened to one subscription's push."""
-
-    kind: str  # "sent" | "retry" | "fail" | "gone"
-    reason: str = ""
-    retry_after: float | None = None
 
 
 def classify(code: int, headers: Mapping[str, str], now: float) -> Result:  # noqa: PLR0911 - one per answer
@@ -93,17 +84,14 @@ class WebPushSender:
     async def handle(self, lease: Lease) -> Outcome:
         """Deliver one notification to every browser the user subscribed."""
         if await has_live_tab(self._pool, lease.account_id, lease.user_id):
-            metrics.DELIVERIES.labels("browser", "dropped").inc()
             return Drop("live tab")
         subs = await store.list_for_user(self._pool, lease.account_id, lease.user_id)
         if not subs:
-            metrics.DELIVERIES.labels("browser", "dropped").inc()
             return Drop("no push subscription")
         msg = Message.from_json(lease.payload)
         try:
             data = payload.encode(msg)
         except ValueError as exc:  # a title or URL too long for any push: retrying cannot help
-            metrics.DELIVERIES.labels("browser", "failed").inc()
             return Fail(str(exc))
         ttl = self._ttl(lease.expires_at)
         headers = {
@@ -113,8 +101,7 @@ class WebPushSender:
             "urgency": "high" if msg.locked else "normal",
             "topic": payload.topic_header(msg),
         }
-        results = await asyncio.gather(*(self._push(sub, data, headers) for sub in subs))
-        return self._outcome(results)
+        return fold(await asyncio.gather(*(self._push(sub, data, headers) for sub in subs)))
 
     def _ttl(self, expires_at: datetime) -> int:
         left = int(expires_at.timestamp() - self._clock())
@@ -157,18 +144,3 @@ class WebPushSender:
         elif result.kind == "fail":
             log_.warning("push failed", reason=result.reason)
         return result
-
-    @staticmethod
-    def _outcome(results: list[Result]) -> Outcome:
-        # One browser reached is a delivered notification; the tag stops a retry from showing it twice,
-        # but retrying all of them for one slow browser would ring the others again.
-        if any(r.kind == "sent" for r in results):
-            metrics.DELIVERIES.labels("browser", "sent").inc()
-            return Sent()
-        retries = [r for r in results if r.kind == "retry"]
-        if retries:
-            metrics.DELIVERIES.labels("browser", "retried").inc()
-            delays = [r.retry_after for r in retries if r.retry_after is not None]
-            return Retry("; ".join(r.reason for r in retries), max(delays) if delays else None)
-        metrics.DELIVERIES.labels("browser", "failed").inc()
-        return Fail("; ".join(r.reason for r in results))

@@ -1,15 +1,15 @@
-"""Wiring of the web push service: the WebPush and QueueAdmin APIs, the sender loop."""
+"""Wiring of the web push service: the WebPush and QueueAdmin APIs, the sender's loops."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 
 import asyncpg
 from belfry import ssrf
 from belfry.api.webpush.v1 import webpush_pb2_grpc as pb_grpc
 from belfry.auth import TokenVerifier
-from belfry.queue import Queue, admin, worker
+from belfry.queue import admin
+from belfry.queue.sender import sender_loops
 from belfry.service import Built
 
 from services.webpush import client, vapid
@@ -41,17 +41,6 @@ def build_for(settings: Settings) -> Callable[[asyncpg.Pool], Awaitable[Built]]:
             vapid=signer,
             default_ttl=settings.default_ttl_seconds,
         )
-        queue = Queue(
-            pool,
-            "browser",
-            worker=settings.worker_id,
-            lease_seconds=settings.lease_seconds,
-            max_retry_after=settings.common.max_retry_after_seconds,
-        )
-
-        async def send_loop(stop: asyncio.Event) -> None:
-            await worker.run(queue, sender.handle, stop=stop, batch=settings.batch, concurrency=settings.concurrency)
-
         servicer = WebPushServicer(pool, verifier, guard, signer.public_key)
         return Built(
             registrations=[
@@ -59,7 +48,7 @@ def build_for(settings: Settings) -> Callable[[asyncpg.Pool], Awaitable[Built]]:
                 admin.registration(admin.QueueAdminServicer(pool, verifier)),
             ],
             service_names=[SERVICE_NAME, admin.SERVICE_NAME],
-            background=[send_loop],
+            background=sender_loops(pool, "browser", sender.handle, settings.sender),
             cleanup=[session.close],
         )
 

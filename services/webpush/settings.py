@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from belfry import ssrf
 from belfry.config import CommonSettings, Env, load_common
+from belfry.queue.sender import SenderSettings, load_sender_settings
 
 
 @dataclass(frozen=True)
@@ -23,10 +22,7 @@ class Settings:
     vapid_key_file: Path | None  # generated on first run when missing (local defaults)
     vapid_subject: str  # mailto: or https: contact the push services may use
     default_ttl_seconds: int
-    worker_id: str
-    batch: int
-    concurrency: int
-    lease_seconds: float
+    sender: SenderSettings
     timeout_seconds: float
     max_connections: int  # the one session's connection limit, across all push services
 
@@ -66,10 +62,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         vapid_key_file=Path(key_file_raw) if key_file_raw else None,
         vapid_subject=subject,
         default_ttl_seconds=env.int("BELFRY_WEBPUSH_TTL_SECONDS", 86400, minimum=0),
-        worker_id=env.str("BELFRY_WORKER_ID", f"{socket.gethostname()}-{os.getpid()}"),
-        batch=env.int("BELFRY_WEBPUSH_BATCH", 200, minimum=1),
-        concurrency=env.int("BELFRY_WEBPUSH_CONCURRENCY", 100, minimum=1),
-        lease_seconds=env.float("BELFRY_WEBPUSH_LEASE_SECONDS", 60.0, minimum=0.1),
+        sender=load_sender_settings(env, common, "webpush", batch=200, concurrency=100, lease_seconds=60.0),
         timeout_seconds=env.float("BELFRY_WEBPUSH_TIMEOUT_SECONDS", 10.0, minimum=0.1),
         max_connections=env.int("BELFRY_WEBPUSH_MAX_CONNECTIONS", 200, minimum=1),
     )

@@ -27,8 +27,8 @@ async def test_two_replicas_close_every_window_once(world: World, tenant: str) -
     users = [f"u{n:02d}" for n in range(12)]
     for user in users:
         await world.prefs.user(tenant, user)
-    await world.start_replica(BELFRY_WORKER_NAME="replica-1")
-    await world.start_replica(BELFRY_WORKER_NAME="replica-2")
+    await world.start_replica(BELFRY_WORKER_ID="replica-1")
+    await world.start_replica(BELFRY_WORKER_ID="replica-2")
     before = _sent_count()
     for user in users:
         for n in range(3):

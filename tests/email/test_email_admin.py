@@ -35,7 +35,7 @@ async def test_dead_letters_listed_requeued_and_scoped_to_the_account(
         [letter] = listed.dead_letters
         assert letter.delivery_id == dead["delivery_id"] and letter.topic == "contacts.contact_assigned"
         assert letter.errors[0].attempt == 1 and "550" in letter.errors[0].error
-        assert letter.errors[0].worker == settings.worker_id
+        assert letter.errors[0].worker == settings.sender.worker_id
 
         other = await stub.ListDeadLetters(pb.ListDeadLettersRequest(), metadata=theirs)
         assert list(other.dead_letters) == []
