@@ -20,7 +20,9 @@ COPY services ./services
 # A regular install (pip compiles the bytecode): the packages and their data
 # (migrations, catalogue, templates, the web app) land in the virtual
 # environment, where belfry.migrate finds the migrations with
-# importlib.resources, so the source tree stays behind in this stage.
+# importlib.resources, so the source tree stays behind in this stage. No
+# extras: the local one (belfry up's embedded PostgreSQL and mail catcher)
+# is development tooling, and no service imports it.
 RUN /opt/belfry/bin/pip install ./ \
     && /opt/belfry/bin/belfry --help >/dev/null
 

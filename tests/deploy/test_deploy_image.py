@@ -1,10 +1,11 @@
-"""The container image definition: lint-clean, pinned, non-root, no build tools at run time."""
+"""The container image definition: lint-clean, pinned, non-root, no build tools or development tooling at run time."""
 
 from __future__ import annotations
 
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 from tests.deploy.manifests import ROOT
@@ -57,3 +58,57 @@ def test_context_carries_the_code_and_generated_modules() -> None:
     build = " ".join(_stages()[0])
     assert "COPY libs ./libs" in build and "COPY services ./services" in build
     assert (ROOT / "libs" / "belfry" / "api").is_dir()
+
+
+# Development tooling of ``belfry up`` (the ``local`` extra), made unimportable.
+_WITHOUT_LOCAL_EXTRA = """
+import importlib, sys
+from pathlib import Path
+
+class Absent:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in {"aiosmtpd", "pgserver"}:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, Absent())
+from belfry import cli, service
+from belfry.errors import ConfigError
+from belfry.local import database, mailcatcher
+
+for declared in service.declared():
+    for module in ("settings", "server"):
+        importlib.import_module(f"{declared.package}.{module}")
+assert mailcatcher.caught(Path(sys.argv[1])) == []
+for start in (mailcatcher.start, database.start):
+    try:
+        start(Path(sys.argv[1]) / "tooling")
+    except ConfigError as exc:
+        assert "local extra" in exc.message, exc.message
+    else:
+        raise AssertionError(f"{start.__module__} started without the local extra")
+print("ok")
+"""
+
+
+def test_development_tooling_is_an_extra_the_image_leaves_out() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    tooling = {"aiosmtpd", "pgserver"}
+    named = {re.split(r"[<>=;\[ ]", dep, maxsplit=1)[0].lower() for dep in project["dependencies"]}
+    assert not tooling & named, "development tooling belongs in the local extra, not the runtime dependencies"
+    assert tooling <= {
+        re.split(r"[<>=;\[ ]", dep, maxsplit=1)[0].lower() for dep in project["optional-dependencies"]["local"]
+    }
+    installs = [line for line in _stages()[0] if "pip install" in line]
+    assert installs and not any("[" in line for line in installs), installs
+
+
+def test_every_service_and_the_cli_import_without_the_local_extra(tmp_path: Path) -> None:
+    done = subprocess.run(  # noqa: S603 - our own interpreter and script
+        [sys.executable, "-c", _WITHOUT_LOCAL_EXTRA, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stdout + done.stderr

@@ -12,14 +12,21 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from belfry.errors import ConfigError
+
 
 def start(data_dir: Path) -> tuple[Any, str]:
     """Start (or reuse) the private server; return its handle and DSN."""
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # platformdirs warns about XDG_RUNTIME_DIR under root
-        import pgserver  # noqa: PLC0415 - only the local run needs the embedded binaries
-
+        try:
+            import pgserver  # noqa: PLC0415 - only the local run needs the embedded binaries
+        except ModuleNotFoundError as exc:
+            raise ConfigError(
+                "the private PostgreSQL needs the local extra: pip install -e '.[local]' (./scripts/up does), "
+                "or set BELFRY_DATABASE_URL to a PostgreSQL server"
+            ) from exc
         server = pgserver.get_server(data_dir, cleanup_mode="stop")
     return server, str(server.get_uri())
 

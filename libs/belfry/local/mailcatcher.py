@@ -2,7 +2,9 @@
 
 Every message the email sender hands it is stored as an ``.eml`` file in a
 folder, so ``belfry mail`` can list and show what would have been sent. It is
-aiosmtpd's own server, so the sender talks real SMTP to it.
+aiosmtpd's own server, so the sender talks real SMTP to it. aiosmtpd comes
+with the ``local`` extra and is imported only when the catcher starts:
+listing caught mail, and every service, work without it.
 """
 
 from __future__ import annotations
@@ -14,9 +16,12 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from aiosmtpd.controller import Controller
+from belfry.errors import ConfigError
+
+if TYPE_CHECKING:
+    from aiosmtpd.controller import Controller
 
 
 class _Store:
@@ -37,6 +42,13 @@ class _Store:
 
 def start(folder: Path, host: str = "127.0.0.1", port: int = 0) -> tuple[Controller, int]:
     """Start the catcher in its own thread; return it and the bound port (0 = any free port)."""
+    try:
+        from aiosmtpd.controller import Controller  # noqa: PLC0415 - development tooling, the local extra
+    except ModuleNotFoundError as exc:
+        raise ConfigError(
+            "the mail catcher needs the local extra: pip install -e '.[local]' (./scripts/up does), "
+            "or set BELFRY_SMTP_HOST to a real SMTP server"
+        ) from exc
     if port == 0:
         # aiosmtpd's controller probes the port it was given, so it cannot take 0 itself.
         with socket.socket() as probe:
