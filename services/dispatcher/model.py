@@ -45,43 +45,6 @@ class Event:
 
 
 @dataclass(frozen=True)
-class ChannelChoice:
-    """Preferences' answer for one channel of one recipient."""
-
-    channel: str
-    enabled: bool
-    reason: str = ""
-    sound: str = ""
-
-
-@dataclass(frozen=True)
-class Recipient:
-    """Preferences' answer for one user: directory facts, channels, quiet hours."""
-
-    user_id: str
-    known: bool
-    email: str = ""
-    display_name: str = ""
-    locale: str = "en"
-    time_zone: str = "UTC"
-    channels: tuple[ChannelChoice, ...] = ()
-    in_quiet_hours: bool = False
-    quiet_until: datetime | None = None
-
-
-@dataclass(frozen=True)
-class Topic:
-    """What the dispatcher needs to know about a topic."""
-
-    key: str
-    locked: bool
-    ttl_seconds: int
-    category: str
-    batching: str  # "assignment" | "digest" | ""
-    allowed_channels: tuple[str, ...]
-
-
-@dataclass(frozen=True)
 class Accepted:
     """An event written (or a replay of one written before)."""
 

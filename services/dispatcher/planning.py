@@ -15,13 +15,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import asyncpg
-from belfry.errors import BelfryError, InvalidArgument, NotFound
+from belfry import i18n
+from belfry.errors import BelfryError, InvalidArgument
 from belfry.message import Item, Message
+from belfry.preferences import REFUSED, Preferences, Recipient, Topic
 from belfry.queue import NewDelivery
 
 from services.dispatcher import render, rules, store
-from services.dispatcher.model import Event, Recipient, Topic
-from services.dispatcher.preferences import Preferences
+from services.dispatcher.model import Event
 from services.dispatcher.routing import Decision, Routed, decide, digest_fact, route, silent_assignment
 
 
@@ -55,10 +56,9 @@ _ADMIT_SECONDS = 30.0
 class Planner:
     """Builds plans for many events at once."""
 
-    def __init__(self, pool: asyncpg.Pool, preferences: Preferences, labels: render.Labels) -> None:
+    def __init__(self, pool: asyncpg.Pool, preferences: Preferences) -> None:
         self._pool = pool
         self._preferences = preferences
-        self._labels = labels
         self._known: dict[tuple[str, str], float] = {}
 
     async def admit(self, events: Sequence[Event]) -> list[BelfryError | None]:
@@ -80,7 +80,7 @@ class Planner:
     async def _check_pair(self, account_id: str, topic: str) -> BelfryError | None:
         try:
             await self._preferences.effective(account_id, topic, [])
-        except (NotFound, InvalidArgument) as exc:
+        except REFUSED as exc:
             return exc
         return None
 
@@ -177,13 +177,13 @@ class Planner:
 
     def _message(self, nid: uuid.UUID, event: Event, topic: Topic, person: Recipient, actor_name: str) -> Message:
         obj = event.object
-        locale = render.language(person.locale)
+        locale = i18n.language(person.locale)
         return Message(
             notification_id=str(nid),
             account_id=event.account_id,
             user_id=person.user_id,
             topic=event.topic,
-            title=render.title(self._labels.title(event.topic, locale), obj.display_name),
+            title=render.title(topic.label(locale), obj.display_name),
             body=render.body(obj.display_name, actor_name, locale),
             url=obj.url,
             occurred_at=event.occurred_at.isoformat(),

@@ -13,14 +13,14 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
 
-from belfry import channels
+from belfry import channels, delivery
 from belfry.handoff import Assignment, DigestFact, to_payload
 from belfry.message import Message
+from belfry.preferences import Recipient, Topic
 from belfry.queue import NewDelivery
 
-from services.dispatcher.model import Event, Recipient, Topic
+from services.dispatcher.model import Event
 
 ACCEPTED = "accepted"
 SUPPRESSED = "suppressed"
@@ -45,19 +45,6 @@ class Routed:
     channels: list[dict[str, str]]  # [{"c": channel, "s": state, "r": reason}]
     deliveries: list[NewDelivery]
     held_until: datetime | None
-
-
-_MESSAGE_FIELDS = tuple(Message.__dataclass_fields__)
-
-
-def message_payload(message: Message) -> dict[str, Any]:
-    """``message.to_json()``, built without ``asdict``'s deep copies (the publish hot path)."""
-    body = {name: getattr(message, name) for name in _MESSAGE_FIELDS}
-    body["items"] = tuple(
-        {"type": i.type, "id": i.id, "display_name": i.display_name, "url": i.url} for i in message.items
-    )
-    body["variables"] = dict(message.variables)
-    return body
 
 
 def digest_notification_id(notification_id: uuid.UUID) -> uuid.UUID:
@@ -107,7 +94,7 @@ def decide(topic: Topic, recipient: Recipient, *, email_only: bool = False) -> D
     """One recipient's channel decisions for ``topic`` (pure; reusable across that recipient's events)."""
     decided = _decide(topic, recipient, email_only)
     on = frozenset(c for c, (enabled, _, _) in decided.items() if enabled)
-    quiet = recipient.in_quiet_hours and not topic.locked and recipient.quiet_until is not None
+    quiet = recipient.held_until(topic.locked) is not None
     state: dict[str, tuple[str, str]] = {}
     if topic.batching == "assignment":
         state = dict.fromkeys(on, (BATCHED, ""))
@@ -141,21 +128,7 @@ def route(
 ) -> Routed:
     """The deliveries for one recipient who passed the rules (``decision``: from ``decide``, when reused)."""
     d = decision or decide(topic, recipient, email_only=email_only)
-    on, quiet, held_until = d.on, d.quiet, d.held_until
     expiry = expires_at(event, topic)
-
-    def new(channel: str, payload: dict[str, Any], available_at: datetime | None = None) -> NewDelivery:
-        return NewDelivery(
-            account_id=event.account_id,
-            notification_id=notification_id,
-            user_id=recipient.user_id,
-            channel=channel,
-            topic=event.topic,
-            payload=payload,
-            expires_at=expiry,
-            available_at=available_at,
-        )
-
     if topic.batching == "assignment":
         assignment = Assignment(
             message=message,
@@ -167,24 +140,26 @@ def route(
         )
         # Handed over even with every channel off: batching needs every assignment to take
         # the object out of the previous assignee's open window (the undo rule).
-        return Routed(d.channels, [new("batching", to_payload(assignment))], None)
-
-    deliveries = []
-    base = message_payload(message)
-    if "bell" in d.queue_channels:
-        # In quiet hours the bell collects silently: no toast, no sound, no OS notification now.
-        flags = {
-            "bell": "bell" in on,
-            "popup": "popup" in on and not quiet,
-            "browser": "browser" in on and not quiet,
-            "sound": d.decided["popup"][2] if "popup" in on and not quiet else "",
-        }
-        if flags["bell"] or flags["popup"] or flags["browser"]:
-            deliveries.append(new("bell", {**base, **flags}))
-    for channel in d.queue_channels:
-        if channel != "bell":
-            deliveries.append(new(channel, {**base, "bell": False, "browser": channel == "browser"}, held_until))
-    return Routed(d.channels, deliveries, held_until)
+        handoff = NewDelivery(
+            account_id=event.account_id,
+            notification_id=notification_id,
+            user_id=recipient.user_id,
+            channel="batching",
+            topic=event.topic,
+            payload=to_payload(assignment),
+            expires_at=expiry,
+        )
+        return Routed(d.channels, [handoff], None)
+    deliveries = delivery.build(
+        message,
+        d.queue_channels,
+        on=d.on,
+        sound=d.decided["popup"][2],
+        held_until=d.held_until,
+        expires_at=expiry,
+        notification_id=notification_id,
+    )
+    return Routed(d.channels, deliveries, d.held_until)
 
 
 def _record(decided: dict[str, tuple[bool, str, str]], state: dict[str, tuple[str, str]]) -> list[dict[str, str]]:

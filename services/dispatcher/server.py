@@ -9,12 +9,12 @@ import asyncpg
 import grpc
 from belfry import background, log, rpc, service
 from belfry.api.dispatcher.v1 import dispatcher_pb2, dispatcher_pb2_grpc
+from belfry.preferences import Preferences
 
-from services.dispatcher import render, store
+from services.dispatcher import store
 from services.dispatcher.backpressure import Backpressure
 from services.dispatcher.fanout import Fanout
 from services.dispatcher.planning import Planner
-from services.dispatcher.preferences import Preferences
 from services.dispatcher.publish import Dispatcher
 from services.dispatcher.servicer import DispatcherServicer
 from services.dispatcher.settings import Settings
@@ -27,10 +27,10 @@ def build_for(settings: Settings) -> Callable[[asyncpg.Pool], Awaitable[service.
 
     async def build(pool: asyncpg.Pool) -> service.Built:
         channel = rpc.connect(settings.preferences_address, settings.common.tls)
-        preferences = Preferences(channel, deadline=settings.preferences_deadline)
+        preferences = Preferences(channel, deadline=settings.preferences_deadline, field_prefix="event.")
         pressure = Backpressure(pool, settings.backpressure)
         await pressure.refresh()
-        planner = Planner(pool, preferences, render.load_labels(settings.catalogue))
+        planner = Planner(pool, preferences)
         dispatcher = Dispatcher(pool, planner, pressure)
         servicer = DispatcherServicer(
             dispatcher, pool, settings.limits, max_batch=settings.max_batch, writers=settings.publish_writers

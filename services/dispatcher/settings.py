@@ -5,11 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 
 from belfry.config import CommonSettings, Env, load_common
 
-from services.dispatcher import backpressure, fanout, render, validate
+from services.dispatcher import backpressure, fanout, validate
 
 
 @dataclass(frozen=True)
@@ -19,7 +18,6 @@ class Settings:
     common: CommonSettings
     preferences_address: str
     preferences_deadline: float
-    catalogue: Path
     limits: validate.Limits
     backpressure: backpressure.Limits
     max_batch: int
@@ -39,7 +37,6 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         common=common,
         preferences_address=env.str("BELFRY_PREFERENCES_ADDRESS", "127.0.0.1:50051"),
         preferences_deadline=env.float("BELFRY_DISPATCHER_PREFERENCES_DEADLINE", 5.0, minimum=0.1),
-        catalogue=Path(env.str("BELFRY_DISPATCHER_CATALOGUE", str(render.DEFAULT_CATALOGUE))),
         limits=validate.Limits(
             max_event_bytes=env.int("BELFRY_DISPATCHER_MAX_EVENT_BYTES", 64 * 1024, minimum=1024),
             max_future=timedelta(seconds=env.float("BELFRY_DISPATCHER_MAX_FUTURE_SECONDS", 300.0)),

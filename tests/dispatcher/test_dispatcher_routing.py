@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import uuid
 
 from belfry.handoff import Assignment, from_payload
 from belfry.message import Item, Message
+from belfry.preferences import ChannelChoice, Recipient, Topic
 
 from services.dispatcher import routing
-from services.dispatcher.model import ChannelChoice, Event, Recipient, Topic
+from services.dispatcher.model import Event
 
 NOW = dt.datetime(2026, 3, 2, 9, 0, tzinfo=dt.UTC)
 ALL = ("email", "bell", "popup", "browser", "other_apps", "mobile")
@@ -98,7 +100,7 @@ def test_email_only_and_disallowed_channels() -> None:
     assert reasons["bell"] == routing.EMAIL_ONLY and reasons["mobile"] == routing.NOT_ALLOWED
 
 
-def test_fast_payload_is_what_message_to_json_gives() -> None:
+def test_fast_payload_is_what_asdict_gives() -> None:
     rich = Message(
         str(NID),
         "a",
@@ -115,5 +117,5 @@ def test_fast_payload_is_what_message_to_json_gives() -> None:
         items=(Item("deal", "D-1", "Deal", "https://x/1"),),
         variables={"stage": "won", "nested": {"n": [1, 2]}},
     )
-    assert routing.message_payload(rich) == rich.to_json()
-    assert Message.from_json(routing.message_payload(rich)) == rich
+    assert rich.to_json() == dataclasses.asdict(rich)
+    assert Message.from_json(rich.to_json()) == rich
