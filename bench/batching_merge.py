@@ -35,13 +35,13 @@ from belfry.api.directory.v1 import directory_pb2, directory_pb2_grpc
 from belfry.config import TlsSettings
 from belfry.handoff import Assignment
 from belfry.message import Item, Message
+from belfry.preferences import Preferences
 from belfry.queue import Lease, NewDelivery, Outcome, Queue, enqueue, worker
 from procrastinate import App, PsycopgConnector
 
 from bench.queue_common import CpuMeter, drop_database, scratch_database, versions
 from services.batching.clock import ManualClock
 from services.batching.intake import Intake
-from services.batching.prefs import Preferences
 from services.batching.windows import Closer
 from services.preferences.server import build_for as prefs_build_for
 from services.preferences.settings import load_settings as prefs_settings

@@ -106,9 +106,13 @@ def translate(exc: grpc.aio.AioRpcError, what: str, *, field_prefix: str = "") -
     """The peer's status as one of our typed errors (the table in this module's docstring)."""
     refusal = _REFUSALS.get(exc.code())
     if refusal is None:
-        return errors.Unavailable(f"{what} failed ({exc.code().name}); retry later")
+        return errors.Unavailable(
+            f"preferences did not answer for {what} ({exc.code().name}: {exc.details()}); retry later"
+        )
     peer_field = _field(exc)
-    return refusal(f"{what}: {exc.details()}", field=f"{field_prefix}{peer_field}" if peer_field else None)
+    return refusal(
+        f"preferences for {what}: {exc.details()}", field=f"{field_prefix}{peer_field}" if peer_field else None
+    )
 
 
 def _field(exc: grpc.aio.AioRpcError) -> str | None:
@@ -149,7 +153,7 @@ class Preferences:
             try:
                 answer = await self._prefs.EffectiveBatch(request, timeout=self._deadline)
             except grpc.aio.AioRpcError as exc:
-                raise translate(exc, f"preferences for topic {topic!r}", field_prefix=self._prefix) from exc
+                raise translate(exc, f"topic {topic!r}", field_prefix=self._prefix) from exc
             info = info or _topic(answer.topic)
             for r in answer.recipients:
                 found[r.user_id] = _recipient(r)
@@ -171,7 +175,7 @@ class Preferences:
         try:
             await self._prefs.Unsubscribe(request, timeout=self._deadline)
         except grpc.aio.AioRpcError as exc:
-            raise translate(exc, f"unsubscribe from {topic!r}", field_prefix=self._prefix) from exc
+            raise translate(exc, f"the unsubscribe from {topic!r}", field_prefix=self._prefix) from exc
 
 
 def _topic(t: preferences_pb2.TopicInfo) -> Topic:

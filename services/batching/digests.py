@@ -21,15 +21,15 @@ from typing import cast
 
 import asyncpg
 from belfry import log
-from belfry.errors import FailedPrecondition, Unavailable
+from belfry.errors import BelfryError
 from belfry.message import Message
+from belfry.preferences import Preferences, Recipient
 from belfry.queue import enqueue
 from prometheus_client import Counter
 
 from services.batching import digest_content, digest_store, quiet
 from services.batching.clock import Clock, repeat
 from services.batching.digest_store import Subject
-from services.batching.prefs import Answer, Preferences
 from services.batching.schedule import Weekly, fire_instant, next_fire, zone
 from services.batching.store import Conn
 from services.batching.windows import retry_delay
@@ -85,21 +85,22 @@ class Digests:
         for (account_id, digest), group in groups:
             batch = list(group)
             try:
-                answer = await self._preferences.effective(account_id, self._topics[digest], [s.user_id for s in batch])
-            except (Unavailable, FailedPrecondition) as exc:
+                info, recipients = await self._preferences.effective(
+                    account_id, self._topics[digest], [s.user_id for s in batch]
+                )
+            except BelfryError as exc:  # unavailable or refused: try again later
                 for s in batch:
                     await digest_store.postpone(self._pool, s, retry_at=now + retry_delay(1), error=exc.message)
                 continue
             for s in batch:
                 try:
-                    await self._one(s, answer, now)
+                    await self._one(s, recipients.get(s.user_id), info.locked, now)
                 except Exception as exc:  # one user's failure must not stop everyone else's digest
                     _LOG.exception("digest could not fire; retrying", user_id=s.user_id, digest=s.digest)
                     await digest_store.postpone(self._pool, s, retry_at=now + retry_delay(1), error=repr(exc))
         return len(subjects)
 
-    async def _one(self, s: Subject, answer: Answer, now: datetime) -> None:
-        recipient = answer.recipients.get(s.user_id)
+    async def _one(self, s: Subject, recipient: Recipient | None, locked: bool, now: datetime) -> None:
         tz_name = recipient.time_zone if recipient is not None else (s.time_zone or "UTC")
         tz = zone(tz_name)
         weekly = self._schedules[s.digest]
@@ -116,7 +117,7 @@ class Digests:
             message = await self._content(conn, s, instant, recipient.locale if recipient else "en")
             if recipient is None or not recipient.known:
                 outcome = "unknown_user"
-            elif "email" not in recipient.enabled:
+            elif "email" not in recipient.on:
                 outcome = "opted_out"
             elif message is None:
                 outcome = "nothing"
@@ -136,7 +137,7 @@ class Digests:
             )
             if fresh and outcome == "sent" and message is not None:
                 deliveries = quiet.deliveries(
-                    message, ["email"], recipient=recipient, locked=answer.locked, expires_at=instant + self._ttl
+                    message, ["email"], recipient=recipient, locked=locked, expires_at=instant + self._ttl
                 )
                 await enqueue(cast(asyncpg.Connection, conn), deliveries)
             period, next_at = next_fire(max(now, instant), weekly, tz)

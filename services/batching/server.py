@@ -9,6 +9,7 @@ from datetime import timedelta
 import asyncpg
 from belfry import background, log, rpc
 from belfry.api.batching.v1 import batching_pb2, batching_pb2_grpc
+from belfry.preferences import Preferences
 from belfry.queue.sender import sender_loops
 from belfry.service import Built
 
@@ -16,7 +17,6 @@ from services.batching import status, store
 from services.batching.clock import Clock, SystemClock
 from services.batching.digests import Digests
 from services.batching.intake import Intake
-from services.batching.prefs import Preferences
 from services.batching.servicer import BatchingServicer
 from services.batching.settings import Settings
 from services.batching.windows import Closer

@@ -16,20 +16,20 @@ from __future__ import annotations
 import asyncio
 import itertools
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import cast
 
 import asyncpg
 from belfry import log
-from belfry.errors import FailedPrecondition, Unavailable
+from belfry.errors import Unavailable
 from belfry.message import Message
+from belfry.preferences import REFUSED, Preferences, Recipient
 from belfry.queue import NewDelivery, enqueue
 from prometheus_client import Counter
 
 from services.batching import merge, quiet, store
 from services.batching.clock import Clock, repeat
-from services.batching.prefs import Answer, Preferences
 
 _LOG = log.get(__name__)
 
@@ -83,20 +83,21 @@ class Closer:
         for (account_id, topic), group in by_topic:
             windows = list(group)
             try:
-                answer = await self._preferences.effective(account_id, topic, [w.user_id for w in windows])
+                info, recipients = await self._preferences.effective(account_id, topic, [w.user_id for w in windows])
+                locked = info.locked
             except Unavailable as exc:
                 await self._postpone(windows, exc.message)
                 continue
-            except FailedPrecondition as exc:
+            except REFUSED as exc:
                 # Preferences refuses the topic: send as the dispatcher decided, without quiet hours.
                 _LOG.warning("closing windows without preferences' answer", topic=topic, error=exc.message)
-                answer = Answer({}, locked=False)
-            await asyncio.gather(*(self._close_limited(w, answer) for w in windows))
+                recipients, locked = {}, False
+            await asyncio.gather(*(self._close_limited(w, recipients, locked) for w in windows))
         return len(due)
 
-    async def _close_limited(self, w: store.DueWindow, answer: Answer) -> None:
+    async def _close_limited(self, w: store.DueWindow, recipients: Mapping[str, Recipient], locked: bool) -> None:
         async with self._limiter:
-            await self._close(w, answer)
+            await self._close(w, recipients.get(w.user_id), locked)
 
     async def _postpone(self, windows: Sequence[store.DueWindow], error: str) -> None:
         for w in windows:
@@ -104,14 +105,13 @@ class Closer:
             _LOG.warning("window could not close; retrying", window_id=str(w.window_id), error=error)
             await store.postpone(self._pool, w, retry_at=self._clock.now() + retry_delay(w.attempts), error=error)
 
-    async def _close(self, w: store.DueWindow, answer: Answer) -> None:
+    async def _close(self, w: store.DueWindow, recipient: Recipient | None, locked: bool) -> None:
         now = self._clock.now()
         try:
             async with self._pool.acquire() as conn, conn.transaction():
                 items = await store.lock_for_close(conn, w)
                 if items is None:
                     return  # the lease expired and another replica owns the window now
-                recipient = answer.recipients.get(w.user_id)
                 if not items or (recipient is not None and not recipient.known):
                     state = "empty" if not items else "dropped"
                     note = "" if not items else "the user is no longer an active member of the account"
@@ -124,7 +124,7 @@ class Closer:
                     message,
                     items[-1].channels,
                     recipient=recipient,
-                    locked=answer.locked,
+                    locked=locked,
                     expires_at=max(i.expires_at for i in items),
                 )
                 await enqueue(cast(asyncpg.Connection, conn), deliveries)

@@ -10,10 +10,10 @@ from zoneinfo import ZoneInfo
 import asyncpg
 from belfry.api.batching.v1 import batching_pb2
 from belfry.message import Message
+from belfry.preferences import ChannelChoice, Recipient
 from belfry.queue import Lease, Queue, enqueue
 
 from services.batching import quiet
-from services.batching.prefs import Recipient
 from tests.batching.conftest import World
 
 
@@ -85,8 +85,11 @@ def test_locked_topics_bypass_quiet_hours() -> None:
         known=True,
         in_quiet_hours=True,
         quiet_until=until,
-        switched_on=frozenset({"email", "bell", "popup"}),
-        popup_sound="chime",
+        channels=(
+            ChannelChoice("email", True),
+            ChannelChoice("bell", True),
+            ChannelChoice("popup", True, sound="chime"),
+        ),
     )
     expires = until + dt.timedelta(days=1)
     held = quiet.deliveries(message, ["email", "bell"], recipient=recipient, locked=False, expires_at=expires)
