@@ -31,6 +31,7 @@ import aiosmtplib
 from belfry import db, service
 from belfry.message import Message
 from belfry.queue import NewDelivery, enqueue
+from belfry.unsubscribe import Signer
 
 from bench.queue_common import CpuMeter, drop_database, scratch_database, versions
 from services.email.compose import Composer
@@ -38,7 +39,6 @@ from services.email.server import build_for
 from services.email.settings import SmtpSettings, load_settings
 from services.email.smtp import SmtpPool
 from services.email.templates import Templates
-from services.email.unsubscribe import Signer
 
 KEY = "bench-unsubscribe-key-0123456789abcdef"
 

@@ -16,10 +16,10 @@ from email.headerregistry import Address
 from email.utils import formataddr
 
 from belfry.message import Message
+from belfry.unsubscribe import Signer
 
 from services.email import headers
 from services.email.templates import Templates
-from services.email.unsubscribe import Signer
 
 
 def message_id(delivery_id: int, account_id: str, domain: str) -> str:

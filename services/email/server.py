@@ -11,6 +11,7 @@ from belfry.auth import TokenVerifier
 from belfry.queue import admin
 from belfry.queue.sender import sender_loops
 from belfry.service import Built
+from belfry.unsubscribe import Signer
 
 from services.email import store
 from services.email.compose import Composer
@@ -18,7 +19,6 @@ from services.email.sender import EmailSender
 from services.email.settings import Settings
 from services.email.smtp import SmtpPool
 from services.email.templates import Templates
-from services.email.unsubscribe import Signer
 
 
 def build_for(settings: Settings) -> Callable[[asyncpg.Pool], Awaitable[Built]]:

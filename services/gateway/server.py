@@ -52,12 +52,13 @@ class GatewayBuild:
         extra: list[BaseRoute] = [*routes, *proxies.routes(guard)]
         if s.unsubscribe_key is not None:
             # The email sender's List-Unsubscribe links point at the web app's origin.
-            from services.email import unsubscribe, unsubscribe_http  # noqa: PLC0415 - optional feature
+            from belfry.preferences import Preferences  # noqa: PLC0415 - optional feature
+            from belfry.unsubscribe import Signer  # noqa: PLC0415 - optional feature
 
-            switch_off = unsubscribe_http.preferences_switch_off(
-                proxies.preferences, TokenIssuer(s.common.token_keys, s.common.token_active_kid)
-            )
-            extra += unsubscribe_http.routes(unsubscribe.Signer(s.unsubscribe_key, ttl_seconds=3600), switch_off)
+            from services.gateway import unsubscribe  # noqa: PLC0415 - optional feature
+
+            signer = Signer(s.unsubscribe_key, ttl_seconds=3600)  # verifies only: the email sender signs
+            extra += unsubscribe.routes(signer, Preferences(proxies.preferences))
         else:
             _LOG.warning("BELFRY_UNSUBSCRIBE_KEY is not set: one-click unsubscribe links from emails will not work")
         app = create_app(endpoint, extra)

@@ -148,11 +148,11 @@ class Operations:
         return await self._write(user, expected, "reset", {}, change)
 
     async def unsubscribe(self, account_id: str, user_id: str, topic: str) -> int:
-        """The email unsubscribe link's effect: the topic off for email (audited as "api")."""
+        """The email unsubscribe link's effect: the topic off for email (audited as "email-link")."""
         user = await self.require_user(account_id, user_id)
         if not user.active:
             raise NotFound(f"user {user_id!r} is not an active user of account {account_id!r}", field="user_id")
-        return await self.set_choices(user, {(topic, "email"): False}, 0, what="unsubscribe", via="api")
+        return await self.set_choices(user, {(topic, "email"): False}, 0, what="unsubscribe", via="email-link")
 
     async def audit(self, account_id: str, user_id: str | None, *, before: int | None, limit: int) -> list[AuditEntry]:
         """Newest-first audit entries of one user, or of the account when ``user_id`` is None."""

@@ -43,7 +43,7 @@ class PreferencesServicer(AdminRpcs, preferences_pb2_grpc.PreferencesServiceServ
         return await self._batch.answer(request.account_id, request.topic, list(request.user_ids))
 
     async def Unsubscribe(self, request: preferences_pb2.UnsubscribeRequest, context: Context) -> Version:
-        """Internal: the email unsubscribe link's effect (topic off for email, audited as "api")."""
+        """Internal: the email unsubscribe link's effect (topic off for email, audited as "email-link")."""
         version = await self._ops.unsubscribe(request.account_id, request.user_id, request.topic)
         return Version(version=version)
 

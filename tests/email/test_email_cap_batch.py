@@ -12,6 +12,7 @@ import asyncpg
 import pytest
 from belfry.message import Message
 from belfry.queue import Lease
+from belfry.unsubscribe import Signer
 
 from services.email.compose import Composer
 from services.email.sender import EmailSender
@@ -19,7 +20,6 @@ from services.email.settings import SmtpSettings
 from services.email.smtp import SmtpPool
 from services.email.store import CapRequest, take_cap_slots
 from services.email.templates import Templates
-from services.email.unsubscribe import Signer
 from tests.email.email_helpers import UNSUBSCRIBE_KEY, Capture, message
 
 _IDS = itertools.count(10_000_000 + uuid.uuid4().int % 1_000_000_000)

@@ -11,11 +11,11 @@ from urllib.parse import parse_qs, urlsplit
 import asyncpg
 import pytest
 from belfry import service
+from belfry.unsubscribe import Signer
 
 from services.email.compose import message_id
 from services.email.server import build_for
 from services.email.settings import load_settings
-from services.email.unsubscribe import Signer
 from tests.email.email_helpers import (
     UNSUBSCRIBE_KEY,
     Capture,

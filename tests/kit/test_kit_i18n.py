@@ -13,8 +13,18 @@ from services.preferences import catalogue
 
 @pytest.mark.parametrize(
     ("locale", "expected"),
-    [("fr", "fr"), ("FR", "fr"), ("fr-CA", "fr"), ("Fr_be", "fr"), (" fr ", "fr"), ("en-GB", "en")]
-    + [("de", "en"), ("", "en"), ("french", "en"), ("frr", "en")],
+    [
+        ("fr", "fr"),
+        ("FR", "fr"),
+        ("fr-CA", "fr"),
+        ("Fr_be", "fr"),
+        (" fr ", "fr"),
+        ("en-GB", "en"),
+        ("de", "en"),
+        ("", "en"),
+        ("french", "en"),
+        ("frr", "en"),
+    ],
 )
 def test_language_is_the_primary_subtag_when_we_write_in_it(locale: str, expected: str) -> None:
     assert i18n.language(locale) == expected

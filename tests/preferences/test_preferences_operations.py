@@ -182,12 +182,12 @@ async def test_audit_log_per_user_and_account(svc: Prefs, account_id: str) -> No
     }
 
 
-async def test_unsubscribe_is_audited_as_api(svc: Prefs, account_id: str) -> None:
+async def test_unsubscribe_is_audited_as_email_link(svc: Prefs, account_id: str) -> None:
     await _setup(svc, account_id)
     await svc.prefs.Unsubscribe(preferences_pb2.UnsubscribeRequest(account_id=account_id, user_id="ben", topic=T))
     assert (await decisions(svc, account_id, T, "ben"))["email"] == (False, "user")
     own = await svc.prefs.ListAuditLog(preferences_pb2.ListAuditLogRequest(), metadata=svc.auth(account_id, "ben"))
-    assert [(e.via, e.what) for e in own.entries] == [("api", "unsubscribe")]
+    assert [(e.via, e.what) for e in own.entries] == [("email-link", "unsubscribe")]
 
 
 async def test_list_topics_shows_what_the_caller_may_see(svc: Prefs, account_id: str) -> None:

@@ -911,7 +911,7 @@ class AuditEntry(_message.Message):
     user_id: _builtins.str
     """whose preferences ("" = the account's defaults or a profile)"""
     via: _builtins.str
-    """"user", "admin_default", "role_profile", "api" """
+    """"user", "admin_default", "role_profile", "email-link" """
     what: _builtins.str
     """e.g. "choice", "settings", "clear_channel", "account_defaults" """
     old_value: _builtins.str
@@ -1119,8 +1119,9 @@ Global___EffectiveBatchRequest: _TypeAlias = EffectiveBatchRequest  # noqa: Y015
 
 @_typing.final
 class UnsubscribeRequest(_message.Message):
-    """Internal (email sender's one-click unsubscribe link, already verified by
-    the caller): switch one topic off for email for one user. Audited as "api".
+    """Internal (the gateway's endpoint for the email sender's one-click
+    unsubscribe link, already verified by the caller): switch one topic off for
+    email for one user. Audited as "email-link".
     """
 
     DESCRIPTOR: _descriptor.Descriptor

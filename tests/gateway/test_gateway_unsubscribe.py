@@ -1,4 +1,4 @@
-"""Signed unsubscribe links, and the one-click endpoint against the real preferences service."""
+"""Signed unsubscribe links, and the gateway's one-click endpoint against the real preferences service."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ from belfry.api.directory.v1 import directory_pb2, directory_pb2_grpc
 from belfry.api.preferences.v1 import preferences_pb2, preferences_pb2_grpc
 from belfry.auth import TokenIssuer
 from belfry.errors import InvalidArgument
+from belfry.preferences import Preferences
+from belfry.unsubscribe import Signer
 from starlette.applications import Starlette
 
-from services.email.unsubscribe import Signer
-from services.email.unsubscribe_http import preferences_switch_off, routes
+from services.gateway.unsubscribe import routes
 from services.preferences.server import build_for
 from services.preferences.settings import load_settings
 from tests.conftest import common_env
@@ -49,7 +50,7 @@ def test_tokens_reject_tampering_and_expiry() -> None:
         signer.verify(token)
 
 
-async def test_one_click_post_switches_the_topic_off_for_email(
+async def test_one_click_post_switches_the_topic_off_for_email_through_the_unsubscribe_rpc(
     database_url: str, token_keys: dict[str, bytes], account_id: str
 ) -> None:
     settings = load_settings(common_env(database_url, token_keys))
@@ -75,7 +76,7 @@ async def test_one_click_post_switches_the_topic_off_for_email(
         )
         await directory.UpsertUser(directory_pb2.UpsertUserRequest(user=user))
         signer = Signer(UNSUBSCRIBE_KEY.encode(), ttl_seconds=3600)
-        app = Starlette(routes=routes(signer, preferences_switch_off(channel, issuer)))
+        app = Starlette(routes=routes(signer, Preferences(channel)))
         token = signer.token(account_id, "u1", TOPIC)
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="https://app.test") as web:
             page = await web.get("/email/unsubscribe", params={"t": token})
@@ -92,6 +93,14 @@ async def test_one_click_post_switches_the_topic_off_for_email(
         assert [(c.topic, c.channel, c.enabled) for c in after.choices if c.topic == TOPIC] == [
             (TOPIC, common_pb2.CHANNEL_EMAIL, False)
         ]
+        log = await stub.ListAuditLog(preferences_pb2.ListAuditLogRequest(), metadata=auth)
+        # Audited as the link's doing: whoever holds a link is not signed in as the user.
+        assert [(e.via, e.what, e.actor_user_id) for e in log.entries] == [("email-link", "unsubscribe", "")]
+        # A locked topic is refused by preferences, and the page says so.
+        locked = signer.token(account_id, "u1", "account.billing")
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="https://app.test") as web:
+            refused = await web.post("/email/unsubscribe", params={"t": locked})
+        assert refused.status_code == 409 and "locked" in refused.text
     finally:
         await channel.close()
         await prefs.stop(0.1)

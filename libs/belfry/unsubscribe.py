@@ -1,11 +1,12 @@
 """Signed, expiring one-click unsubscribe links (RFC 8058).
 
 A link names (account, user, topic) and an expiry, signed with HMAC-SHA256
-under ``BELFRY_UNSUBSCRIBE_KEY``. The web app's origin serves the endpoint
-(``/email/unsubscribe``): a GET shows a confirmation page (link scanners
-must not unsubscribe anyone); a POST — the mail client's one-click
-``List-Unsubscribe=One-Click`` or the page's button — switches that topic
-off for email for that user through the preferences service.
+under ``BELFRY_UNSUBSCRIBE_KEY``: the email sender signs them, the gateway
+(the web app's origin) verifies them at ``/email/unsubscribe``, where a GET
+shows a confirmation page (link scanners must not unsubscribe anyone) and a
+POST — the mail client's one-click ``List-Unsubscribe=One-Click`` or the
+page's button — switches that topic off for email for that user through the
+preferences service's ``Unsubscribe`` RPC.
 """
 
 from __future__ import annotations
