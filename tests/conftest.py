@@ -127,6 +127,23 @@ def common_env(database_url: str, token_keys: dict[str, bytes], **extra: str) ->
     return env
 
 
+def every_service_env(database_url: str, token_keys: dict[str, bytes], home: Path) -> dict[str, str]:
+    """An environment every service's ``load_settings`` accepts; keys are generated in ``home``, SMTP is never reached."""
+    return common_env(
+        database_url,
+        token_keys,
+        BELFRY_LOG_LEVEL="warning",
+        BELFRY_SMTP_HOST="127.0.0.1",
+        BELFRY_SMTP_PORT="9",
+        BELFRY_PUBLIC_URL="https://app.belfry.test",
+        BELFRY_UNSUBSCRIBE_KEY="u" * 48,
+        BELFRY_VAPID_PRIVATE_KEY_FILE=str(home / "vapid.pem"),
+        BELFRY_WEBHOOK_SECRET_KEY_FILE=str(home / "webhook_secret.key"),
+        BELFRY_GATEWAY_HTTP_HOST="127.0.0.1",
+        BELFRY_GATEWAY_HTTP_PORT="0",
+    )
+
+
 async def fanned_out(pool: asyncpg.Pool, account_id: str) -> None:
     """Wait until the dispatcher has fanned out every event it accepted for ``account_id`` (and its ``_x`` siblings).
 

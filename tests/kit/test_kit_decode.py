@@ -18,7 +18,7 @@ from belfry import service
 from google.protobuf import descriptor_pool
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor
 
-from tests.conftest import common_env, fresh_database
+from tests.conftest import every_service_env, fresh_database
 
 BAD_UTF8 = b"A\xff\xfeA"
 TRUNCATED = b"\x0a\x05ab"  # field 1, length-delimited, 5 bytes announced, 2 sent
@@ -38,19 +38,7 @@ async def mesh(
 ) -> AsyncIterator[dict[str, service.Running]]:
     """Every service, started in-process on port 0 from its own settings."""
     home: Path = tmp_path_factory.mktemp("decode")
-    env = common_env(
-        database_url,
-        token_keys,
-        BELFRY_LOG_LEVEL="warning",
-        BELFRY_SMTP_HOST="127.0.0.1",
-        BELFRY_SMTP_PORT="9",  # never reached: nothing is queued
-        BELFRY_PUBLIC_URL="https://app.belfry.test",
-        BELFRY_UNSUBSCRIBE_KEY="u" * 48,
-        BELFRY_VAPID_PRIVATE_KEY_FILE=str(home / "vapid.pem"),
-        BELFRY_WEBHOOK_SECRET_KEY_FILE=str(home / "webhook_secret.key"),
-        BELFRY_GATEWAY_HTTP_HOST="127.0.0.1",
-        BELFRY_GATEWAY_HTTP_PORT="0",
-    )
+    env = every_service_env(database_url, token_keys, home)  # nothing is queued: SMTP is never reached
     running: dict[str, service.Running] = {}
     try:
         for declared in service.declared():

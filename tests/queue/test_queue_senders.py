@@ -20,7 +20,7 @@ import pytest
 from belfry import metrics, service
 from prometheus_client import REGISTRY
 
-from tests.conftest import common_env
+from tests.conftest import every_service_env
 from tests.queue.queue_helpers import delivery, put
 
 # Sender service → the channel it drains.
@@ -67,22 +67,11 @@ async def test_a_sender_purges_finished_deliveries_refreshes_the_gauges_and_coun
     for gauge in (metrics.QUEUE_DEPTH, metrics.QUEUE_AGE):
         gauge.labels("email").set(-1)
     counted = {label: _counted(channel, label) for label in OUTCOMES.values()}
-    env = common_env(
-        database_url,
-        token_keys,
-        BELFRY_LOG_LEVEL="warning",
-        BELFRY_SMTP_HOST="127.0.0.1",
-        BELFRY_SMTP_PORT="9",  # never reached: the only email delivery has finished
-        BELFRY_PUBLIC_URL="https://app.belfry.test",
-        BELFRY_UNSUBSCRIBE_KEY="u" * 48,
-        BELFRY_VAPID_PRIVATE_KEY_FILE=str(tmp_path / "vapid.pem"),
-        BELFRY_WEBHOOK_SECRET_KEY_FILE=str(tmp_path / "webhook_secret.key"),
-        BELFRY_GATEWAY_HTTP_HOST="127.0.0.1",
-        BELFRY_GATEWAY_HTTP_PORT="0",
-    )
-    settings = importlib.import_module(f"services.{name}.settings").load_settings(env)
+    env = every_service_env(database_url, token_keys, tmp_path)  # the only email delivery has finished
+    package = service.declaration(name).package
+    settings = importlib.import_module(f"{package}.settings").load_settings(env)
     running = await service.start(
-        name, settings.common, importlib.import_module(f"services.{name}.server").build_for(settings)
+        name, settings.common, importlib.import_module(f"{package}.server").build_for(settings)
     )
     try:
 
