@@ -27,7 +27,7 @@ import asyncpg
 from belfry import errors, log
 from belfry.queue import NewDelivery, enqueue
 
-from services.dispatcher import rules, store
+from services.dispatcher import follow_store, rules, store
 from services.dispatcher.model import stored_event
 from services.dispatcher.planning import Job, Plan, Planner
 
@@ -168,6 +168,14 @@ async def _write(conn: asyncpg.pool.PoolConnectionProxy, plans: list[Plan]) -> N
     ]
     # Who is told depends on which mentions are first: claim them, then decide.
     firsts = await store.claim_mentions(conn, claims)
+    await follow_store.auto_follow(
+        conn,
+        [
+            (p.event.account_id, p.event.object.type, p.event.object.id, user_id, source)
+            for p in plans
+            for user_id, source in p.follows
+        ],
+    )
     recipients, deliveries = _rows(plans, firsts)
     await store.insert_recipients(conn, recipients)
     # enqueue is typed for a bare connection; a pooled one behaves the same.

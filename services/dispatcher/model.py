@@ -42,6 +42,7 @@ class Event:
     activity_id: str = ""
     team_id: str = ""
     unassigned: bool = False
+    include_followers: bool = False  # also the followers of ``object``, expanded at fan-out
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ def event_fields(event: Event) -> dict[str, Any]:
         "activity": event.activity_id,
         "team": event.team_id,
         "unassigned": event.unassigned,
+        "followers": event.include_followers,
     }
 
 
@@ -96,4 +98,5 @@ def stored_event(
         activity_id=fields.get("activity", ""),
         team_id=fields.get("team", ""),
         unassigned=bool(fields.get("unassigned", False)),
+        include_followers=bool(fields.get("followers", False)),
     )

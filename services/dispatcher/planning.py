@@ -9,6 +9,7 @@ accept path's part: the cheap checks a producer hears about synchronously.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from collections.abc import Sequence
@@ -21,7 +22,7 @@ from belfry.message import Item, Message
 from belfry.preferences import REFUSED, Preferences, Recipient, Topic
 from belfry.queue import NewDelivery
 
-from services.dispatcher import render, rules, store
+from services.dispatcher import follow_store, follows, render, rules, store
 from services.dispatcher.model import Event
 from services.dispatcher.routing import Decision, Routed, decide, digest_fact, route, silent_assignment
 
@@ -37,6 +38,7 @@ class Plan:
     routed: dict[str, Routed]  # per user who passed the rules
     digest: tuple[NewDelivery, ...]  # batching handoffs beyond the routed ones: digest facts, silent assignments
     next_position: int | None = None  # more candidates left past this chunk: fan out from here next
+    follows: tuple[tuple[str, str], ...] = ()  # automatic follows of the event's object: (user, source)
 
 
 @dataclass(frozen=True)
@@ -56,9 +58,12 @@ _ADMIT_SECONDS = 30.0
 class Planner:
     """Builds plans for many events at once."""
 
-    def __init__(self, pool: asyncpg.Pool, preferences: Preferences) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, preferences: Preferences, auto_follow: follows.AutoFollow | None = None
+    ) -> None:
         self._pool = pool
         self._preferences = preferences
+        self._auto_follow = auto_follow or follows.parse(follows.DEFAULT)
         self._known: dict[tuple[str, str], float] = {}
 
     async def admit(self, events: Sequence[Event]) -> list[BelfryError | None]:
@@ -103,6 +108,7 @@ class Planner:
         return [p for p in out if p is not None]
 
     async def _plan_group(self, jobs: list[Job]) -> list[Plan | BelfryError]:
+        jobs = [await self._with_followers(job) for job in jobs]
         events = [job.event for job in jobs]
         account_id, topic_key = events[0].account_id, events[0].topic
         teams: dict[str, list[str]] = {}
@@ -126,11 +132,31 @@ class Planner:
         ]
         users = {v.user_id for vs, _ in windows for v in vs} | {e.actor_user_id for e in events if e.actor_user_id}
         topic, people = await self._preferences.effective(account_id, topic_key, sorted(users))
+        mutes = [
+            await self._muted(job.event, [v.user_id for v in vs]) for job, (vs, _) in zip(jobs, windows, strict=True)
+        ]
         decisions: dict[tuple[str, bool], Decision] = {}
         return [
-            self._plan_one(job, vs, more, topic, people, decisions)
-            for job, (vs, more) in zip(jobs, windows, strict=True)
+            self._plan_one(job, vs, more, topic, people, decisions, muted=muted)
+            for job, (vs, more), muted in zip(jobs, windows, mutes, strict=True)
         ]
+
+    async def _with_followers(self, job: Job) -> Job:
+        """The job with its object's followers added to the named recipients, when the event asks for them."""
+        obj = job.event.object
+        if not job.event.include_followers or not obj.type or not obj.id:
+            return job
+        found = await follow_store.followers(self._pool, job.event.account_id, obj.type, obj.id)
+        named = set(job.event.recipient_user_ids)
+        extra = tuple(f.user_id for f in found if f.user_id not in named)
+        event = dataclasses.replace(job.event, recipient_user_ids=job.event.recipient_user_ids + extra)
+        return dataclasses.replace(job, event=event)
+
+    async def _muted(self, event: Event, users: list[str]) -> set[str]:
+        obj = event.object
+        if not obj.type or not obj.id or not users:
+            return set()
+        return await follow_store.muted(self._pool, event.account_id, obj.type, obj.id, users)
 
     def _plan_one(
         self,
@@ -140,11 +166,18 @@ class Planner:
         topic: Topic,
         people: dict[str, Recipient],
         decisions: dict[tuple[str, bool], Decision],
+        *,
+        muted: set[str],
     ) -> Plan | BelfryError:
         event, nid = job.event, job.notification_id
-        # Users the directory does not know (or no longer lists as active) are recorded, not told.
+        # Users the directory does not know (or no longer lists as active) are recorded, not told;
+        # so are those who muted the object, unless the topic is locked.
         verdicts = [
-            v if (p := people.get(v.user_id)) is not None and p.known else rules.Verdict(v.user_id, rules.NOT_A_MEMBER)
+            rules.Verdict(v.user_id, rules.NOT_A_MEMBER)
+            if (p := people.get(v.user_id)) is None or not p.known
+            else rules.Verdict(v.user_id, rules.MUTED)
+            if v.user_id in muted and not topic.locked
+            else v
             for v in candidates
         ]
         actor = people.get(event.actor_user_id)
@@ -173,7 +206,14 @@ class Planner:
                 for v in verdicts
                 if v.reason == rules.SELF_ACTION
             )
-        return Plan(event, nid, topic, tuple(verdicts), routed, digest, next_position)
+        # Automatic follows once per event (its first chunk), for members only.
+        auto = (
+            follows.automatic(event, assignment=topic.batching == "assignment", rules=self._auto_follow)
+            if job.position == 0
+            else []
+        )
+        known = tuple((u, s) for u, s in auto if (p := people.get(u)) is not None and p.known)
+        return Plan(event, nid, topic, tuple(verdicts), routed, digest, next_position, known)
 
     def _message(self, nid: uuid.UUID, event: Event, topic: Topic, person: Recipient, actor_name: str) -> Message:
         obj = event.object
@@ -207,7 +247,7 @@ def _window(verdicts: list[rules.Verdict], job: Job) -> tuple[list[rules.Verdict
 
 
 def _names_nobody(event: Event) -> BelfryError | None:
-    if rules.candidates(event) or rules.is_unassigned_team_conversation(event):
+    if rules.candidates(event) or rules.is_unassigned_team_conversation(event) or event.include_followers:
         return None
     return InvalidArgument(
         "the event names no recipients: set recipient_user_ids, owner_user_ids, "

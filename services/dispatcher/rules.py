@@ -29,6 +29,8 @@ INBOX_NOT_VISITED = "inbox_not_visited"
 NOT_PRIMARY_MEMBER = "not_primary_team_member"
 # Named by the event, but not an active member of the account (recorded at fan-out, nobody refused).
 NOT_A_MEMBER = "not_an_active_member"
+# The recipient muted the record or thread (locked topics still reach them).
+MUTED = "muted_by_recipient"
 
 
 @dataclass(frozen=True)

@@ -9,17 +9,20 @@ import asyncpg
 import grpc
 from belfry import background, log, rpc, service
 from belfry.api.dispatcher.v1 import dispatcher_pb2, dispatcher_pb2_grpc
+from belfry.auth import TokenVerifier
 from belfry.preferences import Preferences
 
 from services.dispatcher import store
 from services.dispatcher.backpressure import Backpressure
 from services.dispatcher.fanout import Fanout
+from services.dispatcher.follow_servicer import FollowServicer
 from services.dispatcher.planning import Planner
 from services.dispatcher.publish import Dispatcher
 from services.dispatcher.servicer import DispatcherServicer
 from services.dispatcher.settings import Settings
 
 _LOG = log.get(__name__)
+_SERVICES = ("DispatcherService", "FollowService")
 
 
 def build_for(settings: Settings) -> Callable[[asyncpg.Pool], Awaitable[service.Built]]:
@@ -30,14 +33,17 @@ def build_for(settings: Settings) -> Callable[[asyncpg.Pool], Awaitable[service.
         preferences = Preferences(channel, deadline=settings.preferences_deadline, field_prefix="event.")
         pressure = Backpressure(pool, settings.backpressure)
         await pressure.refresh()
-        planner = Planner(pool, preferences)
+        planner = Planner(pool, preferences, settings.auto_follow)
         dispatcher = Dispatcher(pool, planner, pressure)
         servicer = DispatcherServicer(
             dispatcher, pool, settings.limits, max_batch=settings.max_batch, writers=settings.publish_writers
         )
 
+        follow_servicer = FollowServicer(pool, TokenVerifier(settings.common.token_keys))
+
         def register(server: grpc.aio.Server) -> None:
             dispatcher_pb2_grpc.add_DispatcherServiceServicer_to_server(servicer, server)
+            dispatcher_pb2_grpc.add_FollowServiceServicer_to_server(follow_servicer, server)
 
         async def purge_once() -> None:
             keys, old = await store.purge(pool, key_hours=settings.key_hours, retention_days=settings.retention_days)
@@ -52,7 +58,7 @@ def build_for(settings: Settings) -> Callable[[asyncpg.Pool], Awaitable[service.
 
         return service.Built(
             registrations=[register],
-            service_names=[dispatcher_pb2.DESCRIPTOR.services_by_name["DispatcherService"].full_name],
+            service_names=[dispatcher_pb2.DESCRIPTOR.services_by_name[name].full_name for name in _SERVICES],
             background=[
                 pressure.loop,
                 purge,

@@ -69,6 +69,7 @@ class DispatcherServicer(dispatcher_pb2_grpc.DispatcherServiceServicer):
                 activity_id=message.activity_id,
                 team_id=message.team_id,
                 unassigned=message.unassigned,
+                include_followers=message.include_followers,
             )
             validate.check(event, now, self._limits)
             # A NUL character is a zero byte in the encoding: only then is every text walked

@@ -8,7 +8,7 @@ from datetime import timedelta
 
 from belfry.config import CommonSettings, Env, load_common
 
-from services.dispatcher import backpressure, fanout, validate
+from services.dispatcher import backpressure, fanout, follows, validate
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,7 @@ class Settings:
     purge_seconds: float
     fanout_workers: int
     publish_writers: int
+    auto_follow: follows.AutoFollow
     fanout: fanout.Tuning
 
 
@@ -54,6 +55,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         purge_seconds=env.float("BELFRY_DISPATCHER_PURGE_SECONDS", 60.0, minimum=0.01),
         fanout_workers=env.int("BELFRY_DISPATCHER_FANOUT_WORKERS", 2, minimum=1),
         publish_writers=env.int("BELFRY_DISPATCHER_PUBLISH_WRITERS", 1, minimum=1),
+        auto_follow=_auto_follow(env),
         fanout=fanout.Tuning(
             batch=env.int("BELFRY_DISPATCHER_FANOUT_BATCH", 200, minimum=1),
             chunk=env.int("BELFRY_DISPATCHER_FANOUT_CHUNK", 1000, minimum=1),
@@ -61,3 +63,11 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
     )
     env.check()
     return settings
+
+
+def _auto_follow(env: Env) -> follows.AutoFollow:
+    try:
+        return follows.parse(env.str("BELFRY_DISPATCHER_AUTO_FOLLOW", follows.DEFAULT))
+    except ValueError as exc:
+        env.problem(f"BELFRY_DISPATCHER_AUTO_FOLLOW: {exc}")
+        return follows.parse(follows.DEFAULT)

@@ -61,6 +61,11 @@ def check(event: Event, now: datetime, limits: Limits) -> None:
         )
     _check_users(event)
     _check_object(event)
+    if event.include_followers and not (event.object.type and event.object.id):
+        raise InvalidArgument(
+            "include_followers needs the object whose followers to tell: set event.object.type and event.object.id",
+            field="event.object",
+        )
     if event.unassigned and not event.team_id:
         raise InvalidArgument("an unassigned conversation needs event.team_id (its team inbox)", field="event.team_id")
 

@@ -212,6 +212,7 @@ class Event(_message.Message):
     ACTIVITY_ID_FIELD_NUMBER: _builtins.int
     TEAM_ID_FIELD_NUMBER: _builtins.int
     UNASSIGNED_FIELD_NUMBER: _builtins.int
+    INCLUDE_FOLLOWERS_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     topic: _builtins.str
     """catalogue key, e.g. "contacts.contact_assigned" """
@@ -223,6 +224,10 @@ class Event(_message.Message):
     """team inbox of a conversation"""
     unassigned: _builtins.bool
     """unassigned team-inbox conversation"""
+    include_followers: _builtins.bool
+    """Also tell the followers of `object` (type and id required): the users
+    following the record or thread, expanded behind the call, in chunks.
+    """
     @_builtins.property
     def occurred_at(self) -> _timestamp_pb2.Timestamp:
         """unset = now; at most 5 minutes ahead"""
@@ -268,10 +273,11 @@ class Event(_message.Message):
         activity_id: _builtins.str = ...,
         team_id: _builtins.str = ...,
         unassigned: _builtins.bool = ...,
+        include_followers: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "object", b"object", "occurred_at", b"occurred_at", "variables", b"variables"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "activity_id", b"activity_id", "actor", b"actor", "custom_property_user_ids", b"custom_property_user_ids", "idempotency_key", b"idempotency_key", "mentioned_user_ids", b"mentioned_user_ids", "object", b"object", "occurred_at", b"occurred_at", "owner_user_ids", b"owner_user_ids", "recipient_user_ids", b"recipient_user_ids", "team_id", b"team_id", "topic", b"topic", "unassigned", b"unassigned", "variables", b"variables"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "activity_id", b"activity_id", "actor", b"actor", "custom_property_user_ids", b"custom_property_user_ids", "idempotency_key", b"idempotency_key", "include_followers", b"include_followers", "mentioned_user_ids", b"mentioned_user_ids", "object", b"object", "occurred_at", b"occurred_at", "owner_user_ids", b"owner_user_ids", "recipient_user_ids", b"recipient_user_ids", "team_id", b"team_id", "topic", b"topic", "unassigned", b"unassigned", "variables", b"variables"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -785,3 +791,207 @@ class ListNotificationsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListNotificationsResponse: _TypeAlias = ListNotificationsResponse  # noqa: Y015
+
+@_typing.final
+class FollowedObject(_message.Message):
+    """A record or thread a user can follow or mute: contact, company, deal,
+    ticket, quote, a custom object, a conversation thread, a comment thread.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TYPE_FIELD_NUMBER: _builtins.int
+    ID_FIELD_NUMBER: _builtins.int
+    type: _builtins.str
+    id: _builtins.str
+    def __init__(
+        self,
+        *,
+        type: _builtins.str = ...,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FollowedObject: _TypeAlias = FollowedObject  # noqa: Y015
+
+@_typing.final
+class Follow(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OBJECT_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    FOLLOWING_FIELD_NUMBER: _builtins.int
+    MUTED_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    UPDATED_AT_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    following: _builtins.bool
+    """told about the object's events addressed to followers"""
+    muted: _builtins.bool
+    """told nothing about the object on any channel (locked topics excepted)"""
+    source: _builtins.str
+    """How the follow began: "explicit", or automatically as "owner", "comment", "mention", "assigned"."""
+    @_builtins.property
+    def object(self) -> Global___FollowedObject: ...
+    @_builtins.property
+    def updated_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        object: Global___FollowedObject | None = ...,
+        user_id: _builtins.str = ...,
+        following: _builtins.bool = ...,
+        muted: _builtins.bool = ...,
+        source: _builtins.str = ...,
+        updated_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["object", b"object", "updated_at", b"updated_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["following", b"following", "muted", b"muted", "object", b"object", "source", b"source", "updated_at", b"updated_at", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Follow: _TypeAlias = Follow  # noqa: Y015
+
+@_typing.final
+class FollowRequest(_message.Message):
+    """The caller (from the user token) and one object."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OBJECT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def object(self) -> Global___FollowedObject: ...
+    def __init__(
+        self,
+        *,
+        object: Global___FollowedObject | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["object", b"object"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["object", b"object"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FollowRequest: _TypeAlias = FollowRequest  # noqa: Y015
+
+@_typing.final
+class FollowResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FOLLOW_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def follow(self) -> Global___Follow: ...
+    def __init__(
+        self,
+        *,
+        follow: Global___Follow | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["follow", b"follow"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["follow", b"follow"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FollowResponse: _TypeAlias = FollowResponse  # noqa: Y015
+
+@_typing.final
+class ListFollowsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def page(self) -> _common_pb2.PageRequest: ...
+    def __init__(
+        self,
+        *,
+        page: _common_pb2.PageRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["page", b"page"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page", b"page"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListFollowsRequest: _TypeAlias = ListFollowsRequest  # noqa: Y015
+
+@_typing.final
+class ListFollowsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FOLLOWS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    @_builtins.property
+    def follows(self) -> _containers.RepeatedCompositeFieldContainer[Global___Follow]:
+        """the caller's follows and mutes, by object"""
+
+    def __init__(
+        self,
+        *,
+        follows: _abc.Iterable[Global___Follow] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["follows", b"follows", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListFollowsResponse: _TypeAlias = ListFollowsResponse  # noqa: Y015
+
+@_typing.final
+class ListFollowersRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    OBJECT_FIELD_NUMBER: _builtins.int
+    PAGE_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    @_builtins.property
+    def object(self) -> Global___FollowedObject: ...
+    @_builtins.property
+    def page(self) -> _common_pb2.PageRequest: ...
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        object: Global___FollowedObject | None = ...,
+        page: _common_pb2.PageRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["object", b"object", "page", b"page"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "object", b"object", "page", b"page"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListFollowersRequest: _TypeAlias = ListFollowersRequest  # noqa: Y015
+
+@_typing.final
+class ListFollowersResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FOLLOWERS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    @_builtins.property
+    def followers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Follow]:
+        """following and not muted, by user id"""
+
+    def __init__(
+        self,
+        *,
+        followers: _abc.Iterable[Global___Follow] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["followers", b"followers", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListFollowersResponse: _TypeAlias = ListFollowersResponse  # noqa: Y015

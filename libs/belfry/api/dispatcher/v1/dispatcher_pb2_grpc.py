@@ -316,3 +316,296 @@ class DispatcherService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class FollowServiceStub:
+    """Who follows or mutes what. The user-facing calls take a user token and act
+    for its user; ListFollowers is internal (producers and operators).
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Follow = channel.unary_unary(
+                '/belfry.api.dispatcher.v1.FollowService/Follow',
+                request_serializer=belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.FollowRequest.SerializeToString,
+                response_deserializer=belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.FollowResponse.FromString,
+                _registered_method=True)
+        self.Unfollow = channel.unary_unary(
+                '/belfry.api.dispatcher.v1.FollowService/Unfollow',
+                request_serializer=belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.FollowRequest.SerializeToString,
+                response_deserializer=belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.FollowResponse.FromString,
+                _registered_method=True)
+        self.Mute = channel.unary_unary(
+                '/belfry.api.dispatcher.v1.FollowService/Mute',
+                request_serializer=belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.FollowRequest.SerializeToString,
+                response_deserializer=belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.FollowResponse.FromString,
+                _registered_method=True)
+        self.Unmute = channel.unary_unary(
+                '/belfry.api.dispatcher.v1.FollowService/Unmute',
+                request_serializer=belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.FollowRequest.SerializeToString,
+                response_deserializer=belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.FollowResponse.FromString,
+                _registered_method=True)
+        self.ListFollows = channel.unary_unary(
+                '/belfry.api.dispatcher.v1.FollowService/ListFollows',
+                request_serializer=belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.ListFollowsRequest.SerializeToString,
+                response_deserializer=belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.ListFollowsResponse.FromString,
+                _registered_method=True)
+        self.ListFollowers = channel.unary_unary(
+                '/belfry.api.dispatcher.v1.FollowService/ListFollowers',
+                request_serializer=belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.ListFollowersRequest.SerializeToString,
+                response_deserializer=belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.ListFollowersResponse.FromString,
+                _registered_method=True)
+
+
+class FollowServiceServicer:
+    """Who follows or mutes what. The user-facing calls take a user token and act
+    for its user; ListFollowers is internal (producers and operators).
+    """
+
+    def Follow(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Unfollow(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Mute(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Unmute(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListFollows(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListFollowers(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_FollowServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Follow': grpc.unary_unary_rpc_method_handler(
+                    servicer.Follow,
+                    request_deserializer=belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.FollowRequest.FromString,
+                    response_serializer=belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.FollowResponse.SerializeToString,
+            ),
+            'Unfollow': grpc.unary_unary_rpc_method_handler(
+                    servicer.Unfollow,
+                    request_deserializer=belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.FollowRequest.FromString,
+                    response_serializer=belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.FollowResponse.SerializeToString,
+            ),
+            'Mute': grpc.unary_unary_rpc_method_handler(
+                    servicer.Mute,
+                    request_deserializer=belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.FollowRequest.FromString,
+                    response_serializer=belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.FollowResponse.SerializeToString,
+            ),
+            'Unmute': grpc.unary_unary_rpc_method_handler(
+                    servicer.Unmute,
+                    request_deserializer=belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.FollowRequest.FromString,
+                    response_serializer=belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.FollowResponse.SerializeToString,
+            ),
+            'ListFollows': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListFollows,
+                    request_deserializer=belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.ListFollowsRequest.FromString,
+                    response_serializer=belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.ListFollowsResponse.SerializeToString,
+            ),
+            'ListFollowers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListFollowers,
+                    request_deserializer=belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.ListFollowersRequest.FromString,
+                    response_serializer=belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.ListFollowersResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'belfry.api.dispatcher.v1.FollowService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('belfry.api.dispatcher.v1.FollowService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class FollowService:
+    """Who follows or mutes what. The user-facing calls take a user token and act
+    for its user; ListFollowers is internal (producers and operators).
+    """
+
+    @staticmethod
+    def Follow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/belfry.api.dispatcher.v1.FollowService/Follow',
+            belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.FollowRequest.SerializeToString,
+            belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.FollowResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Unfollow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/belfry.api.dispatcher.v1.FollowService/Unfollow',
+            belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.FollowRequest.SerializeToString,
+            belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.FollowResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Mute(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/belfry.api.dispatcher.v1.FollowService/Mute',
+            belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.FollowRequest.SerializeToString,
+            belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.FollowResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Unmute(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/belfry.api.dispatcher.v1.FollowService/Unmute',
+            belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.FollowRequest.SerializeToString,
+            belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.FollowResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListFollows(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/belfry.api.dispatcher.v1.FollowService/ListFollows',
+            belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.ListFollowsRequest.SerializeToString,
+            belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.ListFollowsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListFollowers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/belfry.api.dispatcher.v1.FollowService/ListFollowers',
+            belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.ListFollowersRequest.SerializeToString,
+            belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.ListFollowersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

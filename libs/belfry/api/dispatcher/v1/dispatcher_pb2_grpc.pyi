@@ -112,3 +112,82 @@ class DispatcherServiceServicer(metaclass=_abc_1.ABCMeta):
         """A user's notifications, newest first, paged."""
 
 def add_DispatcherServiceServicer_to_server(servicer: DispatcherServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class FollowServiceStub:
+    """Who follows or mutes what. The user-facing calls take a user token and act
+    for its user; ListFollowers is internal (producers and operators).
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> FollowServiceAsyncStub: ...
+    Follow: _grpc.UnaryUnaryMultiCallable[_dispatcher_pb2.FollowRequest, _dispatcher_pb2.FollowResponse]
+    Unfollow: _grpc.UnaryUnaryMultiCallable[_dispatcher_pb2.FollowRequest, _dispatcher_pb2.FollowResponse]
+    Mute: _grpc.UnaryUnaryMultiCallable[_dispatcher_pb2.FollowRequest, _dispatcher_pb2.FollowResponse]
+    Unmute: _grpc.UnaryUnaryMultiCallable[_dispatcher_pb2.FollowRequest, _dispatcher_pb2.FollowResponse]
+    ListFollows: _grpc.UnaryUnaryMultiCallable[_dispatcher_pb2.ListFollowsRequest, _dispatcher_pb2.ListFollowsResponse]
+    ListFollowers: _grpc.UnaryUnaryMultiCallable[_dispatcher_pb2.ListFollowersRequest, _dispatcher_pb2.ListFollowersResponse]
+
+@_typing.type_check_only
+class FollowServiceAsyncStub(FollowServiceStub):
+    """Who follows or mutes what. The user-facing calls take a user token and act
+    for its user; ListFollowers is internal (producers and operators).
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    Follow: _aio.UnaryUnaryMultiCallable[_dispatcher_pb2.FollowRequest, _dispatcher_pb2.FollowResponse]  # type: ignore[assignment]
+    Unfollow: _aio.UnaryUnaryMultiCallable[_dispatcher_pb2.FollowRequest, _dispatcher_pb2.FollowResponse]  # type: ignore[assignment]
+    Mute: _aio.UnaryUnaryMultiCallable[_dispatcher_pb2.FollowRequest, _dispatcher_pb2.FollowResponse]  # type: ignore[assignment]
+    Unmute: _aio.UnaryUnaryMultiCallable[_dispatcher_pb2.FollowRequest, _dispatcher_pb2.FollowResponse]  # type: ignore[assignment]
+    ListFollows: _aio.UnaryUnaryMultiCallable[_dispatcher_pb2.ListFollowsRequest, _dispatcher_pb2.ListFollowsResponse]  # type: ignore[assignment]
+    ListFollowers: _aio.UnaryUnaryMultiCallable[_dispatcher_pb2.ListFollowersRequest, _dispatcher_pb2.ListFollowersResponse]  # type: ignore[assignment]
+
+class FollowServiceServicer(metaclass=_abc_1.ABCMeta):
+    """Who follows or mutes what. The user-facing calls take a user token and act
+    for its user; ListFollowers is internal (producers and operators).
+    """
+
+    @_abc_1.abstractmethod
+    def Follow(
+        self,
+        request: _dispatcher_pb2.FollowRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dispatcher_pb2.FollowResponse, _abc.Awaitable[_dispatcher_pb2.FollowResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Unfollow(
+        self,
+        request: _dispatcher_pb2.FollowRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dispatcher_pb2.FollowResponse, _abc.Awaitable[_dispatcher_pb2.FollowResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Mute(
+        self,
+        request: _dispatcher_pb2.FollowRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dispatcher_pb2.FollowResponse, _abc.Awaitable[_dispatcher_pb2.FollowResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Unmute(
+        self,
+        request: _dispatcher_pb2.FollowRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dispatcher_pb2.FollowResponse, _abc.Awaitable[_dispatcher_pb2.FollowResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListFollows(
+        self,
+        request: _dispatcher_pb2.ListFollowsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dispatcher_pb2.ListFollowsResponse, _abc.Awaitable[_dispatcher_pb2.ListFollowsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListFollowers(
+        self,
+        request: _dispatcher_pb2.ListFollowersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dispatcher_pb2.ListFollowersResponse, _abc.Awaitable[_dispatcher_pb2.ListFollowersResponse]]: ...
+
+def add_FollowServiceServicer_to_server(servicer: FollowServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
