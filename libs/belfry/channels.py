@@ -7,7 +7,8 @@ Most preference channels have a queue channel of their own; the bell, the
 pop-up and the in-tab browser notification ride on one "bell" delivery (its
 flags say which), and the browser channel also has its own "browser"
 delivery (web push). "batching" carries the dispatcher's handoff to the
-batching service, not a delivery to a user.
+batching service, and "dispatcher" the preferences service's change notices
+to the dispatcher (published as events): handoffs, not deliveries to a user.
 
 Adding a channel: see "Adding a channel" in docs/architecture.md.
 """
@@ -51,6 +52,7 @@ QUEUE: tuple[QueueChannel, ...] = (
     QueueChannel("mobile", sender="mobile", max_attempts=8),
     QueueChannel("other_apps", sender="webhooks", max_attempts=12),
     QueueChannel("batching", sender="batching", max_attempts=5),
+    QueueChannel("dispatcher", sender="preferences", max_attempts=10),
 )
 
 # The settings page's tabs, in order: key → title.

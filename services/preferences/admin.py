@@ -1,9 +1,11 @@
 """Account defaults and role profiles: super admins of enterprise accounts only.
 
-Every change is one transaction: the new layer, the audit rows, and an email
-to each user whose effective preferences it changed. The email is a delivery
-row on the shared queue (topic ``account.preferences_changed``, locked),
-written in the same transaction, so the notice is never lost nor sent for a
+Every change is one transaction: the new layer, the audit rows, and a notice
+to each user whose effective preferences it changed. The notice is published
+through the dispatcher like every other notification (topic
+``account.preferences_changed``, locked, email only), so it has a status
+timeline: the transaction writes it as a handoff row on the queue channel
+"dispatcher" (``notices`` publishes it), so it is never lost nor sent for a
 change that rolled back.
 """
 
@@ -15,9 +17,10 @@ from collections.abc import Sequence
 from typing import cast
 
 import asyncpg
+from belfry.api.dispatcher.v1 import dispatcher_pb2 as pb
 from belfry.errors import Aborted, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
-from belfry.message import Message
 from belfry.queue.store import NewDelivery, enqueue
+from google.protobuf import json_format
 
 from services.preferences import store
 from services.preferences.directory import check_id
@@ -165,7 +168,7 @@ class Admin:
         old: Choices,
         new: Choices,
     ) -> None:
-        """Audit the change, then audit and email every user whose effective preferences moved."""
+        """Audit the change, then audit and notify every user whose effective preferences moved."""
         await store.audit(
             conn, admin.account_id, actor=admin.user_id, user_id="", via=via, what=what,
             old=_json(old), new=_json(new),
@@ -190,36 +193,34 @@ class Admin:
         await enqueue(cast(asyncpg.Connection, conn), deliveries)
 
     def _notice(self, user: User, admin: User, diff: dict[str, tuple[bool, bool]]) -> NewDelivery:
-        topic = self._catalogue.topics[NOTICE_TOPIC]
+        """The handoff of one user's notice: the dispatcher event, on the queue channel "dispatcher".
+
+        The changed topics, named in the user's language, are the event's
+        object ("<label>: Deal assigned to you; ..."). The actor is the system,
+        not the admin: the dispatcher never tells people about their own
+        actions, and an admin whose own answers moved is told too.
+        """
         now = self._ops.engine.now()
-        french = user.locale.startswith("fr")
+        handoff = uuid.uuid4()
         names = sorted({self._catalogue.topics[k.split("/")[0]].name(user.locale) for k in diff})
-        body = ("Ces notifications ont changé : " if french else "These notifications changed: ") + "; ".join(names)
-        message = Message(
-            notification_id=str(uuid.uuid4()),
+        event = pb.Event(
             account_id=user.account_id,
-            user_id=user.user_id,
             topic=NOTICE_TOPIC,
-            title=topic.name(user.locale),
-            body=body,
-            url=f"{self._ops.app_url}/settings",
-            occurred_at=now.isoformat(),
-            actor_user_id=admin.user_id,
-            recipient_email=user.email,
-            recipient_name=user.display_name,
-            bell=False,
-            locked=True,
-            locale="fr" if french else "en",
-            variables={"changes": {k: v[1] for k, v in sorted(diff.items())}},
+            actor=pb.Actor(source=pb.ACTOR_SOURCE_UI),
+            object=pb.ObjectRef(type="preferences", display_name="; ".join(names), url=f"{self._ops.app_url}/settings"),
+            recipient_user_ids=[user.user_id],
+            idempotency_key=f"preferences-notice/{handoff}",
         )
+        event.occurred_at.FromDatetime(now)
+        event.variables.update({"changes": {k: v[1] for k, v in sorted(diff.items())}, "changed_by": admin.user_id})
         return NewDelivery(
             account_id=user.account_id,
-            notification_id=uuid.UUID(message.notification_id),
+            notification_id=handoff,
             user_id=user.user_id,
-            channel="email",
+            channel="dispatcher",
             topic=NOTICE_TOPIC,
-            payload=message.to_json(),
-            expires_at=now + dt.timedelta(seconds=topic.ttl_seconds),
+            payload=json_format.MessageToDict(event, preserving_proto_field_name=True),
+            expires_at=now + dt.timedelta(seconds=self._catalogue.topics[NOTICE_TOPIC].ttl_seconds),
         )
 
 

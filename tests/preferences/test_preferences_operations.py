@@ -7,8 +7,9 @@ import json
 
 import asyncpg
 from belfry.api.common.v1 import common_pb2
+from belfry.api.dispatcher.v1 import dispatcher_pb2 as pb
 from belfry.api.preferences.v1 import preferences_pb2
-from belfry.message import Message
+from google.protobuf import json_format
 
 from tests.preferences.conftest import Prefs
 from tests.preferences.preferences_helpers import ch, choice, decisions
@@ -96,7 +97,7 @@ async def test_quiet_hours_in_the_users_time_zone(svc: Prefs, account_id: str) -
     assert not (await _popup(svc, account_id, "ana")).in_quiet_hours
 
 
-async def test_default_change_emails_each_affected_user_once(svc: Prefs, account_id: str, pool: asyncpg.Pool) -> None:
+async def test_default_change_notifies_each_affected_user_once(svc: Prefs, account_id: str, pool: asyncpg.Pool) -> None:
     await _setup(svc, account_id)
     # Ben chose email on himself: the new default does not change his answer.
     await svc.prefs.SetPreference(
@@ -107,24 +108,29 @@ async def test_default_change_emails_each_affected_user_once(svc: Prefs, account
         preferences_pb2.SetAccountDefaultsRequest(choices=[choice(T, "email", False), choice(T, "mobile", False)]),
         metadata=boss,
     )
+    # One handoff per affected user, written with the change: an event for the dispatcher to publish.
     rows = await pool.fetch(
         "select user_id, channel, topic, payload from queue.deliveries where account_id = $1 order by user_id",
         account_id,
     )
     assert [(r["user_id"], r["channel"], r["topic"]) for r in rows] == [
-        ("ana", "email", "account.preferences_changed"),
-        ("ben", "email", "account.preferences_changed"),
-        ("boss", "email", "account.preferences_changed"),
+        ("ana", "dispatcher", "account.preferences_changed"),
+        ("ben", "dispatcher", "account.preferences_changed"),
+        ("boss", "dispatcher", "account.preferences_changed"),
     ]
-    ana = Message.from_json(
-        rows[0]["payload"] if isinstance(rows[0]["payload"], dict) else json.loads(rows[0]["payload"])
+    events = [
+        json_format.ParseDict(r["payload"] if isinstance(r["payload"], dict) else json.loads(r["payload"]), pb.Event())
+        for r in rows
+    ]
+    ana, ben, _ = events
+    assert (ana.account_id, ana.topic, list(ana.recipient_user_ids)) == (
+        account_id,
+        "account.preferences_changed",
+        ["ana"],
     )
-    assert ana.locked and ana.recipient_email == "ana@example.test" and ana.locale == "fr"
-    assert "Tickets" in ana.body or "ticket" in ana.body.lower()
-    ben = Message.from_json(
-        rows[1]["payload"] if isinstance(rows[1]["payload"], dict) else json.loads(rows[1]["payload"])
-    )
-    assert ben.variables["changes"] == {f"{T}/mobile": False}
+    assert "ticket" in ana.object.display_name.lower() and ana.object.url.endswith("/settings")
+    assert ana.idempotency_key and not ana.actor.user_id  # the system tells the admin too
+    assert json_format.MessageToDict(ben.variables)["changes"] == {f"{T}/mobile": False}
     # Setting the same defaults again changes nobody's answer: no new email.
     await svc.prefs.SetAccountDefaults(
         preferences_pb2.SetAccountDefaultsRequest(

@@ -31,6 +31,7 @@ SENDERS = {
     "webhooks": "other_apps",
     "gateway": "bell",
     "batching": "batching",
+    "preferences": "dispatcher",
 }
 # A payload that is not a notification, for a user with nothing registered: each handler's answer.
 OUTCOMES = {"dropped": "dropped", "dead": "fail"}
