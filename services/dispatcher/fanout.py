@@ -48,47 +48,57 @@ class Tuning:
 
 
 class Fanout:
-    """One fan-out worker (run several per process and per replica: they share the backlog)."""
+    """A process's fan-out: ``workers`` claim loops sharing one LISTEN connection (replicas share the backlog)."""
 
-    def __init__(self, pool: asyncpg.Pool, planner: Planner, tuning: Tuning = Tuning()) -> None:
+    def __init__(self, pool: asyncpg.Pool, planner: Planner, tuning: Tuning = Tuning(), *, workers: int = 1) -> None:
         self._pool = pool
         self._planner = planner
         self._tuning = tuning
-        self._cursor = ""  # round-robin position over accounts
+        self._workers = workers
+        self._cursor = ""  # round-robin position over accounts, shared by the loops
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Background loop: fan out until ``stop``; a lost LISTEN connection ends it with an error (restarted)."""
-        wake = asyncio.Event()
+        """Background loop: fan out until ``stop``; a lost LISTEN connection ends it with an error (restarted).
+
+        Each loop holds at most one pool connection (its transaction): with
+        the listener, the process needs ``workers + 1`` connections, and
+        planning reads on the transaction's own connection.
+        """
+        wakes = [asyncio.Event() for _ in range(self._workers)]
         lost = asyncio.Event()
 
         def on_notify(*_: object) -> None:
-            wake.set()
+            for wake in wakes:
+                wake.set()
 
         def on_lost(*_: object) -> None:
             lost.set()
-            wake.set()
+            on_notify()
 
         conn: asyncpg.pool.PoolConnectionProxy = await self._pool.acquire()
         conn.add_termination_listener(on_lost)
         try:
             await conn.add_listener(store.FANOUT_CHANNEL, on_notify)
-            while not stop.is_set():
-                # Clear before claiming: an accept that commits meanwhile must wake the next wait.
-                wake.clear()
-                if await self.step() >= self._tuning.batch:
-                    continue
-                if lost.is_set():
-                    raise ConnectionResetError("the fan-out LISTEN connection was closed by the database")
-                waiters = [asyncio.ensure_future(wake.wait()), asyncio.ensure_future(stop.wait())]
-                await asyncio.wait(waiters, timeout=self._tuning.poll_seconds, return_when=asyncio.FIRST_COMPLETED)
-                for waiter in waiters:
-                    waiter.cancel()
+            await asyncio.gather(*(self._loop(stop, wake, lost) for wake in wakes))
         finally:
             if not lost.is_set():
                 conn.remove_termination_listener(on_lost)
                 await conn.remove_listener(store.FANOUT_CHANNEL, on_notify)
             with contextlib.suppress(Exception):  # a connection the database dropped is already gone
                 await self._pool.release(conn, timeout=5)
+
+    async def _loop(self, stop: asyncio.Event, wake: asyncio.Event, lost: asyncio.Event) -> None:
+        while not stop.is_set():
+            # Clear before claiming: an accept that commits meanwhile must wake the next wait.
+            wake.clear()
+            if await self.step() >= self._tuning.batch:
+                continue
+            if lost.is_set():
+                raise ConnectionResetError("the fan-out LISTEN connection was closed by the database")
+            waiters = [asyncio.ensure_future(wake.wait()), asyncio.ensure_future(stop.wait())]
+            await asyncio.wait(waiters, timeout=self._tuning.poll_seconds, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in waiters:
+                waiter.cancel()
 
     async def step(self) -> int:
         """Claim and fan out one batch in one transaction; return how many backlog rows were claimed."""
@@ -101,7 +111,7 @@ class Fanout:
             if not claimed:
                 return 0
             jobs = [_job(b, self._tuning.chunk) for b in claimed]
-            plans = await self._planner.plan(jobs)
+            plans = await self._planner.plan(jobs, conn)
             ready = [p for p in plans if isinstance(p, Plan)]
             await _write(conn, ready)
             done, advanced, retry, failed = _settle(claimed, plans)

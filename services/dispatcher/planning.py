@@ -12,8 +12,9 @@ import asyncio
 import dataclasses
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import asyncpg
 from belfry import i18n
@@ -50,6 +51,8 @@ class Job:
     position: int = 0
     chunk: int = 0
 
+
+_T = TypeVar("_T")
 
 # How long the accept path trusts that an (account, topic) pair exists.
 _ADMIT_SECONDS = 30.0
@@ -89,8 +92,15 @@ class Planner:
             return exc
         return None
 
-    async def plan(self, jobs: Sequence[Job]) -> list[Plan | BelfryError]:
-        """One plan (or the reason there is none) per job, in order."""
+    async def plan(self, jobs: Sequence[Job], conn: store.Conn | None = None) -> list[Plan | BelfryError]:
+        """One plan (or the reason there is none) per job, in order.
+
+        ``conn``: the fan-out's own transaction. The facts planning reads
+        (followers, mutes, inbox visits) are read on it, one query at a time,
+        so a worker never waits for a second pool connection while it holds
+        one (with a small pool, that wait could last forever).
+        """
+        reads = _Reads(conn or self._pool)
         groups: dict[tuple[str, str], list[int]] = {}
         for i, job in enumerate(jobs):
             groups.setdefault((job.event.account_id, job.event.topic), []).append(i)
@@ -98,7 +108,7 @@ class Planner:
 
         async def one_group(indexes: list[int]) -> None:
             try:
-                plans = await self._plan_group([jobs[i] for i in indexes])
+                plans = await self._plan_group([jobs[i] for i in indexes], reads)
             except BelfryError as exc:
                 plans = [exc] * len(indexes)
             for i, p in zip(indexes, plans, strict=True):
@@ -107,8 +117,8 @@ class Planner:
         await asyncio.gather(*(one_group(ix) for ix in groups.values()))
         return [p for p in out if p is not None]
 
-    async def _plan_group(self, jobs: list[Job]) -> list[Plan | BelfryError]:
-        jobs = [await self._with_followers(job) for job in jobs]
+    async def _plan_group(self, jobs: list[Job], reads: _Reads) -> list[Plan | BelfryError]:
+        jobs = [await _with_followers(job, reads) for job in jobs]
         events = [job.event for job in jobs]
         account_id, topic_key = events[0].account_id, events[0].topic
         teams: dict[str, list[str]] = {}
@@ -118,7 +128,7 @@ class Planner:
         visited: set[str] = set()
         if rules.category_of(topic_key) == rules.CONVERSATIONS:
             names = {u for e in events for u in rules.candidates(e)} | {u for t in teams.values() for u in t}
-            visited = await store.visited(self._pool, account_id, sorted(names))
+            visited = await reads.run(store.visited, account_id, sorted(names))
         windows = [
             _window(
                 rules.decide(
@@ -133,30 +143,13 @@ class Planner:
         users = {v.user_id for vs, _ in windows for v in vs} | {e.actor_user_id for e in events if e.actor_user_id}
         topic, people = await self._preferences.effective(account_id, topic_key, sorted(users))
         mutes = [
-            await self._muted(job.event, [v.user_id for v in vs]) for job, (vs, _) in zip(jobs, windows, strict=True)
+            await _muted(job.event, [v.user_id for v in vs], reads) for job, (vs, _) in zip(jobs, windows, strict=True)
         ]
         decisions: dict[tuple[str, bool], Decision] = {}
         return [
             self._plan_one(job, vs, more, topic, people, decisions, muted=muted)
             for job, (vs, more), muted in zip(jobs, windows, mutes, strict=True)
         ]
-
-    async def _with_followers(self, job: Job) -> Job:
-        """The job with its object's followers added to the named recipients, when the event asks for them."""
-        obj = job.event.object
-        if not job.event.include_followers or not obj.type or not obj.id:
-            return job
-        found = await follow_store.followers(self._pool, job.event.account_id, obj.type, obj.id)
-        named = set(job.event.recipient_user_ids)
-        extra = tuple(f.user_id for f in found if f.user_id not in named)
-        event = dataclasses.replace(job.event, recipient_user_ids=job.event.recipient_user_ids + extra)
-        return dataclasses.replace(job, event=event)
-
-    async def _muted(self, event: Event, users: list[str]) -> set[str]:
-        obj = event.object
-        if not obj.type or not obj.id or not users:
-            return set()
-        return await follow_store.muted(self._pool, event.account_id, obj.type, obj.id, users)
 
     def _plan_one(
         self,
@@ -254,3 +247,35 @@ def _names_nobody(event: Event) -> BelfryError | None:
         "custom_property_user_ids, mentioned_user_ids or object.owner_user_id",
         field="event.recipient_user_ids",
     )
+
+
+class _Reads:
+    """Planning's database reads, on one connection (or the pool), one at a time."""
+
+    def __init__(self, conn: store.Conn | asyncpg.Pool) -> None:
+        self.conn = conn
+        self._lock = asyncio.Lock()
+
+    async def run(self, query: Callable[..., Awaitable[_T]], *args: object) -> _T:
+        """``query(conn, *args)``, never two at once on the connection."""
+        async with self._lock:
+            return await query(self.conn, *args)
+
+
+async def _with_followers(job: Job, reads: _Reads) -> Job:
+    """The job with its object's followers added to the named recipients, when the event asks for them."""
+    obj = job.event.object
+    if not job.event.include_followers or not obj.type or not obj.id:
+        return job
+    found = await reads.run(follow_store.followers, job.event.account_id, obj.type, obj.id)
+    named = set(job.event.recipient_user_ids)
+    extra = tuple(f.user_id for f in found if f.user_id not in named)
+    event = dataclasses.replace(job.event, recipient_user_ids=job.event.recipient_user_ids + extra)
+    return dataclasses.replace(job, event=event)
+
+
+async def _muted(event: Event, users: list[str], reads: _Reads) -> set[str]:
+    obj = event.object
+    if not obj.type or not obj.id or not users:
+        return set()
+    return await reads.run(follow_store.muted, event.account_id, obj.type, obj.id, users)

@@ -62,7 +62,7 @@ def build_for(settings: Settings) -> Callable[[asyncpg.Pool], Awaitable[service.
             background=[
                 pressure.loop,
                 purge,
-                *(Fanout(pool, planner, settings.fanout).run for _ in range(settings.fanout_workers)),
+                Fanout(pool, planner, settings.fanout, workers=settings.fanout_workers).run,
             ],
             cleanup=[close],
         )

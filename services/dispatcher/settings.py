@@ -61,6 +61,12 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
             chunk=env.int("BELFRY_DISPATCHER_FANOUT_CHUNK", 1000, minimum=1),
         ),
     )
+    if common.db_pool_max < settings.fanout_workers + 2:
+        env.problem(
+            f"BELFRY_DB_POOL_MAX={common.db_pool_max} is too small for BELFRY_DISPATCHER_FANOUT_WORKERS="
+            f"{settings.fanout_workers}: each fan-out worker holds a connection, their listener one more, "
+            f"and publishing needs one; use at least {settings.fanout_workers + 2}"
+        )
     env.check()
     return settings
 

@@ -290,7 +290,7 @@ async def insert_recipients(conn: Conn, rows: Sequence[RecipientRow]) -> None:
     )
 
 
-async def visited(pool: asyncpg.Pool, account_id: str, user_ids: Sequence[str]) -> set[str]:
+async def visited(pool: Conn | asyncpg.Pool, account_id: str, user_ids: Sequence[str]) -> set[str]:
     """Which of ``user_ids`` have visited the conversations inbox."""
     rows = await pool.fetch(
         "select user_id from dispatcher.inbox_visits where account_id = $1 and user_id = any($2::text[])",

@@ -1,0 +1,61 @@
+"""Fan-out workers on the smallest pool they accept: everything is fanned out and the service stops cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from belfry import rpc, service
+from belfry.api.dispatcher.v1 import dispatcher_pb2 as pb
+from belfry.api.dispatcher.v1 import dispatcher_pb2_grpc
+from belfry.errors import ConfigError
+
+from services.dispatcher.server import build_for
+from services.dispatcher.settings import load_settings
+from tests.conftest import common_env, fanned_out
+from tests.dispatcher.conftest import NO_TLS, Mesh, event, seed
+
+
+def test_a_pool_too_small_for_the_fan_out_workers_is_refused_at_start(
+    database_url: str, token_keys: dict[str, bytes]
+) -> None:
+    env = common_env(database_url, token_keys, BELFRY_DB_POOL_MAX="4", BELFRY_DISPATCHER_FANOUT_WORKERS="3")
+    with pytest.raises(ConfigError) as info:
+        load_settings(env)
+    assert "BELFRY_DB_POOL_MAX=4" in info.value.message and "at least 5" in info.value.message
+
+
+async def test_workers_on_the_smallest_pool_fan_out_a_backlog_of_many_accounts_and_stop(
+    mesh: Mesh, account_id: str, token_keys: dict[str, bytes]
+) -> None:
+    accounts = [f"{account_id}_{i}" for i in range(6)]
+    for account in accounts:
+        await seed(mesh, account)
+    settings = load_settings(
+        common_env(
+            mesh.database_url,
+            token_keys,
+            BELFRY_PREFERENCES_ADDRESS=mesh.preferences_address,
+            BELFRY_DB_POOL_MAX="4",
+            BELFRY_DISPATCHER_FANOUT_WORKERS="2",
+            BELFRY_DISPATCHER_FANOUT_BATCH="20",
+        )
+    )
+    running = await service.start("dispatcher", settings.common, build_for(settings))
+    try:
+        async with rpc.connect(f"127.0.0.1:{running.port}", NO_TLS) as channel:
+            stub = dispatcher_pb2_grpc.DispatcherServiceStub(channel)
+            # Planning reads (mutes, followers) happen while each worker holds its transaction:
+            # they must not wait for a second connection from this small pool.
+            events = [
+                event(a, recipient_user_ids=["ana", "ben"], include_followers=True) for a in accounts for _ in range(40)
+            ]
+            answer = await stub.PublishBatch(pb.PublishBatchRequest(events=events))
+            assert all(s.outcome == pb.OUTCOME_ACCEPTED for s in answer.statuses)
+            await asyncio.wait_for(fanned_out(mesh.pool, account_id), 120)
+    finally:
+        await asyncio.wait_for(running.stop(0.1), 60)
+    told = await mesh.pool.fetchval(
+        "select count(*) from dispatcher.recipients where account_id like $1 || '_%' and state = 'accepted'", account_id
+    )
+    assert told == len(accounts) * 40 * 2
