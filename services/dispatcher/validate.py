@@ -94,3 +94,11 @@ def _check_object(event: Event) -> None:
             raise InvalidArgument(f"{name} is longer than {MAX_TEXT} characters", field=name)
     if obj.url and not obj.url.startswith(("https://", "http://", "/")):
         raise InvalidArgument("event.object.url must be an http(s) URL or a path of the app", field="event.object.url")
+    # Browsers drop tabs and newlines from a URL and read "\" as "/": "//host", "/\host" and
+    # "/<tab>/host" all name another host, not a path of the app.
+    if any(c in obj.url for c in "\t\n\r") or obj.url.replace("\\", "/").startswith("//"):
+        raise InvalidArgument(
+            "event.object.url is a path of the app only with one leading '/' ('//host' names another host) "
+            "and never holds tabs or line breaks",
+            field="event.object.url",
+        )
