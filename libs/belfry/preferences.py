@@ -2,8 +2,9 @@
 
 ``EffectiveBatch`` answers, for one topic, every recipient's channels, quiet
 hours and directory facts, and the topic itself (lock, time to live, labels);
-``GetTeam`` names a team's primary members; ``Unsubscribe`` is an email
-link's effect. Answers become the frozen dataclasses below here, so protobuf
+``GetTeam`` names a team's primary members; ``GetUsers`` gives a user's
+standing (``member``: active, super admin) to services that authorize a
+user's call; ``Unsubscribe`` is an email link's effect. Answers become the frozen dataclasses below here, so protobuf
 stops at this edge.
 
 The peer's status becomes one of our typed errors here, and only here:
@@ -102,6 +103,15 @@ class Topic:
         return i18n.pick(self.labels, locale) or self.key.rpartition(".")[2].replace("_", " ").capitalize()
 
 
+@dataclass(frozen=True)
+class Member:
+    """A user's standing in the directory, for authorization decisions (roles come from here, never a token)."""
+
+    user_id: str
+    active: bool
+    super_admin: bool
+
+
 def translate(exc: grpc.aio.AioRpcError, what: str, *, field_prefix: str = "") -> errors.BelfryError:
     """The peer's status as one of our typed errors (the table in this module's docstring)."""
     refusal = _REFUSALS.get(exc.code())
@@ -168,6 +178,16 @@ class Preferences:
         except grpc.aio.AioRpcError as exc:
             raise translate(exc, f"team {team_id!r}", field_prefix=self._prefix) from exc
         return [m.user_id for m in answer.team.members if m.primary]
+
+    async def member(self, account_id: str, user_id: str) -> Member | None:
+        """The user's standing in the directory (None: not a user of the account)."""
+        request = directory_pb2.GetUsersRequest(account_id=account_id, user_ids=[user_id])
+        try:
+            answer = await self._directory.GetUsers(request, timeout=self._deadline)
+        except grpc.aio.AioRpcError as exc:
+            raise translate(exc, f"user {user_id!r}", field_prefix=self._prefix) from exc
+        found = next((u for u in answer.users if u.user_id == user_id), None)
+        return None if found is None else Member(found.user_id, active=found.active, super_admin=found.super_admin)
 
     async def unsubscribe(self, account_id: str, user_id: str, topic: str) -> None:
         """An email link's effect: ``topic`` off for email for the user (the link was verified by the caller)."""

@@ -38,15 +38,17 @@ def build_for(settings: Settings) -> Callable[[asyncpg.Pool], Awaitable[Built]]:
             # The cap is per UTC day: yesterday's counters are kept a little, then dropped.
             await background.every("email cap counters purge", 3600, lambda: store.purge_counts(pool), stop)
 
-        servicer = admin.QueueAdminServicer(pool, TokenVerifier(settings.common.token_keys))
+        queue_admin = admin.QueueAdmin(
+            pool, TokenVerifier(settings.common.token_keys), settings.sender.preferences_address, settings.common.tls
+        )
         return Built(
-            registrations=[admin.registration(servicer)],
+            registrations=[queue_admin.registration],
             service_names=[admin.SERVICE_NAME],
             background=[
                 *sender_loops(pool, "email", sender.handle, settings.sender, prepare=sender.prepare),
                 forget_old_counts,
             ],
-            cleanup=[smtp.close],
+            cleanup=[smtp.close, queue_admin.close],
         )
 
     return build

@@ -44,14 +44,15 @@ def build_for(settings: Settings) -> Callable[[asyncpg.Pool], Awaitable[Built]]:
         sender = MobileSender(pool=pool, android=fcm, ios=apns)
         verifier = TokenVerifier(settings.common.token_keys)
         servicer = MobileServicer(pool, verifier)
+        queue_admin = admin.QueueAdmin(pool, verifier, settings.sender.preferences_address, settings.common.tls)
         return Built(
             registrations=[
                 lambda server: pb_grpc.add_MobileServicer_to_server(servicer, server),
-                admin.registration(admin.QueueAdminServicer(pool, verifier)),
+                queue_admin.registration,
             ],
             service_names=[SERVICE_NAME, admin.SERVICE_NAME],
             background=sender_loops(pool, "mobile", sender.handle, settings.sender),
-            cleanup=[c.aclose for c in clients],
+            cleanup=[*(c.aclose for c in clients), queue_admin.close],
         )
 
     return build

@@ -28,14 +28,15 @@ def build_for(settings: Settings) -> Callable[[asyncpg.Pool], Awaitable[Built]]:
         verifier = TokenVerifier(settings.common.token_keys)
         sender = WebhookSender(pool=pool, client=client, guard=guard, box=box)
         servicer = WebhooksServicer(pool, verifier, guard, box)
+        queue_admin = admin.QueueAdmin(pool, verifier, settings.sender.preferences_address, settings.common.tls)
         return Built(
             registrations=[
                 lambda server: pb_grpc.add_WebhooksServicer_to_server(servicer, server),
-                admin.registration(admin.QueueAdminServicer(pool, verifier)),
+                queue_admin.registration,
             ],
             service_names=[SERVICE_NAME, admin.SERVICE_NAME],
             background=sender_loops(pool, "other_apps", sender.handle, settings.sender),
-            cleanup=[client.aclose],
+            cleanup=[client.aclose, queue_admin.close],
         )
 
     return build

@@ -42,14 +42,15 @@ def build_for(settings: Settings) -> Callable[[asyncpg.Pool], Awaitable[Built]]:
             default_ttl=settings.default_ttl_seconds,
         )
         servicer = WebPushServicer(pool, verifier, guard, signer.public_key)
+        queue_admin = admin.QueueAdmin(pool, verifier, settings.sender.preferences_address, settings.common.tls)
         return Built(
             registrations=[
                 lambda server: pb_grpc.add_WebPushServicer_to_server(servicer, server),
-                admin.registration(admin.QueueAdminServicer(pool, verifier)),
+                queue_admin.registration,
             ],
             service_names=[SERVICE_NAME, admin.SERVICE_NAME],
             background=sender_loops(pool, "browser", sender.handle, settings.sender),
-            cleanup=[session.close],
+            cleanup=[session.close, queue_admin.close],
         )
 
     return build

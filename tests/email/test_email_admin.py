@@ -1,11 +1,14 @@
-"""QueueAdmin over real gRPC on the email service: dead letters, requeue, stats, validation."""
+"""QueueAdmin over real gRPC on the email service: dead letters, requeue, stats, validation, super admins only."""
 
 from __future__ import annotations
+
+from collections.abc import AsyncIterator
 
 import asyncpg
 import grpc
 import pytest
 from belfry import rpc, service
+from belfry.api.directory.v1 import directory_pb2, directory_pb2_grpc
 from belfry.api.queue.v1 import queue_pb2 as pb
 from belfry.api.queue.v1 import queue_pb2_grpc as pb_grpc
 from belfry.auth import TokenIssuer
@@ -13,14 +16,55 @@ from belfry.config import TlsSettings
 
 from services.email.server import build_for
 from services.email.settings import load_settings
+from services.preferences.server import build_for as preferences_build_for
+from services.preferences.settings import load_settings as preferences_settings
+from tests.conftest import common_env
 from tests.email.email_helpers import Capture, email_env, enqueue_messages, message, wait_until_finished
 
 
+@pytest.fixture(scope="module")
+async def directory(database_url: str, token_keys: dict[str, bytes]) -> AsyncIterator[str]:
+    """The preferences service (it owns the directory); its address."""
+    settings = preferences_settings(common_env(database_url, token_keys))
+    running = await service.start("preferences", settings.common, preferences_build_for(settings))
+    yield f"127.0.0.1:{running.port}"
+    await running.stop(0.1)
+
+
+async def seed(address: str, account_id: str, **users: tuple[bool, bool]) -> None:
+    """The account and its users, each ``name=(super_admin, active)``."""
+    channel = rpc.connect(address, TlsSettings(None, None, None))
+    stub = directory_pb2_grpc.DirectoryServiceStub(channel)
+    account = directory_pb2.Account(account_id=account_id, name="Acme", tier=directory_pb2.TIER_ENTERPRISE)
+    await stub.UpsertAccount(directory_pb2.UpsertAccountRequest(account=account))
+    for user_id, (super_admin, active) in users.items():
+        user = directory_pb2.User(
+            account_id=account_id,
+            user_id=user_id,
+            email=f"{user_id}@example.test",
+            display_name=user_id,
+            locale="en",
+            time_zone="UTC",
+            permission_set="sales",
+            super_admin=super_admin,
+            active=active,
+        )
+        await stub.UpsertUser(directory_pb2.UpsertUserRequest(user=user))
+    await channel.close()
+
+
 async def test_dead_letters_listed_requeued_and_scoped_to_the_account(
-    database_url: str, token_keys: dict[str, bytes], pool: asyncpg.Pool, smtp: tuple[Capture, int], account_id: str
+    database_url: str,
+    token_keys: dict[str, bytes],
+    pool: asyncpg.Pool,
+    smtp: tuple[Capture, int],
+    directory: str,
+    account_id: str,
 ) -> None:
     _, port = smtp
-    settings = load_settings(email_env(database_url, token_keys, port))
+    await seed(directory, account_id, admin=(True, True))
+    await seed(directory, account_id + "-other", admin=(True, True))
+    settings = load_settings(email_env(database_url, token_keys, port, BELFRY_PREFERENCES_ADDRESS=directory))
     running = await service.start("email", settings.common, build_for(settings))
     channel = rpc.connect(f"127.0.0.1:{running.port}", TlsSettings(None, None, None))
     stub = pb_grpc.QueueAdminStub(channel)
@@ -68,6 +112,55 @@ async def test_dead_letters_listed_requeued_and_scoped_to_the_account(
         with pytest.raises(grpc.aio.AioRpcError) as anonymous:
             await stub.GetStats(pb.GetStatsRequest())
         assert anonymous.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        await channel.close()
+        await running.stop(0.1)
+
+
+async def test_dead_letters_are_for_the_accounts_super_admins_only(
+    database_url: str,
+    token_keys: dict[str, bytes],
+    pool: asyncpg.Pool,
+    smtp: tuple[Capture, int],
+    directory: str,
+    account_id: str,
+) -> None:
+    """A valid token is not enough: its user must be an active super admin of the account, in the directory."""
+    _, port = smtp
+    await seed(directory, account_id, admin=(True, True), plain=(False, True), former=(True, False))
+    settings = load_settings(email_env(database_url, token_keys, port, BELFRY_PREFERENCES_ADDRESS=directory))
+    running = await service.start("email", settings.common, build_for(settings))
+    channel = rpc.connect(f"127.0.0.1:{running.port}", TlsSettings(None, None, None))
+    stub = pb_grpc.QueueAdminStub(channel)
+    issuer = TokenIssuer(token_keys, "k1")
+    try:
+        await enqueue_messages(pool, [message(account_id, user_id="r", recipient_email="reject@example.test")])
+        [dead] = await wait_until_finished(pool, account_id, 1, states=("dead",))
+
+        async def call(name: str, meta: list[tuple[str, str]]) -> object:
+            if name == "list":
+                return await stub.ListDeadLetters(pb.ListDeadLettersRequest(), metadata=meta)
+            if name == "requeue":
+                return await stub.Requeue(pb.RequeueRequest(delivery_ids=[dead["delivery_id"]]), metadata=meta)
+            return await stub.GetStats(pb.GetStatsRequest(), metadata=meta)
+
+        # A user missing from the directory, an ordinary user, a super admin no longer active.
+        for user_id, needle in (
+            ("ghost", "not an active user"),
+            ("plain", "super admins"),
+            ("former", "not an active"),
+        ):
+            meta = [("authorization", f"Bearer {issuer.issue(account_id, user_id)}")]
+            for name in ("list", "requeue", "stats"):
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await call(name, meta)
+                assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED, (user_id, name)
+                assert needle in (refused.value.details() or ""), (user_id, name, refused.value.details())
+        state = await pool.fetchval("select state from queue.deliveries where delivery_id = $1", dead["delivery_id"])
+        assert state == "dead"  # nothing was requeued
+        admin = [("authorization", f"Bearer {issuer.issue(account_id, 'admin')}")]
+        listed = await stub.ListDeadLetters(pb.ListDeadLettersRequest(), metadata=admin)
+        assert [d.delivery_id for d in listed.dead_letters] == [dead["delivery_id"]]
     finally:
         await channel.close()
         await running.stop(0.1)

@@ -3,12 +3,17 @@
 Protobuf stops here: requests are validated and turned into calls on
 ``belfry.queue.ops``; every call is scoped to the account named by the
 caller's verified token, so an account sees and requeues only its own
-dead letters.
+dead letters. Dead letters name other users, their topics and the errors
+their deliveries met: only the account's **super admins** may list, requeue
+or count them, and that standing is looked up in the directory (the
+preferences service) on every call, never read from the token.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
+from typing import Protocol
 
 import asyncpg
 import grpc
@@ -17,8 +22,10 @@ from google.protobuf import timestamp_pb2
 from belfry import rpc
 from belfry.api.queue.v1 import queue_pb2 as pb
 from belfry.api.queue.v1 import queue_pb2_grpc as pb_grpc
-from belfry.auth import TokenVerifier
-from belfry.errors import InvalidArgument
+from belfry.auth import Caller, TokenVerifier
+from belfry.config import TlsSettings
+from belfry.errors import InvalidArgument, PermissionDenied
+from belfry.preferences import Member, Preferences
 from belfry.queue import ops
 from belfry.queue.store import CHANNELS
 
@@ -47,18 +54,36 @@ def _error(entry: dict[str, object]) -> pb.DeliveryError:
     return out
 
 
-class QueueAdminServicer(pb_grpc.QueueAdminServicer):
-    """Dead letters, requeue and statistics over gRPC."""
+class Directory(Protocol):
+    """Where a user's standing is looked up (``belfry.preferences.Preferences``)."""
 
-    def __init__(self, pool: asyncpg.Pool, verifier: TokenVerifier) -> None:
+    async def member(self, account_id: str, user_id: str) -> Member | None:
+        """The user's standing in the account; None when not a user of it."""
+
+
+class QueueAdminServicer(pb_grpc.QueueAdminServicer):
+    """Dead letters, requeue and statistics over gRPC, for the account's super admins."""
+
+    def __init__(self, pool: asyncpg.Pool, verifier: TokenVerifier, directory: Directory) -> None:
         self._pool = pool
         self._verifier = verifier
+        self._directory = directory
+
+    async def _admin(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> Caller:
+        """The caller, once the directory confirms an active super admin of the token's account."""
+        caller = self._verifier.from_metadata(metadata)
+        member = await self._directory.member(caller.account_id, caller.user_id)
+        if member is None or not member.active:
+            raise PermissionDenied(f"user {caller.user_id!r} is not an active user of account {caller.account_id!r}")
+        if not member.super_admin:
+            raise PermissionDenied("dead letters, requeues and queue statistics are for the account's super admins")
+        return caller
 
     async def ListDeadLetters(  # noqa: N802 - method names come from the proto
         self, request: pb.ListDeadLettersRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListDeadLettersResponse:
         """The caller account's dead letters, each with its error history, in id order."""
-        caller = self._verifier.from_metadata(context.invocation_metadata())
+        caller = await self._admin(context.invocation_metadata())
         if request.channel and request.channel not in CHANNELS:
             raise InvalidArgument(f"channel must be one of {', '.join(CHANNELS)}", field="channel")
         if request.after_delivery_id < 0:
@@ -89,7 +114,7 @@ class QueueAdminServicer(pb_grpc.QueueAdminServicer):
 
     async def Requeue(self, request: pb.RequeueRequest, context: grpc.aio.ServicerContext) -> pb.RequeueResponse:  # noqa: N802 - method names come from the proto
         """Give the named dead letters a fresh attempt budget; report the ids that were not dead."""
-        caller = self._verifier.from_metadata(context.invocation_metadata())
+        caller = await self._admin(context.invocation_metadata())
         ids = list(dict.fromkeys(request.delivery_ids))
         if not 1 <= len(ids) <= _MAX_PAGE:
             raise InvalidArgument(f"name between 1 and {_MAX_PAGE} delivery ids", field="delivery_ids")
@@ -101,7 +126,7 @@ class QueueAdminServicer(pb_grpc.QueueAdminServicer):
 
     async def GetStats(self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext) -> pb.GetStatsResponse:  # noqa: N802 - method names come from the proto
         """The caller account's deliveries by channel and state, and the oldest due one's wait."""
-        caller = self._verifier.from_metadata(context.invocation_metadata())
+        caller = await self._admin(context.invocation_metadata())
         found = await ops.stats(self._pool, caller.account_id)
         return pb.GetStatsResponse(
             channels=[
@@ -109,6 +134,19 @@ class QueueAdminServicer(pb_grpc.QueueAdminServicer):
                 for s in found
             ]
         )
+
+
+class QueueAdmin:
+    """A sender's QueueAdmin: the servicer and its own channel to the directory (close it at shutdown)."""
+
+    def __init__(self, pool: asyncpg.Pool, verifier: TokenVerifier, preferences_address: str, tls: TlsSettings) -> None:
+        self._channel = rpc.connect(preferences_address, tls)
+        self.servicer = QueueAdminServicer(pool, verifier, Preferences(self._channel))
+        self.registration = registration(self.servicer)
+
+    async def close(self) -> None:
+        """Close the directory channel."""
+        await self._channel.close()
 
 
 def registration(servicer: QueueAdminServicer) -> rpc.Registration:

@@ -47,6 +47,7 @@ class SenderSettings:
     lease_seconds: float
     retention_seconds: float  # finished deliveries are purged after this (BELFRY_QUEUE_RETENTION_SECONDS)
     max_retry_after_seconds: float  # a peer's Retry-After is clamped to this (the common block's)
+    preferences_address: str = "127.0.0.1:50051"  # the directory QueueAdmin asks who is a super admin
 
 
 def load_sender_settings(
@@ -59,7 +60,8 @@ def load_sender_settings(
     lease_seconds: float,
     min_lease_seconds: float = 0.1,
 ) -> SenderSettings:
-    """``BELFRY_WORKER_ID``, ``BELFRY_<NAME>_BATCH``, ``_CONCURRENCY``, ``_LEASE_SECONDS`` and the retention."""
+    """``BELFRY_WORKER_ID``, ``BELFRY_<NAME>_BATCH``, ``_CONCURRENCY``, ``_LEASE_SECONDS``, the retention
+    and ``BELFRY_PREFERENCES_ADDRESS`` (QueueAdmin's directory)."""
     prefix = f"BELFRY_{name.upper()}"
     return SenderSettings(
         worker_id=env.str("BELFRY_WORKER_ID", f"{socket.gethostname()}-{os.getpid()}"),
@@ -68,6 +70,7 @@ def load_sender_settings(
         lease_seconds=env.float(f"{prefix}_LEASE_SECONDS", lease_seconds, minimum=min_lease_seconds),
         retention_seconds=env.float("BELFRY_QUEUE_RETENTION_SECONDS", 7 * 86400.0, minimum=0.0),
         max_retry_after_seconds=common.max_retry_after_seconds,
+        preferences_address=env.str("BELFRY_PREFERENCES_ADDRESS", "127.0.0.1:50051"),
     )
 
 
