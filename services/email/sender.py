@@ -3,14 +3,20 @@
 The daily-cap slots of a whole claimed batch are taken in one round trip
 (``prepare``) before any of its messages is sent, so the cap still counts
 messages handed to SMTP (a delivery sent again after a crash keeps its slot
-and is not counted twice) without a transaction per message.
+and is not counted twice) without a transaction per message. The same round
+trip's neighbour asks which recipients are suppressed: those deliveries are
+dropped with reason "address suppressed" before any SMTP traffic (and take no
+cap slot). A 5.1.x reply at RCPT (the mailbox does not exist) suppresses the
+address with the server's reply; 5.7.x (policy) and 4xx replies never do.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from email.headerregistry import Address
 
+import aiosmtplib
 import asyncpg
 from belfry import log
 from belfry.message import Message
@@ -22,6 +28,25 @@ from services.email.smtp import SmtpPool, outcome_of
 
 _LOG = log.get(__name__)
 DAILY_CAP_REASON = "daily cap"
+SUPPRESSED_REASON = "address suppressed"
+# RFC 3463 X.1.Y: addressing status (bad mailbox, bad domain, moved). 5.1.x is
+# permanent: that address will not work tomorrow either.
+_MAILBOX_GONE = re.compile(r"\s*5\.1\.\d{1,3}\b")
+
+
+def mailbox_gone(exc: BaseException) -> str | None:
+    """The server's reply when ``exc`` is a 5xx 5.1.x refusal at RCPT, else None."""
+    if not isinstance(exc, aiosmtplib.SMTPRecipientsRefused) or not exc.recipients:
+        return None
+    refused = exc.recipients[0]
+    if 500 <= refused.code < 600 and _MAILBOX_GONE.match(refused.message):
+        return f"{refused.code} {refused.message}".strip()
+    return None
+
+
+def applies(reason: str, locked: bool) -> bool:
+    """Whether a suppression stops this message: a complaint does not stop locked topics (support, billing)."""
+    return not (locked and reason == store.COMPLAINT)
 
 
 def _parsed(lease: Lease) -> tuple[Message, Address] | Fail:
@@ -43,26 +68,44 @@ class EmailSender:
     smtp: SmtpPool
     composer: Composer
     daily_cap: int
+    soft_expiry_seconds: float = 7 * 86400.0  # a soft-bounce suppression lapses after this
     # What ``prepare`` learnt per (delivery id, lease token): the parsed
-    # message and recipient, and the cap decision (None: exempt). Each entry
-    # is used once by ``handle``.
-    _prepared: dict[tuple[int, int], tuple[Message, Address, bool | None]] = field(
+    # message and recipient, and the cap decision (None: exempt; a string:
+    # the suppression reason). Each entry is used once by ``handle``.
+    _prepared: dict[tuple[int, int], tuple[Message, Address, bool | str | None]] = field(
         default_factory=dict, compare=False, repr=False
     )
 
     async def prepare(self, leases: list[Lease]) -> None:
-        """Take the daily-cap slots of a claimed batch in one round trip."""
-        parsed = {lease.delivery_id: (lease, _parsed(lease)) for lease in leases}
+        """Find the batch's suppressed recipients, then take the others' daily-cap slots (a round trip each)."""
+        parsed = {lease.delivery_id: (lease, p) for lease in leases if not isinstance(p := _parsed(lease), Fail)}
+        found = await store.suppressed(
+            self.pool,
+            [(lease.account_id, p[1].addr_spec) for lease, p in parsed.values()],
+            soft_expiry_seconds=self.soft_expiry_seconds,
+        )
+        stopped: dict[int, str] = {}
+        for delivery_id, (lease, p) in parsed.items():
+            reason = found.get((lease.account_id, p[1].addr_spec))
+            if reason is not None and applies(reason, p[0].locked):
+                stopped[delivery_id] = reason
         requests = [
             store.CapRequest(lease.account_id, lease.delivery_id, p[1].addr_spec, lease.topic)
             for lease, p in parsed.values()
             # Locked account topics (support, billing) are exempt from the cap.
-            if not isinstance(p, Fail) and not p[0].locked
+            if not p[0].locked and lease.delivery_id not in stopped
         ]
         allowed = await store.take_cap_slots(self.pool, requests, self.daily_cap)
         for delivery_id, (lease, p) in parsed.items():
-            if not isinstance(p, Fail):
-                self._prepared[delivery_id, lease.token] = (p[0], p[1], None if p[0].locked else delivery_id in allowed)
+            decision = stopped.get(delivery_id) or (None if p[0].locked else delivery_id in allowed)
+            self._prepared[delivery_id, lease.token] = (p[0], p[1], decision)
+
+    async def _suppression(self, lease: Lease, message: Message, to: Address) -> str | None:
+        found = await store.suppressed(
+            self.pool, [(lease.account_id, to.addr_spec)], soft_expiry_seconds=self.soft_expiry_seconds
+        )
+        reason = found.get((lease.account_id, to.addr_spec))
+        return reason if reason is not None and applies(reason, message.locked) else None
 
     async def _may_send(self, lease: Lease, to: Address) -> bool:
         # Not prepared (the batch step failed, or a caller without one): ask alone.
@@ -79,7 +122,11 @@ class EmailSender:
             if isinstance(parsed, Fail):
                 return parsed
             message, to = parsed
-            allowed = None if message.locked else await self._may_send(lease, to)
+            allowed = await self._suppression(lease, message, to)
+            if allowed is None and not message.locked:
+                allowed = await self._may_send(lease, to)
+        if isinstance(allowed, str):
+            return Drop(f"{SUPPRESSED_REASON} ({allowed})")
         if allowed is False:
             return Drop(DAILY_CAP_REASON)
         data = self.composer.compose(lease.delivery_id, message, to)
@@ -88,5 +135,10 @@ class EmailSender:
         except Exception as exc:
             outcome = outcome_of(exc)
             _LOG.info("smtp refused", delivery_id=lease.delivery_id, outcome=repr(outcome))
+            reply = mailbox_gone(exc)
+            if reply is not None:
+                await store.suppress(
+                    self.pool, lease.account_id, to.addr_spec, store.HARD_BOUNCE, reply, lease.delivery_id
+                )
             return outcome
         return Sent()

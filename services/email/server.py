@@ -1,4 +1,4 @@
-"""Wiring of the email service: the QueueAdmin API, the sender's loops, the cap counters' purge."""
+"""Wiring of the email service: the QueueAdmin and Deliverability APIs, the sender's loops, the cap counters' purge."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from belfry.service import Built
 from belfry.unsubscribe import Signer
 
 from services.email import store
+from services.email.admin import SERVICE_NAME as DELIVERABILITY
+from services.email.admin import Deliverability
 from services.email.compose import Composer
 from services.email.sender import EmailSender
 from services.email.settings import Settings
@@ -32,7 +34,13 @@ def build_for(settings: Settings) -> Callable[[asyncpg.Pool], Awaitable[Built]]:
             sender=settings.from_address,
             public_url=settings.public_url,
         )
-        sender = EmailSender(pool=pool, smtp=smtp, composer=composer, daily_cap=settings.daily_cap)
+        sender = EmailSender(
+            pool=pool,
+            smtp=smtp,
+            composer=composer,
+            daily_cap=settings.daily_cap,
+            soft_expiry_seconds=settings.soft_expiry_seconds,
+        )
 
         async def forget_old_counts(stop: asyncio.Event) -> None:
             # The cap is per UTC day: yesterday's counters are kept a little, then dropped.
@@ -41,14 +49,17 @@ def build_for(settings: Settings) -> Callable[[asyncpg.Pool], Awaitable[Built]]:
         queue_admin = admin.QueueAdmin(
             pool, TokenVerifier(settings.common.token_keys), settings.sender.preferences_address, settings.common.tls
         )
+        deliverability = Deliverability(
+            pool, TokenVerifier(settings.common.token_keys), settings.sender.preferences_address, settings.common.tls
+        )
         return Built(
-            registrations=[queue_admin.registration],
-            service_names=[admin.SERVICE_NAME],
+            registrations=[queue_admin.registration, deliverability.register],
+            service_names=[admin.SERVICE_NAME, DELIVERABILITY],
             background=[
                 *sender_loops(pool, "email", sender.handle, settings.sender, prepare=sender.prepare),
                 forget_old_counts,
             ],
-            cleanup=[smtp.close, queue_admin.close],
+            cleanup=[smtp.close, queue_admin.close, deliverability.close],
         )
 
     return build

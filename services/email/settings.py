@@ -41,6 +41,7 @@ class Settings:
     unsubscribe_ttl_seconds: int
     daily_cap: int
     sender: SenderSettings
+    soft_expiry_seconds: float = 7 * 86400.0  # a suppression for soft bounces lapses after this
 
 
 def load_settings(environ: Mapping[str, str]) -> Settings:
@@ -90,6 +91,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         unsubscribe_ttl_seconds=env.int("BELFRY_UNSUBSCRIBE_TTL_SECONDS", 60 * 86400, minimum=3600),
         daily_cap=env.int("BELFRY_EMAIL_DAILY_CAP", 1000, minimum=1),
         sender=load_sender_settings(env, common, "email", batch=200, concurrency=64, lease_seconds=60.0),
+        soft_expiry_seconds=env.float("BELFRY_EMAIL_SOFT_SUPPRESSION_SECONDS", 7 * 86400.0, minimum=0.0),
     )
     env.check()
     return settings

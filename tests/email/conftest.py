@@ -11,12 +11,15 @@ from pathlib import Path
 import asyncpg
 import pytest
 from aiosmtpd.controller import Controller
+from belfry import service
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.conftest import fresh_database, open_pool
+from services.preferences.server import build_for as preferences_build_for
+from services.preferences.settings import load_settings as preferences_settings
+from tests.conftest import common_env, fresh_database, open_pool
 from tests.email.email_helpers import Capture
 
 
@@ -74,3 +77,12 @@ async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
     """A pool on this area's database."""
     async with open_pool(database_url) as p:
         yield p
+
+
+@pytest.fixture(scope="module")
+async def directory(database_url: str, token_keys: dict[str, bytes]) -> AsyncIterator[str]:
+    """The preferences service (it owns the directory); its address."""
+    settings = preferences_settings(common_env(database_url, token_keys))
+    running = await service.start("preferences", settings.common, preferences_build_for(settings))
+    yield f"127.0.0.1:{running.port}"
+    await running.stop(0.1)

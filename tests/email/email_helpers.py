@@ -16,6 +16,9 @@ from email.message import EmailMessage
 from typing import Any
 
 import asyncpg
+from belfry import rpc
+from belfry.api.directory.v1 import directory_pb2, directory_pb2_grpc
+from belfry.config import TlsSettings
 from belfry.message import Item, Message
 from belfry.queue import NewDelivery, enqueue
 
@@ -49,11 +52,13 @@ class Capture:
     on_accept: Callable[[Caught], int | None] | None = None  # returns a pid to SIGKILL after the 250
 
     async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, options: Any) -> str:  # noqa: N802 - aiosmtpd's hook name
-        """``tempfail*`` addresses get a 4xx reply, ``reject*`` a 5xx one."""
+        """``tempfail*`` addresses get a 4xx reply, ``reject*`` a 5.1.1 one (no such mailbox), ``policy*`` a 5.7.1 one."""
         if address.startswith("tempfail"):
             return "451 4.3.0 mailbox busy, try again later"
         if address.startswith("reject"):
             return "550 5.1.1 no such mailbox here"
+        if address.startswith("policy"):
+            return "550 5.7.1 refused by local policy"
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
@@ -155,3 +160,25 @@ async def wait_until_finished(
 def items(n: int) -> tuple[Item, ...]:
     """``n`` merged objects."""
     return tuple(Item("contact", str(i), f"Contact {i}", f"https://app.belfry.test/contacts/{i}") for i in range(n))
+
+
+async def seed(address: str, account_id: str, **users: tuple[bool, bool]) -> None:
+    """The account and its users, each ``name=(super_admin, active)``."""
+    channel = rpc.connect(address, TlsSettings(None, None, None))
+    stub = directory_pb2_grpc.DirectoryServiceStub(channel)
+    account = directory_pb2.Account(account_id=account_id, name="Acme", tier=directory_pb2.TIER_ENTERPRISE)
+    await stub.UpsertAccount(directory_pb2.UpsertAccountRequest(account=account))
+    for user_id, (super_admin, active) in users.items():
+        user = directory_pb2.User(
+            account_id=account_id,
+            user_id=user_id,
+            email=f"{user_id}@example.test",
+            display_name=user_id,
+            locale="en",
+            time_zone="UTC",
+            permission_set="sales",
+            super_admin=super_admin,
+            active=active,
+        )
+        await stub.UpsertUser(directory_pb2.UpsertUserRequest(user=user))
+    await channel.close()

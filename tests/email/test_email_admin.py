@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import asyncpg
 import grpc
 import pytest
 from belfry import rpc, service
-from belfry.api.directory.v1 import directory_pb2, directory_pb2_grpc
 from belfry.api.queue.v1 import queue_pb2 as pb
 from belfry.api.queue.v1 import queue_pb2_grpc as pb_grpc
 from belfry.auth import TokenIssuer
@@ -16,41 +13,7 @@ from belfry.config import TlsSettings
 
 from services.email.server import build_for
 from services.email.settings import load_settings
-from services.preferences.server import build_for as preferences_build_for
-from services.preferences.settings import load_settings as preferences_settings
-from tests.conftest import common_env
-from tests.email.email_helpers import Capture, email_env, enqueue_messages, message, wait_until_finished
-
-
-@pytest.fixture(scope="module")
-async def directory(database_url: str, token_keys: dict[str, bytes]) -> AsyncIterator[str]:
-    """The preferences service (it owns the directory); its address."""
-    settings = preferences_settings(common_env(database_url, token_keys))
-    running = await service.start("preferences", settings.common, preferences_build_for(settings))
-    yield f"127.0.0.1:{running.port}"
-    await running.stop(0.1)
-
-
-async def seed(address: str, account_id: str, **users: tuple[bool, bool]) -> None:
-    """The account and its users, each ``name=(super_admin, active)``."""
-    channel = rpc.connect(address, TlsSettings(None, None, None))
-    stub = directory_pb2_grpc.DirectoryServiceStub(channel)
-    account = directory_pb2.Account(account_id=account_id, name="Acme", tier=directory_pb2.TIER_ENTERPRISE)
-    await stub.UpsertAccount(directory_pb2.UpsertAccountRequest(account=account))
-    for user_id, (super_admin, active) in users.items():
-        user = directory_pb2.User(
-            account_id=account_id,
-            user_id=user_id,
-            email=f"{user_id}@example.test",
-            display_name=user_id,
-            locale="en",
-            time_zone="UTC",
-            permission_set="sales",
-            super_admin=super_admin,
-            active=active,
-        )
-        await stub.UpsertUser(directory_pb2.UpsertUserRequest(user=user))
-    await channel.close()
+from tests.email.email_helpers import Capture, email_env, enqueue_messages, message, seed, wait_until_finished
 
 
 async def test_dead_letters_listed_requeued_and_scoped_to_the_account(
@@ -72,7 +35,8 @@ async def test_dead_letters_listed_requeued_and_scoped_to_the_account(
     mine = [("authorization", f"Bearer {issuer.issue(account_id, 'admin')}")]
     theirs = [("authorization", f"Bearer {issuer.issue(account_id + '-other', 'admin')}")]
     try:
-        await enqueue_messages(pool, [message(account_id, user_id="r", recipient_email="reject@example.test")])
+        # A policy refusal (5.7.x): a requeue tries the address again (a 5.1.x one would suppress it).
+        await enqueue_messages(pool, [message(account_id, user_id="r", recipient_email="policy@example.test")])
         [dead] = await wait_until_finished(pool, account_id, 1, states=("dead",))
 
         listed = await stub.ListDeadLetters(pb.ListDeadLettersRequest(channel="email"), metadata=mine)
