@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import time
@@ -13,7 +12,7 @@ import asyncpg
 from belfry import log
 from belfry.message import Message
 from belfry.queue import Drop, Lease, Outcome
-from belfry.queue.sender import Result, fold
+from belfry.queue.sender import Result, fan_out, fold
 
 from services.mobile import store
 from services.mobile.push import Push
@@ -39,10 +38,12 @@ class MobileSender:
         android: Provider | None,
         ios: Provider | None,
         clock: Callable[[], float] = time.time,
+        fanout: int = 4,
     ) -> None:
         self._pool = pool
         self._providers = {"android": android, "ios": ios}
         self._clock = clock
+        self._fanout = fanout  # devices of one delivery pushed to at once
 
     async def handle(self, lease: Lease) -> Outcome:
         """Push to every device of the user; dead tokens are deleted."""
@@ -51,7 +52,7 @@ class MobileSender:
             return Drop("no mobile device")
         msg = Message.from_json(lease.payload)
         expires = int(lease.expires_at.timestamp())
-        return fold(await asyncio.gather(*(self._push(d, msg, expires) for d in devices)))
+        return fold(await fan_out(devices, lambda d: self._push(d, msg, expires), self._fanout))
 
     async def _push(self, device: store.Device, msg: Message, expires: int) -> Result:
         provider = self._providers.get(device.platform)

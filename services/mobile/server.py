@@ -41,9 +41,9 @@ def build_for(settings: Settings) -> Callable[[asyncpg.Pool], Awaitable[Built]]:
         for name, provider in (("FCM", fcm), ("APNs", apns)):
             if provider is None:
                 _LOG.warning("push provider not configured; its deliveries fail with 'not configured'", provider=name)
-        sender = MobileSender(pool=pool, android=fcm, ios=apns)
+        sender = MobileSender(pool=pool, android=fcm, ios=apns, fanout=settings.sender.fanout)
         verifier = TokenVerifier(settings.common.token_keys)
-        servicer = MobileServicer(pool, verifier)
+        servicer = MobileServicer(pool, verifier, max_per_user=settings.max_devices_per_user)
         queue_admin = admin.QueueAdmin(pool, verifier, settings.sender.preferences_address, settings.common.tls)
         return Built(
             registrations=[

@@ -34,14 +34,20 @@ def _device(device: store.Device) -> pb.Device:
 class MobileServicer(pb_grpc.MobileServicer):
     """The calling user's devices."""
 
-    def __init__(self, pool: asyncpg.Pool, verifier: TokenVerifier) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, verifier: TokenVerifier, *, max_per_user: int = store.DEFAULT_MAX_PER_USER
+    ) -> None:
         self._pool = pool
         self._verifier = verifier
+        self._max_per_user = max_per_user
 
     async def RegisterDevice(  # noqa: N802 - method names come from the proto
         self, request: pb.RegisterDeviceRequest, context: grpc.aio.ServicerContext
     ) -> pb.RegisterDeviceResponse:
-        """Validate the token's shape for its platform and store it for the caller."""
+        """Validate the token's shape for its platform and store it for the caller (within the cap).
+
+        A token another user of the account registered stays theirs: ALREADY_EXISTS.
+        """
         caller = self._verifier.from_metadata(context.invocation_metadata())
         platform = _PLATFORMS.get(request.platform)
         if platform is None:
@@ -55,7 +61,14 @@ class MobileServicer(pb_grpc.MobileServicer):
         if len(request.label) > _MAX_LABEL:
             raise InvalidArgument(f"label must be at most {_MAX_LABEL} characters", field="label")
         device = await store.upsert(
-            self._pool, caller.account_id, caller.user_id, platform, request.token, request.app_id, request.label
+            self._pool,
+            caller.account_id,
+            caller.user_id,
+            platform,
+            request.token,
+            request.app_id,
+            request.label,
+            max_per_user=self._max_per_user,
         )
         return pb.RegisterDeviceResponse(device=_device(device))
 

@@ -16,6 +16,8 @@ from belfry.queue.sender import SenderSettings, load_sender_settings
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from services.mobile import store
+
 
 @dataclass(frozen=True)
 class FcmSettings:
@@ -48,6 +50,7 @@ class Settings:
     ca_file: Path | None
     sender: SenderSettings
     timeout_seconds: float
+    max_devices_per_user: int
 
 
 def _fcm(env: Env) -> FcmSettings | None:
@@ -105,6 +108,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         ca_file=env.path("BELFRY_MOBILE_CA_FILE"),
         sender=load_sender_settings(env, common, "mobile", batch=200, concurrency=100, lease_seconds=60.0),
         timeout_seconds=env.float("BELFRY_MOBILE_TIMEOUT_SECONDS", 10.0, minimum=0.1),
+        max_devices_per_user=env.int("BELFRY_MOBILE_MAX_DEVICES_PER_USER", store.DEFAULT_MAX_PER_USER, minimum=1),
     )
     env.check()
     return settings

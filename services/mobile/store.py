@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import asyncpg
+from belfry.errors import AlreadyExists, FailedPrecondition
+
+DEFAULT_MAX_PER_USER = 20  # devices one user may hold unless configured otherwise
 
 
 @dataclass(frozen=True)
@@ -27,26 +30,65 @@ _COLUMNS = "account_id, user_id, device_id, platform, token, app_id, label, crea
 
 
 async def upsert(
-    pool: asyncpg.Pool, account_id: str, user_id: str, platform: str, token: str, app_id: str, label: str
+    pool: asyncpg.Pool,
+    account_id: str,
+    user_id: str,
+    platform: str,
+    token: str,
+    app_id: str,
+    label: str,
+    *,
+    max_per_user: int = DEFAULT_MAX_PER_USER,
 ) -> Device:
-    """Insert, or move/update the account's row with this token (its id is kept)."""
-    row = await pool.fetchrow(
-        f"""
-        insert into mobile.devices (account_id, user_id, device_id, platform, token, app_id, label)
-        values ($1, $2, $3, $4, $5, $6, $7)
-        on conflict (account_id, platform, token) do update
-          set user_id = excluded.user_id, app_id = excluded.app_id, label = excluded.label
-        returning {_COLUMNS}
-        """,
-        account_id,
-        user_id,
-        uuid.uuid4(),
-        platform,
-        token,
-        app_id,
-        label,
-    )
-    assert row is not None  # insert … returning always yields a row
+    """Insert, or update the app id and label of the user's own row with this token (its id is kept).
+
+    A token another user of the account holds stays theirs (AlreadyExists); a
+    user holding ``max_per_user`` devices adds no new one (FailedPrecondition).
+    One user's registrations take turns (an advisory lock on the user).
+    """
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute(
+            "select pg_advisory_xact_lock(hashtextextended($1, 0))", f"mobile\x1f{account_id}\x1f{user_id}"
+        )
+        holder = await conn.fetchval(
+            "select user_id from mobile.devices where account_id = $1 and platform = $2 and token = $3",
+            account_id,
+            platform,
+            token,
+        )
+        if holder is None:
+            held = await conn.fetchval(
+                "select count(*) from mobile.devices where account_id = $1 and user_id = $2", account_id, user_id
+            )
+            if held >= max_per_user:
+                raise FailedPrecondition(
+                    f"this user already has {held} devices (at most {max_per_user}); "
+                    "delete one (DeleteDevice) before adding another",
+                    field="token",
+                )
+        row = await conn.fetchrow(
+            f"""
+            insert into mobile.devices (account_id, user_id, device_id, platform, token, app_id, label)
+            values ($1, $2, $3, $4, $5, $6, $7)
+            on conflict (account_id, platform, token) do update
+              set app_id = excluded.app_id, label = excluded.label
+              where mobile.devices.user_id = excluded.user_id
+            returning {_COLUMNS}
+            """,
+            account_id,
+            user_id,
+            uuid.uuid4(),
+            platform,
+            token,
+            app_id,
+            label,
+        )
+    if row is None:  # the token is another user's (held before, or taken concurrently)
+        raise AlreadyExists(
+            "this device token is registered to another user of the account and stays theirs; "
+            "that user signs out on the device (DeleteDevice) first",
+            field="token",
+        )
     return Device(**dict(row))
 
 

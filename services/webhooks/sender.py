@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
 
@@ -11,7 +10,7 @@ import httpx
 from belfry import log, ssrf
 from belfry.message import Message
 from belfry.queue import Drop, Lease, Outcome
-from belfry.queue.sender import Result, fold
+from belfry.queue.sender import Result, fan_out, fold
 from cryptography.exceptions import InvalidTag
 
 from services.webhooks import body, store
@@ -48,12 +47,14 @@ class WebhookSender:
         guard: ssrf.Guard,
         box: SecretBox,
         clock: Callable[[], float] = time.time,
+        fanout: int = 4,
     ) -> None:
         self._pool = pool
         self._client = client
         self._guard = guard
         self._box = box
         self._clock = clock
+        self._fanout = fanout  # webhooks of one delivery posted to at once
 
     async def handle(self, lease: Lease) -> Outcome:
         """POST the notification to every active webhook of the user."""
@@ -61,7 +62,7 @@ class WebhookSender:
         if not hooks:
             return Drop("no webhook connected")
         msg = Message.from_json(lease.payload)
-        return fold(await asyncio.gather(*(self._post(hook, msg, lease.delivery_id) for hook in hooks)))
+        return fold(await fan_out(hooks, lambda hook: self._post(hook, msg, lease.delivery_id), self._fanout))
 
     async def _post(self, hook: store.Webhook, msg: Message, delivery_id: int) -> Result:
         log_ = _LOG.bind(account_id=hook.account_id, webhook_id=str(hook.webhook_id))

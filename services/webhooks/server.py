@@ -26,8 +26,8 @@ def build_for(settings: Settings) -> Callable[[asyncpg.Pool], Awaitable[Built]]:
         guard = ssrf.Guard(settings.policy)
         client = ssrf.client(ca_file=settings.ca_file, timeout=settings.timeout_seconds)
         verifier = TokenVerifier(settings.common.token_keys)
-        sender = WebhookSender(pool=pool, client=client, guard=guard, box=box)
-        servicer = WebhooksServicer(pool, verifier, guard, box)
+        sender = WebhookSender(pool=pool, client=client, guard=guard, box=box, fanout=settings.sender.fanout)
+        servicer = WebhooksServicer(pool, verifier, guard, box, max_per_user=settings.max_per_user)
         queue_admin = admin.QueueAdmin(pool, verifier, settings.sender.preferences_address, settings.common.tls)
         return Built(
             registrations=[

@@ -36,11 +36,20 @@ def _webhook(hook: store.Webhook) -> pb.Webhook:
 class WebhooksServicer(pb_grpc.WebhooksServicer):
     """The calling user's webhooks."""
 
-    def __init__(self, pool: asyncpg.Pool, verifier: TokenVerifier, guard: ssrf.Guard, box: SecretBox) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        verifier: TokenVerifier,
+        guard: ssrf.Guard,
+        box: SecretBox,
+        *,
+        max_per_user: int = store.DEFAULT_MAX_PER_USER,
+    ) -> None:
         self._pool = pool
         self._verifier = verifier
         self._guard = guard
         self._box = box
+        self._max_per_user = max_per_user
 
     async def ConnectWebhook(  # noqa: N802 - method names come from the proto
         self, request: pb.ConnectWebhookRequest, context: grpc.aio.ServicerContext
@@ -67,6 +76,7 @@ class WebhooksServicer(pb_grpc.WebhooksServicer):
             request.label,
             body.is_slack(target.host),
             sealed,
+            max_per_user=self._max_per_user,
         )
         if hook is None:
             raise AlreadyExists("this URL is already connected; delete it first to get a new secret", field="url")

@@ -10,6 +10,8 @@ from belfry import ssrf
 from belfry.config import CommonSettings, Env, load_common
 from belfry.queue.sender import SenderSettings, load_sender_settings
 
+from services.webhooks import store
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -22,6 +24,7 @@ class Settings:
     secret_key_file: Path | None  # generated on first run when missing (local defaults)
     sender: SenderSettings
     timeout_seconds: float
+    max_per_user: int  # webhooks one user may connect
 
 
 def load_settings(environ: Mapping[str, str]) -> Settings:
@@ -61,6 +64,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         secret_key_file=Path(key_file) if key_file else None,
         sender=load_sender_settings(env, common, "webhooks", batch=100, concurrency=50, lease_seconds=60.0),
         timeout_seconds=env.float("BELFRY_WEBHOOKS_TIMEOUT_SECONDS", 10.0, minimum=0.1),
+        max_per_user=env.int("BELFRY_WEBHOOKS_MAX_PER_USER", store.DEFAULT_MAX_PER_USER, minimum=1),
     )
     env.check()
     return settings

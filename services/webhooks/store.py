@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import asyncpg
+from belfry.errors import FailedPrecondition
+
+DEFAULT_MAX_PER_USER = 10  # webhooks one user may hold unless configured otherwise
 
 
 @dataclass(frozen=True)
@@ -39,23 +42,42 @@ async def insert(
     label: str,
     slack: bool,
     sealed: bytes,
+    *,
+    max_per_user: int = DEFAULT_MAX_PER_USER,
 ) -> Webhook | None:
-    """Add a webhook; None when the user already connected this URL."""
-    row = await pool.fetchrow(
-        f"""
-        insert into webhooks.endpoints (account_id, user_id, webhook_id, url, label, slack, secret_ciphertext)
-        values ($1, $2, $3, $4, $5, $6, $7)
-        on conflict (account_id, user_id, url) do nothing
-        returning {_COLUMNS}
-        """,
-        account_id,
-        user_id,
-        webhook_id,
-        url,
-        label,
-        slack,
-        sealed,
-    )
+    """Add a webhook; None when the user already connected this URL; FailedPrecondition at the cap.
+
+    One user's connections take turns (an advisory lock on the user), so
+    concurrent ones cannot pass the cap together.
+    """
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute(
+            "select pg_advisory_xact_lock(hashtextextended($1, 0))", f"webhooks\x1f{account_id}\x1f{user_id}"
+        )
+        held = await conn.fetchval(
+            "select count(*) from webhooks.endpoints where account_id = $1 and user_id = $2", account_id, user_id
+        )
+        if held >= max_per_user:
+            raise FailedPrecondition(
+                f"this user already has {held} webhooks (at most {max_per_user}); "
+                "delete one (DeleteWebhook) before connecting another",
+                field="url",
+            )
+        row = await conn.fetchrow(
+            f"""
+            insert into webhooks.endpoints (account_id, user_id, webhook_id, url, label, slack, secret_ciphertext)
+            values ($1, $2, $3, $4, $5, $6, $7)
+            on conflict (account_id, user_id, url) do nothing
+            returning {_COLUMNS}
+            """,
+            account_id,
+            user_id,
+            webhook_id,
+            url,
+            label,
+            slack,
+            sealed,
+        )
     return None if row is None else Webhook(**dict(row))
 
 

@@ -10,7 +10,6 @@ guard approved (see ``client``).
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable, Mapping
 from datetime import datetime
@@ -21,7 +20,7 @@ from belfry import log, ssrf
 from belfry.message import Message
 from belfry.queue import Drop, Fail, Lease, Outcome
 from belfry.queue.presence import has_live_tab
-from belfry.queue.sender import Result, fold
+from belfry.queue.sender import Result, fan_out, fold
 
 from services.webpush import ece, payload, store
 from services.webpush.client import PinnedResolver
@@ -72,6 +71,7 @@ class WebPushSender:
         vapid: Vapid,
         default_ttl: int,
         clock: Callable[[], float] = time.time,
+        fanout: int = 4,
     ) -> None:
         self._pool = pool
         self._session = session
@@ -80,6 +80,7 @@ class WebPushSender:
         self._vapid = vapid
         self._default_ttl = default_ttl
         self._clock = clock
+        self._fanout = fanout  # browsers of one delivery pushed to at once
 
     async def handle(self, lease: Lease) -> Outcome:
         """Deliver one notification to every browser the user subscribed."""
@@ -101,7 +102,7 @@ class WebPushSender:
             "urgency": "high" if msg.locked else "normal",
             "topic": payload.topic_header(msg),
         }
-        return fold(await asyncio.gather(*(self._push(sub, data, headers) for sub in subs)))
+        return fold(await fan_out(subs, lambda sub: self._push(sub, data, headers), self._fanout))
 
     def _ttl(self, expires_at: datetime) -> int:
         left = int(expires_at.timestamp() - self._clock())

@@ -40,8 +40,11 @@ def build_for(settings: Settings) -> Callable[[asyncpg.Pool], Awaitable[Built]]:
             guard=guard,
             vapid=signer,
             default_ttl=settings.default_ttl_seconds,
+            fanout=settings.sender.fanout,
         )
-        servicer = WebPushServicer(pool, verifier, guard, signer.public_key)
+        servicer = WebPushServicer(
+            pool, verifier, guard, signer.public_key, max_per_user=settings.max_subscriptions_per_user
+        )
         queue_admin = admin.QueueAdmin(pool, verifier, settings.sender.preferences_address, settings.common.tls)
         return Built(
             registrations=[

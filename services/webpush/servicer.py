@@ -40,11 +40,20 @@ def _subscription(sub: store.Subscription) -> pb.Subscription:
 class WebPushServicer(pb_grpc.WebPushServicer):
     """Browser subscriptions of the calling user."""
 
-    def __init__(self, pool: asyncpg.Pool, verifier: TokenVerifier, guard: ssrf.Guard, public_key: str) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        verifier: TokenVerifier,
+        guard: ssrf.Guard,
+        public_key: str,
+        *,
+        max_per_user: int = store.DEFAULT_MAX_PER_USER,
+    ) -> None:
         self._pool = pool
         self._verifier = verifier
         self._guard = guard
         self._public_key = public_key
+        self._max_per_user = max_per_user
 
     async def GetVapidPublicKey(  # noqa: N802 - method names come from the proto
         self, request: pb.GetVapidPublicKeyRequest, context: grpc.aio.ServicerContext
@@ -55,7 +64,10 @@ class WebPushServicer(pb_grpc.WebPushServicer):
     async def RegisterSubscription(  # noqa: N802 - method names come from the proto
         self, request: pb.RegisterSubscriptionRequest, context: grpc.aio.ServicerContext
     ) -> pb.RegisterSubscriptionResponse:
-        """Validate the PushSubscription (keys, endpoint guard) and store it for the caller."""
+        """Validate the PushSubscription (keys, endpoint guard) and store it for the caller (within the cap).
+
+        An endpoint another user of the account registered stays theirs: ALREADY_EXISTS.
+        """
         caller = self._verifier.from_metadata(context.invocation_metadata())
         if not request.endpoint or len(request.endpoint) > _MAX_ENDPOINT:
             raise InvalidArgument(f"endpoint is required (at most {_MAX_ENDPOINT} characters)", field="endpoint")
@@ -75,7 +87,14 @@ class WebPushServicer(pb_grpc.WebPushServicer):
         except ssrf.Refused as exc:
             raise InvalidArgument(f"endpoint refused: {exc.reason}", field="endpoint") from exc
         sub = await store.upsert(
-            self._pool, caller.account_id, caller.user_id, request.endpoint, request.p256dh, request.auth, request.label
+            self._pool,
+            caller.account_id,
+            caller.user_id,
+            request.endpoint,
+            request.p256dh,
+            request.auth,
+            request.label,
+            max_per_user=self._max_per_user,
         )
         return pb.RegisterSubscriptionResponse(subscription=_subscription(sub))
 

@@ -10,6 +10,8 @@ from belfry import ssrf
 from belfry.config import CommonSettings, Env, load_common
 from belfry.queue.sender import SenderSettings, load_sender_settings
 
+from services.webpush import store
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -25,6 +27,7 @@ class Settings:
     sender: SenderSettings
     timeout_seconds: float
     max_connections: int  # the one session's connection limit, across all push services
+    max_subscriptions_per_user: int
 
 
 def load_settings(environ: Mapping[str, str]) -> Settings:
@@ -65,6 +68,9 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         sender=load_sender_settings(env, common, "webpush", batch=200, concurrency=100, lease_seconds=60.0),
         timeout_seconds=env.float("BELFRY_WEBPUSH_TIMEOUT_SECONDS", 10.0, minimum=0.1),
         max_connections=env.int("BELFRY_WEBPUSH_MAX_CONNECTIONS", 200, minimum=1),
+        max_subscriptions_per_user=env.int(
+            "BELFRY_WEBPUSH_MAX_SUBSCRIPTIONS_PER_USER", store.DEFAULT_MAX_PER_USER, minimum=1
+        ),
     )
     env.check()
     return settings

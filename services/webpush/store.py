@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import asyncpg
+from belfry.errors import AlreadyExists, FailedPrecondition
+
+DEFAULT_MAX_PER_USER = 20  # subscriptions one user may hold unless configured otherwise
 
 
 @dataclass(frozen=True)
@@ -32,26 +35,63 @@ def _row(r: asyncpg.Record) -> Subscription:
 
 
 async def upsert(
-    pool: asyncpg.Pool, account_id: str, user_id: str, endpoint: str, p256dh: str, auth: str, label: str
+    pool: asyncpg.Pool,
+    account_id: str,
+    user_id: str,
+    endpoint: str,
+    p256dh: str,
+    auth: str,
+    label: str,
+    *,
+    max_per_user: int = DEFAULT_MAX_PER_USER,
 ) -> Subscription:
-    """Insert, or update the keys/label/user of the account's row with this endpoint (its id is kept)."""
-    row = await pool.fetchrow(
-        f"""
-        insert into webpush.subscriptions (account_id, user_id, subscription_id, endpoint, p256dh, auth, label)
-        values ($1, $2, $3, $4, $5, $6, $7)
-        on conflict (account_id, endpoint) do update
-          set user_id = excluded.user_id, p256dh = excluded.p256dh, auth = excluded.auth, label = excluded.label
-        returning {_COLUMNS}
-        """,
-        account_id,
-        user_id,
-        uuid.uuid4(),
-        endpoint,
-        p256dh,
-        auth,
-        label,
-    )
-    assert row is not None  # insert … returning always yields a row
+    """Insert, or update the keys and label of the user's own row with this endpoint (its id is kept).
+
+    An endpoint another user of the account holds stays theirs (AlreadyExists);
+    a user holding ``max_per_user`` subscriptions adds no new one
+    (FailedPrecondition). One user's registrations take turns (an advisory
+    lock on the user), so concurrent ones cannot pass the cap together.
+    """
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute(
+            "select pg_advisory_xact_lock(hashtextextended($1, 0))", f"webpush\x1f{account_id}\x1f{user_id}"
+        )
+        holder = await conn.fetchval(
+            "select user_id from webpush.subscriptions where account_id = $1 and endpoint = $2", account_id, endpoint
+        )
+        if holder is None:
+            held = await conn.fetchval(
+                "select count(*) from webpush.subscriptions where account_id = $1 and user_id = $2", account_id, user_id
+            )
+            if held >= max_per_user:
+                raise FailedPrecondition(
+                    f"this user already has {held} push subscriptions (at most {max_per_user}); "
+                    "delete one (DeleteSubscription) before adding another",
+                    field="endpoint",
+                )
+        row = await conn.fetchrow(
+            f"""
+            insert into webpush.subscriptions (account_id, user_id, subscription_id, endpoint, p256dh, auth, label)
+            values ($1, $2, $3, $4, $5, $6, $7)
+            on conflict (account_id, endpoint) do update
+              set p256dh = excluded.p256dh, auth = excluded.auth, label = excluded.label
+              where webpush.subscriptions.user_id = excluded.user_id
+            returning {_COLUMNS}
+            """,
+            account_id,
+            user_id,
+            uuid.uuid4(),
+            endpoint,
+            p256dh,
+            auth,
+            label,
+        )
+    if row is None:  # the endpoint is another user's (held before, or taken concurrently)
+        raise AlreadyExists(
+            "this push endpoint is registered to another user of the account and stays theirs; "
+            "unsubscribe the browser (pushManager) and subscribe again for a new endpoint",
+            field="endpoint",
+        )
     return _row(row)
 
 

@@ -15,8 +15,10 @@ optionally a per-batch ``prepare``); ``sender_loops`` gives back the loops
   number of replicas share the work.
 
 The push senders fan one delivery out to several endpoints (browsers,
-devices, webhooks): each endpoint's answer is a ``Result`` and ``fold``
-makes the delivery's one outcome of them.
+devices, webhooks): ``fan_out`` sends to them at most ``SenderSettings.fanout``
+at a time (so one user's many endpoints cannot take every connection of the
+sender at once), each endpoint's answer is a ``Result`` and ``fold`` makes the
+delivery's one outcome of them.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import asyncpg
 
@@ -48,6 +51,7 @@ class SenderSettings:
     retention_seconds: float  # finished deliveries are purged after this (BELFRY_QUEUE_RETENTION_SECONDS)
     max_retry_after_seconds: float  # a peer's Retry-After is clamped to this (the common block's)
     preferences_address: str = "127.0.0.1:50051"  # the directory QueueAdmin asks who is a super admin
+    fanout: int = 4  # endpoints of one delivery sent to at once (BELFRY_<NAME>_FANOUT)
 
 
 def load_sender_settings(
@@ -60,8 +64,8 @@ def load_sender_settings(
     lease_seconds: float,
     min_lease_seconds: float = 0.1,
 ) -> SenderSettings:
-    """``BELFRY_WORKER_ID``, ``BELFRY_<NAME>_BATCH``, ``_CONCURRENCY``, ``_LEASE_SECONDS``, the retention
-    and ``BELFRY_PREFERENCES_ADDRESS`` (QueueAdmin's directory)."""
+    """``BELFRY_WORKER_ID``, ``BELFRY_<NAME>_BATCH``, ``_CONCURRENCY``, ``_LEASE_SECONDS``, ``_FANOUT``,
+    the retention and ``BELFRY_PREFERENCES_ADDRESS`` (QueueAdmin's directory)."""
     prefix = f"BELFRY_{name.upper()}"
     return SenderSettings(
         worker_id=env.str("BELFRY_WORKER_ID", f"{socket.gethostname()}-{os.getpid()}"),
@@ -71,6 +75,7 @@ def load_sender_settings(
         retention_seconds=env.float("BELFRY_QUEUE_RETENTION_SECONDS", 7 * 86400.0, minimum=0.0),
         max_retry_after_seconds=common.max_retry_after_seconds,
         preferences_address=env.str("BELFRY_PREFERENCES_ADDRESS", "127.0.0.1:50051"),
+        fanout=env.int(f"{prefix}_FANOUT", 4, minimum=1),
     )
 
 
@@ -115,6 +120,24 @@ class Result:
     kind: str  # "sent" | "retry" | "fail" | "gone" (the endpoint is dead: its owner deletes or disables it)
     reason: str = ""
     retry_after: float | None = None
+
+
+_Endpoint = TypeVar("_Endpoint")
+
+
+async def fan_out(
+    endpoints: Sequence[_Endpoint], send: Callable[[_Endpoint], Awaitable[Result]], limit: int
+) -> list[Result]:
+    """``send`` to every endpoint, at most ``limit`` at a time; the results in the endpoints' order."""
+    if len(endpoints) <= limit:
+        return list(await asyncio.gather(*(send(e) for e in endpoints)))
+    gate = asyncio.Semaphore(limit)
+
+    async def one(endpoint: _Endpoint) -> Result:
+        async with gate:
+            return await send(endpoint)
+
+    return list(await asyncio.gather(*(one(e) for e in endpoints)))
 
 
 def fold(results: Sequence[Result]) -> Outcome:
