@@ -25,7 +25,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _migrate(_: argparse.Namespace) -> int:
     env = config.Env()
-    url = env.str("BELFRY_DATABASE_URL", os.environ.get("DATABASE_URL"))
+    url = config.database_url(env)
     env.check()
     applied = asyncio.run(migrate.migrate_url(url))
     print(f"{len(applied)} migrations applied" + "".join(f"\n  {m.owner}/{m.version}" for m in applied))
@@ -131,7 +131,12 @@ def _token(args: argparse.Namespace) -> int:
     common = config.load_common("cli", env, default_port=0)
     keys = common.token_keys or config.parse_token_keys(_local_token_keys(args.home))
     active = common.token_active_kid or next(iter(keys))
-    print(auth.TokenIssuer(keys, active, args.ttl).issue(args.account, args.user))
+    # The lifetime of development tokens: --ttl, else BELFRY_TOKEN_TTL_SECONDS (checked on its own: a
+    # token needs no database, so the common block's other problems do not stop it).
+    lifetime = config.Env()
+    ttl = args.ttl or config.token_ttl_seconds(lifetime)
+    lifetime.check()
+    print(auth.TokenIssuer(keys, active, ttl).issue(args.account, args.user))
     return 0
 
 
@@ -163,7 +168,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("token", help="issue a user token (dev sign-in)")
     p.add_argument("--account", default=demo.DEMO_ACCOUNT)
     p.add_argument("--user", default="alice")
-    p.add_argument("--ttl", type=int, default=900)
+    p.add_argument("--ttl", type=int, default=0, help="lifetime in seconds (default: BELFRY_TOKEN_TTL_SECONDS, 900)")
     p.set_defaults(run=_token)
     return parser
 

@@ -25,9 +25,16 @@ class Env:
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         self._environ = os.environ if environ is None else environ
         self._problems: list[str] = []
+        # Every variable read, with its default as documented (None: required); a Recorder collects them.
+        self.reads: dict[builtins.str, builtins.str | None] = environ.reads if isinstance(environ, Recorder) else {}
+
+    def _note(self, name: builtins.str, default: object) -> None:
+        if name not in self.reads:
+            self.reads[name] = None if default is None else _shown(default)
 
     def str(self, name: builtins.str, default: builtins.str | None = None) -> builtins.str:
         """A string; missing without a default is a problem."""
+        self._note(name, default)
         value = self._environ.get(name, "").strip()
         if value:
             return value
@@ -38,6 +45,7 @@ class Env:
 
     def int(self, name: builtins.str, default: builtins.int, *, minimum: builtins.int = 0) -> builtins.int:
         """An integer no smaller than ``minimum``."""
+        self._note(name, default)
         raw = self._environ.get(name, "").strip()
         if not raw:
             return default
@@ -52,6 +60,7 @@ class Env:
 
     def float(self, name: builtins.str, default: builtins.float, *, minimum: builtins.float = 0.0) -> builtins.float:
         """A number no smaller than ``minimum``."""
+        self._note(name, default)
         raw = self._environ.get(name, "").strip()
         if not raw:
             return default
@@ -66,6 +75,7 @@ class Env:
 
     def bool(self, name: builtins.str, default: builtins.bool) -> builtins.bool:
         """``1/true/yes/on`` or ``0/false/no/off``."""
+        self._note(name, default)
         raw = self._environ.get(name, "").strip().lower()
         if not raw:
             return default
@@ -78,6 +88,7 @@ class Env:
 
     def path(self, name: builtins.str) -> Path | None:
         """An optional path to an existing file."""
+        self._note(name, "")
         raw = self._environ.get(name, "").strip()
         if not raw:
             return None
@@ -85,6 +96,27 @@ class Env:
         if not path.is_file():
             self._problems.append(f"{name} points to {raw!r}, which is not a readable file")
         return path
+
+    def choice(self, name: builtins.str, default: builtins.str, choices: tuple[builtins.str, ...]) -> builtins.str:
+        """One of ``choices`` (case-insensitive), returned in lower case."""
+        value = self.str(name, default).lower()
+        if value not in choices:
+            self._problems.append(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+            return default
+        return value
+
+    def address(self, name: builtins.str, default: builtins.str, *, off: bool = False) -> builtins.str:
+        """``host:port`` (``[v6]:port``; port 0 = any free port); with ``off``, also empty/``off``/``none``."""
+        value = self.str(name, default)
+        if off and value in {"off", "none"}:
+            return ""
+        _host, sep, port = value.rpartition(":")
+        if not (sep and port.isdigit() and int(port) <= 65535):
+            self._problems.append(
+                f"{name} must be host:port (e.g. 0.0.0.0:9464{', or off' if off else ''}), got {value!r}"
+            )
+            return default
+        return value
 
     def problem(self, message: builtins.str) -> None:
         """Record a problem found by a caller's own validation."""
@@ -94,6 +126,43 @@ class Env:
         """Raise one ConfigError naming every problem seen so far."""
         if self._problems:
             raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(self._problems))
+
+
+class Recorder(dict[str, str]):
+    """An environment that remembers every variable an ``Env`` over it reads (``reads``: name → default).
+
+    ``scripts/gen_config_docs.py`` runs each service's settings loader over one
+    to list every variable the code reads, with its default.
+    """
+
+    def __init__(self, values: Mapping[str, str] | None = None) -> None:
+        super().__init__(values or {})
+        self.reads: dict[str, str | None] = {}
+
+
+def _shown(default: object) -> str:
+    """A default as the documentation shows it."""
+    if isinstance(default, bool):
+        return "true" if default else "false"
+    if isinstance(default, float) and default.is_integer():
+        return str(int(default))
+    return str(default)
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def database_url(env: Env) -> str:
+    """``BELFRY_DATABASE_URL``, else ``DATABASE_URL``; a problem when neither is set."""
+    url = env.str("BELFRY_DATABASE_URL", "") or env.str("DATABASE_URL", "")
+    if not url:
+        env.problem("BELFRY_DATABASE_URL (or DATABASE_URL) is required but not set")
+    return url
+
+
+def token_ttl_seconds(env: Env) -> int:
+    """``BELFRY_TOKEN_TTL_SECONDS``: the lifetime of the user tokens Belfry issues itself (development sign-in)."""
+    return env.int("BELFRY_TOKEN_TTL_SECONDS", 900, minimum=30)
 
 
 @dataclass(frozen=True)
@@ -191,10 +260,10 @@ def load_common(service: str, env: Env, *, default_port: int | None = None) -> C
     check_tls(env, tls)
     return CommonSettings(
         service=service,
-        database_url=env.str("BELFRY_DATABASE_URL", os.environ.get("DATABASE_URL")),
-        grpc_address=env.str("BELFRY_GRPC_ADDRESS", f"[::]:{default_port}"),
-        metrics_address=env.str("BELFRY_METRICS_ADDRESS", "0.0.0.0:9464"),
-        log_level=env.str("BELFRY_LOG_LEVEL", "info").lower(),
+        database_url=database_url(env),
+        grpc_address=env.address("BELFRY_GRPC_ADDRESS", f"[::]:{default_port}"),
+        metrics_address=env.address("BELFRY_METRICS_ADDRESS", "0.0.0.0:9464", off=True),
+        log_level=env.choice("BELFRY_LOG_LEVEL", "info", LOG_LEVELS),
         log_json=env.bool("BELFRY_LOG_JSON", True),
         drain_seconds=env.float("BELFRY_DRAIN_SECONDS", 10.0),
         db_pool_min=env.int("BELFRY_DB_POOL_MIN", 2, minimum=1),
@@ -202,7 +271,7 @@ def load_common(service: str, env: Env, *, default_port: int | None = None) -> C
         tls=tls,
         token_keys=keys,
         token_active_kid=active,
-        token_ttl_seconds=env.int("BELFRY_TOKEN_TTL_SECONDS", 900, minimum=30),
+        token_ttl_seconds=token_ttl_seconds(env),
         health_address=env.str("BELFRY_HEALTH_ADDRESS", ""),
         max_retry_after_seconds=env.float("BELFRY_MAX_RETRY_AFTER_SECONDS", 3600.0, minimum=1.0),
     )

@@ -43,7 +43,11 @@ class GatewayBuild:
         self.hub = hub
         limits = Limits(s.auth_timeout, s.queue_size, s.resume_limit, s.send_timeout)
         endpoint = Endpoint(pool, hub, verifier, origins, limits)
-        issuer = TokenIssuer(s.common.token_keys, s.common.token_active_kid) if s.dev_login else None
+        issuer = (
+            TokenIssuer(s.common.token_keys, s.common.token_active_kid, s.common.token_ttl_seconds)
+            if s.dev_login
+            else None
+        )
         guard = api.Guard(verifier, origins)
         routes = api.routes(pool, guard, issuer, (s.demo_account, s.demo_user))
         from services.gateway import proxy  # noqa: PLC0415 - keeps gRPC stubs out of the hot import path

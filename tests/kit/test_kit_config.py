@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import jwt
 import pytest
-from belfry.config import Env, load_common
+from belfry import cli
+from belfry.config import Env, Recorder, load_common, parse_token_keys
 from belfry.errors import ConfigError
 
 
@@ -54,3 +58,65 @@ def test_tls_paths_must_exist() -> None:
     load_common("email", env, default_port=1)
     with pytest.raises(ConfigError, match=r"BELFRY_TLS_CERT points to '/nonexistent/cert\.pem'"):
         env.check()
+
+
+def test_an_unknown_log_level_and_a_bad_metrics_address_are_reported_with_the_rest() -> None:
+    env = Env({"BELFRY_LOG_LEVEL": "verbose", "BELFRY_METRICS_ADDRESS": "9464", "BELFRY_DB_POOL_MIN": "x"})
+    load_common("email", env, default_port=1)
+    with pytest.raises(ConfigError) as caught:
+        env.check()
+    message = caught.value.message
+    assert "BELFRY_LOG_LEVEL must be one of debug, info, warning, error, critical, got 'verbose'" in message
+    assert "BELFRY_METRICS_ADDRESS must be host:port" in message
+    assert "BELFRY_DB_POOL_MIN must be an integer" in message
+
+
+def test_log_level_is_case_insensitive_and_metrics_can_be_switched_off() -> None:
+    env = Env({"DATABASE_URL": "postgresql://x/y", "BELFRY_LOG_LEVEL": "WARNING", "BELFRY_METRICS_ADDRESS": "off"})
+    common = load_common("email", env, default_port=1)
+    env.check()
+    assert common.log_level == "warning"
+    assert common.metrics_address == ""
+
+
+def test_database_url_is_read_from_the_given_environment_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATABASE_URL", "postgresql://process/env")
+    monkeypatch.delenv("BELFRY_DATABASE_URL", raising=False)
+    env = Env({"DATABASE_URL": "postgresql://given/env"})
+    assert load_common("email", env, default_port=1).database_url == "postgresql://given/env"
+    empty = Env({})
+    load_common("email", empty, default_port=1)
+    with pytest.raises(ConfigError, match=r"BELFRY_DATABASE_URL \(or DATABASE_URL\) is required"):
+        empty.check()
+
+
+def test_a_recorder_lists_every_variable_read_with_its_default() -> None:
+    recorder = Recorder({"BELFRY_LOG_LEVEL": "debug"})
+    load_common("email", Env(recorder), default_port=50054)
+    assert recorder.reads["BELFRY_LOG_LEVEL"] == "info"
+    assert recorder.reads["BELFRY_GRPC_ADDRESS"] == "[::]:50054"
+    assert recorder.reads["BELFRY_LOG_JSON"] == "true"
+    assert recorder.reads["BELFRY_DRAIN_SECONDS"] == "10"
+    assert recorder.reads["BELFRY_TLS_CERT"] == ""
+
+
+def _token_lifetime(token: str, keys: str) -> int:
+    secret = parse_token_keys(keys)["k1"]
+    claims = jwt.decode(token, secret, algorithms=["HS256"], options={"verify_aud": False, "verify_iss": False})
+    return int(claims["exp"]) - int(claims["iat"])
+
+
+def test_belfry_token_lives_as_long_as_the_token_ttl_setting(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    keys = f"k1={'s' * 40}"
+    monkeypatch.setenv("BELFRY_TOKEN_KEYS", keys)
+    monkeypatch.setenv("BELFRY_TOKEN_ACTIVE_KID", "k1")
+    monkeypatch.setenv("BELFRY_TOKEN_TTL_SECONDS", "1800")
+    assert cli.main(["--home", str(tmp_path), "token", "--user", "ana"]) == 0
+    assert _token_lifetime(capsys.readouterr().out.strip(), keys) == 1800
+    assert cli.main(["--home", str(tmp_path), "token", "--user", "ana", "--ttl", "60"]) == 0
+    assert _token_lifetime(capsys.readouterr().out.strip(), keys) == 60
+    monkeypatch.setenv("BELFRY_TOKEN_TTL_SECONDS", "soon")
+    assert cli.main(["--home", str(tmp_path), "token", "--user", "ana"]) == 2
+    assert "BELFRY_TOKEN_TTL_SECONDS must be an integer" in capsys.readouterr().err
