@@ -105,7 +105,7 @@ class Env:
             return default
         return value
 
-    def address(self, name: builtins.str, default: builtins.str, *, off: bool = False) -> builtins.str:
+    def address(self, name: builtins.str, default: builtins.str, *, off: builtins.bool = False) -> builtins.str:
         """``host:port`` (``[v6]:port``; port 0 = any free port); with ``off``, also empty/``off``/``none``."""
         value = self.str(name, default)
         if off and value in {"off", "none"}:
