@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import functools
 import re
 from typing import cast
 
@@ -91,12 +90,6 @@ class _Replies(asyncio.Protocol):
         return self._replies.popleft()
 
 
-@functools.lru_cache(maxsize=64)
-def _quoted_sender(sender: str) -> bytes:
-    # The sender is the service's one configured address: parse it once.
-    return _quoted(sender)
-
-
 def _quoted(address: str) -> bytes:
     if _PLAIN_MAILBOX.fullmatch(address):
         return b"<" + address.encode("ascii") + b">"
@@ -140,7 +133,7 @@ async def send_pipelined(
     if protocol is None or transport is None or transport.is_closing():
         raise aiosmtplib.SMTPServerDisconnected("not connected")
     payload = dot_stuffed(message)
-    mail = [b"MAIL", b"FROM:" + _quoted_sender(sender)]
+    mail = [b"MAIL", b"FROM:" + _quoted(sender)]
     if client.supports_extension("size"):
         mail.append(f"SIZE={len(payload) - 3}".encode("ascii"))  # RFC 1870: without the final ".\r\n"
     commands = _command(*mail)

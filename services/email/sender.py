@@ -25,6 +25,7 @@ from belfry.queue import Drop, Fail, Lease, Outcome, Sent
 from services.email import headers, store
 from services.email.compose import Composer
 from services.email.smtp import SmtpPool, outcome_of
+from services.email.verp import Verp
 
 _LOG = log.get(__name__)
 DAILY_CAP_REASON = "daily cap"
@@ -69,6 +70,7 @@ class EmailSender:
     composer: Composer
     daily_cap: int
     soft_expiry_seconds: float = 7 * 86400.0  # a soft-bounce suppression lapses after this
+    verp: Verp | None = None  # per-delivery envelope senders, so bounces name their delivery
     # What ``prepare`` learnt per (delivery id, lease token): the parsed
     # message and recipient, and the cap decision (None: exempt; a string:
     # the suppression reason). Each entry is used once by ``handle``.
@@ -131,7 +133,12 @@ class EmailSender:
             return Drop(DAILY_CAP_REASON)
         data = self.composer.compose(lease.delivery_id, message, to)
         try:
-            await self.smtp.send(self.composer.sender.addr_spec, [to.addr_spec], data)
+            envelope = (
+                self.verp.address(lease.account_id, lease.delivery_id, to.addr_spec)
+                if self.verp is not None
+                else self.composer.sender.addr_spec
+            )
+            await self.smtp.send(envelope, [to.addr_spec], data)
         except Exception as exc:
             outcome = outcome_of(exc)
             _LOG.info("smtp refused", delivery_id=lease.delivery_id, outcome=repr(outcome))

@@ -40,6 +40,7 @@ def build_for(settings: Settings) -> Callable[[asyncpg.Pool], Awaitable[Built]]:
             composer=composer,
             daily_cap=settings.daily_cap,
             soft_expiry_seconds=settings.soft_expiry_seconds,
+            verp=settings.verp,
         )
 
         async def forget_old_counts(stop: asyncio.Event) -> None:

@@ -13,6 +13,8 @@ from urllib.parse import urlsplit
 from belfry.config import CommonSettings, Env, load_common
 from belfry.queue.sender import SenderSettings, load_sender_settings
 
+from services.email.verp import Verp
+
 
 @dataclass(frozen=True)
 class SmtpSettings:
@@ -42,6 +44,7 @@ class Settings:
     daily_cap: int
     sender: SenderSettings
     soft_expiry_seconds: float = 7 * 86400.0  # a suppression for soft bounces lapses after this
+    verp: Verp | None = None  # per-delivery envelope senders (None: the From address is the envelope sender)
 
 
 def load_settings(environ: Mapping[str, str]) -> Settings:
@@ -82,6 +85,10 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         env.problem(
             "BELFRY_UNSUBSCRIBE_KEY must be set to a secret of at least 32 characters (it signs unsubscribe links)"
         )
+    verp_keys = [k.strip() for k in env.str("BELFRY_EMAIL_VERP_KEYS", "").split(",") if k.strip()]
+    if any(len(k) < 32 for k in verp_keys):
+        env.problem("every key of BELFRY_EMAIL_VERP_KEYS must be a secret of at least 32 characters")
+    bounce_domain = env.str("BELFRY_EMAIL_BOUNCE_DOMAIN", from_address.domain or "localhost").lower()
     settings = Settings(
         common=common,
         smtp=smtp,
@@ -92,6 +99,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         daily_cap=env.int("BELFRY_EMAIL_DAILY_CAP", 1000, minimum=1),
         sender=load_sender_settings(env, common, "email", batch=200, concurrency=64, lease_seconds=60.0),
         soft_expiry_seconds=env.float("BELFRY_EMAIL_SOFT_SUPPRESSION_SECONDS", 7 * 86400.0, minimum=0.0),
+        verp=Verp([k.encode() for k in verp_keys], bounce_domain) if verp_keys else None,
     )
     env.check()
     return settings
