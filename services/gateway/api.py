@@ -10,15 +10,15 @@ from typing import Any
 
 import asyncpg
 from belfry.auth import Caller, TokenIssuer, TokenVerifier
-from belfry.errors import BelfryError, InvalidArgument, NotFound, PermissionDenied, Unauthenticated
+from belfry.errors import BelfryError, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, Unauthenticated
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from services.gateway import store
+from services.gateway import limits, store
 from services.gateway.origins import OriginPolicy
 
-_STATUS = {InvalidArgument: 400, Unauthenticated: 401, PermissionDenied: 403, NotFound: 404}
+_STATUS = {InvalidArgument: 400, Unauthenticated: 401, PermissionDenied: 403, NotFound: 404, ResourceExhausted: 429}
 MAX_PAGE = 100
 MAX_MARK_IDS = 500
 
@@ -26,15 +26,17 @@ MAX_MARK_IDS = 500
 def error_response(exc: BelfryError) -> JSONResponse:
     """A typed error as JSON with the matching HTTP status."""
     status = next((code for kind, code in _STATUS.items() if isinstance(exc, kind)), 500)
-    return JSONResponse({"error": exc.message, "field": exc.field}, status_code=status)
+    headers = {"retry-after": limits.retry_after(exc.retry_after)} if exc.retry_after is not None else None
+    return JSONResponse({"error": exc.message, "field": exc.field}, status_code=status, headers=headers)
 
 
 class Guard:
-    """Authenticates a request and checks the Origin of state-changing ones."""
+    """Authenticates a request, checks the Origin of state-changing ones and the user's request rate."""
 
-    def __init__(self, verifier: TokenVerifier, origins: OriginPolicy) -> None:
+    def __init__(self, verifier: TokenVerifier, origins: OriginPolicy, users: limits.Buckets | None = None) -> None:
         self.verifier = verifier
         self.origins = origins
+        self.users = users
 
     def check_origin(self, request: Request) -> None:
         """PermissionDenied when a state-changing request comes from a foreign Origin."""
@@ -44,17 +46,24 @@ class Guard:
             raise PermissionDenied("this origin may not call the gateway")
 
     def caller(self, request: Request) -> Caller:
-        """The caller named by the bearer token; Unauthenticated otherwise."""
+        """The caller named by the bearer token; Unauthenticated otherwise, ResourceExhausted over its rate."""
         self.check_origin(request)
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthenticated("send the user token as 'Authorization: Bearer <token>'")
-        return self.verifier.verify(token.strip())[0]
+        caller = self.verifier.verify(token.strip())[0]
+        wait = self.users.take(f"{caller.account_id}\x00{caller.user_id}") if self.users is not None else 0.0
+        if wait:
+            raise ResourceExhausted("too many requests for this user; retry later", retry_after=wait)
+        return caller
 
 
 async def json_body(request: Request) -> dict[str, Any]:
-    """The request's JSON object body; InvalidArgument when it is not one."""
+    """The request's JSON object body; InvalidArgument when it is not one.
+
+    The body is already read and bounded (``limits.HttpGate``), so the parse is bounded too.
+    """
     try:
         body = await request.json()
     except ValueError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from starlette.applications import Starlette
@@ -11,15 +12,18 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
+from services.gateway import limits
 from services.gateway.ws import Endpoint
 
 STATIC = Path(__file__).resolve().parent / "static"
 
 # No inline script or style anywhere: producer text that slipped through
 # escaping still cannot run. data: images are the favicon with the red dot.
+# connect-src 'self' covers this origin's own websocket (ws/wss on the same
+# host and port, CSP Level 3) and nothing else: no exfiltration to other hosts.
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-    "connect-src 'self' ws: wss:; worker-src 'self'; object-src 'none'; base-uri 'none'; "
+    "connect-src 'self'; worker-src 'self'; object-src 'none'; base-uri 'none'; "
     "frame-ancestors 'none'; form-action 'self'"
 )
 _HEADERS = [
@@ -66,12 +70,31 @@ def _page(name: str) -> Route:
     return Route("/" if name == "index.html" else f"/{name.removesuffix('.html')}", serve, methods=["GET"])
 
 
-def create_app(endpoint: Endpoint, api_routes: list[BaseRoute]) -> ASGIApp:
-    """The ASGI app of one gateway replica."""
+# The service worker's list of origins a notification click may open besides the app's own.
+_LINK_ORIGINS_SLOT = "const LINK_ORIGINS = [];"
+
+
+def service_worker_source(link_origins: frozenset[str]) -> bytes:
+    """``sw.js`` with the configured link origins filled in (validated origins, JSON-encoded)."""
+    source = (STATIC / "sw.js").read_text()
+    if _LINK_ORIGINS_SLOT not in source:
+        raise RuntimeError("static/sw.js lost its LINK_ORIGINS line")
+    return source.replace(_LINK_ORIGINS_SLOT, f"const LINK_ORIGINS = {json.dumps(sorted(link_origins))};").encode()
+
+
+def create_app(
+    endpoint: Endpoint,
+    api_routes: list[BaseRoute],
+    bounds: limits.Bounds | None = None,
+    clients: limits.Buckets | None = None,
+    link_origins: frozenset[str] = frozenset(),
+) -> ASGIApp:
+    """The ASGI app of one gateway replica: limits (``limits.HttpGate``) in front of every HTTP route."""
+    worker = service_worker_source(link_origins)
 
     async def service_worker(_request: object) -> Response:
         # Served from the root so its scope covers the whole app.
-        return FileResponse(STATIC / "sw.js", media_type="text/javascript")
+        return Response(worker, media_type="text/javascript")
 
     routes: list[BaseRoute] = [
         _page("index.html"),
@@ -81,4 +104,6 @@ def create_app(endpoint: Endpoint, api_routes: list[BaseRoute]) -> ASGIApp:
         *api_routes,
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
-    return Front(Starlette(routes=routes), endpoint)
+    bounds = bounds or limits.Bounds()
+    clients = clients or limits.Buckets(bounds.client_rate, bounds.client_burst)
+    return Front(limits.HttpGate(Starlette(routes=routes), bounds, clients), endpoint)

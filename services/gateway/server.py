@@ -15,7 +15,7 @@ from belfry.queue.sender import sender_loops
 from belfry.service import Built
 from starlette.routing import BaseRoute
 
-from services.gateway import api
+from services.gateway import api, limits
 from services.gateway.app import create_app
 from services.gateway.hub import Hub
 from services.gateway.origins import OriginPolicy
@@ -41,14 +41,16 @@ class GatewayBuild:
         origins = OriginPolicy(s.allowed_origins)
         hub = Hub(pool, s.sender.worker_id, s.presence_ttl)
         self.hub = hub
-        limits = Limits(s.auth_timeout, s.queue_size, s.resume_limit, s.send_timeout)
-        endpoint = Endpoint(pool, hub, verifier, origins, limits)
+        # One per-address bucket for API requests and websocket handshakes alike.
+        clients = limits.Buckets(s.bounds.client_rate, s.bounds.client_burst)
+        ws_limits = Limits(s.auth_timeout, s.queue_size, s.resume_limit, s.send_timeout, s.bounds)
+        endpoint = Endpoint(pool, hub, verifier, origins, ws_limits, clients)
         issuer = (
             TokenIssuer(s.common.token_keys, s.common.token_active_kid, s.common.token_ttl_seconds)
             if s.dev_login
             else None
         )
-        guard = api.Guard(verifier, origins)
+        guard = api.Guard(verifier, origins, limits.Buckets(s.bounds.user_rate, s.bounds.user_burst))
         routes = api.routes(pool, guard, issuer, (s.demo_account, s.demo_user))
         from services.gateway import proxy  # noqa: PLC0415 - keeps gRPC stubs out of the hot import path
 
@@ -65,7 +67,7 @@ class GatewayBuild:
             extra += unsubscribe.routes(signer, Preferences(proxies.preferences))
         else:
             _LOG.warning("BELFRY_UNSUBSCRIBE_KEY is not set: one-click unsubscribe links from emails will not work")
-        app = create_app(endpoint, extra)
+        app = create_app(endpoint, extra, s.bounds, clients, s.link_origins)
 
         sock = socket.create_server((s.http_host, s.http_port), family=_family(s.http_host), reuse_port=False)
         sock.setblocking(False)
@@ -75,6 +77,12 @@ class GatewayBuild:
             ws="websockets-sansio",  # far less memory per idle connection than the legacy protocol
             ws_per_message_deflate=False,  # compression costs ~50 KiB per connection
             ws_max_size=64 * 1024,
+            http=limits.header_deadline_protocol(s.auth_timeout),  # a silent connection is closed, as is a silent tab
+            # X-Forwarded-For is believed only from the configured proxies (the client address keys the limits).
+            proxy_headers=bool(s.bounds.trusted_proxies),
+            forwarded_allow_ips=list(s.bounds.trusted_proxies),
+            # Connections and requests at once (503 beyond): the websocket cap plus room for the HTTP API.
+            limit_concurrency=s.bounds.max_sockets + 1024,
             lifespan="off",
             log_config=None,
             access_log=False,

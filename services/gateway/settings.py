@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from belfry.config import CommonSettings, Env, load_common
 from belfry.queue.sender import SenderSettings, load_sender_settings
+
+from services.gateway import limits
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,8 @@ class Settings:
     webpush_target: str
     sender: SenderSettings  # the bell sender; its worker id also names this replica's presence rows
     unsubscribe_key: bytes | None  # verifies the email sender's one-click unsubscribe links
+    bounds: limits.Bounds  # body size, request rates, socket caps
+    link_origins: frozenset[str]  # origins a notification click may open besides the app's own
 
 
 def load_settings(environ: Mapping[str, str]) -> Settings:
@@ -59,7 +64,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         presence_ttl=env.float("BELFRY_GATEWAY_PRESENCE_TTL_SECONDS", 30.0, minimum=0.1),
         queue_size=env.int("BELFRY_GATEWAY_QUEUE_SIZE", 64, minimum=1),
         resume_limit=env.int("BELFRY_GATEWAY_RESUME_LIMIT", 200, minimum=1),
-        auth_timeout=env.float("BELFRY_GATEWAY_AUTH_TIMEOUT_SECONDS", 10.0, minimum=0.1),
+        auth_timeout=env.float("BELFRY_GATEWAY_AUTH_TIMEOUT_SECONDS", 2.0, minimum=0.1),
         send_timeout=env.float("BELFRY_GATEWAY_SEND_TIMEOUT_SECONDS", 10.0, minimum=0.1),
         dev_login=dev_login,
         demo_account=env.str("BELFRY_DEMO_ACCOUNT", "demo"),
@@ -68,6 +73,23 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         webpush_target=env.str("BELFRY_WEBPUSH_ADDRESS", "127.0.0.1:50055"),
         sender=load_sender_settings(env, common, "gateway", batch=200, concurrency=200, lease_seconds=30.0),
         unsubscribe_key=unsubscribe_key.encode() or None,
+        bounds=limits.load_bounds(env),
+        link_origins=_origins(env, "BELFRY_GATEWAY_LINK_ORIGINS"),
     )
     env.check()
     return settings
+
+
+def _origins(env: Env, name: str) -> frozenset[str]:
+    """Comma-separated origins (``https://host[:port]``, nothing after it); a problem for anything else."""
+    found: set[str] = set()
+    for raw in env.str(name, "").split(","):
+        origin = raw.strip().rstrip("/")
+        if not origin:
+            continue
+        parts = urlsplit(origin)
+        if parts.scheme not in {"http", "https"} or not parts.hostname or parts.path or parts.query or "@" in origin:
+            env.problem(f"{name} entry {origin!r} must be an origin such as https://app.example")
+            continue
+        found.add(f"{parts.scheme}://{parts.netloc.lower()}")
+    return frozenset(found)

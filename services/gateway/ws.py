@@ -10,16 +10,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
 from belfry import log
 from belfry.auth import Caller, TokenVerifier
 from belfry.errors import Unauthenticated
+from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from services.gateway import store
+from services.gateway import limits, store
 from services.gateway.hub import CLOSE_SLOW_CONSUMER, Hub, Tab
 from services.gateway.origins import OriginPolicy
 
@@ -28,6 +29,7 @@ _LOG = log.get(__name__)
 # Close codes (4000-4999 are the application's own).
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_BAD_REQUEST = 4400
+CLOSE_TOO_MANY_TABS = 4429
 
 
 @dataclass(frozen=True)
@@ -38,23 +40,77 @@ class Limits:
     queue_size: int
     resume_limit: int
     send_timeout: float
+    bounds: limits.Bounds = field(default_factory=limits.Bounds)  # socket caps per replica, client address and user
+
+
+class Refused(Exception):
+    """A handshake over a cap: answered with ``status`` (and ``Retry-After``), never upgraded."""
+
+    def __init__(self, status: int, message: str, wait: float) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.wait = wait
 
 
 class Endpoint:
     """Serves ``/ws`` for one gateway replica."""
 
-    def __init__(self, pool: asyncpg.Pool, hub: Hub, verifier: TokenVerifier, origins: OriginPolicy, limits: Limits):
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        hub: Hub,
+        verifier: TokenVerifier,
+        origins: OriginPolicy,
+        limits: Limits,
+        clients: limits.Buckets | None = None,
+    ):
         self.pool = pool
         self.hub = hub
         self.verifier = verifier
         self.origins = origins
         self.limits = limits
+        self.clients = clients  # the per-address request rate, shared with the HTTP API
+        self.sockets = 0  # open on this replica, authenticated or not
+        self.per_client: dict[str, int] = {}
 
     async def handle(self, websocket: WebSocket) -> None:
         """One connection, from handshake to close."""
         if not self.origins.allows(websocket.headers.get("origin"), websocket.headers.get("host")):
             await websocket.close(code=1008)  # before accept: the handshake is refused with 403
             return
+        client = limits.client_key(websocket.scope)
+        try:
+            self._admit(client)
+        except Refused as refused:
+            await _deny(websocket, refused)
+            return
+        self.sockets += 1
+        self.per_client[client] = self.per_client.get(client, 0) + 1
+        try:
+            await self._connection(websocket)
+        finally:
+            self.sockets -= 1
+            left = self.per_client[client] - 1
+            if left:
+                self.per_client[client] = left
+            else:
+                del self.per_client[client]
+
+    def _admit(self, client: str) -> None:
+        """Raise Refused when the replica or this client address holds its cap, or the address its rate."""
+        bounds = self.limits.bounds
+        if self.sockets >= bounds.max_sockets:
+            raise Refused(503, f"this replica holds its limit of {bounds.max_sockets} connections", 5.0)
+        if self.per_client.get(client, 0) >= bounds.max_sockets_per_client:
+            raise Refused(
+                429, f"this address holds its limit of {bounds.max_sockets_per_client} connections on this replica", 5.0
+            )
+        wait = self.clients.take(client) if self.clients is not None else 0.0
+        if wait:
+            raise Refused(429, "too many connections opened from this address; retry later", wait)
+
+    async def _connection(self, websocket: WebSocket) -> None:
         await websocket.accept()
         try:
             first = await asyncio.wait_for(websocket.receive_text(), self.limits.auth_timeout)
@@ -68,6 +124,12 @@ class Endpoint:
                 await websocket.close(code=CLOSE_UNAUTHENTICATED, reason=reason[:120])
             return
         last_id = hello.get("last_id")
+        cap = self.limits.bounds.max_sockets_per_user
+        if len(self.hub.tabs.get((caller.account_id, caller.user_id), ())) >= cap:
+            # Counted and joined with no await in between: concurrent tabs of one user cannot both slip in.
+            with contextlib.suppress(Exception):
+                await websocket.close(code=CLOSE_TOO_MANY_TABS, reason=f"at most {cap} tabs per user on this replica")
+            return
         tab = Tab(caller.account_id, caller.user_id, self.limits.queue_size, float(expires_at))
         await self.hub.join(tab)
         try:
@@ -149,3 +211,16 @@ class Endpoint:
             await websocket.send_text(json.dumps(frame))
         await websocket.send_text(json.dumps({"type": "ready", "last_id": now.last_id, "unread": now.unread}))
         return now.last_id
+
+
+async def _deny(websocket: WebSocket, refused: Refused) -> None:
+    """Refuse the handshake with an HTTP status and Retry-After (a plain 403 where the server cannot)."""
+    response = JSONResponse(
+        {"error": refused.message},
+        status_code=refused.status,
+        headers={"retry-after": limits.retry_after(refused.wait)},
+    )
+    try:
+        await websocket.send_denial_response(response)
+    except RuntimeError:  # the server lacks the websocket.http.response extension
+        await websocket.close(code=1013)

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import websockets
 from belfry import rpc, service
 from belfry.api.common.v1 import common_pb2
 from belfry.api.preferences.v1 import preferences_pb2, preferences_pb2_grpc
@@ -303,3 +304,73 @@ async def test_mute_from_the_toast_silences_later_popups(
     await publish(account_id, "u1", "Second", popup=True, sound="pop")
     await page.wait_for_selector(".toast:has-text('Second')")
     assert await page.evaluate("document.body.dataset.lastSound") == "bell"  # the toast shows, silently
+
+
+async def test_the_page_may_open_websockets_to_its_own_origin_only(
+    web: Replica, context: BrowserContext, issuer: TokenIssuer, account_id: str
+) -> None:
+    # A script that slipped into the page could otherwise carry the token to any host over a websocket.
+    async def accept(ws: websockets.ServerConnection) -> None:
+        await ws.wait_closed()
+
+    async with websockets.serve(accept, "127.0.0.1", 0) as elsewhere:
+        port = next(iter(elsewhere.sockets)).getsockname()[1]
+        page = await b.open_app(context, web.http, issuer.issue(account_id, "u1"))  # its own websocket is up
+        outcome = await page.evaluate(
+            """(url) => new Promise((resolve) => {
+                document.addEventListener("securitypolicyviolation", (e) => resolve("blocked " + e.effectiveDirective));
+                try {
+                    new WebSocket(url).addEventListener("open", () => resolve("open"));
+                } catch (error) {
+                    resolve("blocked " + error.name);
+                }
+            })""",
+            f"ws://localhost:{port}/steal",
+        )
+    assert outcome.startswith("blocked"), outcome
+
+
+async def test_a_notification_click_opens_only_the_app_or_a_configured_origin(
+    start_replica: StartReplica,
+    preferences: service.Running,
+    chromium: Browser,
+    issuer: TokenIssuer,
+    account_id: str,
+) -> None:
+    await b.seed_user(preferences.port, account_id, "u1")
+    replica = await start_replica(
+        BELFRY_PREFERENCES_ADDRESS=f"127.0.0.1:{preferences.port}", BELFRY_GATEWAY_LINK_ORIGINS="https://app.example"
+    )
+    context = await chromium.new_context()
+    await context.grant_permissions(["notifications"], origin=replica.http)
+    try:
+        page = await b.open_app(context, replica.http, issuer.issue(account_id, "u1"))
+        await page.evaluate("navigator.serviceWorker.ready.then(() => true)")
+        worker = (
+            context.service_workers[0] if context.service_workers else await context.wait_for_event("serviceworker")
+        )
+        # The real notificationclick handler runs; openWindow is recorded instead of opening a window.
+        opened = await worker.evaluate(
+            """async (urls) => {
+                const opened = [];
+                Object.defineProperty(self.clients, "openWindow", { value: async (url) => { opened.push(url); } });
+                for (const [i, url] of urls.entries()) {
+                    await self.registration.showNotification("n" + i, { tag: "link-" + i, data: { url } });
+                    const [shown] = await self.registration.getNotifications({ tag: "link-" + i });
+                    self.dispatchEvent(new NotificationEvent("notificationclick", { notification: shown }));
+                }
+                return opened;
+            }""",
+            [
+                "https://evil.example/login",
+                "//evil.example/x",
+                "javascript:alert(1)",
+                "https://app.example.evil.example/x",
+                "/deals/1",
+                "https://app.example/deals/2",
+            ],
+        )
+    finally:
+        await context.close()
+    # Anything else opens the app's own start page instead.
+    assert opened == ["/", "/", "/", "/", f"{replica.http}/deals/1", "https://app.example/deals/2"]

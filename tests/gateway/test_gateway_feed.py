@@ -115,6 +115,9 @@ async def test_pages_carry_a_strict_content_security_policy(replica: Replica) ->
             csp = answer.headers["content-security-policy"]
             assert "script-src 'self'" in csp
             assert "unsafe-inline" not in csp
+            # Websockets to this origin only: no "ws:"/"wss:" scheme source that lets any host in.
+            directives = dict(d.strip().partition(" ")[::2] for d in csp.split(";"))
+            assert directives["connect-src"] == "'self'", directives["connect-src"]
         assert "<script>" not in (await http.get("/")).text  # no inline script anywhere
 
 

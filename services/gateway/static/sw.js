@@ -19,9 +19,23 @@ self.addEventListener("push", (event) => {
   event.waitUntil(self.registration.showNotification(title, options));
 });
 
+// Origins a notification may open besides the app's own: the gateway fills this line in from
+// BELFRY_GATEWAY_LINK_ORIGINS when it serves this file.
+const LINK_ORIGINS = [];
+
+// The app's own pages and the configured origins only; anything else opens the app.
+function openable(url) {
+  try {
+    const parsed = new URL(url, self.location.origin);
+    if (parsed.origin === self.location.origin || LINK_ORIGINS.includes(parsed.origin)) return parsed.href;
+  } catch {
+    // not a URL: fall through
+  }
+  return "/";
+}
+
 self.addEventListener("notificationclick", (event) => {
   event.notification.close();
   const url = event.notification.data && event.notification.data.url;
-  const target = url && /^https?:/.test(url) ? url : "/";
-  event.waitUntil(self.clients.openWindow(target));
+  event.waitUntil(self.clients.openWindow(openable(String(url || "/"))));
 });
