@@ -30,7 +30,11 @@ def build_for(settings: Settings) -> Callable[[asyncpg.Pool], Awaitable[Built]]:
         smtp = SmtpPool(settings.smtp)
         composer = Composer(
             templates=Templates(),
-            signer=Signer(settings.unsubscribe_key, ttl_seconds=settings.unsubscribe_ttl_seconds),
+            signer=Signer(
+                settings.unsubscribe_key,
+                ttl_seconds=settings.unsubscribe_ttl_seconds,
+                others=settings.unsubscribe_other_keys,
+            ),
             sender=settings.from_address,
             public_url=settings.public_url,
         )

@@ -10,6 +10,7 @@ from email.utils import parseaddr
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from belfry import unsubscribe
 from belfry.config import CommonSettings, Env, load_common
 from belfry.queue.sender import SenderSettings, load_sender_settings
 
@@ -44,6 +45,7 @@ class Settings:
     daily_cap: int
     sender: SenderSettings
     soft_expiry_seconds: float = 7 * 86400.0  # a suppression for soft bounces lapses after this
+    unsubscribe_other_keys: tuple[bytes, ...] = ()  # also accepted: the next or previous key of a rotation
     verp: Verp | None = None  # per-delivery envelope senders (None: the From address is the envelope sender)
 
 
@@ -99,6 +101,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         daily_cap=env.int("BELFRY_EMAIL_DAILY_CAP", 1000, minimum=1),
         sender=load_sender_settings(env, common, "email", batch=200, concurrency=64, lease_seconds=60.0),
         soft_expiry_seconds=env.float("BELFRY_EMAIL_SOFT_SUPPRESSION_SECONDS", 7 * 86400.0, minimum=0.0),
+        unsubscribe_other_keys=_other_unsubscribe_keys(env),
         verp=Verp([k.encode() for k in verp_keys], bounce_domain) if verp_keys else None,
     )
     env.check()
@@ -135,3 +138,12 @@ def public_url_problem(url: str) -> str | None:
             "plain http:// is accepted only for a loopback development host (localhost, 127.0.0.1, [::1])"
         )
     return None
+
+
+def _other_unsubscribe_keys(env: Env) -> tuple[bytes, ...]:
+    """``BELFRY_UNSUBSCRIBE_OTHER_KEYS``: keys links are also accepted under during a rotation."""
+    try:
+        return unsubscribe.parse_keys(env.str("BELFRY_UNSUBSCRIBE_OTHER_KEYS", ""))
+    except ValueError as exc:
+        env.problem(f"BELFRY_UNSUBSCRIBE_OTHER_KEYS: {exc}")
+        return ()

@@ -63,7 +63,8 @@ class GatewayBuild:
 
             from services.gateway import unsubscribe  # noqa: PLC0415 - optional feature
 
-            signer = Signer(s.unsubscribe_key, ttl_seconds=3600)  # verifies only: the email sender signs
+            # Verifies only (the email sender signs): under the current key and the other keys of a rotation.
+            signer = Signer(s.unsubscribe_key, ttl_seconds=3600, others=s.unsubscribe_other_keys)
             extra += unsubscribe.routes(signer, Preferences(proxies.preferences))
         else:
             _LOG.warning("BELFRY_UNSUBSCRIBE_KEY is not set: one-click unsubscribe links from emails will not work")

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from belfry import unsubscribe
 from belfry.config import CommonSettings, Env, load_common
 from belfry.queue.sender import SenderSettings, load_sender_settings
 
@@ -32,6 +33,7 @@ class Settings:
     webpush_target: str
     sender: SenderSettings  # the bell sender; its worker id also names this replica's presence rows
     unsubscribe_key: bytes | None  # verifies the email sender's one-click unsubscribe links
+    unsubscribe_other_keys: tuple[bytes, ...]  # also accepted: the next or previous key of a rotation
     bounds: limits.Bounds  # body size, request rates, socket caps
     link_origins: frozenset[str]  # origins a notification click may open besides the app's own
 
@@ -73,11 +75,21 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         webpush_target=env.str("BELFRY_WEBPUSH_ADDRESS", "127.0.0.1:50055"),
         sender=load_sender_settings(env, common, "gateway", batch=200, concurrency=200, lease_seconds=30.0),
         unsubscribe_key=unsubscribe_key.encode() or None,
+        unsubscribe_other_keys=_other_unsubscribe_keys(env),
         bounds=limits.load_bounds(env),
         link_origins=_origins(env, "BELFRY_GATEWAY_LINK_ORIGINS"),
     )
     env.check()
     return settings
+
+
+def _other_unsubscribe_keys(env: Env) -> tuple[bytes, ...]:
+    """``BELFRY_UNSUBSCRIBE_OTHER_KEYS``: keys links are also accepted under during a rotation."""
+    try:
+        return unsubscribe.parse_keys(env.str("BELFRY_UNSUBSCRIBE_OTHER_KEYS", ""))
+    except ValueError as exc:
+        env.problem(f"BELFRY_UNSUBSCRIBE_OTHER_KEYS: {exc}")
+        return ()
 
 
 def _origins(env: Env, name: str) -> frozenset[str]:
