@@ -10,7 +10,7 @@ from belfry import ssrf
 from belfry.config import CommonSettings, Env, load_common
 from belfry.queue.sender import SenderSettings, load_sender_settings
 
-from services.webhooks import store
+from services.webhooks import signing, store
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,7 @@ class Settings:
     ca_file: Path | None
     secret_key: str  # base64 of 32 bytes: encrypts signing secrets at rest
     secret_key_file: Path | None  # generated on first run when missing (local defaults)
+    secret_other_keys: tuple[bytes, ...]  # also open secrets: the next or previous key of a rotation
     sender: SenderSettings
     timeout_seconds: float
     max_per_user: int  # webhooks one user may connect
@@ -62,9 +63,19 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         ca_file=env.path("BELFRY_WEBHOOKS_CA_FILE"),
         secret_key=key,
         secret_key_file=Path(key_file) if key_file else None,
+        secret_other_keys=_other_keys(env),
         sender=load_sender_settings(env, common, "webhooks", batch=100, concurrency=50, lease_seconds=60.0),
         timeout_seconds=env.float("BELFRY_WEBHOOKS_TIMEOUT_SECONDS", 10.0, minimum=0.1),
         max_per_user=env.int("BELFRY_WEBHOOKS_MAX_PER_USER", store.DEFAULT_MAX_PER_USER, minimum=1),
     )
     env.check()
     return settings
+
+
+def _other_keys(env: Env) -> tuple[bytes, ...]:
+    """``BELFRY_WEBHOOK_SECRET_OTHER_KEYS``: keys secrets are also opened with during a rotation."""
+    try:
+        return signing.parse_keys(env.str("BELFRY_WEBHOOK_SECRET_OTHER_KEYS", ""))
+    except ValueError as exc:
+        env.problem(f"BELFRY_WEBHOOK_SECRET_OTHER_KEYS: {exc}")
+        return ()

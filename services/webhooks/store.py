@@ -8,6 +8,9 @@ from datetime import datetime
 
 import asyncpg
 from belfry.errors import FailedPrecondition
+from cryptography.exceptions import InvalidTag
+
+from services.webhooks.signing import SecretBox
 
 DEFAULT_MAX_PER_USER = 10  # webhooks one user may hold unless configured otherwise
 
@@ -116,3 +119,43 @@ async def disable(pool: asyncpg.Pool, hook: Webhook, reason: str) -> None:
         hook.webhook_id,
         reason,
     )
+
+
+async def reseal(pool: asyncpg.Pool, box: SecretBox, *, batch: int = 500) -> tuple[int, int]:
+    """Re-seal under the current key every secret that opens only under another one: → (re-sealed, unopenable).
+
+    Rows are read in key order a batch at a time; a row changed meanwhile (a
+    new secret, a deleted webhook) is left as it is (the update matches the
+    old ciphertext).
+    """
+    resealed = unopenable = 0
+    after: tuple[str, uuid.UUID] = ("", uuid.UUID(int=0))
+    while True:
+        rows = await pool.fetch(
+            "select account_id, webhook_id, secret_ciphertext from webhooks.endpoints"
+            " where (account_id, webhook_id) > ($1, $2) order by account_id, webhook_id limit $3",
+            after[0],
+            after[1],
+            batch,
+        )
+        for row in rows:
+            account_id, webhook_id = row["account_id"], str(row["webhook_id"])
+            try:
+                secret, current = box.open_current(row["secret_ciphertext"], account_id, webhook_id)
+            except InvalidTag:
+                unopenable += 1
+                continue
+            if current:
+                continue
+            status = await pool.execute(
+                "update webhooks.endpoints set secret_ciphertext = $4"
+                " where account_id = $1 and webhook_id = $2 and secret_ciphertext = $3",
+                account_id,
+                row["webhook_id"],
+                row["secret_ciphertext"],
+                box.seal(secret, account_id, webhook_id),
+            )
+            resealed += status.endswith(" 1")
+        if len(rows) < batch:
+            return resealed, unopenable
+        after = (rows[-1]["account_id"], rows[-1]["webhook_id"])
