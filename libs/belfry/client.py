@@ -16,6 +16,12 @@ a retried event is answered as a replay, never written twice. Calls that
 fail with UNAVAILABLE, DEADLINE_EXCEEDED or RESOURCE_EXHAUSTED are retried
 with exponential backoff and full jitter, never sooner than the server's
 RetryInfo hint; each call has a default deadline.
+
+Open the channel once and keep it: with ``belfry.rpc.connect`` (the kit's
+TLS settings and service token), or with :func:`connect` given your own
+credentials. Both spread calls over every replica of the dispatcher the
+target resolves to (``dns:///dispatcher.belfry.svc:50052``: one address per
+ready pod of the headless Service) and ping idle connections (``belfry.balance``).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from belfry import balance
 from belfry.api.dispatcher.v1 import dispatcher_pb2 as pb
 from belfry.api.dispatcher.v1 import dispatcher_pb2_grpc
 
@@ -83,8 +90,25 @@ def prepare(event: pb.Event) -> pb.Event:
     return ready
 
 
+def connect(
+    target: str,
+    credentials: grpc.ChannelCredentials | None = None,
+    *,
+    interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
+) -> grpc.aio.Channel:
+    """A long-lived channel to the dispatcher, balanced over every replica ``target`` resolves to.
+
+    ``credentials``: the producer's mutual TLS (``grpc.ssl_channel_credentials``
+    with its certificate from the mesh CA); None for plaintext.
+    """
+    options = [*balance.CHANNEL_OPTIONS, ("grpc.max_receive_message_length", 16 * 1024 * 1024)]
+    if credentials is None:
+        return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+    return grpc.aio.secure_channel(target, credentials, options=options, interceptors=interceptors)
+
+
 class Publisher:
-    """Publishes events over one long-lived channel (open it with ``belfry.rpc.connect``)."""
+    """Publishes events over one long-lived channel (open it with :func:`connect` or ``belfry.rpc.connect``)."""
 
     def __init__(
         self,

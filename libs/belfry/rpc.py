@@ -24,7 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
-from belfry import errors, log, metrics
+from belfry import balance, errors, log, metrics
 from belfry.config import TlsSettings
 
 _LOG = log.get(__name__)
@@ -261,7 +261,7 @@ def channel_credentials(tls: TlsSettings) -> grpc.ChannelCredentials | None:
 def connect(target: str, tls: TlsSettings, *, override_authority: str | None = None) -> grpc.aio.Channel:
     """One long-lived channel per peer (reuse it; never open one per call)."""
     options: list[tuple[str, Any]] = [
-        ("grpc.keepalive_time_ms", 30_000),
+        *balance.CHANNEL_OPTIONS,  # every replica of the target, round robin; keepalives
         ("grpc.max_receive_message_length", 16 * 1024 * 1024),
     ]
     if override_authority:
@@ -272,14 +272,16 @@ def connect(target: str, tls: TlsSettings, *, override_authority: str | None = N
     return grpc.aio.secure_channel(target, creds, options=options)
 
 
-async def create_health_server(address: str, health_servicer: health.aio.HealthServicer) -> tuple[grpc.aio.Server, int]:
+async def create_health_server(
+    address: str, health_servicer: health.aio.HealthServicer, *, reuse_port: bool = False
+) -> tuple[grpc.aio.Server, int]:
     """A plaintext server with only the standard health service (started), sharing the main server's state.
 
     Kubernetes gRPC probes speak plaintext and present no certificate, so with
     mutual TLS on the service port they get a port of their own that exposes
-    nothing but serving status.
+    nothing but serving status (shared by the pod's workers with ``reuse_port``).
     """
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=[("grpc.so_reuseport", int(reuse_port))])
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = server.add_insecure_port(address)
     if port == 0:
@@ -294,11 +296,23 @@ async def create_server(
     service_names: Sequence[str],
     address: str,
     tls: TlsSettings,
+    *,
+    reuse_port: bool = False,
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
-    """Build and bind a server (not yet started); return it, its port and its health servicer."""
+    """Build and bind a server (not yet started); return it, its port and its health servicer.
+
+    ``reuse_port``: the port is shared with the pod's other worker processes
+    (``SO_REUSEPORT``: the kernel spreads new connections over them).
+    """
     server = grpc.aio.server(
         interceptors=[_Interceptor(service)],
-        options=[("grpc.max_receive_message_length", 16 * 1024 * 1024), ("grpc.so_reuseport", 0)],
+        options=[
+            ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+            *balance.SERVER_OPTIONS,
+            # Off unless this process is one of a pod's workers (belfry.processes): a second server
+            # started on a port in use then fails loudly instead of silently taking half its connections.
+            ("grpc.so_reuseport", int(reuse_port)),
+        ],
     )
     for register in registrations:
         register(server)

@@ -288,8 +288,29 @@ def test_prod_mutual_tls_everywhere() -> None:
         "BELFRY_WEBPUSH_ADDRESS",
         "BELFRY_DISPATCHER_ADDRESS",
     ):
-        host = environment(_deployment("prod", "gateway"), objs)[variable].rsplit(":", 1)[0]
+        host = environment(_deployment("prod", "gateway"), objs)[variable].removeprefix("dns:///").rsplit(":", 1)[0]
         assert f"belfry-{host}-tls" in certificates
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_peers_are_dialled_on_every_pod_of_a_headless_service(overlay: str) -> None:
+    # A virtual IP would pin each caller's one long-lived connection to one pod; a headless Service
+    # resolves to every ready pod and the caller's channel goes round robin over them (belfry.balance).
+    objs = render(overlay)
+    (config,) = of_kind(objs, "ConfigMap").values()
+    services = of_kind(objs, "Service")
+    peers = {
+        k: v
+        for k, v in config["data"].items()
+        if k.endswith("_ADDRESS") and k[len("BELFRY_") : -len("_ADDRESS")].lower() in GRPC_PORTS
+    }
+    assert peers, "the configuration names the peers services call"
+    for variable, address in peers.items():
+        name = variable[len("BELFRY_") : -len("_ADDRESS")].lower()
+        assert address == f"dns:///{name}:{GRPC_PORTS[name]}", variable
+        assert services[name]["spec"].get("clusterIP") == "None", f"{name}: a peer's Service must be headless"
+    # Producers dial the dispatcher the same way.
+    assert services["dispatcher"]["spec"].get("clusterIP") == "None"
 
 
 def test_dev_has_no_tls_material() -> None:

@@ -71,7 +71,7 @@ async def test_probe_port_answers_plaintext_health(pod: Pod) -> None:
 
 
 async def test_mesh_peer_reaches_the_application(pod: Pod) -> None:
-    # Dialled by Service name, as peers in the cluster do (BELFRY_PREFERENCES_ADDRESS=preferences:50051).
+    # Dialled by Service name, as peers in the cluster do (BELFRY_PREFERENCES_ADDRESS=dns:///preferences:50051).
     channel = rpc.connect(f"127.0.0.1:{pod.port}", pod.peer, override_authority="preferences")
     try:
         stub = preferences_pb2_grpc.PreferencesServiceStub(channel)
