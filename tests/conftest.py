@@ -122,6 +122,7 @@ def common_env(database_url: str, token_keys: dict[str, bytes], **extra: str) ->
         "BELFRY_DRAIN_SECONDS": "0.5",
         "BELFRY_DB_POOL_MIN": "1",
         "BELFRY_DB_POOL_MAX": "4",
+        "BELFRY_PROCESSES": "1",  # one process per service, as under `belfry up` (not one per CPU)
     }
     env.update(extra)
     return env

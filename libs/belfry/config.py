@@ -17,6 +17,7 @@ from pathlib import Path
 from cryptography import x509
 
 from belfry.errors import ConfigError
+from belfry.processes import PROCESSES, SLOT, available_cpus
 
 
 class Env:
@@ -198,6 +199,10 @@ class CommonSettings:
     token_ttl_seconds: int
     # The longest a peer's Retry-After may hold a delivery back (senders clamp to it).
     max_retry_after_seconds: float = 3600.0
+    # Worker processes of this service in one pod (belfry.processes); more than one makes this process their parent.
+    processes: int = 1
+    # In a pod's worker, its slot (set by the parent); None in a lone process or the parent.
+    process_slot: int | None = None
     # Plaintext gRPC health only, for kubelet probes (they cannot present a client certificate).
     health_address: str = ""
 
@@ -266,6 +271,8 @@ def load_common(service: str, env: Env, *, default_port: int | None = None) -> C
         log_level=env.choice("BELFRY_LOG_LEVEL", "info", LOG_LEVELS),
         log_json=env.bool("BELFRY_LOG_JSON", True),
         drain_seconds=env.float("BELFRY_DRAIN_SECONDS", 10.0),
+        processes=env.int(PROCESSES, available_cpus(), minimum=1),
+        process_slot=slot if (slot := env.int(SLOT, -1, minimum=0)) >= 0 else None,
         db_pool_min=env.int("BELFRY_DB_POOL_MIN", 2, minimum=1),
         db_pool_max=env.int("BELFRY_DB_POOL_MAX", 10, minimum=1),
         tls=tls,

@@ -24,9 +24,10 @@ from typing import Protocol, TypeVar
 
 import asyncpg
 import grpc
+import structlog
 from grpc_health.v1 import health, health_pb2
 
-from belfry import background, db, log, metrics, rpc
+from belfry import background, db, log, metrics, processes, rpc
 from belfry.config import CommonSettings
 from belfry.errors import ConfigError
 
@@ -140,13 +141,16 @@ async def start(
         common.database_url, application_name=f"belfry-{name}", min_size=common.db_pool_min, max_size=common.db_pool_max
     )
     built = await build(own_pool)
+    shared = common.process_slot is not None  # one of a pod's workers: its ports are the pod's
     server, port, health_servicer = await rpc.create_server(
-        name, built.registrations, built.service_names, common.grpc_address, common.tls
+        name, built.registrations, built.service_names, common.grpc_address, common.tls, reuse_port=shared
     )
     await server.start()
     running = Running(server, port, health_servicer, own_pool, built, owns_pool=pool is None)
     if common.health_address:
-        running.probe, running.probe_port = await rpc.create_health_server(common.health_address, health_servicer)
+        running.probe, running.probe_port = await rpc.create_health_server(
+            common.health_address, health_servicer, reuse_port=shared
+        )
 
     def spawn(loop: Background) -> asyncio.Task[None]:
         # A failing loop is restarted with backoff: one bad row or a database
@@ -209,6 +213,7 @@ async def _run(name: str, common: CommonSettings, build: Callable[[asyncpg.Pool]
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, running.stop_event.set)
+    processes.watch_parent(running.stop_event.set)  # a pod's worker drains when its parent is gone
     # Supervisors (``belfry up``, tests) read the bound port from this line.
     _LOG.info("serving", port=running.port, metrics_port=metrics_port)
     print(f"BELFRY_READY {name} {running.port}", file=sys.stderr, flush=True)  # noqa: T201
@@ -222,8 +227,15 @@ def main(
     name: str,
     load: Callable[[Mapping[str, str]], S],
     build_for: Callable[[S], Callable[[asyncpg.Pool], Awaitable[Built]]],
+    *,
+    listeners: Callable[[S], Sequence[processes.Listener]] | None = None,
 ) -> None:
-    """Entry point of ``python -m services.<name>``: settings, logging, uvloop, run."""
+    """Entry point of ``python -m services.<name>``: settings, logging, uvloop, run.
+
+    With ``BELFRY_PROCESSES`` above one this process runs the pod's workers
+    instead (``belfry.processes``); ``listeners`` names the ports the service
+    binds besides gRPC and the probe port, which the workers share too.
+    """
     try:
         settings = load(os.environ)
     except ConfigError as exc:
@@ -231,6 +243,12 @@ def main(
         raise SystemExit(2) from exc
     common = settings.common
     log.configure(service=name, level=common.log_level, json=common.log_json)
+    if common.process_slot is not None:
+        structlog.contextvars.bind_contextvars(process=common.process_slot)  # which of the pod's workers logged
+    elif common.processes > 1:
+        command = [sys.executable, "-m", declaration(name).package]
+        shared = listeners(settings) if listeners is not None else ()
+        raise SystemExit(asyncio.run(processes.run_pod(name, common, command, shared)))
     with contextlib.suppress(ImportError):
         import uvloop  # noqa: PLC0415 - optional speed-up
 

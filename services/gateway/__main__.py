@@ -2,7 +2,7 @@
 
 from belfry import service
 
-from services.gateway.server import build_for
+from services.gateway.server import build_for, listeners
 from services.gateway.settings import load_settings
 
-service.main("gateway", load_settings, build_for)
+service.main("gateway", load_settings, build_for, listeners=listeners)

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 
 import asyncpg
 import uvicorn
-from belfry import log
+from belfry import log, processes
 from belfry.auth import TokenIssuer, TokenVerifier
 from belfry.queue.sender import sender_loops
 from belfry.service import Built
@@ -70,7 +70,10 @@ class GatewayBuild:
             _LOG.warning("BELFRY_UNSUBSCRIBE_KEY is not set: one-click unsubscribe links from emails will not work")
         app = create_app(endpoint, extra, s.bounds, clients, s.link_origins)
 
-        sock = socket.create_server((s.http_host, s.http_port), family=_family(s.http_host), reuse_port=False)
+        # A pod's workers share the port (the kernel spreads connections over them); a lone process
+        # does not, so a second one started on a port in use fails instead of taking half its tabs.
+        shared = s.common.process_slot is not None
+        sock = socket.create_server((s.http_host, s.http_port), family=_family(s.http_host), reuse_port=shared)
         sock.setblocking(False)
         self.http_port = sock.getsockname()[1]
         config = uvicorn.Config(
@@ -114,6 +117,11 @@ class GatewayBuild:
 
 def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def listeners(settings: Settings) -> list[processes.Listener]:
+    """The HTTP port: a pod's worker processes share it as they share the gRPC port (``belfry.processes``)."""
+    return [processes.Listener(settings.http_host, settings.http_port, "BELFRY_GATEWAY_HTTP_PORT")]
 
 
 def build_for(settings: Settings) -> Callable[[asyncpg.Pool], Awaitable[Built]]:

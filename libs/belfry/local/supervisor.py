@@ -93,6 +93,8 @@ async def _spawn(name: str, env: dict[str, str]) -> Child:
     child_env = dict(
         env, BELFRY_GRPC_ADDRESS=env.get(f"BELFRY_{name.upper()}_GRPC_ADDRESS", f"127.0.0.1:{declared.port}")
     )
+    # One process per service unless asked (a pod's several workers: belfry.processes).
+    child_env.setdefault("BELFRY_PROCESSES", "1")
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", declared.package, env=child_env, stdout=None, stderr=asyncio.subprocess.PIPE
     )
