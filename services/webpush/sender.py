@@ -11,7 +11,7 @@ guard approved (see ``client``).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 
 import aiohttp
@@ -24,7 +24,7 @@ from belfry.queue.sender import Result, fan_out, fold
 
 from services.webpush import ece, payload, store
 from services.webpush.client import PinnedResolver
-from services.webpush.vapid import Vapid
+from services.webpush.vapid import Keyring, Vapid
 
 _LOG = log.get(__name__)
 _MAX_TTL = 28 * 86400
@@ -72,12 +72,13 @@ class WebPushSender:
         default_ttl: int,
         clock: Callable[[], float] = time.time,
         fanout: int = 4,
+        other_vapids: Sequence[Vapid] = (),
     ) -> None:
         self._pool = pool
         self._session = session
         self._resolver = resolver
         self._guard = guard
-        self._vapid = vapid
+        self._vapids = Keyring(vapid, other_vapids)  # each subscription is signed with the key it was made with
         self._default_ttl = default_ttl
         self._clock = clock
         self._fanout = fanout  # browsers of one delivery pushed to at once
@@ -108,8 +109,20 @@ class WebPushSender:
         left = int(expires_at.timestamp() - self._clock())
         return max(0, min(left, self._default_ttl if self._default_ttl else _MAX_TTL, _MAX_TTL))
 
-    async def deliver(self, endpoint: str, p256dh: str, auth: str, data: bytes, headers: dict[str, str]) -> Result:
-        """Check, encrypt, sign and POST one push (no database work): the hot path the benchmark measures."""
+    async def deliver(
+        self, endpoint: str, p256dh: str, auth: str, data: bytes, headers: dict[str, str], vapid_key: str = ""
+    ) -> Result:
+        """Check, encrypt, sign and POST one push (no database work): the hot path the benchmark measures.
+
+        ``vapid_key``: the public key the subscription was made with ('' = the current one).
+        """
+        vapid = self._vapids.signer(vapid_key)
+        if vapid is None:
+            return Result(
+                "fail",
+                "the subscription is bound to a VAPID key this service no longer holds; "
+                "keep it in BELFRY_VAPID_OTHER_KEYS until the browser subscribes again",
+            )
         try:
             target = await self._guard.check(endpoint)
         except ssrf.Refused as exc:
@@ -123,7 +136,7 @@ class WebPushSender:
             async with self._session.post(
                 target.checked_url,
                 data=body,
-                headers={**headers, "authorization": self._vapid.header(origin)},
+                headers={**headers, "authorization": vapid.header(origin)},
                 allow_redirects=False,
             ) as response:
                 result = classify(response.status, response.headers, self._clock())
@@ -134,7 +147,7 @@ class WebPushSender:
 
     async def _push(self, sub: store.Subscription, data: bytes, headers: dict[str, str]) -> Result:
         log_ = _LOG.bind(account_id=sub.account_id, subscription_id=str(sub.subscription_id))
-        result = await self.deliver(sub.endpoint, sub.p256dh, sub.auth, data, headers)
+        result = await self.deliver(sub.endpoint, sub.p256dh, sub.auth, data, headers, sub.vapid_key)
         if result.kind == "sent":
             await store.mark_success(self._pool, sub)
         elif result.kind == "gone":

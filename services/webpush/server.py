@@ -12,7 +12,7 @@ from belfry.queue import admin
 from belfry.queue.sender import sender_loops
 from belfry.service import Built
 
-from services.webpush import client, vapid
+from services.webpush import client, store, vapid
 from services.webpush.sender import WebPushSender
 from services.webpush.servicer import SERVICE_NAME, WebPushServicer
 from services.webpush.settings import Settings
@@ -24,6 +24,12 @@ def build_for(settings: Settings) -> Callable[[asyncpg.Pool], Awaitable[Built]]:
     async def build(pool: asyncpg.Pool) -> Built:
         key = vapid.load_or_create(settings.vapid_private_key, settings.vapid_key_file)
         signer = vapid.Vapid(key, settings.vapid_subject)
+        others = [
+            vapid.Vapid(vapid.load_or_create(pem, None), settings.vapid_subject) for pem in settings.vapid_other_keys
+        ]
+        if not others:
+            # Subscriptions from before keys were recorded were all made with this key (no rotation yet).
+            await store.stamp_vapid_key(pool, signer.public_key)
         guard = ssrf.Guard(settings.policy)
         resolver = client.PinnedResolver()
         session = client.session(
@@ -41,9 +47,15 @@ def build_for(settings: Settings) -> Callable[[asyncpg.Pool], Awaitable[Built]]:
             vapid=signer,
             default_ttl=settings.default_ttl_seconds,
             fanout=settings.sender.fanout,
+            other_vapids=others,
         )
         servicer = WebPushServicer(
-            pool, verifier, guard, signer.public_key, max_per_user=settings.max_subscriptions_per_user
+            pool,
+            verifier,
+            guard,
+            signer.public_key,
+            max_per_user=settings.max_subscriptions_per_user,
+            held=frozenset(o.public_key for o in others),
         )
         queue_admin = admin.QueueAdmin(pool, verifier, settings.sender.preferences_address, settings.common.tls)
         return Built(

@@ -48,12 +48,14 @@ class WebPushServicer(pb_grpc.WebPushServicer):
         public_key: str,
         *,
         max_per_user: int = store.DEFAULT_MAX_PER_USER,
+        held: frozenset[str] = frozenset(),
     ) -> None:
         self._pool = pool
         self._verifier = verifier
         self._guard = guard
         self._public_key = public_key
         self._max_per_user = max_per_user
+        self._held = held | {public_key}  # VAPID public keys this service signs with (rotation)
 
     async def GetVapidPublicKey(  # noqa: N802 - method names come from the proto
         self, request: pb.GetVapidPublicKeyRequest, context: grpc.aio.ServicerContext
@@ -82,6 +84,13 @@ class WebPushServicer(pb_grpc.WebPushServicer):
             raise InvalidArgument("auth must be the subscription's 16-byte secret", field="auth")
         if len(request.label) > _MAX_LABEL:
             raise InvalidArgument(f"label must be at most {_MAX_LABEL} characters", field="label")
+        vapid_key = request.application_server_key.rstrip("=") or self._public_key
+        if vapid_key not in self._held:
+            raise InvalidArgument(
+                "application_server_key is not a VAPID key of this service; subscribe again with "
+                "the key from GetVapidPublicKey",
+                field="application_server_key",
+            )
         try:
             await self._guard.check(request.endpoint)
         except ssrf.Refused as exc:
@@ -95,6 +104,7 @@ class WebPushServicer(pb_grpc.WebPushServicer):
             request.auth,
             request.label,
             max_per_user=self._max_per_user,
+            vapid_key=vapid_key,
         )
         return pb.RegisterSubscriptionResponse(subscription=_subscription(sub))
 

@@ -9,8 +9,9 @@ from pathlib import Path
 from belfry import ssrf
 from belfry.config import CommonSettings, Env, load_common
 from belfry.queue.sender import SenderSettings, load_sender_settings
+from cryptography.hazmat.primitives import serialization
 
-from services.webpush import store
+from services.webpush import store, vapid
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,7 @@ class Settings:
     vapid_private_key: str  # PEM, or empty with vapid_key_file set
     vapid_key_file: Path | None  # generated on first run when missing (local defaults)
     vapid_subject: str  # mailto: or https: contact the push services may use
+    vapid_other_keys: tuple[str, ...]  # PEM: keys still bound to subscriptions (or next), during a rotation
     default_ttl_seconds: int
     sender: SenderSettings
     timeout_seconds: float
@@ -64,6 +66,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         vapid_private_key=key,
         vapid_key_file=Path(key_file_raw) if key_file_raw else None,
         vapid_subject=subject,
+        vapid_other_keys=_other_vapid_keys(env),
         default_ttl_seconds=env.int("BELFRY_WEBPUSH_TTL_SECONDS", 86400, minimum=0),
         sender=load_sender_settings(env, common, "webpush", batch=200, concurrency=100, lease_seconds=60.0),
         timeout_seconds=env.float("BELFRY_WEBPUSH_TIMEOUT_SECONDS", 10.0, minimum=0.1),
@@ -74,3 +77,20 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
     )
     env.check()
     return settings
+
+
+def _other_vapid_keys(env: Env) -> tuple[str, ...]:
+    """``BELFRY_VAPID_OTHER_KEYS`` (PEM blocks) and ``BELFRY_VAPID_OTHER_KEY_FILES`` (paths), as PEM texts."""
+    text = env.str("BELFRY_VAPID_OTHER_KEYS", "").replace("\\n", "\n")
+    files = tuple(Path(p.strip()) for p in env.str("BELFRY_VAPID_OTHER_KEY_FILES", "").split(",") if p.strip())
+    try:
+        keys = vapid.parse_keys(text, files)
+    except (OSError, ValueError) as exc:
+        env.problem(f"BELFRY_VAPID_OTHER_KEYS / BELFRY_VAPID_OTHER_KEY_FILES: {exc}")
+        return ()
+    return tuple(
+        k.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ).decode()
+        for k in keys
+    )

@@ -25,9 +25,10 @@ class Subscription:
     label: str
     created_at: datetime
     last_success_at: datetime | None
+    vapid_key: str = ""  # the VAPID public key the browser subscribed with ('' only before it was recorded)
 
 
-_COLUMNS = "account_id, user_id, subscription_id, endpoint, p256dh, auth, label, created_at, last_success_at"
+_COLUMNS = "account_id, user_id, subscription_id, endpoint, p256dh, auth, label, created_at, last_success_at, vapid_key"
 
 
 def _row(r: asyncpg.Record) -> Subscription:
@@ -44,6 +45,7 @@ async def upsert(
     label: str,
     *,
     max_per_user: int = DEFAULT_MAX_PER_USER,
+    vapid_key: str = "",
 ) -> Subscription:
     """Insert, or update the keys and label of the user's own row with this endpoint (its id is kept).
 
@@ -71,10 +73,11 @@ async def upsert(
                 )
         row = await conn.fetchrow(
             f"""
-            insert into webpush.subscriptions (account_id, user_id, subscription_id, endpoint, p256dh, auth, label)
-            values ($1, $2, $3, $4, $5, $6, $7)
+            insert into webpush.subscriptions
+              (account_id, user_id, subscription_id, endpoint, p256dh, auth, label, vapid_key)
+            values ($1, $2, $3, $4, $5, $6, $7, $8)
             on conflict (account_id, endpoint) do update
-              set p256dh = excluded.p256dh, auth = excluded.auth, label = excluded.label
+              set p256dh = excluded.p256dh, auth = excluded.auth, label = excluded.label, vapid_key = excluded.vapid_key
               where webpush.subscriptions.user_id = excluded.user_id
             returning {_COLUMNS}
             """,
@@ -85,6 +88,7 @@ async def upsert(
             p256dh,
             auth,
             label,
+            vapid_key,
         )
     if row is None:  # the endpoint is another user's (held before, or taken concurrently)
         raise AlreadyExists(
@@ -126,3 +130,9 @@ async def mark_success(pool: asyncpg.Pool, sub: Subscription) -> None:
         sub.user_id,
         sub.subscription_id,
     )
+
+
+async def stamp_vapid_key(pool: asyncpg.Pool, public_key: str) -> int:
+    """Record ``public_key`` on the subscriptions made before keys were recorded; → how many."""
+    status = await pool.execute("update webpush.subscriptions set vapid_key = $1 where vapid_key = ''", public_key)
+    return int(status.split()[-1])

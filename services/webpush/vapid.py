@@ -3,14 +3,23 @@
 A fresh JWT per push costs an ECDSA signature for nothing: the header for a
 push service origin is signed once and reused until an hour before its expiry
 (the JWT lives 12 h; RFC 8292 allows up to 24 h).
+
+**Rotation.** A push service accepts a push only when it is signed with the
+key the browser subscribed with, so a subscription keeps its key
+(``vapid_key``) and each push is signed with that one. New subscriptions get
+the current key (``GetVapidPublicKey``); the other keys
+(``BELFRY_VAPID_OTHER_KEYS`` / ``_FILES``) keep signing for the subscriptions
+made with them until those browsers subscribe again with the current key
+(the web app does it when it sees its subscription bound to another key).
 """
 
 from __future__ import annotations
 
 import base64
 import os
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jwt
@@ -79,3 +88,43 @@ class Vapid:
         value = f"vapid t={token}, k={self.public_key}"
         self._cache[origin] = (expires, value)
         return value
+
+
+_PEM_BLOCK = re.compile(r"-----BEGIN [A-Z ]+-----.+?-----END [A-Z ]+-----", re.DOTALL)
+
+
+def parse_keys(pem_text: str, files: Sequence[Path] = ()) -> tuple[ec.EllipticCurvePrivateKey, ...]:
+    """Every PEM private key in ``pem_text`` (blocks one after another) and in ``files``; ValueError names a bad one."""
+    blocks = [m.group(0) for m in _PEM_BLOCK.finditer(pem_text)]
+    if pem_text.strip() and not blocks:
+        raise ValueError("holds no PEM block")
+    for path in files:
+        blocks += [m.group(0) for m in _PEM_BLOCK.finditer(path.read_text())]
+    return tuple(load_or_create(block, None) for block in blocks)
+
+
+class Keyring:
+    """The current VAPID signer and the other ones still bound to subscriptions, by public key."""
+
+    def __init__(self, current: Vapid, others: Sequence[Vapid] = ()) -> None:
+        self.current = current
+        self._by_key = {v.public_key: v for v in (*others, current)}
+
+    @property
+    def rotating(self) -> bool:
+        """Whether other keys are held."""
+        return len(self._by_key) > 1
+
+    def holds(self, public_key: str) -> bool:
+        """Whether pushes can be signed for subscriptions bound to ``public_key``."""
+        return public_key in self._by_key
+
+    def signer(self, public_key: str) -> Vapid | None:
+        """The signer for a subscription bound to ``public_key``; None when not held during a rotation.
+
+        '' (not recorded) is the current key; so is any key outside a rotation, as before keys
+        were recorded: a key replaced without rotating leaves the push services to refuse.
+        """
+        if not public_key or not self.rotating:
+            return self.current
+        return self._by_key.get(public_key)

@@ -5,7 +5,10 @@ It issues subscriptions the way a browser would (a P-256 key pair and a
 VAPID authorization (RFC 8292: ES256 JWT signed by the key in ``k=``, ``aud``
 equal to its own origin, ``exp`` in the future and no more than 24 h away, a
 ``sub`` contact) and decrypts the aes128gcm body (RFC 8291) with the
-subscription's private key — what the browser itself would do. Scripted
+subscription's private key — what the browser itself would do. A
+subscription made with an application server key accepts only pushes whose
+VAPID ``k=`` is that key (403 otherwise), as FCM and Mozilla's autopush
+do. Scripted
 answers (410, 429 with Retry-After, a redirect…) let tests drive each case.
 """
 
@@ -47,6 +50,7 @@ class BrowserSubscription:
     endpoint: str
     private_key: ec.EllipticCurvePrivateKey
     auth: bytes
+    application_server_key: str = ""  # the VAPID public key passed to subscribe(); '' = not bound
 
     @property
     def p256dh(self) -> str:
@@ -79,12 +83,16 @@ class PushService:
     scripted: dict[str, list[tuple[int, dict[str, str]]]] = field(default_factory=dict)
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def subscribe(self, host: str = "localhost") -> BrowserSubscription:
-        """A new subscription, as ``pushManager.subscribe()`` would produce."""
+    def subscribe(self, host: str = "localhost", application_server_key: str = "") -> BrowserSubscription:
+        """A new subscription, as ``pushManager.subscribe()`` would produce (bound to the key when given)."""
         sub_id = uuid.uuid4().hex
         port = self.origin.rsplit(":", 1)[1]
         sub = BrowserSubscription(
-            sub_id, f"https://{host}:{port}/push/{sub_id}", ec.generate_private_key(ec.SECP256R1()), _random16()
+            sub_id,
+            f"https://{host}:{port}/push/{sub_id}",
+            ec.generate_private_key(ec.SECP256R1()),
+            _random16(),
+            application_server_key,
         )
         self.subscriptions[sub_id] = sub
         return sub
@@ -120,6 +128,11 @@ class PushService:
         claims = self._check_vapid(request.headers.get("authorization", ""), origin)
         if isinstance(claims, str):
             return self._refuse(401, claims)
+        if (
+            sub.application_server_key
+            and _vapid_fields(request.headers["authorization"]).get("k") != sub.application_server_key
+        ):
+            return self._refuse(403, "the VAPID key is not the one the subscription was created with")
         if request.headers.get("content-encoding") != "aes128gcm":
             return self._refuse(400, "Content-Encoding must be aes128gcm")
         body = await request.body()
@@ -135,10 +148,10 @@ class PushService:
         return Response(status_code=201, headers={"location": f"{self.origin}/message/{uuid.uuid4().hex}"})
 
     def _check_vapid(self, header: str, origin: str) -> dict[str, Any] | str:
-        scheme, _, params = header.partition(" ")
+        scheme = header.partition(" ")[0]
         if scheme.lower() != "vapid":
             return "Authorization must use the vapid scheme"
-        fields = dict(part.strip().split("=", 1) for part in params.split(",") if "=" in part)
+        fields = _vapid_fields(header)
         try:
             key = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), unb64url(fields["k"]))
             claims: dict[str, Any] = jwt.decode(
@@ -156,6 +169,12 @@ class PushService:
     def app(self) -> Starlette:
         """The ASGI application."""
         return Starlette(routes=[Route("/push/{sub_id}", self.push, methods=["POST"])])
+
+
+def _vapid_fields(header: str) -> dict[str, str]:
+    """``vapid t=<jwt>, k=<key>`` → {"t": ..., "k": ...}."""
+    params = header.partition(" ")[2]
+    return dict(part.strip().split("=", 1) for part in params.split(",") if "=" in part)
 
 
 def _random16() -> bytes:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#belfry/api/webpush/v1/webpush.proto\x12\x15\x62\x65lfry.api.webpush.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x1a\n\x18GetVapidPublicKeyRequest\"/\n\x19GetVapidPublicKeyResponse\x12\x12\n\npublic_key\x18\x01 \x01(\t\"\xad\x01\n\x0cSubscription\x12\x17\n\x0fsubscription_id\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\r\n\x05label\x18\x03 \x01(\t\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0flast_success_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\\\n\x1bRegisterSubscriptionRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x0e\n\x06p256dh\x18\x02 \x01(\t\x12\x0c\n\x04\x61uth\x18\x03 \x01(\t\x12\r\n\x05label\x18\x04 \x01(\t\"Y\n\x1cRegisterSubscriptionResponse\x12\x39\n\x0csubscription\x18\x01 \x01(\x0b\x32#.belfry.api.webpush.v1.Subscription\"\x1a\n\x18ListSubscriptionsRequest\"W\n\x19ListSubscriptionsResponse\x12:\n\rsubscriptions\x18\x01 \x03(\x0b\x32#.belfry.api.webpush.v1.Subscription\"4\n\x19\x44\x65leteSubscriptionRequest\x12\x17\n\x0fsubscription_id\x18\x01 \x01(\t\"\x1c\n\x1a\x44\x65leteSubscriptionResponse2\xf5\x03\n\x07WebPush\x12v\n\x11GetVapidPublicKey\x12/.belfry.api.webpush.v1.GetVapidPublicKeyRequest\x1a\x30.belfry.api.webpush.v1.GetVapidPublicKeyResponse\x12\x7f\n\x14RegisterSubscription\x12\x32.belfry.api.webpush.v1.RegisterSubscriptionRequest\x1a\x33.belfry.api.webpush.v1.RegisterSubscriptionResponse\x12v\n\x11ListSubscriptions\x12/.belfry.api.webpush.v1.ListSubscriptionsRequest\x1a\x30.belfry.api.webpush.v1.ListSubscriptionsResponse\x12y\n\x12\x44\x65leteSubscription\x12\x30.belfry.api.webpush.v1.DeleteSubscriptionRequest\x1a\x31.belfry.api.webpush.v1.DeleteSubscriptionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#belfry/api/webpush/v1/webpush.proto\x12\x15\x62\x65lfry.api.webpush.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x1a\n\x18GetVapidPublicKeyRequest\"/\n\x19GetVapidPublicKeyResponse\x12\x12\n\npublic_key\x18\x01 \x01(\t\"\xad\x01\n\x0cSubscription\x12\x17\n\x0fsubscription_id\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\r\n\x05label\x18\x03 \x01(\t\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0flast_success_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"|\n\x1bRegisterSubscriptionRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x0e\n\x06p256dh\x18\x02 \x01(\t\x12\x0c\n\x04\x61uth\x18\x03 \x01(\t\x12\r\n\x05label\x18\x04 \x01(\t\x12\x1e\n\x16\x61pplication_server_key\x18\x05 \x01(\t\"Y\n\x1cRegisterSubscriptionResponse\x12\x39\n\x0csubscription\x18\x01 \x01(\x0b\x32#.belfry.api.webpush.v1.Subscription\"\x1a\n\x18ListSubscriptionsRequest\"W\n\x19ListSubscriptionsResponse\x12:\n\rsubscriptions\x18\x01 \x03(\x0b\x32#.belfry.api.webpush.v1.Subscription\"4\n\x19\x44\x65leteSubscriptionRequest\x12\x17\n\x0fsubscription_id\x18\x01 \x01(\t\"\x1c\n\x1a\x44\x65leteSubscriptionResponse2\xf5\x03\n\x07WebPush\x12v\n\x11GetVapidPublicKey\x12/.belfry.api.webpush.v1.GetVapidPublicKeyRequest\x1a\x30.belfry.api.webpush.v1.GetVapidPublicKeyResponse\x12\x7f\n\x14RegisterSubscription\x12\x32.belfry.api.webpush.v1.RegisterSubscriptionRequest\x1a\x33.belfry.api.webpush.v1.RegisterSubscriptionResponse\x12v\n\x11ListSubscriptions\x12/.belfry.api.webpush.v1.ListSubscriptionsRequest\x1a\x30.belfry.api.webpush.v1.ListSubscriptionsResponse\x12y\n\x12\x44\x65leteSubscription\x12\x30.belfry.api.webpush.v1.DeleteSubscriptionRequest\x1a\x31.belfry.api.webpush.v1.DeleteSubscriptionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,17 +39,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SUBSCRIPTION']._serialized_start=173
   _globals['_SUBSCRIPTION']._serialized_end=346
   _globals['_REGISTERSUBSCRIPTIONREQUEST']._serialized_start=348
-  _globals['_REGISTERSUBSCRIPTIONREQUEST']._serialized_end=440
-  _globals['_REGISTERSUBSCRIPTIONRESPONSE']._serialized_start=442
-  _globals['_REGISTERSUBSCRIPTIONRESPONSE']._serialized_end=531
-  _globals['_LISTSUBSCRIPTIONSREQUEST']._serialized_start=533
-  _globals['_LISTSUBSCRIPTIONSREQUEST']._serialized_end=559
-  _globals['_LISTSUBSCRIPTIONSRESPONSE']._serialized_start=561
-  _globals['_LISTSUBSCRIPTIONSRESPONSE']._serialized_end=648
-  _globals['_DELETESUBSCRIPTIONREQUEST']._serialized_start=650
-  _globals['_DELETESUBSCRIPTIONREQUEST']._serialized_end=702
-  _globals['_DELETESUBSCRIPTIONRESPONSE']._serialized_start=704
-  _globals['_DELETESUBSCRIPTIONRESPONSE']._serialized_end=732
-  _globals['_WEBPUSH']._serialized_start=735
-  _globals['_WEBPUSH']._serialized_end=1236
+  _globals['_REGISTERSUBSCRIPTIONREQUEST']._serialized_end=472
+  _globals['_REGISTERSUBSCRIPTIONRESPONSE']._serialized_start=474
+  _globals['_REGISTERSUBSCRIPTIONRESPONSE']._serialized_end=563
+  _globals['_LISTSUBSCRIPTIONSREQUEST']._serialized_start=565
+  _globals['_LISTSUBSCRIPTIONSREQUEST']._serialized_end=591
+  _globals['_LISTSUBSCRIPTIONSRESPONSE']._serialized_start=593
+  _globals['_LISTSUBSCRIPTIONSRESPONSE']._serialized_end=680
+  _globals['_DELETESUBSCRIPTIONREQUEST']._serialized_start=682
+  _globals['_DELETESUBSCRIPTIONREQUEST']._serialized_end=734
+  _globals['_DELETESUBSCRIPTIONRESPONSE']._serialized_start=736
+  _globals['_DELETESUBSCRIPTIONRESPONSE']._serialized_end=764
+  _globals['_WEBPUSH']._serialized_start=767
+  _globals['_WEBPUSH']._serialized_end=1268
 # @@protoc_insertion_point(module_scope)

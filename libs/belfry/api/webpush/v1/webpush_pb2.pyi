@@ -108,6 +108,7 @@ class RegisterSubscriptionRequest(_message.Message):
     P256DH_FIELD_NUMBER: _builtins.int
     AUTH_FIELD_NUMBER: _builtins.int
     LABEL_FIELD_NUMBER: _builtins.int
+    APPLICATION_SERVER_KEY_FIELD_NUMBER: _builtins.int
     endpoint: _builtins.str
     """PushSubscription.endpoint"""
     p256dh: _builtins.str
@@ -116,6 +117,10 @@ class RegisterSubscriptionRequest(_message.Message):
     """PushSubscription.keys.auth (base64url, 16 bytes)"""
     label: _builtins.str
     """up to 200 characters; optional"""
+    application_server_key: _builtins.str
+    """The applicationServerKey the page passed to pushManager.subscribe (base64url), so pushes are
+    signed with the VAPID key the subscription is bound to while keys rotate; empty: the current key.
+    """
     def __init__(
         self,
         *,
@@ -123,10 +128,11 @@ class RegisterSubscriptionRequest(_message.Message):
         p256dh: _builtins.str = ...,
         auth: _builtins.str = ...,
         label: _builtins.str = ...,
+        application_server_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth", b"auth", "endpoint", b"endpoint", "label", b"label", "p256dh", b"p256dh"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["application_server_key", b"application_server_key", "auth", b"auth", "endpoint", b"endpoint", "label", b"label", "p256dh", b"p256dh"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
