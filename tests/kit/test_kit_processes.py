@@ -23,6 +23,7 @@ from typing import Any
 import grpc
 import psutil
 import pytest
+from belfry import processes
 from belfry.api.preferences.v1 import preferences_pb2, preferences_pb2_grpc
 from prometheus_client import multiprocess, parser
 
@@ -159,3 +160,20 @@ async def test_a_killed_worker_is_started_again_and_serves(pod: ServiceProcess, 
 
     await asyncio.wait_for(served_by_fresh(), _WITHIN)
     assert await pod.stop(30) == 0
+
+
+def test_the_default_count_is_the_whole_cpus_the_container_may_use(tmp_path: Path) -> None:
+    affinity = len(os.sched_getaffinity(0))
+    assert processes.cpu_quota("200000 100000") == 2.0
+    assert processes.cpu_quota("max 100000\n") is None
+    (tmp_path / "cpu.max").write_text("150000 100000\n")  # cgroup v2, a limit of 1.5 CPUs
+    assert processes.available_cpus(tmp_path) == 1  # rounded down: never more workers than CPUs to keep busy
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert processes.available_cpus(tmp_path) == affinity
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()  # cgroup v1
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("50000\n")
+    assert processes.available_cpus(tmp_path) == 1  # half a CPU: still one process
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert processes.available_cpus(tmp_path) == affinity
