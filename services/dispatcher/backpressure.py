@@ -5,16 +5,17 @@ Two limits, both answered with RESOURCE_EXHAUSTED and a RetryInfo delay:
   unclaimed, or the oldest due one waiting longer than ``max_lag_seconds``;
   or fan-out is: the oldest accepted event not yet fanned out waited longer
   than ``max_lag_seconds`` (both measured by a background loop, so publishing
-  never waits on the count);
+  never waits on the count). Past a limit, only the accounts holding more
+  than an equal share of the backlog are refused (the flooding account
+  first, ``heavy``); past twice a limit, every account is;
 - an account publishes faster than ``account_rate`` events per second
-  (a token bucket per account and replica, ``account_burst`` deep).
+  (a token bucket per account in PostgreSQL, ``account_burst`` deep, shared
+  by every replica: ``take_shared``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import asyncpg
@@ -36,40 +37,48 @@ class Limits:
     refresh_seconds: float = 1.0
 
 
-class _Bucket:
-    __slots__ = ("stamp", "tokens")
-
-    def __init__(self, tokens: float, stamp: float) -> None:
-        self.tokens = tokens
-        self.stamp = stamp
-
-
 class Backpressure:
-    """The queue's backlog, refreshed in the background, and per-account rate buckets."""
+    """The queue's backlog, refreshed in the background, and the per-account rate buckets (shared)."""
 
-    def __init__(self, pool: asyncpg.Pool, limits: Limits, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, pool: asyncpg.Pool, limits: Limits) -> None:
         self._pool = pool
         self.limits = limits
-        self._clock = clock
-        self._buckets: dict[str, _Bucket] = {}
         self.depth = 0
         self.lag = 0.0
         self.fanout_lag = 0.0
+        self.backlogs: dict[str, float] = {}  # per account, measured only while a limit is reached
 
     async def refresh(self) -> None:
         """Measure the queue's backlog now (only what a configured limit needs)."""
         if self.limits.max_depth:
-            self.depth = await store.queue_depth(self._pool, cap=self.limits.max_depth)
+            self.depth = await store.queue_depth(self._pool, cap=self.limits.max_depth * 2)  # counts to the hard limit
         if self.limits.max_lag_seconds:
             self.lag = await store.queue_lag(self._pool, CHANNELS)
             self.fanout_lag = await store.fanout_lag(self._pool)
+        self.backlogs = await store.backlog_by_account(self._pool) if self._over(1.0) else {}
 
     async def loop(self, stop: asyncio.Event) -> None:
         """Background loop: keep the backlog figures fresh."""
         await background.every("queue backlog measurement", self.limits.refresh_seconds, self.refresh, stop)
 
+    def _over(self, factor: float) -> bool:
+        limits = self.limits
+        return bool(
+            (limits.max_depth and self.depth >= limits.max_depth * factor)
+            or (limits.max_lag_seconds and max(self.lag, self.fanout_lag) >= limits.max_lag_seconds * factor)
+        )
+
+    def heavy(self, account_id: str) -> float:
+        """While a backlog limit is reached: seconds to wait when ``account_id`` holds more than an equal share, else 0."""
+        if not self.backlogs or not self._over(1.0):
+            return 0.0
+        share = self.backlogs.get(account_id, 0.0) / (sum(self.backlogs.values()) or 1.0)
+        return max(1.0, self.limits.refresh_seconds * 5) if share > 1.0 / len(self.backlogs) else 0.0
+
     def check_queue(self) -> None:
-        """Raise ResourceExhausted when the queue is far behind."""
+        """Raise ResourceExhausted when the queue is far behind for everyone: past twice a limit."""
+        if not self._over(2.0):
+            return
         limits = self.limits
         if limits.max_depth and self.depth >= limits.max_depth:
             raise ResourceExhausted(
@@ -90,19 +99,16 @@ class Backpressure:
                 retry_after=max(1.0, limits.refresh_seconds * 5),
             )
 
-    def take(self, account_id: str) -> float:
-        """Spend one event of the account's budget; 0 when allowed, else seconds to wait."""
+    async def take_shared(self, wants: dict[str, int]) -> dict[str, tuple[int, float]]:
+        """Spend each account's shared budget: → {account: (events granted, seconds until the next one)}."""
         rate = self.limits.account_rate
-        if rate <= 0:
-            return 0.0
+        if rate <= 0 or not wants:
+            return {a: (n, 0.0) for a, n in wants.items()}
         burst = self.limits.account_burst or rate
-        now = self._clock()
-        bucket = self._buckets.get(account_id)
-        if bucket is None:
-            bucket = self._buckets[account_id] = _Bucket(burst, now)
-        bucket.tokens = min(burst, bucket.tokens + (now - bucket.stamp) * rate)
-        bucket.stamp = now
-        if bucket.tokens >= 1.0:
-            bucket.tokens -= 1.0
-            return 0.0
-        return (1.0 - bucket.tokens) / rate
+        found = await store.take_quota(self._pool, wants, rate=rate, burst=burst)
+        missing = {a: n for a, n in wants.items() if a not in found}
+        if missing:  # a first row another replica inserted at the same moment: now it exists
+            found |= await store.take_quota(self._pool, missing, rate=rate, burst=burst)
+        return {
+            a: (granted, (1.0 - left) / rate if granted < wants[a] else 0.0) for a, (granted, left) in found.items()
+        }

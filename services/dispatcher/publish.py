@@ -54,7 +54,12 @@ class Dispatcher:
         """One result per item, in order; items that are already errors stay errors."""
         self.backpressure.check_queue()
         results: list[Result | None] = [x if isinstance(x, errors.BelfryError) else None for x in items]
-        firsts, repeats = self._admit(items, results)
+        self._refuse_heavy(items, results)
+        wants = Counter(
+            item.account_id for item, r in zip(items, results, strict=True) if isinstance(item, Event) and r is None
+        )
+        grants = await self.backpressure.take_shared(dict(wants)) if wants else {}
+        firsts, repeats = self._admit(items, results, grants)
         # No look-up of the keys first: a new event (the common case) costs no extra
         # round trip; a replay is recognised when its insert finds the key taken.
         todo = list(firsts.values())
@@ -85,23 +90,38 @@ class Dispatcher:
             metrics.EVENTS_PUBLISHED.labels(outcome).inc(count)
         return final
 
+    def _refuse_heavy(self, items: Sequence[Event | errors.BelfryError], results: list[Result | None]) -> None:
+        """While the backlog is over a limit: refuse the events of accounts holding more than an equal share of it."""
+        for i, item in enumerate(items):
+            if results[i] is None and isinstance(item, Event) and (wait := self.backpressure.heavy(item.account_id)):
+                results[i] = errors.ResourceExhausted(
+                    f"the delivery backlog is over its limit and account {item.account_id!r} holds more than "
+                    "an equal share of it; its publishing is paused until senders catch up",
+                    retry_after=wait,
+                )
+
     def _admit(
-        self, items: Sequence[Event | errors.BelfryError], results: list[Result | None]
+        self,
+        items: Sequence[Event | errors.BelfryError],
+        results: list[Result | None],
+        grants: dict[str, tuple[int, float]],
     ) -> tuple[dict[tuple[str, str], int], list[int]]:
-        """Apply the account rate; split events into first uses of a key and repeats within the call."""
+        """Apply the account rate (``grants``: events allowed per account, and the wait for the rest);
+        split events into first uses of a key and repeats within the call."""
         firsts: dict[tuple[str, str], int] = {}
         repeats: list[int] = []
+        left = {account: granted for account, (granted, _) in grants.items()}
         for i, item in enumerate(items):
-            if isinstance(item, errors.BelfryError):
+            if isinstance(item, errors.BelfryError) or results[i] is not None:
                 continue
-            wait = self.backpressure.take(item.account_id)
-            if wait:
+            if left.get(item.account_id, 0) <= 0:
                 results[i] = errors.ResourceExhausted(
                     f"account {item.account_id!r} publishes faster than its limit of "
                     f"{self.backpressure.limits.account_rate:g} events/s",
-                    retry_after=wait,
+                    retry_after=grants.get(item.account_id, (0, 1.0))[1] or 1.0,
                 )
                 continue
+            left[item.account_id] -= 1
             key = (item.account_id, item.idempotency_key)
             if key in firsts:
                 repeats.append(i)  # resolved against the first once it is written

@@ -369,6 +369,69 @@ async def queue_depth(pool: asyncpg.Pool, *, cap: int) -> int:
     return depth
 
 
+async def take_quota(
+    pool: asyncpg.Pool, wants: dict[str, int], *, rate: float, burst: float
+) -> dict[str, tuple[int, float]]:
+    """Spend up to ``wants[account]`` tokens of each account's shared bucket: → {account: (granted, tokens left)}.
+
+    One statement for every account of a call. A new account's bucket starts
+    full; an account whose first row another replica inserted concurrently is
+    missing from the answer (the caller asks again).
+    """
+    rows = await pool.fetch(
+        """
+        with want as (select * from unnest($1::text[], $2::int[]) as w(account_id, n)),
+        fresh as (
+            insert into dispatcher.publish_quota (account_id, tokens, stamp, last_grant)
+            select account_id, $3 - least(n, floor($3)), now(), least(n, floor($3)) from want
+            on conflict (account_id) do nothing
+            returning account_id, last_grant, tokens
+        ),
+        spent as (
+            update dispatcher.publish_quota q
+               set tokens = least($3, q.tokens + extract(epoch from now() - q.stamp) * $4)
+                            - least(w.n, floor(least($3, q.tokens + extract(epoch from now() - q.stamp) * $4))),
+                   last_grant = least(w.n, floor(least($3, q.tokens + extract(epoch from now() - q.stamp) * $4))),
+                   stamp = now()
+              from want w
+             where q.account_id = w.account_id
+            returning q.account_id, q.last_grant, q.tokens
+        )
+        select * from fresh union all select * from spent
+        """,
+        list(wants),
+        list(wants.values()),
+        burst,
+        rate,
+    )
+    return {r["account_id"]: (int(r["last_grant"]), float(r["tokens"])) for r in rows}
+
+
+async def backlog_by_account(pool: asyncpg.Pool, *, sample_rows: int = 20_000) -> dict[str, float]:
+    """Each account's backlog (due deliveries, estimated from a sample of the queue, plus events awaiting fan-out).
+
+    Read only while a backlog limit is reached: a page sample (TABLESAMPLE
+    SYSTEM) sized for about ``sample_rows`` rows, scaled back up, so the cost
+    does not grow with the flood it measures.
+    """
+    rows_estimate: float = await pool.fetchval(
+        "select greatest(reltuples, 1)::float8 from pg_class where oid = 'queue.deliveries'::regclass"
+    )
+    percent = min(100.0, 100.0 * sample_rows / max(rows_estimate, 1.0))
+    found: dict[str, float] = {}
+    for r in await pool.fetch(
+        """select account_id, count(*)::float8 as n from queue.deliveries tablesample system ($1)
+           where state = 'queued' and available_at <= now() group by account_id""",
+        percent,
+    ):
+        found[r["account_id"]] = r["n"] * 100.0 / percent
+    for r in await pool.fetch(
+        "select account_id, count(*)::float8 as n from dispatcher.fanout where not_before < 'infinity' group by 1"
+    ):
+        found[r["account_id"]] = found.get(r["account_id"], 0.0) + r["n"]
+    return found
+
+
 async def queue_lag(pool: asyncpg.Pool, channels: Sequence[str]) -> float:
     """Seconds the oldest due delivery of any channel has waited (one index probe per channel)."""
     lag: float = await pool.fetchval(
