@@ -27,8 +27,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_gateway(dsn: str, http_port: int, **extra: str) -> subprocess.Popen[bytes]:
-    """``python -m services.gateway`` as its own process; returns once it is serving."""
+def start_gateway(dsn: str, http_port: int, *, root: Path = ROOT, **extra: str) -> subprocess.Popen[bytes]:
+    """``python -m services.gateway`` of the tree at ``root`` as its own process; returns once it is serving."""
     env = {
         **os.environ,
         "BELFRY_DATABASE_URL": dsn,
@@ -39,10 +39,10 @@ def start_gateway(dsn: str, http_port: int, **extra: str) -> subprocess.Popen[by
         "BELFRY_GATEWAY_HTTP_PORT": str(http_port),
         "BELFRY_LOG_LEVEL": "warning",
         "BELFRY_GATEWAY_PRESENCE_TTL_SECONDS": "60",
-        "PYTHONPATH": f"{ROOT}:{ROOT / 'libs'}",
+        "PYTHONPATH": f"{root}:{root / 'libs'}",
         **extra,
     }
-    proc = subprocess.Popen([sys.executable, "-m", "services.gateway"], cwd=ROOT, env=env, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-m", "services.gateway"], cwd=root, env=env, stderr=subprocess.PIPE)
     assert proc.stderr is not None
     for line in proc.stderr:
         if line.startswith(b"BELFRY_READY"):

@@ -34,12 +34,17 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
+import shutil
+import signal
 import statistics
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -92,9 +97,11 @@ class Phase:
 class Bench:
     """Where the phases run: a private durable cluster (measured) or the shared server (rates only)."""
 
-    def __init__(self, dsn: str, cluster: DurableCluster | None) -> None:
+    def __init__(self, dsn: str, cluster: DurableCluster | None, *, py_spy: str = "", perf: str = "") -> None:
         self.dsn = dsn
         self.cluster = cluster
+        self.py_spy = py_spy  # where to write the first Belfry drain's py-spy samples ("" = none)
+        self.perf = perf  # where to write the first Belfry drain's perf samples of the backends
 
     @contextlib.asynccontextmanager
     async def measure(self, table: str) -> AsyncIterator[Cost]:
@@ -111,6 +118,28 @@ class Bench:
         self._pending = meter
         async with meter as cost:
             yield cost
+
+    @contextlib.asynccontextmanager
+    async def profile(self) -> AsyncIterator[None]:
+        """Sample this process with py-spy and the cluster's backends with perf during the block, once."""
+        spy, perf, self.py_spy, self.perf = self.py_spy, self.perf, "", ""
+        samplers: list[asyncio.subprocess.Process] = []
+        if spy:
+            samplers.append(
+                await _sampler(
+                    "py-spy", "record", "--pid", str(os.getpid()), "--native", "-r", "200", "-f", "raw", "-o", spy
+                )
+            )
+        if perf and self.cluster is not None:
+            pids = ",".join(str(p.pid) for p in self.cluster.postmaster().children())
+            samplers.append(await _sampler("perf", "record", "-F", "499", "-g", "-p", pids, "-o", perf))
+        try:
+            yield
+        finally:
+            for sampler in samplers:
+                sampler.send_signal(signal.SIGINT)
+            for sampler in samplers:
+                await sampler.wait()
 
     async def settle(self) -> None:
         """Read the row counters of the last measured phase (after its connections closed)."""
@@ -150,7 +179,8 @@ async def belfry_run(bench: Bench, items: int, workers: int, batch: int, account
         bench.dsn, application_name="bench-belfry", min_size=workers * 2 + 1, max_size=workers * 2 + 2
     )
     stop = asyncio.Event()
-    async with bench.measure("queue.deliveries") as drained:
+    # Samplers attach before the clock starts (and slow the drain: profile in a run of its own).
+    async with bench.profile(), bench.measure("queue.deliveries") as drained:
         tasks = [
             asyncio.create_task(
                 worker.run(Queue(pool, "email", worker=f"w{i}"), noop, stop=stop, batch=batch, concurrency=batch)
@@ -240,6 +270,15 @@ async def raw_run(bench: Bench, items: int, workers: int) -> Phase:
     return Phase(items, inserted, drained)
 
 
+async def _sampler(program: str, *args: str) -> asyncio.subprocess.Process:
+    binary = shutil.which(program) or str(Path(sys.executable).parent / program)
+    process = await asyncio.create_subprocess_exec(
+        binary, *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL
+    )
+    await asyncio.sleep(1.0)  # let it attach before the work starts
+    return process
+
+
 async def _execute(dsn: str, sql: str) -> None:
     conn = await asyncpg.connect(dsn)
     try:
@@ -278,6 +317,8 @@ async def main() -> None:
     parser.add_argument("--accounts", type=int, default=10)
     parser.add_argument("--no-procrastinate", action="store_true", help="Belfry and raw only (larger runs)")
     parser.add_argument("--shared", action="store_true", help="the shared server, rates only")
+    parser.add_argument("--py-spy", default="", help="py-spy raw samples of the first Belfry drain to this file")
+    parser.add_argument("--perf", default="", help="perf samples of the backends during the first Belfry drain")
     args = parser.parse_args()
     async with contextlib.AsyncExitStack() as stack:
         cluster = None if args.shared else await stack.enter_async_context(DurableCluster())
@@ -290,7 +331,7 @@ async def main() -> None:
         app = App(connector=PsycopgConnector(conninfo=dsn))
         async with app.open_async():
             await app.schema_manager.apply_schema_async()
-        bench = Bench(dsn, cluster)
+        bench = Bench(dsn, cluster, py_spy=args.py_spy, perf=args.perf)
         print(await versions(dsn, "asyncpg", "procrastinate", "psycopg", "uvloop"))
         print(
             f"{'private durable cluster' if cluster else 'shared server'}; items={args.items} "

@@ -128,35 +128,17 @@ def route(
 ) -> Routed:
     """The deliveries for one recipient who passed the rules (``decision``: from ``decide``, when reused)."""
     d = decision or decide(topic, recipient, email_only=email_only)
-    expiry = expires_at(event, topic)
     if topic.batching == "assignment":
-        assignment = Assignment(
-            message=message,
-            channels=d.queue_channels,
-            object_type=event.object.type,
-            object_id=event.object.id,
-            assigned_at=event.occurred_at.isoformat(),
-            expires_at=expiry.isoformat(),
-        )
         # Handed over even with every channel off: batching needs every assignment to take
         # the object out of the previous assignee's open window (the undo rule).
-        handoff = NewDelivery(
-            account_id=event.account_id,
-            notification_id=notification_id,
-            user_id=recipient.user_id,
-            channel="batching",
-            topic=event.topic,
-            payload=to_payload(assignment),
-            expires_at=expiry,
-        )
-        return Routed(d.channels, [handoff], None)
+        return Routed(d.channels, [_assignment(notification_id, event, topic, message, d.queue_channels)], None)
     deliveries = delivery.build(
         message,
         d.queue_channels,
         on=d.on,
         sound=d.decided["popup"][2],
         held_until=d.held_until,
-        expires_at=expiry,
+        expires_at=expires_at(event, topic),
         notification_id=notification_id,
     )
     return Routed(d.channels, deliveries, d.held_until)
@@ -180,13 +162,21 @@ def silent_assignment(notification_id: uuid.UUID, event: Event, topic: Topic, me
 
     Batching still needs it to take the object out of the previous assignee's window.
     """
+    return _assignment(notification_id, event, topic, message, ())
+
+
+def _assignment(
+    notification_id: uuid.UUID, event: Event, topic: Topic, message: Message, queue_channels: tuple[str, ...]
+) -> NewDelivery:
+    """The handoff of one assignment (``message``'s user) to batching, on the batching channel."""
+    expiry = expires_at(event, topic)
     assignment = Assignment(
         message=message,
-        channels=(),
+        channels=queue_channels,
         object_type=event.object.type,
         object_id=event.object.id,
         assigned_at=event.occurred_at.isoformat(),
-        expires_at=expires_at(event, topic).isoformat(),
+        expires_at=expiry.isoformat(),
     )
     return NewDelivery(
         account_id=event.account_id,
@@ -195,7 +185,7 @@ def silent_assignment(notification_id: uuid.UUID, event: Event, topic: Topic, me
         channel="batching",
         topic=event.topic,
         payload=to_payload(assignment),
-        expires_at=expires_at(event, topic),
+        expires_at=expiry,
     )
 
 

@@ -53,7 +53,7 @@ async def list_dead(
         select delivery_id, account_id, notification_id, user_id, channel, topic, attempts, errors,
                created_at, finished_at
         from queue.deliveries
-        where account_id = $1 and state = 'dead' and delivery_id > $2 and ($3 = '' or channel = $3)
+        where account_id = $1 and dead and delivery_id > $2 and ($3 = '' or channel = $3)
         order by delivery_id
         limit $4
         """,
@@ -133,7 +133,7 @@ async def update_gauges(pool: asyncpg.Pool) -> dict[str, tuple[int, float]]:
         """
         select channel, count(*) as depth, coalesce(extract(epoch from now() - min(available_at)), 0)::float8 as age
         from queue.deliveries
-        where state = 'queued' and available_at <= now()
+        where finished_at is null and available_at <= now() and state = 'queued'
         group by channel
         """
     )

@@ -296,7 +296,8 @@ class Queue:
                     'error', case when last then $3::text else 'lease expired before the outcome was recorded' end))
             from (select delivery_id, account_id, attempts >= least(max_attempts, $2) as last
                   from queue.deliveries
-                  where channel = $1 and state = 'leased' and lease_expires_at < now()
+                  where channel = $1 and finished_at is null and available_at <= now()
+                    and state = 'leased' and lease_expires_at < now()
                   for update skip locked) x
             where d.account_id = x.account_id and d.delivery_id = x.delivery_id
             """,
@@ -311,7 +312,7 @@ class Queue:
         status = await self.pool.execute(
             """
             update queue.deliveries set state = 'expired', finished_at = now()
-            where channel = $1 and state = 'queued' and expires_at <= now()
+            where channel = $1 and finished_at is null and expires_at <= now() and state = 'queued'
             """,
             self.channel,
         )
@@ -319,18 +320,22 @@ class Queue:
 
 
 # One statement: walk the accounts with due work (a loose index scan on
-# deliveries_fair: one probe per account), give each an equal share of the
+# deliveries_pending: one probe per account), give each an equal share of the
 # limit, lock those rows (skipping other replicas' locks) and lease them.
+# Leased rows keep their place in deliveries_pending (so that a claim is a HOT
+# update, see migration 0003): the state test skips them, and the TTL test is
+# answered by the index.
 _CLAIM = """
 with recursive walk(account_id, n) as (
     (select account_id, 1 from queue.deliveries
-     where channel = $1 and state = 'queued' and available_at <= now() and account_id > $5
+     where channel = $1 and finished_at is null and available_at <= now() and expires_at > now()
+       and account_id > $5 and state = 'queued'
      order by account_id limit 1)
     union all
     select nxt.account_id, w.n + 1 from walk w,
     lateral (select d.account_id from queue.deliveries d
-             where d.channel = $1 and d.state = 'queued' and d.available_at <= now()
-               and d.account_id > w.account_id
+             where d.channel = $1 and d.finished_at is null and d.available_at <= now() and d.expires_at > now()
+               and d.account_id > w.account_id and d.state = 'queued'
              order by d.account_id limit 1) nxt
     where w.n < $2
 ),
@@ -338,8 +343,8 @@ share as (select greatest(1, ceil($2::float8 / nullif(count(*), 0)))::int as per
 picked as (
     select p.account_id, p.delivery_id from walk w, share s,
     lateral (select d.account_id, d.delivery_id from queue.deliveries d
-             where d.channel = $1 and d.account_id = w.account_id and d.state = 'queued'
-               and d.available_at <= now() and d.expires_at > now()
+             where d.channel = $1 and d.account_id = w.account_id and d.finished_at is null
+               and d.available_at <= now() and d.expires_at > now() and d.state = 'queued'
              order by d.available_at limit s.per
              for update skip locked) p
     limit $2
