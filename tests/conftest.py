@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import socket
 import tempfile
@@ -22,11 +23,21 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import grpc
 import pytest
-from belfry import db, migrate
+from belfry import access, db, identity, migrate
+from belfry.config import TlsSettings
 from belfry.local import database as embedded
 
 _DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+# The test run's mesh key: it mints the service tokens services and test clients present
+# (mutual TLS is off in tests, as in `belfry up`). Services hold only its public half.
+MESH_KEY = identity.SigningKey.generate("tests")
+# The identity test clients call as: configured (common_env) with every role of belfry.access, so
+# a test reaches any producer, provisioning, app or operator method. Methods only Belfry services may
+# call (EffectiveBatch, Unsubscribe) need that service's identity: client_tls("dispatcher").
+TEST_CALLER = "tests"
 
 
 def _dsn_for(admin_dsn: str, database: str) -> str:
@@ -111,8 +122,47 @@ def token_keys() -> dict[str, bytes]:
     return {"k1": b"k1-secret-for-tests-only-0123456789abcdef", "k2": b"k2-secret-for-tests-only-0123456789abcdef"}
 
 
-def common_env(database_url: str, token_keys: dict[str, bytes], **extra: str) -> dict[str, str]:
-    """An environment for ``load_settings`` of any service, bound to port 0."""
+@functools.cache
+def service_token(name: str) -> str:
+    """A service token for ``name``, signed with the run's mesh key."""
+    return MESH_KEY.mint(name, ttl_seconds=86_400)
+
+
+def client_tls(name: str = TEST_CALLER) -> TlsSettings:
+    """What a test client connects with (``belfry.rpc.connect``): plaintext, presenting ``name``'s service token."""
+    return TlsSettings(None, None, None, service_token(name))
+
+
+def acting_caller(method: str) -> str:
+    """Who a test client calls ``method`` as: the test caller where a role may call it, else a service that may."""
+    rule = access.RULES.get(method)
+    if rule is None or rule.callers & set(access.ROLES):
+        return TEST_CALLER
+    return min(rule.callers)
+
+
+def acting_channel(address: str) -> grpc.aio.Channel:
+    """A plaintext channel whose every call presents the token of a caller the allow-list admits for it.
+
+    For tests that exercise a service's internal methods (``EffectiveBatch`` as
+    the dispatcher, ``Unsubscribe`` as the gateway) next to its public ones;
+    ``tests/kit/test_kit_access.py`` checks who may call what.
+    """
+    return grpc.aio.insecure_channel(
+        address, interceptors=identity.presenting(lambda m: service_token(acting_caller(m)))
+    )
+
+
+def common_env(
+    database_url: str, token_keys: dict[str, bytes], *, identity: str | None = None, **extra: str
+) -> dict[str, str]:
+    """An environment for ``load_settings`` of any service, bound to port 0.
+
+    ``identity``: the service token the service presents to its peers (a
+    service that calls others, such as the dispatcher, needs its own name).
+    Processes started through ``belfry.local.supervisor`` get theirs minted
+    from ``BELFRY_SERVICE_SIGNING_KEY``, as under ``belfry up``.
+    """
     env = {
         "BELFRY_DATABASE_URL": database_url,
         "BELFRY_GRPC_ADDRESS": "127.0.0.1:0",
@@ -123,7 +173,15 @@ def common_env(database_url: str, token_keys: dict[str, bytes], **extra: str) ->
         "BELFRY_DB_POOL_MIN": "1",
         "BELFRY_DB_POOL_MAX": "4",
         "BELFRY_PROCESSES": "1",  # one process per service, as under `belfry up` (not one per CPU)
+        "BELFRY_SERVICE_TOKEN_KEYS": MESH_KEY.public(),
+        "BELFRY_SERVICE_SIGNING_KEY": MESH_KEY.dump(),
+        "BELFRY_PRODUCERS": f"{TEST_CALLER}=*",
+        "BELFRY_PROVISIONING": TEST_CALLER,
+        "BELFRY_APPS": TEST_CALLER,
+        "BELFRY_OPERATORS": TEST_CALLER,
     }
+    if identity is not None:
+        env["BELFRY_SERVICE_TOKEN"] = service_token(identity)
     env.update(extra)
     return env
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import grpc
 
-from belfry import auth, config, migrate, rpc, service
+from belfry import auth, config, identity, migrate, rpc, service
 from belfry.errors import BelfryError, ConfigError
 from belfry.local import demo, mailcatcher, supervisor
 
@@ -33,10 +33,11 @@ def _migrate(_: argparse.Namespace) -> int:
 
 
 async def _after_up(env: dict[str, str]) -> None:
-    channel = rpc.connect(env["BELFRY_PREFERENCES_ADDRESS"], config.TlsSettings(None, None, None))
+    local = supervisor.client_tls(env)
+    channel = rpc.connect(env["BELFRY_PREFERENCES_ADDRESS"], local)
     await demo.seed(channel)
     await channel.close()
-    dispatcher = rpc.connect(env["BELFRY_DISPATCHER_ADDRESS"], config.TlsSettings(None, None, None))
+    dispatcher = rpc.connect(env["BELFRY_DISPATCHER_ADDRESS"], local)
     answer = await demo.publish(
         dispatcher,
         demo.event(
@@ -65,8 +66,16 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _publish(args: argparse.Namespace) -> int:
+    # A producer's own service token when given one; else the local mesh's, minted with the key `belfry up` keeps.
+    given = os.environ.get("BELFRY_SERVICE_TOKEN", "")
+    local = (
+        config.TlsSettings(None, None, None, given)
+        if given
+        else supervisor.client_tls({supervisor.SIGNING_KEY: _local_secret(args.home, supervisor.SIGNING_KEY)})
+    )
+
     async def run() -> int:
-        channel = rpc.connect(args.dispatcher, config.TlsSettings(None, None, None))
+        channel = rpc.connect(args.dispatcher, local)
         try:
             answer = await demo.publish(
                 channel,
@@ -109,21 +118,39 @@ def _mail(args: argparse.Namespace) -> int:
     return 0
 
 
-def _local_token_keys(home: Path) -> str:
-    """The signing keys ``belfry up`` wrote into ``home``; a ConfigError saying what to do when there are none."""
+def _local_secret(home: Path, name: str) -> str:
+    """``name`` from the environment, else from the secrets ``belfry up`` wrote into ``home``; a ConfigError saying what to do."""
+    if os.environ.get(name):
+        return os.environ[name]
     path = home / "secrets.env"
     try:
         text = path.read_text()
     except FileNotFoundError:
         text = ""
     known = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
-    if "BELFRY_TOKEN_KEYS" not in known:
+    if name not in known:
         raise ConfigError(
-            f"no token signing keys: BELFRY_TOKEN_KEYS is not set and {path} holds none; "
-            f"run `belfry --home {home} up` once (it creates them there), "
-            "or set BELFRY_TOKEN_KEYS (and BELFRY_TOKEN_ACTIVE_KID) to the keys the services use"
+            f"no signing key: {name} is not set and {path} holds none; "
+            f"run `belfry --home {home} up` once (it creates it there), or set {name} to the key the mesh uses"
         )
-    return known["BELFRY_TOKEN_KEYS"]
+    return known[name]
+
+
+def _local_token_keys(home: Path) -> str:
+    """The user-token signing keys ``belfry up`` wrote into ``home`` (BELFRY_TOKEN_KEYS)."""
+    return _local_secret(home, "BELFRY_TOKEN_KEYS")
+
+
+def _service_token(args: argparse.Namespace) -> int:
+    key = identity.SigningKey.parse(_local_secret(args.home, supervisor.SIGNING_KEY))
+    print(key.mint(args.identity, ttl_seconds=args.ttl_days * 86_400))
+    return 0
+
+
+def _service_key(args: argparse.Namespace) -> int:
+    key = identity.SigningKey.generate(args.kid)
+    print(f"{supervisor.SIGNING_KEY}={key.dump()}\nBELFRY_SERVICE_TOKEN_KEYS={key.public()}")
+    return 0
 
 
 def _token(args: argparse.Namespace) -> int:
@@ -170,6 +197,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--user", default="alice")
     p.add_argument("--ttl", type=int, default=0, help="lifetime in seconds (default: BELFRY_TOKEN_TTL_SECONDS, 900)")
     p.set_defaults(run=_token)
+    p = sub.add_parser("service-key", help="make a service-token signing key (keep it; give services its public half)")
+    p.add_argument("--kid", default="k1", help="key id (a new one for each rotation)")
+    p.set_defaults(run=_service_key)
+    p = sub.add_parser("service-token", help=f"mint a service token with {supervisor.SIGNING_KEY} (or belfry up's)")
+    p.add_argument("identity", help="a service name, or a configured producer, provisioning, app or operator")
+    p.add_argument("--ttl-days", type=int, default=90)
+    p.set_defaults(run=_service_token)
     return parser
 
 

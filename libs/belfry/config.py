@@ -11,11 +11,12 @@ import builtins
 import datetime
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
 
+from belfry import trust
 from belfry.errors import ConfigError
 from belfry.processes import PROCESSES, SLOT, available_cpus
 
@@ -168,11 +169,18 @@ def token_ttl_seconds(env: Env) -> int:
 
 @dataclass(frozen=True)
 class TlsSettings:
-    """Mutual TLS material: configured together (``check_tls``), servers then require client certificates."""
+    """How this process proves who it is to peers (and checks them).
+
+    Mutual TLS material, configured together (``check_tls``): servers then
+    require client certificates from the CA. Where TLS is off, the service
+    token (``belfry.identity``) that every channel from ``belfry.rpc.connect``
+    presents instead.
+    """
 
     cert: Path | None
     key: Path | None
     ca: Path | None
+    service_token: str = ""
 
     @property
     def enabled(self) -> bool:
@@ -205,6 +213,12 @@ class CommonSettings:
     process_slot: int | None = None
     # Plaintext gRPC health only, for kubelet probes (they cannot present a client certificate).
     health_address: str = ""
+    # Production refuses HS256 user tokens and needs mutual TLS and the identity provider.
+    production: bool = False
+    user_tokens: trust.UserTokenSettings = field(default_factory=trust.UserTokenSettings)
+    mesh: trust.MeshSettings = field(default_factory=trust.MeshSettings)
+    # gRPC server reflection: off unless switched on (it lists every method to whoever reaches the port).
+    grpc_reflection: bool = False
 
 
 def check_tls(env: Env, tls: TlsSettings, *, now: datetime.datetime | None = None) -> None:
@@ -248,9 +262,9 @@ def load_common(service: str, env: Env, *, default_port: int | None = None) -> C
 
     The gRPC port defaults to ``default_port``, else to the one the service declares.
     """
-    if default_port is None:
-        from belfry.service import declaration  # noqa: PLC0415 - belfry.service imports this module
+    from belfry.service import declaration, declared  # noqa: PLC0415 - belfry.service imports this module
 
+    if default_port is None:
         default_port = declaration(service).port
     raw_keys = env.str("BELFRY_TOKEN_KEYS", "")
     try:
@@ -261,8 +275,13 @@ def load_common(service: str, env: Env, *, default_port: int | None = None) -> C
     active = env.str("BELFRY_TOKEN_ACTIVE_KID", next(iter(keys), ""))
     if keys and active not in keys:
         env.problem(f"BELFRY_TOKEN_ACTIVE_KID={active!r} is not one of the kids in BELFRY_TOKEN_KEYS")
-    tls = TlsSettings(env.path("BELFRY_TLS_CERT"), env.path("BELFRY_TLS_KEY"), env.path("BELFRY_TLS_CA"))
+    own_token = env.str("BELFRY_SERVICE_TOKEN", "")
+    tls = TlsSettings(env.path("BELFRY_TLS_CERT"), env.path("BELFRY_TLS_KEY"), env.path("BELFRY_TLS_CA"), own_token)
     check_tls(env, tls)
+    production = env.bool("BELFRY_PRODUCTION", False)
+    if production and not tls.enabled:
+        env.problem("BELFRY_PRODUCTION=true needs mutual TLS (BELFRY_TLS_CERT, BELFRY_TLS_KEY, BELFRY_TLS_CA)")
+    services = frozenset(d.name for d in declared())
     return CommonSettings(
         service=service,
         database_url=database_url(env),
@@ -281,4 +300,8 @@ def load_common(service: str, env: Env, *, default_port: int | None = None) -> C
         token_ttl_seconds=token_ttl_seconds(env),
         health_address=env.str("BELFRY_HEALTH_ADDRESS", ""),
         max_retry_after_seconds=env.float("BELFRY_MAX_RETRY_AFTER_SECONDS", 3600.0, minimum=1.0),
+        production=production,
+        user_tokens=trust.load_user_tokens(env, production=production, hs256=bool(keys)),
+        mesh=trust.load_mesh(env, service=service, services=services, own_token=own_token),
+        grpc_reflection=env.bool("BELFRY_GRPC_REFLECTION", False),
     )

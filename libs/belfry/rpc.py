@@ -1,10 +1,11 @@
 """The one gRPC bootstrap every service uses.
 
-``create_server`` builds a grpc.aio server with the standard health and
-reflection services and the error/logging/metrics interceptor, binds it
-(port 0 in tests) and returns it with the bound port (``belfry.service`` runs
-it and drains on SIGTERM). Typed errors are mapped to status codes here and
-nowhere else.
+``create_server`` builds a grpc.aio server with the standard health service
+(and reflection when switched on) and the one interceptor, binds it (port 0
+in tests) and returns it with the bound port (``belfry.service`` runs it and
+drains on SIGTERM). The interceptor admits each call by the allow-list of
+``belfry.access`` before anything else happens, and maps typed errors to
+status codes here and nowhere else.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
-from belfry import balance, errors, log, metrics
-from belfry.config import TlsSettings
+from belfry import access, balance, errors, identity, log, metrics
+from belfry.auth import TokenVerifier, bearer
+from belfry.config import CommonSettings, TlsSettings
 
 _LOG = log.get(__name__)
 
@@ -129,7 +131,15 @@ def to_status(exc: errors.BelfryError) -> grpc.Status:
 
 
 class _Interceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ships no type stubs
-    """Binds log context, maps typed errors, counts and times every RPC.
+    """Admits, binds log context, maps typed errors, counts and times every RPC.
+
+    First the gate (``belfry.access``): a caller the allow-list does not name
+    for the method gets PERMISSION_DENIED (UNAUTHENTICATED when it proves no
+    identity) before the request is looked at; a bound producer's request is
+    checked for its accounts (on a stream, message by message). Then, for a
+    call carrying a user token, the user-token keys are made ready (an
+    identity provider's new key is fetched here, so servicers verify in one
+    synchronous step).
 
     It also guards every request deserializer: bytes that are not the
     request message (invalid UTF-8 in a string, a corrupt encoding) get
@@ -137,8 +147,10 @@ class _Interceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc sh
     alike, instead of grpc's UNKNOWN.
     """
 
-    def __init__(self, service: str) -> None:
+    def __init__(self, service: str, gate: access.Gate, user_tokens: TokenVerifier | None) -> None:
         self._service = service
+        self._gate = gate
+        self._user_tokens = user_tokens
 
     async def intercept_service(
         self,
@@ -149,7 +161,37 @@ class _Interceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc sh
         method = handler_call_details.method
         if handler is None or method.startswith(("/grpc.health", "/grpc.reflection")):
             return handler
-        return _wrap(handler, method, self._service)
+        return _wrap(handler, method, self._service, _Admission(method, self._gate, self._user_tokens))
+
+
+class _Admission:
+    """One method's admission: the gate's verdict, then the user-token keys."""
+
+    __slots__ = ("gate", "method", "user_tokens")
+
+    def __init__(self, method: str, gate: access.Gate, user_tokens: TokenVerifier | None) -> None:
+        self.method = method
+        self.gate = gate
+        self.user_tokens = user_tokens
+
+    async def __call__(self, context: grpc.aio.ServicerContext) -> access.Grant:
+        grant = self.gate.admit(self.method, context)
+        structlog.contextvars.bind_contextvars(caller=grant.caller)
+        if self.user_tokens is not None and grant.rule.user:
+            try:
+                token = bearer(context.invocation_metadata())
+            except errors.Unauthenticated:
+                token = None  # the servicer says what is wrong with it
+            if token is not None:
+                await self.user_tokens.prepare(token)
+        return grant
+
+
+async def _checked(requests: AsyncIterator[Any], grant: access.Grant) -> AsyncIterator[Any]:
+    """A request stream whose every message is checked against the caller's accounts as it is read."""
+    async for request in requests:
+        grant.check(request)
+        yield request
 
 
 async def _observe(
@@ -183,11 +225,11 @@ async def _observe(
         # One canonical line per request; healthy traffic at debug level.
         level = _LOG.info if code != grpc.StatusCode.OK else _LOG.debug
         level("rpc", code=code.name, ms=round(elapsed * 1000, 2))
-        structlog.contextvars.unbind_contextvars("rpc", "request_id")
+        structlog.contextvars.unbind_contextvars("rpc", "request_id", "caller")
 
 
-def _wrap(handler: grpc.RpcMethodHandler, method: str, service: str) -> grpc.RpcMethodHandler:
-    """The same handler, observed, with its request deserializer guarded."""
+def _wrap(handler: grpc.RpcMethodHandler, method: str, service: str, admit: _Admission) -> grpc.RpcMethodHandler:
+    """The same handler, admitted and observed, with its request deserializer guarded."""
     parse = handler.request_deserializer
     if parse is not None:
         parse = (_guard_stream if handler.request_streaming else _guard_unary)(parse, method)
@@ -195,8 +237,10 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, service: str) -> grpc.Rpc
         inner_uu = handler.unary_unary
 
         async def call_uu(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            grant = await admit(context)
             if type(request) is _Undecodable:
                 raise request.error
+            grant.check(request)
             return await inner_uu(request, context)
 
         async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -210,9 +254,15 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, service: str) -> grpc.Rpc
         # it for streaming methods, and it lets ``_observe`` see the whole call.
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> None:
             async def drain() -> None:
-                if type(request) is _Undecodable:
+                grant = await admit(context)
+                if handler.request_streaming:
+                    arg = _checked(request, grant) if grant.binds() else request
+                elif type(request) is _Undecodable:
                     raise request.error
-                result = streaming(request, context)
+                else:
+                    grant.check(request)
+                    arg = request
+                result = streaming(arg, context)
                 if hasattr(result, "__aiter__"):
                     async for item in result:
                         await context.write(item)
@@ -228,7 +278,11 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, service: str) -> grpc.Rpc
     inner_su = handler.stream_unary
 
     async def stream_unary(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
-        return await _observe(service, method, context, lambda: inner_su(requests, context))
+        async def call_su() -> Any:
+            grant = await admit(context)
+            return await inner_su(_checked(requests, grant) if grant.binds() else requests, context)
+
+        return await _observe(service, method, context, call_su)
 
     return grpc.stream_unary_rpc_method_handler(stream_unary, parse, handler.response_serializer)
 
@@ -259,7 +313,11 @@ def channel_credentials(tls: TlsSettings) -> grpc.ChannelCredentials | None:
 
 
 def connect(target: str, tls: TlsSettings, *, override_authority: str | None = None) -> grpc.aio.Channel:
-    """One long-lived channel per peer (reuse it; never open one per call)."""
+    """One long-lived channel per peer (reuse it; never open one per call).
+
+    It presents our identity: the client certificate with mutual TLS, else
+    the service token of ``tls`` on every call.
+    """
     options: list[tuple[str, Any]] = [
         *balance.CHANNEL_OPTIONS,  # every replica of the target, round robin; keepalives
         ("grpc.max_receive_message_length", 16 * 1024 * 1024),
@@ -267,8 +325,9 @@ def connect(target: str, tls: TlsSettings, *, override_authority: str | None = N
     if override_authority:
         options.append(("grpc.ssl_target_name_override", override_authority))
     creds = channel_credentials(tls)
+    interceptors = identity.presenting(tls.service_token) if tls.service_token and creds is None else None
     if creds is None:
-        return grpc.aio.insecure_channel(target, options=options)
+        return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
     return grpc.aio.secure_channel(target, creds, options=options)
 
 
@@ -290,6 +349,11 @@ async def create_health_server(
     return server, port
 
 
+def gate_for(common: CommonSettings) -> access.Gate:
+    """The gate of a service: its configured callers, service-token keys and trust domain."""
+    return access.Gate(common.mesh.callers, tokens=common.mesh.verifier(), trust_domain=common.mesh.trust_domain)
+
+
 async def create_server(
     service: str,
     registrations: Sequence[Registration],
@@ -297,15 +361,21 @@ async def create_server(
     address: str,
     tls: TlsSettings,
     *,
+    gate: access.Gate | None = None,
+    user_tokens: TokenVerifier | None = None,
+    reflection_on: bool = False,
     reuse_port: bool = False,
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """Build and bind a server (not yet started); return it, its port and its health servicer.
 
-    ``reuse_port``: the port is shared with the pod's other worker processes
-    (``SO_REUSEPORT``: the kernel spreads new connections over them).
+    Without a ``gate`` nothing but health is admitted (deny by default).
+    Reflection lists every method to whoever reaches the port, so it is off
+    unless ``reflection_on``; health is always served. ``reuse_port``: the
+    port is shared with the pod's other worker processes (``SO_REUSEPORT``:
+    the kernel spreads new connections over them).
     """
     server = grpc.aio.server(
-        interceptors=[_Interceptor(service)],
+        interceptors=[_Interceptor(service, gate or access.Gate(access.Callers(), rules={}), user_tokens)],
         options=[
             ("grpc.max_receive_message_length", 16 * 1024 * 1024),
             *balance.SERVER_OPTIONS,
@@ -318,7 +388,8 @@ async def create_server(
         register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    if reflection_on:
+        reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     creds = server_credentials(tls)
     port = server.add_secure_port(address, creds) if creds is not None else server.add_insecure_port(address)
     if port == 0:

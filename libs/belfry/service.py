@@ -27,7 +27,7 @@ import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2
 
-from belfry import background, db, log, metrics, processes, rpc
+from belfry import auth, background, db, log, metrics, processes, rpc
 from belfry.config import CommonSettings
 from belfry.errors import ConfigError
 
@@ -143,7 +143,15 @@ async def start(
     built = await build(own_pool)
     shared = common.process_slot is not None  # one of a pod's workers: its ports are the pod's
     server, port, health_servicer = await rpc.create_server(
-        name, built.registrations, built.service_names, common.grpc_address, common.tls, reuse_port=shared
+        name,
+        built.registrations,
+        built.service_names,
+        common.grpc_address,
+        common.tls,
+        gate=rpc.gate_for(common),
+        user_tokens=_user_tokens(common),
+        reflection_on=common.grpc_reflection,
+        reuse_port=shared,
     )
     await server.start()
     running = Running(server, port, health_servicer, own_pool, built, owns_pool=pool is None)
@@ -161,6 +169,14 @@ async def start(
     readiness = _readiness(own_pool, health_servicer, [*built.service_names, ""])
     running.tasks = [spawn(loop) for loop in [readiness, *built.background]]
     return running
+
+
+def _user_tokens(common: CommonSettings) -> auth.TokenVerifier | None:
+    """The process's user-token verifier, or None for a service configured without one (it verifies none)."""
+    try:
+        return auth.user_tokens(common)
+    except ConfigError:
+        return None
 
 
 def _readiness(pool: asyncpg.Pool, health_servicer: health.aio.HealthServicer, names: Sequence[str]) -> Background:

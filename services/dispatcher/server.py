@@ -9,7 +9,7 @@ import asyncpg
 import grpc
 from belfry import background, log, rpc, service
 from belfry.api.dispatcher.v1 import dispatcher_pb2, dispatcher_pb2_grpc
-from belfry.auth import TokenVerifier
+from belfry.auth import user_tokens
 from belfry.preferences import Preferences
 
 from services.dispatcher import store
@@ -39,7 +39,7 @@ def build_for(settings: Settings) -> Callable[[asyncpg.Pool], Awaitable[service.
             dispatcher, pool, settings.limits, max_batch=settings.max_batch, writers=settings.publish_writers
         )
 
-        follow_servicer = FollowServicer(pool, TokenVerifier(settings.common.token_keys))
+        follow_servicer = FollowServicer(pool, user_tokens(settings.common))
 
         def register(server: grpc.aio.Server) -> None:
             dispatcher_pb2_grpc.add_DispatcherServiceServicer_to_server(servicer, server)

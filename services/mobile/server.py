@@ -9,7 +9,7 @@ import asyncpg
 import httpx
 from belfry import log
 from belfry.api.mobile.v1 import mobile_pb2_grpc as pb_grpc
-from belfry.auth import TokenVerifier
+from belfry.auth import user_tokens
 from belfry.queue import admin
 from belfry.queue.sender import sender_loops
 from belfry.service import Built
@@ -42,7 +42,7 @@ def build_for(settings: Settings) -> Callable[[asyncpg.Pool], Awaitable[Built]]:
             if provider is None:
                 _LOG.warning("push provider not configured; its deliveries fail with 'not configured'", provider=name)
         sender = MobileSender(pool=pool, android=fcm, ios=apns, fanout=settings.sender.fanout)
-        verifier = TokenVerifier(settings.common.token_keys)
+        verifier = user_tokens(settings.common)
         servicer = MobileServicer(pool, verifier, max_per_user=settings.max_devices_per_user)
         queue_admin = admin.QueueAdmin(pool, verifier, settings.sender.preferences_address, settings.common.tls)
         return Built(

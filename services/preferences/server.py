@@ -8,7 +8,7 @@ import asyncpg
 from belfry import rpc
 from belfry.api.directory.v1 import directory_pb2, directory_pb2_grpc
 from belfry.api.preferences.v1 import preferences_pb2, preferences_pb2_grpc
-from belfry.auth import TokenVerifier
+from belfry.auth import user_tokens
 from belfry.client import Publisher, Retries
 from belfry.queue.sender import sender_loops
 from belfry.service import Built
@@ -33,7 +33,7 @@ def build_for(settings: Settings, *, clock: Clock = store.utcnow) -> Callable[[a
         engine = Engine(pool, catalogue, clock, settings.max_batch)
         operations = Operations(pool, engine, app_url=settings.app_url)
         batch = BatchAnswers(pool, engine, settings.max_batch)
-        prefs = PreferencesServicer(engine, batch, operations, TokenVerifier(settings.common.token_keys))
+        prefs = PreferencesServicer(engine, batch, operations, user_tokens(settings.common))
         # The notices' sender publishes one event per attempt: the queue's backoff does the retrying.
         dispatcher = rpc.connect(settings.dispatcher_address, settings.common.tls)
         publish = notices.publisher_handler(Publisher(dispatcher, retries=Retries(attempts=1)))

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 import asyncpg
 from belfry import background, log, ssrf
 from belfry.api.webhooks.v1 import webhooks_pb2_grpc as pb_grpc
-from belfry.auth import TokenVerifier
+from belfry.auth import user_tokens
 from belfry.queue import admin
 from belfry.queue.sender import sender_loops
 from belfry.service import Built
@@ -29,7 +29,7 @@ def build_for(settings: Settings) -> Callable[[asyncpg.Pool], Awaitable[Built]]:
         box = SecretBox(load_or_create_key(settings.secret_key, settings.secret_key_file), settings.secret_other_keys)
         guard = ssrf.Guard(settings.policy)
         client = ssrf.client(ca_file=settings.ca_file, timeout=settings.timeout_seconds)
-        verifier = TokenVerifier(settings.common.token_keys)
+        verifier = user_tokens(settings.common)
         sender = WebhookSender(pool=pool, client=client, guard=guard, box=box, fanout=settings.sender.fanout)
         servicer = WebhooksServicer(pool, verifier, guard, box, max_per_user=settings.max_per_user)
         queue_admin = admin.QueueAdmin(pool, verifier, settings.sender.preferences_address, settings.common.tls)

@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 import asyncpg
 from belfry import ssrf
 from belfry.api.webpush.v1 import webpush_pb2_grpc as pb_grpc
-from belfry.auth import TokenVerifier
+from belfry.auth import user_tokens
 from belfry.queue import admin
 from belfry.queue.sender import sender_loops
 from belfry.service import Built
@@ -38,7 +38,7 @@ def build_for(settings: Settings) -> Callable[[asyncpg.Pool], Awaitable[Built]]:
             timeout=settings.timeout_seconds,
             max_connections=settings.max_connections,
         )
-        verifier = TokenVerifier(settings.common.token_keys)
+        verifier = user_tokens(settings.common)
         sender = WebPushSender(
             pool=pool,
             session=session,

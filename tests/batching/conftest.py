@@ -32,7 +32,7 @@ from services.batching.server import build_for as batching_build_for
 from services.batching.settings import load_settings as batching_settings
 from services.preferences.server import build_for as prefs_build_for
 from services.preferences.settings import load_settings as prefs_settings
-from tests.conftest import common_env, fresh_database, open_pool
+from tests.conftest import client_tls, common_env, fresh_database, open_pool
 
 TOPICS = {
     "contact": "contacts.contact_assigned",
@@ -130,7 +130,7 @@ class World:
 
     def stub(self, running: service.Running) -> batching_pb2_grpc.BatchingServiceStub:
         """A client of a replica's operator API."""
-        channel = rpc.connect(f"127.0.0.1:{running.port}", batching_settings(self.env).common.tls)
+        channel = rpc.connect(f"127.0.0.1:{running.port}", client_tls())
         self.channels.append(channel)
         return batching_pb2_grpc.BatchingServiceStub(channel)
 
@@ -264,7 +264,7 @@ async def prefs(
     """The real preferences service for the session."""
     settings = prefs_settings(common_env(database_url, token_keys))
     running = await service.start("preferences", settings.common, prefs_build_for(settings, clock=shared_clock.now))
-    channel = rpc.connect(f"127.0.0.1:{running.port}", settings.common.tls)
+    channel = rpc.connect(f"127.0.0.1:{running.port}", client_tls())
     yield Prefs(
         preferences_pb2_grpc.PreferencesServiceStub(channel),
         directory_pb2_grpc.DirectoryServiceStub(channel),
@@ -285,6 +285,7 @@ async def world(
     env = common_env(
         database_url,
         token_keys,
+        identity="batching",
         BELFRY_PREFERENCES_ADDRESS=prefs.address,
         BELFRY_BATCHING_WINDOW_SECONDS="300",
         BELFRY_BATCHING_TICK_SECONDS="0.05",

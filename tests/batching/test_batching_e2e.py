@@ -15,6 +15,7 @@ from services.email.settings import load_settings as email_settings
 from services.gateway import server as gateway_server
 from services.gateway import settings as gateway_settings
 from tests.batching.conftest import World
+from tests.conftest import service_token
 from tests.email.email_helpers import Capture, email_env
 
 
@@ -41,7 +42,12 @@ async def test_three_assignments_arrive_as_one_email_and_one_bell_item(
         await service.start("email", mail_settings.common, email_build_for(mail_settings), pool=world.pool)
     ]
     gw = gateway_settings.load_settings(
-        {**world.env, "BELFRY_GATEWAY_HTTP_HOST": "127.0.0.1", "BELFRY_GATEWAY_HTTP_PORT": "0"}
+        {
+            **world.env,
+            "BELFRY_GATEWAY_HTTP_HOST": "127.0.0.1",
+            "BELFRY_GATEWAY_HTTP_PORT": "0",
+            "BELFRY_SERVICE_TOKEN": service_token("gateway"),
+        }
     )
     senders.append(await service.start("gateway", gw.common, gateway_server.GatewayBuild(gw), pool=world.pool))
     try:

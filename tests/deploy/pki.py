@@ -62,8 +62,13 @@ class Authority:
         """The CA certificate file peers trust."""
         return self.folder / f"{self.name}-ca.pem"
 
-    def issue(self, leaf: str, *, expired: bool = False) -> TlsSettings:
-        """A leaf for ``localhost``/127.0.0.1, written to files; ``expired`` ended yesterday."""
+    def issue(self, leaf: str, *, expired: bool = False, spiffe: bool = True) -> TlsSettings:
+        """A leaf for ``localhost``/127.0.0.1, written to files; ``expired`` ended yesterday.
+
+        It names its holder as the mesh's certificates do: ``spiffe://belfry/<leaf>``
+        (without ``spiffe``, by DNS names only).
+        """
+        names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(f"spiffe://belfry/{leaf}")] if spiffe else []
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
         start, end = (now - 30 * _DAY, now - _DAY) if expired else (now - _DAY, now + 30 * _DAY)
@@ -78,7 +83,12 @@ class Authority:
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
                 x509.SubjectAlternativeName(
-                    [x509.DNSName("localhost"), x509.DNSName(leaf), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                    [
+                        *names,
+                        x509.DNSName("localhost"),
+                        x509.DNSName(leaf),
+                        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                    ]
                 ),
                 critical=False,
             )

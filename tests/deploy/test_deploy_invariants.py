@@ -26,6 +26,7 @@ OPERATOR_SECRETS = {
     "belfry-webhooks",
     "belfry-fcm",
     "belfry-apns",
+    "belfry-service-tokens",
 }
 # Secrets made by operators running in the cluster: CloudNativePG and cert-manager.
 CONTROLLER_SECRETS = {"belfry-db-app"} | {f"belfry-{name}-tls" for name in SERVICES}

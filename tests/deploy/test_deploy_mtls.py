@@ -56,6 +56,7 @@ async def mesh(
         BELFRY_TLS_KEY=str(own.key),
         BELFRY_TLS_CA=str(own.ca),
         BELFRY_HEALTH_ADDRESS="127.0.0.1:0",
+        BELFRY_GRPC_REFLECTION="true",  # switched on here: the second RPC below lists services
     )
     reader = Env(env)
     common = load_common("preferences", reader, default_port=50051)

@@ -56,7 +56,8 @@ async def pod(tmp_path_factory: pytest.TempPathFactory, database_url: str) -> As
     settings = load_settings(environ)
     running = await service.start("preferences", settings.common, build_for(settings))
     try:
-        yield Pod(running.port, running.probe_port, authority.issue("dispatcher"))
+        # The gateway's certificate: the allow-list lets it call the user-facing preferences RPCs.
+        yield Pod(running.port, running.probe_port, authority.issue("gateway"))
     finally:
         await running.stop(0)
 

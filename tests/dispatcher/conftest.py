@@ -18,17 +18,17 @@ from belfry.api.directory.v1 import directory_pb2, directory_pb2_grpc
 from belfry.api.dispatcher.v1 import dispatcher_pb2 as pb
 from belfry.api.dispatcher.v1 import dispatcher_pb2_grpc
 from belfry.api.preferences.v1 import preferences_pb2_grpc
-from belfry.config import TlsSettings
 
 from services.dispatcher.server import build_for as dispatcher_build
 from services.dispatcher.settings import load_settings as dispatcher_settings
 from services.preferences.server import build_for as preferences_build
 from services.preferences.settings import load_settings as preferences_settings
-from tests.conftest import common_env, fanned_out, fresh_database, open_pool
+from tests.conftest import client_tls, common_env, fanned_out, fresh_database, open_pool
 
 # The preferences service's clock is pinned, so quiet hours are decided at a known instant.
 PINNED_NOW = dt.datetime.now(dt.UTC).replace(second=0, microsecond=0)
-NO_TLS = TlsSettings(None, None, None)
+# Plaintext, presenting the test caller's service token (every role but the services' own).
+NO_TLS = client_tls()
 
 
 @dataclass
@@ -54,7 +54,9 @@ async def mesh(database_url: str, token_keys: dict[str, bytes], pool: asyncpg.Po
     )
     address = f"127.0.0.1:{prefs.port}"
     settings = dispatcher_settings(
-        common_env(database_url, token_keys, BELFRY_PREFERENCES_ADDRESS=address, BELFRY_DB_POOL_MAX="8")
+        common_env(
+            database_url, token_keys, identity="dispatcher", BELFRY_PREFERENCES_ADDRESS=address, BELFRY_DB_POOL_MAX="8"
+        )
     )
     disp = await service.start("dispatcher", settings.common, dispatcher_build(settings))
     prefs_channel = rpc.connect(address, NO_TLS)

@@ -47,6 +47,7 @@ async def batching(mesh: Mesh, token_keys: dict[str, bytes]) -> AsyncIterator[Ma
     env = common_env(
         mesh.database_url,
         token_keys,
+        identity="batching",
         BELFRY_PREFERENCES_ADDRESS=mesh.preferences_address,
         BELFRY_BATCHING_WINDOW_SECONDS=str(WINDOW),
         BELFRY_BATCHING_TICK_SECONDS="0.05",

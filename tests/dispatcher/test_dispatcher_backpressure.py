@@ -22,7 +22,13 @@ async def _start(
     mesh: Mesh, token_keys: dict[str, bytes], **env: str
 ) -> AsyncIterator[dispatcher_pb2_grpc.DispatcherServiceStub]:
     settings = load_settings(
-        common_env(mesh.database_url, token_keys, BELFRY_PREFERENCES_ADDRESS=mesh.preferences_address, **env)
+        common_env(
+            mesh.database_url,
+            token_keys,
+            identity="dispatcher",
+            BELFRY_PREFERENCES_ADDRESS=mesh.preferences_address,
+            **env,
+        )
     )
     running = await service.start("dispatcher", settings.common, build_for(settings))
     channel = rpc.connect(f"127.0.0.1:{running.port}", NO_TLS)

@@ -67,7 +67,13 @@ async def test_stream_yields_every_event_with_its_status(mesh: Mesh, account_id:
 
 async def _dispatcher(mesh: Mesh, token_keys: dict[str, bytes], **env: str) -> service.Running:
     settings = load_settings(
-        common_env(mesh.database_url, token_keys, BELFRY_PREFERENCES_ADDRESS=mesh.preferences_address, **env)
+        common_env(
+            mesh.database_url,
+            token_keys,
+            identity="dispatcher",
+            BELFRY_PREFERENCES_ADDRESS=mesh.preferences_address,
+            **env,
+        )
     )
     return await service.start("dispatcher", settings.common, build_for(settings))
 

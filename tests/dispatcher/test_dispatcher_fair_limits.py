@@ -33,7 +33,9 @@ async def dispatcher(
     database_url: str, token_keys: dict[str, bytes], preferences: str, **env: str
 ) -> AsyncIterator[dispatcher_pb2_grpc.DispatcherServiceStub]:
     """One dispatcher replica with ``env``."""
-    settings = load_settings(common_env(database_url, token_keys, BELFRY_PREFERENCES_ADDRESS=preferences, **env))
+    settings = load_settings(
+        common_env(database_url, token_keys, identity="dispatcher", BELFRY_PREFERENCES_ADDRESS=preferences, **env)
+    )
     running = await service.start("dispatcher", settings.common, build_for(settings))
     channel = rpc.connect(f"127.0.0.1:{running.port}", NO_TLS)
     try:

@@ -35,6 +35,7 @@ async def test_workers_on_the_smallest_pool_fan_out_a_backlog_of_many_accounts_a
         common_env(
             mesh.database_url,
             token_keys,
+            identity="dispatcher",
             BELFRY_PREFERENCES_ADDRESS=mesh.preferences_address,
             BELFRY_DB_POOL_MAX="4",
             BELFRY_DISPATCHER_FANOUT_WORKERS="2",

@@ -6,11 +6,12 @@ import uuid
 
 import grpc
 import pytest
+from belfry import rpc
 from belfry.api.directory.v1 import directory_pb2
 from belfry.api.dispatcher.v1 import dispatcher_pb2 as pb
 from belfry.message import Message
 
-from tests.dispatcher.conftest import Mesh, deliveries, event, publish, refused, seed
+from tests.dispatcher.conftest import NO_TLS, Mesh, deliveries, event, publish, refused, seed
 
 
 async def test_publish_writes_notification_and_one_delivery_per_channel(mesh: Mesh, account_id: str) -> None:
@@ -106,7 +107,7 @@ async def test_invalid_utf8_is_invalid_argument(mesh: Mesh, account_id: str) -> 
     good.object.display_name = "AAAA"
     raw = good.SerializeToString()
     broken = raw.replace(b"AAAA", b"A\xff\xfeA")
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{mesh.dispatcher_port}")
+    channel = rpc.connect(f"127.0.0.1:{mesh.dispatcher_port}", NO_TLS)
     call = channel.unary_unary(
         "/belfry.api.dispatcher.v1.DispatcherService/Publish",
         request_serializer=lambda b: b"\x0a" + _varint(len(b)) + b,
@@ -126,7 +127,7 @@ async def test_a_stream_acknowledges_what_came_before_an_undecodable_message_the
     damaged = event(account_id, recipient_user_ids=["ana"])
     damaged.object.display_name = "AAAA"
     broken = pb.PublishStreamRequest(sequence=2, event=damaged).SerializeToString().replace(b"AAAA", b"A\xff\xfeA")
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{mesh.dispatcher_port}") as channel:
+    async with rpc.connect(f"127.0.0.1:{mesh.dispatcher_port}", NO_TLS) as channel:
         call = channel.stream_stream(
             "/belfry.api.dispatcher.v1.DispatcherService/PublishStream",
             request_serializer=lambda b: b,

@@ -24,7 +24,7 @@ import grpc
 import httpx
 import pytest
 import websockets
-from belfry import service
+from belfry import rpc, service
 from belfry.api.common.v1 import common_pb2
 from belfry.api.directory.v1 import directory_pb2, directory_pb2_grpc
 from belfry.api.dispatcher.v1 import dispatcher_pb2, dispatcher_pb2_grpc
@@ -32,7 +32,7 @@ from belfry.api.preferences.v1 import preferences_pb2, preferences_pb2_grpc
 from belfry.auth import TokenIssuer
 from belfry.local import demo, mailcatcher, supervisor
 
-from tests.conftest import common_env, fanned_out
+from tests.conftest import TEST_CALLER, client_tls, common_env, fanned_out, service_token
 
 TOPIC = "comments.mentioned"
 
@@ -46,7 +46,7 @@ class Mesh:
     issuer: TokenIssuer
 
     def channel(self, service: str) -> grpc.aio.Channel:
-        return grpc.aio.insecure_channel(self.env[f"BELFRY_{service.upper()}_ADDRESS"])
+        return rpc.connect(self.env[f"BELFRY_{service.upper()}_ADDRESS"], client_tls())
 
 
 def _free_port() -> int:
@@ -215,7 +215,7 @@ async def test_forged_and_expired_tokens_are_refused(mesh: Mesh, account_id: str
             with pytest.raises(websockets.ConnectionClosed) as closed:
                 await asyncio.wait_for(ws.recv(), 10)
             assert closed.value.rcvd is not None and closed.value.rcvd.code == 4401
-    async with grpc.aio.insecure_channel(mesh.env["BELFRY_PREFERENCES_ADDRESS"]) as chan:
+    async with rpc.connect(mesh.env["BELFRY_PREFERENCES_ADDRESS"], client_tls()) as chan:
         prefs = preferences_pb2_grpc.PreferencesServiceStub(chan)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await prefs.GetPreferences(
@@ -270,6 +270,7 @@ async def test_publish_command(mesh: Mesh, account_id: str) -> None:
             *args,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "BELFRY_SERVICE_TOKEN": service_token(TEST_CALLER)},  # a producer's own token
         )
         out, err = await proc.communicate()
         return proc.returncode or 0, out.decode(), err.decode()

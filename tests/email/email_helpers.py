@@ -18,11 +18,10 @@ from typing import Any
 import asyncpg
 from belfry import rpc
 from belfry.api.directory.v1 import directory_pb2, directory_pb2_grpc
-from belfry.config import TlsSettings
 from belfry.message import Item, Message
 from belfry.queue import NewDelivery, enqueue
 
-from tests.conftest import common_env
+from tests.conftest import client_tls, common_env
 
 UNSUBSCRIBE_KEY = "unsubscribe-key-for-tests-only-0123456789"
 
@@ -88,6 +87,7 @@ def email_env(database_url: str, token_keys: dict[str, bytes], port: int, **extr
     return common_env(
         database_url,
         token_keys,
+        identity="email",
         BELFRY_SMTP_HOST="127.0.0.1",
         BELFRY_SMTP_PORT=str(port),
         BELFRY_EMAIL_FROM="Belfry <notify@belfry.test>",
@@ -164,7 +164,7 @@ def items(n: int) -> tuple[Item, ...]:
 
 async def seed(address: str, account_id: str, **users: tuple[bool, bool]) -> None:
     """The account and its users, each ``name=(super_admin, active)``."""
-    channel = rpc.connect(address, TlsSettings(None, None, None))
+    channel = rpc.connect(address, client_tls())
     stub = directory_pb2_grpc.DirectoryServiceStub(channel)
     account = directory_pb2.Account(account_id=account_id, name="Acme", tier=directory_pb2.TIER_ENTERPRISE)
     await stub.UpsertAccount(directory_pb2.UpsertAccountRequest(account=account))

@@ -9,10 +9,10 @@ from belfry import rpc, service
 from belfry.api.queue.v1 import queue_pb2 as pb
 from belfry.api.queue.v1 import queue_pb2_grpc as pb_grpc
 from belfry.auth import TokenIssuer
-from belfry.config import TlsSettings
 
 from services.email.server import build_for
 from services.email.settings import load_settings
+from tests.conftest import client_tls
 from tests.email.email_helpers import Capture, email_env, enqueue_messages, message, seed, wait_until_finished
 
 
@@ -29,7 +29,7 @@ async def test_dead_letters_listed_requeued_and_scoped_to_the_account(
     await seed(directory, account_id + "-other", admin=(True, True))
     settings = load_settings(email_env(database_url, token_keys, port, BELFRY_PREFERENCES_ADDRESS=directory))
     running = await service.start("email", settings.common, build_for(settings))
-    channel = rpc.connect(f"127.0.0.1:{running.port}", TlsSettings(None, None, None))
+    channel = rpc.connect(f"127.0.0.1:{running.port}", client_tls())
     stub = pb_grpc.QueueAdminStub(channel)
     issuer = TokenIssuer(token_keys, "k1")
     mine = [("authorization", f"Bearer {issuer.issue(account_id, 'admin')}")]
@@ -94,7 +94,7 @@ async def test_dead_letters_are_for_the_accounts_super_admins_only(
     await seed(directory, account_id, admin=(True, True), plain=(False, True), former=(True, False))
     settings = load_settings(email_env(database_url, token_keys, port, BELFRY_PREFERENCES_ADDRESS=directory))
     running = await service.start("email", settings.common, build_for(settings))
-    channel = rpc.connect(f"127.0.0.1:{running.port}", TlsSettings(None, None, None))
+    channel = rpc.connect(f"127.0.0.1:{running.port}", client_tls())
     stub = pb_grpc.QueueAdminStub(channel)
     issuer = TokenIssuer(token_keys, "k1")
     try:

@@ -17,7 +17,6 @@ import httpx
 import pytest
 from belfry import rpc, service
 from belfry.api.directory.v1 import directory_pb2, directory_pb2_grpc
-from belfry.config import TlsSettings
 from belfry.errors import InvalidArgument
 from belfry.unsubscribe import Signer
 
@@ -27,7 +26,7 @@ from services.gateway import server as gateway_server
 from services.gateway import settings as gateway_settings
 from services.preferences.server import build_for as preferences_build_for
 from services.preferences.settings import load_settings as preferences_settings
-from tests.conftest import common_env
+from tests.conftest import client_tls, common_env
 from tests.email.email_helpers import Capture, email_env, enqueue_messages, message, wait_until_finished
 
 OLD = "old-unsubscribe-key-for-tests-0123456789"
@@ -40,7 +39,7 @@ async def directory(database_url: str, token_keys: dict[str, bytes], account_id:
     settings = preferences_settings(common_env(database_url, token_keys))
     running = await service.start("preferences", settings.common, preferences_build_for(settings))
     address = f"127.0.0.1:{running.port}"
-    channel = rpc.connect(address, TlsSettings(None, None, None))
+    channel = rpc.connect(address, client_tls())
     stub = directory_pb2_grpc.DirectoryServiceStub(channel)
     account = directory_pb2.Account(account_id=account_id, name="Acme", tier=directory_pb2.TIER_STARTER)
     await stub.UpsertAccount(directory_pb2.UpsertAccountRequest(account=account))
@@ -79,6 +78,7 @@ class Replicas:
             common_env(
                 self.database_url,
                 self.token_keys,
+                identity="gateway",
                 BELFRY_GATEWAY_HTTP_HOST="127.0.0.1",
                 BELFRY_GATEWAY_HTTP_PORT="0",
                 BELFRY_PREFERENCES_ADDRESS=self.directory,

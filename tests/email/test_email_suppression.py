@@ -10,11 +10,11 @@ from belfry import rpc, service
 from belfry.api.email.v1 import email_pb2 as pb
 from belfry.api.email.v1 import email_pb2_grpc as pb_grpc
 from belfry.auth import TokenIssuer
-from belfry.config import TlsSettings
 
 from services.email import store
 from services.email.server import build_for
 from services.email.settings import load_settings
+from tests.conftest import client_tls
 from tests.email.email_helpers import Capture, email_env, enqueue_messages, message, seed, wait_until_finished
 
 
@@ -30,7 +30,7 @@ async def test_mailbox_replies_suppress_policy_and_temporary_ones_do_not(
     await seed(directory, account_id, admin=(True, True), plain=(False, True))
     settings = load_settings(email_env(database_url, token_keys, port, BELFRY_PREFERENCES_ADDRESS=directory))
     running = await service.start("email", settings.common, build_for(settings))
-    channel = rpc.connect(f"127.0.0.1:{running.port}", TlsSettings(None, None, None))
+    channel = rpc.connect(f"127.0.0.1:{running.port}", client_tls())
     stub = pb_grpc.DeliverabilityStub(channel)
     issuer = TokenIssuer(token_keys, "k1")
     admin = [("authorization", f"Bearer {issuer.issue(account_id, 'admin')}")]

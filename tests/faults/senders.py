@@ -25,6 +25,7 @@ def webhooks_process_env(
     settings = common_env(
         database_url,
         token_keys,
+        identity="webhooks",
         BELFRY_WEBHOOKS_ALLOWED_PORTS=str(port),
         BELFRY_WEBHOOKS_ALLOW_NETWORKS="127.0.0.0/8",
         BELFRY_WEBHOOKS_CA_FILE=str(pki.ca_file),

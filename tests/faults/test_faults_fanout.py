@@ -16,9 +16,8 @@ from belfry import rpc
 from belfry.api.directory.v1 import directory_pb2, directory_pb2_grpc
 from belfry.api.dispatcher.v1 import dispatcher_pb2 as pb
 from belfry.api.dispatcher.v1 import dispatcher_pb2_grpc
-from belfry.config import TlsSettings
 
-from tests.conftest import common_env
+from tests.conftest import client_tls, common_env, service_token
 from tests.dispatcher.conftest import event
 from tests.faults.processes import ServiceProcess
 
@@ -29,7 +28,7 @@ KILLS = 6
 
 
 async def _seed(address: str, account_id: str) -> None:
-    async with rpc.connect(address, TlsSettings(None, None, None)) as channel:
+    async with rpc.connect(address, client_tls()) as channel:
         directory = directory_pb2_grpc.DirectoryServiceStub(channel)
         await directory.UpsertAccount(
             directory_pb2.UpsertAccountRequest(
@@ -78,13 +77,14 @@ async def test_sigkilled_fan_out_expands_every_large_audience_exactly_once(
         dispatcher_env = {
             **env,
             "BELFRY_PREFERENCES_ADDRESS": address,
+            "BELFRY_SERVICE_TOKEN": service_token("dispatcher"),
             "BELFRY_DISPATCHER_FANOUT_CHUNK": str(CHUNK),
             "BELFRY_DISPATCHER_FANOUT_BATCH": "4",
             "BELFRY_DISPATCHER_FANOUT_WORKERS": "1",
         }
         dispatcher = await ServiceProcess.start("dispatcher", dispatcher_env)
         users = [f"u{i:05d}" for i in range(AUDIENCE)]
-        async with rpc.connect(f"127.0.0.1:{dispatcher.port}", TlsSettings(None, None, None)) as channel:
+        async with rpc.connect(f"127.0.0.1:{dispatcher.port}", client_tls()) as channel:
             stub = dispatcher_pb2_grpc.DispatcherServiceStub(channel)
             answer = await stub.PublishBatch(
                 pb.PublishBatchRequest(events=[event(account_id, recipient_user_ids=users) for _ in range(EVENTS)])

@@ -19,11 +19,13 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import grpc
 import pytest
+from belfry import rpc
 from belfry.api.webhooks.v1 import webhooks_pb2 as pb
 from belfry.api.webhooks.v1 import webhooks_pb2_grpc as pb_grpc
 from belfry.auth import TokenIssuer
 from belfry.queue import NewDelivery, enqueue
 
+from tests.conftest import client_tls
 from tests.email.email_helpers import message
 from tests.faults.hostile import ABSURD_RETRY_AFTER, Answer, Behaviour, HostilePeer, SlowBody, too_many_requests
 from tests.faults.ledger import fetch
@@ -67,7 +69,7 @@ async def test_an_absurd_retry_after_neither_stops_the_sender_nor_holds_back_ano
     short_ttl = f"acc_short_{run}"  # its time to live ends before any clamped retry could come
     sender = await ServiceProcess.start("webhooks", webhooks_process_env(database_url, token_keys, pki, peer.port))
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{sender.port}") as channel:
+        async with rpc.connect(f"127.0.0.1:{sender.port}", client_tls()) as channel:
             await connect(channel, token_keys, good, peer.url("/good"))
             for path, account in hostile.items():
                 await connect(channel, token_keys, account, peer.url(path))
@@ -146,7 +148,7 @@ async def test_a_body_trickled_forever_holds_back_no_other_delivery(
     env = webhooks_process_env(database_url, token_keys, pki, peer.port, BELFRY_WEBHOOKS_LEASE_SECONDS="3")
     sender = await ServiceProcess.start("webhooks", env)
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{sender.port}") as channel:
+        async with rpc.connect(f"127.0.0.1:{sender.port}", client_tls()) as channel:
             await connect(channel, token_keys, good, peer.url("/good"))
             await connect(channel, token_keys, slow, peer.url("/slow"))
         expires = datetime.now(UTC) + timedelta(hours=2)

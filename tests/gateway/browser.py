@@ -6,12 +6,11 @@ from collections.abc import AsyncIterator
 
 from belfry import rpc, service
 from belfry.api.directory.v1 import directory_pb2, directory_pb2_grpc
-from belfry.config import TlsSettings
 from playwright.async_api import Browser, BrowserContext, Page, async_playwright
 
 from services.preferences.server import build_for as preferences_build_for
 from services.preferences.settings import load_settings as preferences_settings
-from tests.conftest import common_env
+from tests.conftest import client_tls, common_env
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = [
@@ -42,7 +41,7 @@ async def start_preferences(database_url: str, token_keys: dict[str, bytes]) -> 
 
 async def seed_user(preferences_port: int, account_id: str, user_id: str, *, super_admin: bool = False) -> None:
     """An enterprise account and one active user in the directory."""
-    channel = rpc.connect(f"127.0.0.1:{preferences_port}", TlsSettings(None, None, None))
+    channel = rpc.connect(f"127.0.0.1:{preferences_port}", client_tls())
     directory = directory_pb2_grpc.DirectoryServiceStub(channel)
     await directory.UpsertAccount(
         directory_pb2.UpsertAccountRequest(

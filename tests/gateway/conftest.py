@@ -53,7 +53,7 @@ async def start_replica(database_url: str, token_keys: dict[str, bytes]) -> Asyn
             "BELFRY_WORKER_ID": f"gw-{uuid.uuid4().hex[:6]}",
             "BELFRY_GATEWAY_PRESENCE_TTL_SECONDS": "5",
         }
-        env = common_env(database_url, token_keys, **(defaults | extra))
+        env = common_env(database_url, token_keys, identity="gateway", **(defaults | extra))
         s = settings.load_settings(env)
         build = server.GatewayBuild(s)
         running = await service.start("gateway", s.common, build)

@@ -12,9 +12,9 @@ from belfry import rpc, service
 from belfry.api.common.v1 import common_pb2
 from belfry.api.preferences.v1 import preferences_pb2, preferences_pb2_grpc
 from belfry.auth import TokenIssuer
-from belfry.config import TlsSettings
 from playwright.async_api import Browser, BrowserContext
 
+from tests.conftest import client_tls
 from tests.gateway import browser as b
 from tests.gateway.conftest import Publish, Replica, StartReplica
 
@@ -89,7 +89,7 @@ async def _popup(
     preferences: service.Running, issuer: TokenIssuer, account_id: str, topic: str, enable: bool | None = None
 ) -> bool:
     """The user's effective pop-up switch for ``topic`` (set first when ``enable`` is given)."""
-    channel = rpc.connect(f"127.0.0.1:{preferences.port}", TlsSettings(None, None, None))
+    channel = rpc.connect(f"127.0.0.1:{preferences.port}", client_tls())
     stub = preferences_pb2_grpc.PreferencesServiceStub(channel)
     meta = (("authorization", f"Bearer {issuer.issue(account_id, 'u1')}"),)
     if enable is not None:
@@ -276,7 +276,7 @@ async def test_admin_page_sets_account_defaults_and_role_profiles(
     await page.fill("#new-profile", "sales")
     await page.click("#create-profile")
     await page.wait_for_selector("#target option[value='sales']:checked", state="attached")
-    channel = rpc.connect(f"127.0.0.1:{preferences.port}", TlsSettings(None, None, None))
+    channel = rpc.connect(f"127.0.0.1:{preferences.port}", client_tls())
     stub = preferences_pb2_grpc.PreferencesServiceStub(channel)
     meta = (("authorization", f"Bearer {issuer.issue(account_id, 'u1')}"),)
     defaults = await stub.GetAccountDefaults(preferences_pb2.GetAccountDefaultsRequest(), metadata=meta)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from belfry import rpc, service
+from belfry import service
 from belfry.api.common.v1 import common_pb2
 from belfry.api.directory.v1 import directory_pb2, directory_pb2_grpc
 from belfry.api.preferences.v1 import preferences_pb2, preferences_pb2_grpc
@@ -17,7 +17,7 @@ from starlette.applications import Starlette
 from services.gateway.unsubscribe import routes
 from services.preferences.server import build_for
 from services.preferences.settings import load_settings
-from tests.conftest import common_env
+from tests.conftest import acting_channel, common_env
 from tests.email.email_helpers import UNSUBSCRIBE_KEY
 
 TOPIC = "contacts.contact_assigned"
@@ -55,7 +55,7 @@ async def test_one_click_post_switches_the_topic_off_for_email_through_the_unsub
 ) -> None:
     settings = load_settings(common_env(database_url, token_keys))
     prefs = await service.start("preferences", settings.common, build_for(settings))
-    channel = rpc.connect(f"127.0.0.1:{prefs.port}", settings.common.tls)
+    channel = acting_channel(f"127.0.0.1:{prefs.port}")
     issuer = TokenIssuer(token_keys, "k1")
     try:
         directory = directory_pb2_grpc.DirectoryServiceStub(channel)

@@ -18,7 +18,7 @@ from belfry import service
 from google.protobuf import descriptor_pool
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor
 
-from tests.conftest import every_service_env, fresh_database
+from tests.conftest import acting_channel, every_service_env, fresh_database
 
 BAD_UTF8 = b"A\xff\xfeA"
 TRUNCATED = b"\x0a\x05ab"  # field 1, length-delimited, 5 bytes announced, 2 sent
@@ -111,7 +111,7 @@ async def test_every_method_of_every_service_refuses_undecodable_bytes(
     pool = descriptor_pool.Default()
     probed: dict[str, int] = {}
     for name, running in mesh.items():
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        async with acting_channel(f"127.0.0.1:{running.port}") as channel:
             for service_name in running.built.service_names:
                 for method in pool.FindServiceByName(service_name).methods:
                     expected = f"the request is not a valid {method.input_type.name}: "

@@ -6,13 +6,22 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
-from belfry import errors, rpc
+from belfry import access, errors, identity, rpc
 from belfry.config import TlsSettings
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 
+from tests.conftest import MESH_KEY, TEST_CALLER, client_tls
+
 _NO_TLS = TlsSettings(None, None, None)
+# The echo service's own allow-list: the test caller may call it.
+_GATE = access.Gate(
+    access.Callers(),
+    tokens=identity.ServiceTokenVerifier(identity.parse_public_keys(MESH_KEY.public())),
+    rules={"/test.Echo/Call": access.Rule(frozenset({TEST_CALLER}))},
+)
 
 
 async def _fail(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
@@ -36,13 +45,20 @@ def _register(server: grpc.aio.Server) -> None:
 
 
 @pytest.fixture
-async def channel() -> AsyncIterator[grpc.aio.Channel]:
-    server, port, _health = await rpc.create_server("test", [_register], ["test.Echo"], "127.0.0.1:0", _NO_TLS)
+async def port() -> AsyncIterator[int]:
+    server, bound, _health = await rpc.create_server(
+        "test", [_register], ["test.Echo"], "127.0.0.1:0", _NO_TLS, gate=_GATE
+    )
     await server.start()
-    chan = rpc.connect(f"127.0.0.1:{port}", _NO_TLS)
+    yield bound
+    await server.stop(0)
+
+
+@pytest.fixture
+async def channel(port: int) -> AsyncIterator[grpc.aio.Channel]:
+    chan = rpc.connect(f"127.0.0.1:{port}", client_tls())
     yield chan
     await chan.close()
-    await server.stop(0)
 
 
 async def _call(channel: grpc.aio.Channel, kind: str) -> bytes:
@@ -80,7 +96,31 @@ async def test_unexpected_errors_hide_internals(channel: grpc.aio.Channel) -> No
     assert "secret internals" not in (caught.value.details() or "")
 
 
-async def test_health_and_reflection_served(channel: grpc.aio.Channel) -> None:
-    stub = health_pb2_grpc.HealthStub(channel)
-    answer = await stub.Check(health_pb2.HealthCheckRequest(service="test.Echo"))
-    assert answer.status == health_pb2.HealthCheckResponse.SERVING
+async def test_callers_the_allow_list_does_not_name_are_refused(port: int) -> None:
+    for tls, code in (
+        (_NO_TLS, grpc.StatusCode.UNAUTHENTICATED),  # no identity at all
+        (client_tls("stranger"), grpc.StatusCode.PERMISSION_DENIED),  # a valid token for someone not listed
+        (TlsSettings(None, None, None, "not-a-token"), grpc.StatusCode.UNAUTHENTICATED),
+        # A token for the right name from a key the server does not hold.
+        (
+            TlsSettings(None, None, None, identity.SigningKey.generate("tests").mint(TEST_CALLER, ttl_seconds=60)),
+            grpc.StatusCode.UNAUTHENTICATED,
+        ),
+    ):
+        async with rpc.connect(f"127.0.0.1:{port}", tls) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await _call(channel, "fine")
+            assert caught.value.code() == code
+
+
+async def test_health_served_to_anyone_reflection_off(port: int) -> None:
+    async with rpc.connect(f"127.0.0.1:{port}", _NO_TLS) as channel:
+        answer = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="test.Echo"))
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        # Reflection lists every method to whoever reaches the port: off unless switched on.
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+            ):
+                pass
+        assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED

@@ -9,14 +9,14 @@ from dataclasses import dataclass
 import asyncpg
 import grpc
 import pytest
-from belfry import rpc, service
+from belfry import service
 from belfry.api.directory.v1 import directory_pb2, directory_pb2_grpc
 from belfry.api.preferences.v1 import preferences_pb2_grpc
 from belfry.auth import TokenIssuer
 
 from services.preferences.server import build_for
 from services.preferences.settings import load_settings
-from tests.conftest import common_env
+from tests.conftest import acting_channel, common_env
 
 
 class Clock:
@@ -83,8 +83,7 @@ async def prefs_service(database_url: str, token_keys: dict[str, bytes], pool: a
     """The service for the whole session; tests keep apart by account."""
     clock = Clock()
     running = await start_prefs(database_url, token_keys, pool, clock)
-    settings = load_settings(common_env(database_url, token_keys))
-    channel = rpc.connect(f"127.0.0.1:{running.port}", settings.common.tls)
+    channel = acting_channel(f"127.0.0.1:{running.port}")
     yield Prefs(
         running.port,
         channel,

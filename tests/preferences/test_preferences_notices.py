@@ -16,15 +16,14 @@ from belfry.api.dispatcher.v1 import dispatcher_pb2 as pb
 from belfry.api.dispatcher.v1 import dispatcher_pb2_grpc
 from belfry.api.preferences.v1 import preferences_pb2, preferences_pb2_grpc
 from belfry.auth import TokenIssuer
-from belfry.config import TlsSettings
 
 from services.dispatcher.server import build_for as dispatcher_build
 from services.dispatcher.settings import load_settings as dispatcher_settings
 from services.preferences.server import build_for as preferences_build
 from services.preferences.settings import load_settings as preferences_settings
-from tests.conftest import common_env, fanned_out, fresh_database, open_pool
+from tests.conftest import client_tls, common_env, fanned_out, fresh_database, open_pool
 
-NO_TLS = TlsSettings(None, None, None)
+NO_TLS = client_tls()
 
 
 @dataclass
@@ -47,12 +46,18 @@ async def pair(admin_dsn: str, token_keys: dict[str, bytes]) -> AsyncIterator[Pa
         probe.bind(("127.0.0.1", 0))
         dispatcher_address = f"127.0.0.1:{probe.getsockname()[1]}"
     async with fresh_database(admin_dsn) as url, open_pool(url) as pool:
-        prefs_env = preferences_settings(common_env(url, token_keys, BELFRY_DISPATCHER_ADDRESS=dispatcher_address))
+        prefs_env = preferences_settings(
+            common_env(url, token_keys, identity="preferences", BELFRY_DISPATCHER_ADDRESS=dispatcher_address)
+        )
         prefs = await service.start("preferences", prefs_env.common, preferences_build(prefs_env))
         prefs_address = f"127.0.0.1:{prefs.port}"
         disp_env = dispatcher_settings(
             common_env(
-                url, token_keys, BELFRY_GRPC_ADDRESS=dispatcher_address, BELFRY_PREFERENCES_ADDRESS=prefs_address
+                url,
+                token_keys,
+                identity="dispatcher",
+                BELFRY_GRPC_ADDRESS=dispatcher_address,
+                BELFRY_PREFERENCES_ADDRESS=prefs_address,
             )
         )
         disp = await service.start("dispatcher", disp_env.common, dispatcher_build(disp_env))

@@ -6,11 +6,10 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
-from belfry import rpc
 from belfry.api.directory.v1 import directory_pb2
 from belfry.api.preferences.v1 import preferences_pb2, preferences_pb2_grpc
-from belfry.config import TlsSettings
 
+from tests.conftest import acting_channel
 from tests.preferences.conftest import Prefs, start_prefs
 from tests.preferences.preferences_helpers import CHANNELS, choice
 
@@ -23,7 +22,7 @@ async def replica(
 ) -> AsyncIterator[preferences_pb2_grpc.PreferencesServiceStub]:
     """A second replica of the service on the same database, with its own cache."""
     running = await start_prefs(database_url, token_keys, pool, svc.clock)
-    channel = rpc.connect(f"127.0.0.1:{running.port}", TlsSettings(None, None, None))
+    channel = acting_channel(f"127.0.0.1:{running.port}")
     yield preferences_pb2_grpc.PreferencesServiceStub(channel)
     await channel.close()
     await running.stop()

@@ -10,14 +10,14 @@ from pathlib import Path
 import asyncpg
 import grpc
 import pytest
-from belfry import service
+from belfry import rpc, service
 from belfry.auth import TokenIssuer
 from belfry.message import Message
 from belfry.queue import NewDelivery, enqueue
 
 from services.webpush.server import build_for as webpush_build_for
 from services.webpush.settings import load_settings as webpush_settings
-from tests.conftest import common_env, fresh_database, open_pool
+from tests.conftest import client_tls, common_env, fresh_database, open_pool
 from tests.push.fakes.http import serve_tls
 from tests.push.fakes.push_service import PushService
 from tests.push.fakes.tls import Pki, make_pki
@@ -56,6 +56,7 @@ async def webpush(
     env = common_env(
         database_url,
         token_keys,
+        identity="webpush",
         BELFRY_WEBPUSH_ALLOWED_HOSTS=f"localhost,{'push.rebind.test'}",
         BELFRY_WEBPUSH_ALLOWED_PORTS=str(push_port(push_service)),
         BELFRY_WEBPUSH_ALLOW_NETWORKS="127.0.0.0/8",
@@ -78,7 +79,7 @@ def token_for(token_keys: dict[str, bytes], account_id: str, user_id: str) -> li
 @pytest.fixture
 async def channel(webpush: service.Running) -> AsyncIterator[grpc.aio.Channel]:
     """A client channel to the webpush service."""
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{webpush.port}") as ch:
+    async with rpc.connect(f"127.0.0.1:{webpush.port}", client_tls()) as ch:
         yield ch
 
 

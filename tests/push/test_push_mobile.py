@@ -14,7 +14,7 @@ import asyncpg
 import grpc
 import httpx
 import pytest
-from belfry import service
+from belfry import rpc, service
 from belfry.api.mobile.v1 import mobile_pb2 as pb
 from belfry.api.mobile.v1 import mobile_pb2_grpc as pb_grpc
 from belfry.queue import Drop, Fail, Retry, Sent
@@ -26,7 +26,7 @@ from services.mobile.fcm import Fcm
 from services.mobile.sender import MobileSender
 from services.mobile.server import build_for
 from services.mobile.settings import ApnsSettings, FcmSettings, load_settings
-from tests.conftest import common_env
+from tests.conftest import client_tls, common_env
 from tests.push.conftest import enqueue_message, message, token_for
 from tests.push.fakes.apns import FakeApns
 from tests.push.fakes.fcm import FakeFcm
@@ -101,6 +101,7 @@ async def mobile(
     env = common_env(
         database_url,
         token_keys,
+        identity="mobile",
         BELFRY_FCM_SERVICE_ACCOUNT_FILE=str(providers.service_account_file),
         BELFRY_FCM_ENDPOINT=providers.fcm_settings.endpoint,
         BELFRY_APNS_KEY_FILE=str(providers.apns_key_file),
@@ -118,7 +119,7 @@ async def mobile(
 @pytest.fixture
 async def stub(mobile: service.Running) -> AsyncIterator[pb_grpc.MobileStub]:
     """A client of the Mobile API."""
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{mobile.port}") as ch:
+    async with rpc.connect(f"127.0.0.1:{mobile.port}", client_tls()) as ch:
         yield pb_grpc.MobileStub(ch)
 
 

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import grpc
 import pytest
-from belfry import service, ssrf
+from belfry import rpc, service, ssrf
 from belfry.api.mobile.v1 import mobile_pb2 as mobile_pb
 from belfry.api.mobile.v1 import mobile_pb2_grpc as mobile_grpc
 from belfry.api.webhooks.v1 import webhooks_pb2 as hooks_pb
@@ -37,7 +37,7 @@ from services.webhooks.sender import WebhookSender
 from services.webhooks.server import build_for as hooks_build_for
 from services.webhooks.settings import load_settings as hooks_settings
 from services.webhooks.signing import SecretBox
-from tests.conftest import common_env
+from tests.conftest import client_tls, common_env
 from tests.push.conftest import message, token_for
 from tests.push.fakes.http import serve_tls
 from tests.push.fakes.push_service import PushService, b64url
@@ -113,9 +113,11 @@ async def test_push_subscriptions_are_capped_per_user(
 @pytest.fixture(scope="module")
 async def mobile(database_url: str, token_keys: dict[str, bytes]) -> AsyncIterator[mobile_grpc.MobileStub]:
     """The mobile service with a small device cap (no providers: registration only)."""
-    settings = mobile_settings(common_env(database_url, token_keys, BELFRY_MOBILE_MAX_DEVICES_PER_USER="3"))
+    settings = mobile_settings(
+        common_env(database_url, token_keys, identity="mobile", BELFRY_MOBILE_MAX_DEVICES_PER_USER="3")
+    )
     running = await service.start("mobile", settings.common, mobile_build_for(settings))
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+    async with rpc.connect(f"127.0.0.1:{running.port}", client_tls()) as ch:
         yield mobile_grpc.MobileStub(ch)
     await running.stop(0.1)
 
@@ -164,13 +166,14 @@ async def webhooks(database_url: str, token_keys: dict[str, bytes]) -> AsyncIter
     env = common_env(
         database_url,
         token_keys,
+        identity="webhooks",
         BELFRY_WEBHOOKS_ALLOW_NETWORKS="127.0.0.0/8",
         BELFRY_WEBHOOK_SECRET_KEY=base64.b64encode(os.urandom(32)).decode(),
         BELFRY_WEBHOOKS_MAX_PER_USER="2",
     )
     settings = hooks_settings(env)
     running = await service.start("webhooks", settings.common, hooks_build_for(settings))
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+    async with rpc.connect(f"127.0.0.1:{running.port}", client_tls()) as ch:
         yield hooks_grpc.WebhooksStub(ch)
     await running.stop(0.1)
 

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from services.webpush.server import build_for
 from services.webpush.settings import load_settings
 from services.webpush.vapid import b64url
-from tests.conftest import common_env, fresh_database, open_pool
+from tests.conftest import acting_channel, common_env, fresh_database, open_pool
 from tests.push.conftest import enqueue_message, message, push_port, token_for
 from tests.push.fakes.push_service import BrowserSubscription, PushService
 from tests.push.fakes.tls import Pki
@@ -80,7 +80,7 @@ async def test_the_vapid_key_rotates_while_pushes_flow(
 
     async def register(running: service.Running, user: str, sub: BrowserSubscription) -> None:
         """What the page does: subscribe with the key GetVapidPublicKey names, then register."""
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        async with acting_channel(f"127.0.0.1:{running.port}") as channel:
             stub = pb_grpc.WebPushStub(channel)
             request = pb.RegisterSubscriptionRequest(
                 endpoint=sub.endpoint,
@@ -91,7 +91,7 @@ async def test_the_vapid_key_rotates_while_pushes_flow(
             await stub.RegisterSubscription(request, metadata=token_for(token_keys, account_id, user))
 
     async def served_key(running: service.Running) -> str:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        async with acting_channel(f"127.0.0.1:{running.port}") as channel:
             reply = await pb_grpc.WebPushStub(channel).GetVapidPublicKey(pb.GetVapidPublicKeyRequest())
         return str(reply.public_key)
 
@@ -132,7 +132,7 @@ async def test_the_vapid_key_rotates_while_pushes_flow(
         # The first browser comes back, sees its subscription bound to the old key, and subscribes again.
         again = push_service.subscribe(application_server_key=_public(new))
         await register(running[0], "u1", again)
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{running[0].port}") as channel:
+        async with acting_channel(f"127.0.0.1:{running[0].port}") as channel:
             stub = pb_grpc.WebPushStub(channel)
             meta = token_for(token_keys, account_id, "u1")
             subs = (await stub.ListSubscriptions(pb.ListSubscriptionsRequest(), metadata=meta)).subscriptions

@@ -9,7 +9,6 @@ import os
 import uuid
 
 import asyncpg
-import grpc
 from belfry import service
 from belfry.api.webhooks.v1 import webhooks_pb2 as pb
 from belfry.api.webhooks.v1 import webhooks_pb2_grpc as pb_grpc
@@ -18,7 +17,7 @@ from cryptography.exceptions import InvalidTag
 from services.webhooks.server import build_for
 from services.webhooks.settings import load_settings
 from services.webhooks.signing import SecretBox
-from tests.conftest import common_env
+from tests.conftest import acting_channel, common_env
 from tests.push.conftest import enqueue_message, message, token_for
 from tests.push.fakes.http import serve_tls
 from tests.push.fakes.receiver import Receiver
@@ -61,7 +60,7 @@ async def test_the_sealing_key_rotates_while_deliveries_flow(
 
         first = await start(OLD)
         path = f"/hooks/{uuid.uuid4().hex}"
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{first.port}") as channel:
+        async with acting_channel(f"127.0.0.1:{first.port}") as channel:
             reply = await pb_grpc.WebhooksStub(channel).ConnectWebhook(
                 pb.ConnectWebhookRequest(url=f"https://localhost:{port}{path}", label="ops"),
                 metadata=token_for(token_keys, account_id, "u1"),

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import grpc
 import pytest
-from belfry import service, ssrf
+from belfry import rpc, service, ssrf
 from belfry.api.webhooks.v1 import webhooks_pb2 as pb
 from belfry.api.webhooks.v1 import webhooks_pb2_grpc as pb_grpc
 from belfry.message import Item
@@ -22,7 +22,7 @@ from services.webhooks.sender import WebhookSender
 from services.webhooks.server import build_for
 from services.webhooks.settings import load_settings
 from services.webhooks.signing import SecretBox
-from tests.conftest import common_env
+from tests.conftest import client_tls, common_env
 from tests.push.conftest import enqueue_message, message, token_for
 from tests.push.fakes.http import serve_tls
 from tests.push.fakes.receiver import Receiver
@@ -48,6 +48,7 @@ async def webhooks(
     env = common_env(
         database_url,
         token_keys,
+        identity="webhooks",
         BELFRY_WEBHOOKS_ALLOWED_PORTS=f"443,{receiver[1]}",
         BELFRY_WEBHOOKS_ALLOW_NETWORKS="127.0.0.0/8",
         BELFRY_WEBHOOKS_CA_FILE=str(pki.ca_file),
@@ -62,7 +63,7 @@ async def webhooks(
 @pytest.fixture
 async def stub(webhooks: service.Running) -> AsyncIterator[pb_grpc.WebhooksStub]:
     """A client of the Webhooks API."""
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{webhooks.port}") as ch:
+    async with rpc.connect(f"127.0.0.1:{webhooks.port}", client_tls()) as ch:
         yield pb_grpc.WebhooksStub(ch)
 
 

@@ -24,13 +24,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from belfry import background, migrate, service
+from belfry import background, identity, migrate, service
+from belfry.config import TlsSettings
 from belfry.local import database, mailcatcher
 
 HTTP_PORT = 8080
 READY_TIMEOUT = 60.0
 # A child that ran this long before exiting restarts after the shortest backoff again.
 STABLE_SECONDS = 60.0
+# The identity the local tools (the sample, `belfry publish`, the demo seed) call as: every role.
+LOCAL_CALLER = "local"
+# Service tokens minted for children and local tools live this long (a fresh one at every start).
+SERVICE_TOKEN_TTL = 30 * 86_400
+SIGNING_KEY = "BELFRY_SERVICE_SIGNING_KEY"
 
 
 @dataclass
@@ -53,6 +59,8 @@ def _secrets(home: Path) -> dict[str, str]:
         "BELFRY_TOKEN_KEYS": lambda: f"local1={secrets.token_urlsafe(48)}",
         "BELFRY_TOKEN_ACTIVE_KID": lambda: "local1",
         "BELFRY_UNSUBSCRIBE_KEY": lambda: secrets.token_urlsafe(48),
+        # Mints each child's service token; children get only the public half.
+        SIGNING_KEY: lambda: identity.SigningKey.generate("local1").dump(),
     }
     missing = {key: make() for key, make in wanted.items() if key not in known}
     if missing:
@@ -68,6 +76,15 @@ def mesh_env(home: Path, database_url: str, smtp: tuple[str, int] | None, enviro
     for key, value in _secrets(home).items():
         env.setdefault(key, value)
     env["BELFRY_DATABASE_URL"] = database_url
+    env.setdefault("BELFRY_SERVICE_TOKEN_KEYS", identity.SigningKey.parse(env[SIGNING_KEY]).public())
+    for variable, value in (
+        ("BELFRY_PRODUCERS", f"{LOCAL_CALLER}=*"),
+        ("BELFRY_PROVISIONING", LOCAL_CALLER),
+        ("BELFRY_APPS", LOCAL_CALLER),
+        ("BELFRY_OPERATORS", LOCAL_CALLER),
+        ("BELFRY_GRPC_REFLECTION", "true"),
+    ):
+        env.setdefault(variable, value)
     env.setdefault("BELFRY_LOG_JSON", "false" if sys.stdout.isatty() else "true")
     env.setdefault("BELFRY_METRICS_ADDRESS", "127.0.0.1:0")
     for declared in service.declared():
@@ -95,6 +112,10 @@ async def _spawn(name: str, env: dict[str, str]) -> Child:
     )
     # One process per service unless asked (a pod's several workers: belfry.processes).
     child_env.setdefault("BELFRY_PROCESSES", "1")
+    # Each child presents its own name; none holds the key that could mint another's.
+    signing = child_env.pop(SIGNING_KEY, None)
+    if signing:
+        child_env["BELFRY_SERVICE_TOKEN"] = identity.SigningKey.parse(signing).mint(name, ttl_seconds=SERVICE_TOKEN_TTL)
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", declared.package, env=child_env, stdout=None, stderr=asyncio.subprocess.PIPE
     )
@@ -220,6 +241,12 @@ async def up(home: Path, environ: Mapping[str, str], *, on_ready: Any = None) ->
                 catcher.stop()
         if pg is not None:
             database.stop(pg)
+
+
+def client_tls(env: Mapping[str, str], name: str = LOCAL_CALLER) -> TlsSettings:
+    """What a local tool connects to the mesh with: plaintext, presenting a service token for ``name``."""
+    token = identity.SigningKey.parse(env[SIGNING_KEY]).mint(name, ttl_seconds=SERVICE_TOKEN_TTL)
+    return TlsSettings(None, None, None, token)
 
 
 def default_home() -> Path:
