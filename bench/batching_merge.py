@@ -32,8 +32,8 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 from belfry import db, handoff, rpc, service
 from belfry.api.directory.v1 import directory_pb2, directory_pb2_grpc
-from belfry.config import TlsSettings
 from belfry.handoff import Assignment
+from belfry.local import supervisor
 from belfry.message import Item, Message
 from belfry.preferences import Preferences
 from belfry.queue import Lease, NewDelivery, Outcome, Queue, enqueue, worker
@@ -71,7 +71,7 @@ def assignment(i: int, users: int, now: datetime) -> Assignment:
     return Assignment(message, ("email", "bell"), "contact", str(i), now.isoformat(), expires)
 
 
-async def belfry_run(pool: asyncpg.Pool, prefs_address: str, items: int, users: int) -> tuple[float, float, str, str]:
+async def belfry_run(pool: asyncpg.Pool, env: dict[str, str], items: int, users: int) -> tuple[float, float, str, str]:
     """Intake rate (handoffs/s), close rate (windows/s) and the CPU shares of both phases."""
     await pool.execute("truncate queue.deliveries; truncate batching.windows cascade; truncate batching.received;")
     await pool.execute("truncate batching.assignees")
@@ -115,7 +115,8 @@ async def belfry_run(pool: asyncpg.Pool, prefs_address: str, items: int, users: 
         intake_seconds = time.perf_counter() - started
         stop.set()
         await task
-    channel = rpc.connect(prefs_address, TlsSettings(None, None, None))
+    # Batching's own identity: the allow-list lets only the dispatcher and batching ask EffectiveBatch.
+    channel = rpc.connect(env["BELFRY_PREFERENCES_ADDRESS"], supervisor.client_tls(env, "batching"))
     closers = [
         Closer(pool, Preferences(channel), clock, worker=f"closer{n}", batch=100, tick_seconds=0.01) for n in range(2)
     ]
@@ -184,11 +185,14 @@ async def main() -> None:
         print(await versions(dsn, "asyncpg", "grpcio", "procrastinate", "psycopg"))
         print(f"items={args.items} users={args.users} (window of {args.items // args.users} assignments each)")
         pool = await db.create_pool(dsn, application_name="bench-batching", min_size=4, max_size=12)
-        env = {"BELFRY_DATABASE_URL": dsn, "BELFRY_GRPC_ADDRESS": "127.0.0.1:0", "BELFRY_METRICS_ADDRESS": "off"}
+        env = supervisor.local_callers(
+            {"BELFRY_DATABASE_URL": dsn, "BELFRY_GRPC_ADDRESS": "127.0.0.1:0", "BELFRY_METRICS_ADDRESS": "off"}
+        )
         settings = prefs_settings(env)
         prefs = await service.start("preferences", settings.common, prefs_build_for(settings), pool=pool)
         address = f"127.0.0.1:{prefs.port}"
-        channel = rpc.connect(address, settings.common.tls)
+        env["BELFRY_PREFERENCES_ADDRESS"] = address
+        channel = supervisor.connect(env, address)
         directory = directory_pb2_grpc.DirectoryServiceStub(channel)
         await directory.UpsertAccount(
             directory_pb2.UpsertAccountRequest(
@@ -209,7 +213,7 @@ async def main() -> None:
         belfry: list[tuple[float, float, str, str]] = []
         peer: list[tuple[float, str]] = []
         for run in range(args.runs):
-            belfry.append(await belfry_run(pool, address, args.items, args.users))
+            belfry.append(await belfry_run(pool, env, args.items, args.users))
             peer.append(await procrastinate_run(dsn, args.items, args.users))
             intake, close, cpu_in, cpu_close = belfry[-1]
             print(f"run {run + 1} belfry intake {intake:8,.0f} handoffs/s ({cpu_in})")

@@ -44,6 +44,7 @@ from belfry.api.dispatcher.v1 import dispatcher_pb2 as pb
 from belfry.api.dispatcher.v1 import dispatcher_pb2_grpc
 from belfry.api.preferences.v1 import preferences_pb2, preferences_pb2_grpc
 from belfry.auth import TokenIssuer
+from belfry.local import supervisor
 
 ACCOUNT = "bench"
 # deals.stage_changed: on for email and bell by default (bell, browser, email with the browser default on).
@@ -82,12 +83,26 @@ def mesh_env(dsn: str, home: Path, *, smtp_port: int | None = None) -> dict[str,
         env.update(BELFRY_SMTP_HOST="127.0.0.1", BELFRY_SMTP_PORT=str(smtp_port), BELFRY_SMTP_STARTTLS="false")
     for name in MESH:
         env[f"BELFRY_{name.upper()}_GRPC_ADDRESS"] = "127.0.0.1:0"
-    return env
+    return local_callers(env)
 
 
-async def seed(address: str, users: list[str], *, browser: bool = False) -> None:
+# The before/after runs start an older tree's services with these same scripts (issue 16, section 3: "same
+# script"); trees from before caller identities have neither helper and need neither.
+def local_callers(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with the local mesh's identities (``supervisor.local_callers``) where the tree has them."""
+    add = getattr(supervisor, "local_callers", None)
+    return add(env) if add is not None else env
+
+
+def connect(env: dict[str, str], address: str) -> grpc.aio.Channel:
+    """A channel calling as the local caller (``supervisor.connect``); a plain one on an older tree."""
+    dial = getattr(supervisor, "connect", None)
+    return dial(env, address) if dial is not None else grpc.aio.insecure_channel(address)
+
+
+async def seed(env: dict[str, str], users: list[str], *, browser: bool = False) -> None:
     """One enterprise account, its users and an actor; ``browser``: every user turns TOPIC on for the browser too."""
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with connect(env, env["BELFRY_PREFERENCES_ADDRESS"]) as channel:
         directory = directory_pb2_grpc.DirectoryServiceStub(channel)
         await directory.UpsertAccount(
             directory_pb2.UpsertAccountRequest(
@@ -348,6 +363,23 @@ PENDING = """
 select exists (select 1 from queue.deliveries where state = 'queued')
     or exists (select 1 from queue.deliveries where state = 'leased')
 """
+
+
+async def fanned_out(conn: asyncpg.Connection) -> bool:
+    """True once no accepted event waits for fan-out (always on a tree that fans out inside the call)."""
+    if not await conn.fetchval("select to_regclass('dispatcher.fanout') is not null"):
+        return True
+    return not await conn.fetchval("select exists (select 1 from dispatcher.fanout)")
+
+
+async def wait_fanned_out(conn: asyncpg.Connection, limit: float = 600.0) -> float:
+    """Wait until every accepted event is fanned out; the seconds it took."""
+    started = time.monotonic()
+    while not await fanned_out(conn):
+        if time.monotonic() - started > limit:
+            raise RuntimeError(f"fan-out not done {limit:.0f} s after the last event was accepted")
+        await asyncio.sleep(0.1)
+    return time.monotonic() - started
 
 
 def index_entries(t: Table) -> int:

@@ -241,8 +241,8 @@ async def _profile(
     print(f"py-spy: {out} ({seconds} s of the dispatcher, {published:,} events published meanwhile)")
 
 
-async def _seed(address: str) -> None:
-    async with grpc.aio.insecure_channel(address) as channel:
+async def _seed(channel: grpc.aio.Channel) -> None:
+    async with channel:
         directory = directory_pb2_grpc.DirectoryServiceStub(channel)
         await directory.UpsertAccount(
             directory_pb2.UpsertAccountRequest(
@@ -305,13 +305,14 @@ async def main() -> None:
     )
     for svc in ("preferences", "dispatcher"):
         env[f"BELFRY_{svc.upper()}_GRPC_ADDRESS"] = "127.0.0.1:0"
+    common.local_callers(env)
     children = await supervisor.start_mesh(env, ("preferences", "dispatcher"))
     app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=url, max_size=10))
     app.task(name="deliver")(lambda **kw: None)
     copy_pool = await asyncpg.create_pool(url, min_size=args.inflight, max_size=args.inflight)
     try:
-        await _seed(env["BELFRY_PREFERENCES_ADDRESS"])
-        channel = grpc.aio.insecure_channel(env["BELFRY_DISPATCHER_ADDRESS"])
+        await _seed(common.connect(env, env["BELFRY_PREFERENCES_ADDRESS"]))
+        channel = common.connect(env, env["BELFRY_DISPATCHER_ADDRESS"])
         stub = dispatcher_pb2_grpc.DispatcherServiceStub(channel)
         procs = {c.name: psutil.Process(c.process.pid) for c in children}
         procs["client"] = psutil.Process()

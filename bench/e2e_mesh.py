@@ -100,9 +100,10 @@ async def _one_run(n: int, sink: CountingSink, sink_port: int) -> dict[str, floa
     )
     for svc in ("preferences", "dispatcher", "email"):
         env[f"BELFRY_{svc.upper()}_GRPC_ADDRESS"] = "127.0.0.1:0"
+    supervisor.local_callers(env)
     children = await supervisor.start_mesh(env, ("preferences", "dispatcher", "email"))
     try:
-        prefs = grpc.aio.insecure_channel(env["BELFRY_PREFERENCES_ADDRESS"])
+        prefs = supervisor.connect(env, env["BELFRY_PREFERENCES_ADDRESS"])
         await demo.seed(prefs)
         users = [f"u{i}" for i in range(100)]
         directory = directory_pb2_grpc.DirectoryServiceStub(prefs)
@@ -120,7 +121,7 @@ async def _one_run(n: int, sink: CountingSink, sink_port: int) -> dict[str, floa
                     )
                 )
             )
-        chan = grpc.aio.insecure_channel(env["BELFRY_DISPATCHER_ADDRESS"])
+        chan = supervisor.connect(env, env["BELFRY_DISPATCHER_ADDRESS"])
         stub = dispatcher_pb2_grpc.DispatcherServiceStub(chan)
         events = [
             demo.event(

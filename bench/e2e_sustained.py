@@ -156,13 +156,13 @@ async def main() -> None:
         )
         children = await supervisor.start_mesh(env, ("preferences", "dispatcher"))
         users = common.user_ids(args.users)
-        await common.seed(env["BELFRY_PREFERENCES_ADDRESS"], users)
+        await common.seed(env, users)
         senders = await _noop_senders(env, args.batch, args.concurrency)
         procs = {c.name: psutil.Process(c.process.pid) for c in children}
         procs |= {f"noop_{ch}": psutil.Process(s.pid) for ch, s in zip(("email", "bell"), senders, strict=True)}
         procs["client"] = psutil.Process()
         meter = common.Cpu(procs, name)
-        channel = grpc.aio.insecure_channel(env["BELFRY_DISPATCHER_ADDRESS"])
+        channel = common.connect(env, env["BELFRY_DISPATCHER_ADDRESS"])
         stub = dispatcher_pb2_grpc.DispatcherServiceStub(channel)
         templates = [
             [common.event(k * args.per_call + i, [users[i % len(users)]]) for i in range(args.per_call)]
@@ -188,7 +188,7 @@ async def main() -> None:
         await asyncio.gather(*tasks)
         produced = time.monotonic() - started
         deadline = time.monotonic() + args.drain_limit
-        while await conn.fetchval(common.PENDING):
+        while not await common.fanned_out(conn) or await conn.fetchval(common.PENDING):
             if time.monotonic() > deadline:
                 print(f"NOT DRAINED {args.drain_limit:.0f} s after the producer stopped; reporting what was sent")
                 break

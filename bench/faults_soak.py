@@ -43,16 +43,15 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import grpc
 import psutil
 from aiosmtpd.controller import Controller
-from belfry import db
+from belfry import db, rpc
 from belfry.api.webhooks.v1 import webhooks_pb2 as pb
 from belfry.api.webhooks.v1 import webhooks_pb2_grpc as pb_grpc
 from belfry.auth import TokenIssuer
 from belfry.queue import NewDelivery, enqueue
 
-from tests.conftest import fresh_database
+from tests.conftest import client_tls, fresh_database
 from tests.email.email_helpers import message
 from tests.faults.conftest import via_port
 from tests.faults.hostile import Answer, HostilePeer, Reset
@@ -268,7 +267,7 @@ class Producer:
 async def connect_hooks(port: int, peer: HostilePeer) -> None:
     """One webhook per soak user, connected through the webhooks service's API."""
     issuer = TokenIssuer(TOKEN_KEYS, "k1")
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+    async with rpc.connect(f"127.0.0.1:{port}", client_tls()) as channel:
         stub = pb_grpc.WebhooksStub(channel)
         for i in range(HOOK_USERS):
             token = issuer.issue(HOOK_ACCOUNT, f"h{i}")

@@ -36,7 +36,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from belfry import migrate
+from belfry import migrate, rpc
 from belfry.api.common.v1 import common_pb2
 from belfry.api.directory.v1 import directory_pb2, directory_pb2_grpc
 from belfry.api.preferences.v1 import preferences_pb2, preferences_pb2_grpc
@@ -123,13 +123,17 @@ async def main() -> None:
         BELFRY_DATABASE_URL=url, BELFRY_TOKEN_KEYS=KEY, BELFRY_LOG_LEVEL="warning", BELFRY_METRICS_ADDRESS="off",
         BELFRY_PREFERENCES_GRPC_ADDRESS="127.0.0.1:0",
     )  # fmt: skip
+    supervisor.local_callers(env)
     children = await supervisor.start_mesh(env, ("preferences",))
     conn = await asyncpg.connect(url)
     try:
-        channel = grpc.aio.insecure_channel(env["BELFRY_PREFERENCES_ADDRESS"])
+        channel = supervisor.connect(env, env["BELFRY_PREFERENCES_ADDRESS"])
+        # EffectiveBatch as the dispatcher asks it (the allow-list grants it to the dispatcher and batching).
+        internal = rpc.connect(env["BELFRY_PREFERENCES_ADDRESS"], supervisor.client_tls(env, "dispatcher"))
         users = [f"u{i:04d}" for i in range(args.users)]
         await _seed(channel, users)
-        stub = preferences_pb2_grpc.PreferencesServiceStub(channel)
+        stub = preferences_pb2_grpc.PreferencesServiceStub(internal)
+        app = preferences_pb2_grpc.PreferencesServiceStub(channel)
         request = preferences_pb2.EffectiveBatchRequest(account_id=ACCOUNT, topic=TOPIC, user_ids=users)
         for _ in range(10):  # warm: connections, prepared statements, caches
             await stub.EffectiveBatch(request)
@@ -148,7 +152,7 @@ async def main() -> None:
             miss: list[float] = []
             for i in range(args.calls):
                 flip = preferences_pb2.Choice(topic=TOPIC, channel=common_pb2.CHANNEL_POPUP, enabled=bool(i % 2))
-                await stub.SetPreference(preferences_pb2.SetPreferenceRequest(choice=flip), metadata=writer)
+                await app.SetPreference(preferences_pb2.SetPreferenceRequest(choice=flip), metadata=writer)
                 started = time.perf_counter()
                 await stub.EffectiveBatch(request)
                 miss.append((time.perf_counter() - started) * 1000)
@@ -179,6 +183,7 @@ async def main() -> None:
             f"client (bench + floor) {cpu_client:.2f}"
         )
         await channel.close()
+        await internal.close()
     finally:
         await conn.close()
         await supervisor.stop_all(children, 5)

@@ -44,7 +44,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
-import grpc
 import psutil
 from belfry import db
 from belfry.api.dispatcher.v1 import dispatcher_pb2_grpc
@@ -145,7 +144,7 @@ async def measure(shape: Shape, n: int, users: list[str], smtp_port: int) -> Res
     seconds: dict[str, float] = {}
     try:
         children = await supervisor.start_mesh(env, ("preferences", "dispatcher"))
-        await common.seed(env["BELFRY_PREFERENCES_ADDRESS"], users, browser=shape.channels == 3)
+        await common.seed(env, users, browser=shape.channels == 3)
         events = [
             common.event(i, [users[(i * shape.recipients + k) % len(users)] for k in range(shape.recipients)])
             for i in range(n)
@@ -157,8 +156,10 @@ async def measure(shape: Shape, n: int, users: list[str], smtp_port: int) -> Res
         meter = common.Cpu({c.name: psutil.Process(c.process.pid) for c in children} | {"client": me}, name)
         before = await common.snapshot(conn)
         await meter.start(conn)
-        async with grpc.aio.insecure_channel(env["BELFRY_DISPATCHER_ADDRESS"]) as channel:
+        async with common.connect(env, env["BELFRY_DISPATCHER_ADDRESS"]) as channel:
             seconds["accept"] = await common.publish_all(dispatcher_pb2_grpc.DispatcherServiceStub(channel), events)
+        # Fan-out runs behind the accept: the stage ends once every event is expanded into its deliveries.
+        seconds["accept"] += await common.wait_fanned_out(conn)
         cpu["accept"] = await meter.stop(conn)
         await supervisor.stop_all(children, 10)
         children = []

@@ -167,7 +167,7 @@ class CertificateNames:
         self._seen: dict[bytes, str | None] = {}
 
     def identity(self, pem: bytes) -> str | None:
-        """``spiffe://<trust domain>/<name>`` → name; else the first DNS SAN's first label; else None."""
+        """``spiffe://<trust domain>/<name>`` → name; else, with no SPIFFE ID at all, the first DNS SAN's first label."""
         if pem in self._seen:
             return self._seen[pem]
         name = self._parse(pem)
@@ -188,6 +188,9 @@ class CertificateNames:
             # Two different names in one certificate would make the caller ambiguous: none is trusted.
             (name,) = spiffe if len(spiffe) == 1 else (None,)
             return name if name is not None and valid_name(name) else None
+        if any(u.startswith("spiffe://") for u in uris):
+            # Another trust domain's certificate: its DNS names must not make it one of ours.
+            return None
         dns = sans.get_values_for_type(x509.DNSName)
         label = dns[0].split(".", 1)[0].lower() if dns else ""
         return label if valid_name(label) else None

@@ -24,7 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from belfry import background, identity, migrate, service
+import grpc
+
+from belfry import background, identity, migrate, rpc, service
 from belfry.config import TlsSettings
 from belfry.local import database, mailcatcher
 
@@ -70,21 +72,34 @@ def _secrets(home: Path) -> dict[str, str]:
     return {**known, **missing}
 
 
-def mesh_env(home: Path, database_url: str, smtp: tuple[str, int] | None, environ: Mapping[str, str]) -> dict[str, str]:
-    """The environment every child gets: the caller's, with local defaults filled in."""
-    env = dict(environ)
-    for key, value in _secrets(home).items():
-        env.setdefault(key, value)
-    env["BELFRY_DATABASE_URL"] = database_url
+def local_callers(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with a local mesh's identities: a signing key (made when absent), its public half, and every role for
+    the local caller (``client_tls``), so the children and local tools may call one another."""
+    env.setdefault(SIGNING_KEY, identity.SigningKey.generate("local1").dump())
     env.setdefault("BELFRY_SERVICE_TOKEN_KEYS", identity.SigningKey.parse(env[SIGNING_KEY]).public())
     for variable, value in (
         ("BELFRY_PRODUCERS", f"{LOCAL_CALLER}=*"),
         ("BELFRY_PROVISIONING", LOCAL_CALLER),
         ("BELFRY_APPS", LOCAL_CALLER),
         ("BELFRY_OPERATORS", LOCAL_CALLER),
-        ("BELFRY_GRPC_REFLECTION", "true"),
     ):
         env.setdefault(variable, value)
+    return env
+
+
+def connect(env: Mapping[str, str], address: str) -> grpc.aio.Channel:
+    """A channel to a local mesh's service, calling as the local caller."""
+    return rpc.connect(address, client_tls(env))
+
+
+def mesh_env(home: Path, database_url: str, smtp: tuple[str, int] | None, environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment every child gets: the caller's, with local defaults filled in."""
+    env = dict(environ)
+    for key, value in _secrets(home).items():
+        env.setdefault(key, value)
+    env["BELFRY_DATABASE_URL"] = database_url
+    local_callers(env)
+    env.setdefault("BELFRY_GRPC_REFLECTION", "true")
     env.setdefault("BELFRY_LOG_JSON", "false" if sys.stdout.isatty() else "true")
     env.setdefault("BELFRY_METRICS_ADDRESS", "127.0.0.1:0")
     for declared in service.declared():
