@@ -64,7 +64,7 @@ async def _produce(
     started = time.monotonic()
     while not p.stop.is_set():
         if rate > 0:
-            # Open loop: the next call is due once the events sent so far are due.
+            # Open loop over every producer task: the next call is due once the events all of them sent are due.
             ahead = (p.accepted + p.other) / rate - (time.monotonic() - started)
             if ahead > 0:
                 await asyncio.sleep(ahead)
@@ -173,7 +173,7 @@ async def main() -> None:
         t0 = await conn.fetchval("select clock_timestamp()")
         await meter.start(conn)
         started = time.monotonic()
-        tasks = [asyncio.create_task(_produce(stub, t, producer, args.rate / args.inflight)) for t in templates]
+        tasks = [asyncio.create_task(_produce(stub, t, producer, args.rate)) for t in templates]
         samples: list[tuple[float, int, int, int]] = []  # (lag, depth, refused calls so far, accepted so far)
         while time.monotonic() - started < args.minutes * 60:
             await asyncio.sleep(args.window - (time.monotonic() - started) % args.window)

@@ -4,8 +4,11 @@ Two limits, both answered with RESOURCE_EXHAUSTED and a RetryInfo delay:
 - the delivery queue is far behind: more than ``max_depth`` deliveries due and
   unclaimed, or the oldest due one waiting longer than ``max_lag_seconds``;
   or fan-out is: the oldest accepted event not yet fanned out waited longer
-  than ``max_lag_seconds`` (both measured by a background loop, so publishing
-  never waits on the count). Past a limit, only the accounts holding more
+  than ``max_fanout_lag_seconds`` (all measured by a background loop, so
+  publishing never waits on the count). Fan-out has its own, shorter limit:
+  accepting costs a fraction of what fanning out does, so an unchecked
+  producer can accept for minutes while the same processes' fan-out falls
+  behind, and every notification of those minutes arrives late. Past a limit, only the accounts holding more
   than an equal share of the backlog are refused (the flooding account
   first, ``heavy``); past twice a limit, every account is;
 - an account publishes faster than ``account_rate`` events per second
@@ -32,6 +35,7 @@ class Limits:
 
     max_depth: int = 200_000
     max_lag_seconds: float = 300.0
+    max_fanout_lag_seconds: float = 30.0
     account_rate: float = 0.0
     account_burst: float = 0.0
     refresh_seconds: float = 1.0
@@ -54,6 +58,7 @@ class Backpressure:
             self.depth = await store.queue_depth(self._pool, cap=self.limits.max_depth * 2)  # counts to the hard limit
         if self.limits.max_lag_seconds:
             self.lag = await store.queue_lag(self._pool, CHANNELS)
+        if self.limits.max_fanout_lag_seconds:
             self.fanout_lag = await store.fanout_lag(self._pool)
         self.backlogs = await store.backlog_by_account(self._pool) if self._over(1.0) else {}
 
@@ -65,7 +70,8 @@ class Backpressure:
         limits = self.limits
         return bool(
             (limits.max_depth and self.depth >= limits.max_depth * factor)
-            or (limits.max_lag_seconds and max(self.lag, self.fanout_lag) >= limits.max_lag_seconds * factor)
+            or (limits.max_lag_seconds and self.lag >= limits.max_lag_seconds * factor)
+            or (limits.max_fanout_lag_seconds and self.fanout_lag >= limits.max_fanout_lag_seconds * factor)
         )
 
     def heavy(self, account_id: str) -> float:
@@ -92,9 +98,9 @@ class Backpressure:
                 "publishing is paused until senders catch up",
                 retry_after=max(1.0, limits.refresh_seconds * 5),
             )
-        if limits.max_lag_seconds and self.fanout_lag >= limits.max_lag_seconds:
+        if limits.max_fanout_lag_seconds and self.fanout_lag >= limits.max_fanout_lag_seconds:
             raise ResourceExhausted(
-                f"fan-out is {self.fanout_lag:.0f} s behind (limit {limits.max_lag_seconds:.0f} s); "
+                f"fan-out is {self.fanout_lag:.0f} s behind (limit {limits.max_fanout_lag_seconds:.0f} s); "
                 "publishing is paused until it catches up",
                 retry_after=max(1.0, limits.refresh_seconds * 5),
             )

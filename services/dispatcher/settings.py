@@ -45,6 +45,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         backpressure=backpressure.Limits(
             max_depth=env.int("BELFRY_DISPATCHER_MAX_QUEUE_DEPTH", 200_000),
             max_lag_seconds=env.float("BELFRY_DISPATCHER_MAX_QUEUE_LAG_SECONDS", 300.0),
+            max_fanout_lag_seconds=env.float("BELFRY_DISPATCHER_MAX_FANOUT_LAG_SECONDS", 30.0),
             account_rate=env.float("BELFRY_DISPATCHER_ACCOUNT_RATE", 0.0),
             account_burst=env.float("BELFRY_DISPATCHER_ACCOUNT_BURST", 0.0),
             refresh_seconds=env.float("BELFRY_DISPATCHER_BACKLOG_REFRESH_SECONDS", 1.0, minimum=0.01),

@@ -109,7 +109,7 @@ async def test_fan_out_far_behind_refuses_publishing(mesh: Mesh, account_id: str
         account_id,
     )
     try:
-        async for stub in _start(mesh, token_keys, BELFRY_DISPATCHER_MAX_QUEUE_LAG_SECONDS="60"):
+        async for stub in _start(mesh, token_keys, BELFRY_DISPATCHER_MAX_FANOUT_LAG_SECONDS="60"):
             error = await refused(stub.Publish(pb.PublishRequest(event=event(account_id, recipient_user_ids=["ana"]))))
             assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "fan-out" in (error.details() or "") and retry_delay(error) >= 1
