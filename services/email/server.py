@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 
 import asyncpg
 from belfry import background
-from belfry.auth import TokenVerifier
+from belfry.auth import user_tokens
 from belfry.queue import admin
 from belfry.queue.sender import sender_loops
 from belfry.service import Built
@@ -52,10 +52,10 @@ def build_for(settings: Settings) -> Callable[[asyncpg.Pool], Awaitable[Built]]:
             await background.every("email cap counters purge", 3600, lambda: store.purge_counts(pool), stop)
 
         queue_admin = admin.QueueAdmin(
-            pool, TokenVerifier(settings.common.token_keys), settings.sender.preferences_address, settings.common.tls
+            pool, user_tokens(settings.common), settings.sender.preferences_address, settings.common.tls
         )
         deliverability = Deliverability(
-            pool, TokenVerifier(settings.common.token_keys), settings.sender.preferences_address, settings.common.tls
+            pool, user_tokens(settings.common), settings.sender.preferences_address, settings.common.tls
         )
         return Built(
             registrations=[queue_admin.registration, deliverability.register],

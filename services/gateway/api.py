@@ -45,14 +45,15 @@ class Guard:
         ):
             raise PermissionDenied("this origin may not call the gateway")
 
-    def caller(self, request: Request) -> Caller:
+    async def caller(self, request: Request) -> Caller:
         """The caller named by the bearer token; Unauthenticated otherwise, ResourceExhausted over its rate."""
         self.check_origin(request)
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthenticated("send the user token as 'Authorization: Bearer <token>'")
-        caller = self.verifier.verify(token.strip())[0]
+        # An identity provider's new key is fetched here first (at most once per refresh interval).
+        caller = (await self.verifier.authenticate(token.strip()))[0]
         wait = self.users.take(f"{caller.account_id}\x00{caller.user_id}") if self.users is not None else 0.0
         if wait:
             raise ResourceExhausted("too many requests for this user; retry later", retry_after=wait)
@@ -92,7 +93,7 @@ def routes(pool: asyncpg.Pool, guard: Guard, issuer: TokenIssuer | None, demo_us
     async def feed(request: Request) -> JSONResponse:
         """GET /api/feed?before=<id>&limit=<n>&archived=0|1: newest first."""
         try:
-            caller = guard.caller(request)
+            caller = await guard.caller(request)
             before = _int_param(request, "before", None, low=1, high=2**62)
             limit = _int_param(request, "limit", 20, low=1, high=MAX_PAGE) or 20
             archived = request.query_params.get("archived", "0") in {"1", "true"}
@@ -111,7 +112,7 @@ def routes(pool: asyncpg.Pool, guard: Guard, issuer: TokenIssuer | None, demo_us
     async def unread(request: Request) -> JSONResponse:
         """GET /api/unread: the badge count."""
         try:
-            caller = guard.caller(request)
+            caller = await guard.caller(request)
             count = await store.unread_count(pool, caller.account_id, caller.user_id)
         except BelfryError as exc:
             return error_response(exc)
@@ -120,7 +121,7 @@ def routes(pool: asyncpg.Pool, guard: Guard, issuer: TokenIssuer | None, demo_us
     async def mark(request: Request) -> JSONResponse:
         """POST /api/feed/mark {"ids": [...], "what": "read"|"seen"|"archive"}."""
         try:
-            caller = guard.caller(request)
+            caller = await guard.caller(request)
             body = await json_body(request)
             what = body.get("what")
             if what not in {"read", "seen", "archive"}:
@@ -141,7 +142,7 @@ def routes(pool: asyncpg.Pool, guard: Guard, issuer: TokenIssuer | None, demo_us
     async def read_all(request: Request) -> JSONResponse:
         """POST /api/feed/read-all: every item read."""
         try:
-            caller = guard.caller(request)
+            caller = await guard.caller(request)
             changed = await store.mark_all_read(pool, caller.account_id, caller.user_id)
             await store.announce_counts(pool, caller.account_id, caller.user_id)
         except BelfryError as exc:

@@ -119,7 +119,7 @@ class Proxies:
                 if public:
                     guard.check_origin(request)
                 else:
-                    guard.caller(request)  # reject early and check the Origin; the service re-verifies the token
+                    await guard.caller(request)  # reject early and check the Origin; the service re-verifies the token
                 methods = self._services.get(service, {})
                 if name not in methods:
                     raise InvalidArgument(f"unknown method {name!r}", field="method")

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 import asyncpg
 import uvicorn
 from belfry import log, processes
-from belfry.auth import TokenIssuer, TokenVerifier
+from belfry.auth import TokenIssuer, user_tokens
 from belfry.queue.sender import sender_loops
 from belfry.service import Built
 from starlette.routing import BaseRoute
@@ -37,7 +37,8 @@ class GatewayBuild:
     async def __call__(self, pool: asyncpg.Pool) -> Built:
         """Bind the HTTP socket, build the app and the loops."""
         s = self.settings
-        verifier = TokenVerifier(s.common.token_keys)
+        # The process's verifier: the identity provider's keys in production, the local keys under belfry up.
+        verifier = user_tokens(s.common)
         origins = OriginPolicy(s.allowed_origins)
         hub = Hub(pool, s.sender.worker_id, s.presence_ttl)
         self.hub = hub

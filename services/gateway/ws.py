@@ -117,7 +117,7 @@ class Endpoint:
             hello = json.loads(first)
             if not isinstance(hello, dict) or hello.get("type") != "auth":
                 raise Unauthenticated("the first message must be {'type': 'auth', 'token': ...}")
-            caller, expires_at = self.verifier.verify(str(hello.get("token", "")))
+            caller, expires_at = await self.verifier.authenticate(str(hello.get("token", "")))
         except (TimeoutError, ValueError, Unauthenticated, WebSocketDisconnect) as exc:
             reason = exc.message if isinstance(exc, Unauthenticated) else "authenticate first"
             with contextlib.suppress(Exception):
@@ -178,7 +178,7 @@ class Endpoint:
                 return
             if isinstance(message, dict) and message.get("type") == "refresh":
                 try:
-                    fresh, expires_at = self.verifier.verify(str(message.get("token", "")))
+                    fresh, expires_at = await self.verifier.authenticate(str(message.get("token", "")))
                 except Unauthenticated as exc:
                     tab.stop(CLOSE_UNAUTHENTICATED, exc.message[:120])
                     return

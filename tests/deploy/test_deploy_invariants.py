@@ -328,6 +328,16 @@ def _names_read_by_code() -> set[str]:
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
+def test_only_services_that_verify_user_tokens_hold_the_token_keys(overlay: str) -> None:
+    # Whoever reads the user-token keys from a pod can mint a token for any user: only services that verify
+    # user tokens (their package asks the kit for its verifier, belfry.auth.user_tokens) may hold them.
+    for name, deployment in _deployments(overlay):
+        verifies = any("user_tokens(" in p.read_text() for p in (ROOT / "services" / name).rglob("*.py"))
+        holds = {e["name"] for e in container(deployment)["env"]} & {"BELFRY_TOKEN_KEYS", "BELFRY_TOKEN_ACTIVE_KID"}
+        assert bool(holds) == verifies, f"{name}: verifies user tokens {verifies}, holds {sorted(holds)}"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_variable_is_read_by_the_code(overlay: str) -> None:
     # A misspelt variable would be ignored silently and the default used instead.
     objs = render(overlay)
