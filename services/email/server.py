@@ -17,6 +17,7 @@ from services.email import store
 from services.email.admin import SERVICE_NAME as DELIVERABILITY
 from services.email.admin import Deliverability
 from services.email.compose import Composer
+from services.email.dkim_signing import DkimSigner
 from services.email.sender import EmailSender
 from services.email.settings import Settings
 from services.email.smtp import SmtpPool
@@ -37,6 +38,7 @@ def build_for(settings: Settings) -> Callable[[asyncpg.Pool], Awaitable[Built]]:
             ),
             sender=settings.from_address,
             public_url=settings.public_url,
+            dkim=DkimSigner(settings.dkim) if settings.dkim else None,
         )
         sender = EmailSender(
             pool=pool,

@@ -14,6 +14,8 @@ from belfry import unsubscribe
 from belfry.config import CommonSettings, Env, load_common
 from belfry.queue.sender import SenderSettings, load_sender_settings
 
+from services.email import dkim_signing
+from services.email.dkim_signing import DkimKey
 from services.email.verp import Verp
 
 
@@ -47,6 +49,7 @@ class Settings:
     soft_expiry_seconds: float = 7 * 86400.0  # a suppression for soft bounces lapses after this
     unsubscribe_other_keys: tuple[bytes, ...] = ()  # also accepted: the next or previous key of a rotation
     verp: Verp | None = None  # per-delivery envelope senders (None: the From address is the envelope sender)
+    dkim: tuple[DkimKey, ...] = ()  # every message is signed with each (none: sent unsigned)
 
 
 def load_settings(environ: Mapping[str, str]) -> Settings:
@@ -91,6 +94,10 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
     if any(len(k) < 32 for k in verp_keys):
         env.problem("every key of BELFRY_EMAIL_VERP_KEYS must be a secret of at least 32 characters")
     bounce_domain = env.str("BELFRY_EMAIL_BOUNCE_DOMAIN", from_address.domain or "localhost").lower()
+    verp = Verp([k.encode() for k in verp_keys], bounce_domain) if verp_keys else None
+    from_domain = (from_address.domain or "").lower()
+    # The domains mail is sent under: the From address's, and the envelope sender's (VERP's bounce domain).
+    sending_domains = {from_domain, verp.domain if verp else from_domain}
     settings = Settings(
         common=common,
         smtp=smtp,
@@ -102,7 +109,8 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         sender=load_sender_settings(env, common, "email", batch=200, concurrency=64, lease_seconds=60.0),
         soft_expiry_seconds=env.float("BELFRY_EMAIL_SOFT_SUPPRESSION_SECONDS", 7 * 86400.0, minimum=0.0),
         unsubscribe_other_keys=_other_unsubscribe_keys(env),
-        verp=Verp([k.encode() for k in verp_keys], bounce_domain) if verp_keys else None,
+        verp=verp,
+        dkim=dkim_signing.load_keys(env, sending_domains),
     )
     env.check()
     return settings
