@@ -142,9 +142,7 @@ class Planner:
         ]
         users = {v.user_id for vs, _ in windows for v in vs} | {e.actor_user_id for e in events if e.actor_user_id}
         topic, people = await self._preferences.effective(account_id, topic_key, sorted(users))
-        mutes = [
-            await _muted(job.event, [v.user_id for v in vs], reads) for job, (vs, _) in zip(jobs, windows, strict=True)
-        ]
+        mutes = await _muted(jobs, windows, reads)
         decisions: dict[tuple[str, bool], Decision] = {}
         return [
             self._plan_one(job, vs, more, topic, people, decisions, muted=muted)
@@ -274,8 +272,17 @@ async def _with_followers(job: Job, reads: _Reads) -> Job:
     return dataclasses.replace(job, event=event)
 
 
-async def _muted(event: Event, users: list[str], reads: _Reads) -> set[str]:
-    obj = event.object
-    if not obj.type or not obj.id or not users:
-        return set()
-    return await reads.run(follow_store.muted, event.account_id, obj.type, obj.id, users)
+async def _muted(
+    jobs: list[Job], windows: list[tuple[list[rules.Verdict], int | None]], reads: _Reads
+) -> list[set[str]]:
+    """For each job, which of its candidates muted the event's object (one query for the group)."""
+    asks = [
+        (job.event.object.type, job.event.object.id, [v.user_id for v in vs])
+        for job, (vs, _) in zip(jobs, windows, strict=True)
+        if job.event.object.type and job.event.object.id and vs
+    ]
+    found = await reads.run(follow_store.muted, jobs[0].event.account_id, asks) if asks else set()
+    return [
+        {v.user_id for v in vs if (job.event.object.type, job.event.object.id, v.user_id) in found}
+        for job, (vs, _) in zip(jobs, windows, strict=True)
+    ]

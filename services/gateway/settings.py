@@ -53,8 +53,11 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
     dev_login = env.bool("BELFRY_GATEWAY_DEV_LOGIN", False)
     if dev_login and not common.token_keys:
         env.problem("BELFRY_GATEWAY_DEV_LOGIN=true needs BELFRY_TOKEN_KEYS to sign the demo user's token")
-    if not common.token_keys:
-        env.problem("BELFRY_TOKEN_KEYS is required: the gateway verifies every user's token")
+    if not common.token_keys and common.user_tokens.oidc is None:
+        env.problem(
+            "the gateway verifies every user's token: set BELFRY_OIDC_ISSUER and BELFRY_OIDC_AUDIENCE "
+            "(or BELFRY_TOKEN_KEYS for a local run)"
+        )
     unsubscribe_key = env.str("BELFRY_UNSUBSCRIBE_KEY", "")
     if unsubscribe_key and len(unsubscribe_key) < 32:
         env.problem("BELFRY_UNSUBSCRIBE_KEY must be the email sender's key (at least 32 characters)")

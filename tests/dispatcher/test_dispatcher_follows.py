@@ -12,6 +12,7 @@ from belfry.api.dispatcher.v1 import dispatcher_pb2 as pb
 from belfry.api.dispatcher.v1 import dispatcher_pb2_grpc
 from belfry.auth import TokenIssuer
 
+from tests.conftest import fanned_out
 from tests.dispatcher.conftest import NO_TLS, Mesh, deliveries, event, publish, refused, seed
 
 DEAL = pb.FollowedObject(type="deal", id="D-1")  # the object of conftest's events
@@ -105,6 +106,27 @@ async def test_followers_of_a_record_are_told_and_a_mute_holds_them_back(
     await follows.Unmute(pb.FollowRequest(object=DEAL), metadata=as_user(token_keys, account_id, "chloe"))
     again = await publish(mesh, event(account_id, recipient_user_ids=["chloe"], include_followers=True))
     assert (await recipients(mesh, account_id, again.notification_id))["chloe"] == ""
+
+
+async def test_a_mute_holds_back_only_its_own_record_within_one_batch(
+    mesh: Mesh, follows: dispatcher_pb2_grpc.FollowServiceStub, token_keys: dict[str, bytes], account_id: str
+) -> None:
+    """Fan-out asks for the mutes of a whole batch at once: each event still sees only its own record's."""
+    await seed(mesh, account_id)
+    await follows.Mute(pb.FollowRequest(object=DEAL), metadata=as_user(token_keys, account_id, "chloe"))
+    other = pb.ObjectRef(type="deal", id="D-2", display_name="Other deal", url="https://app.example/deals/2")
+    answer = await mesh.dispatcher.PublishBatch(
+        pb.PublishBatchRequest(
+            events=[
+                event(account_id, recipient_user_ids=["chloe", "ana"]),
+                event(account_id, recipient_user_ids=["chloe"], object=other),
+            ]
+        )
+    )
+    muted, told = (s.notification_id for s in answer.statuses)
+    await fanned_out(mesh.pool, account_id)
+    assert await recipients(mesh, account_id, muted) == {"chloe": "muted_by_recipient", "ana": ""}
+    assert await recipients(mesh, account_id, told) == {"chloe": ""}
 
 
 async def test_a_mute_does_not_hold_back_a_locked_topic(

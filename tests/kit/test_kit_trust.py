@@ -9,15 +9,16 @@ operator does: one ConfigError listing every problem, one per line.
 
 from __future__ import annotations
 
+import importlib
 import time
 from pathlib import Path
 
 import pytest
-from belfry import identity
+from belfry import identity, service
 from belfry.errors import ConfigError
 
 from services.dispatcher.settings import Settings, load_settings
-from tests.conftest import MESH_KEY, common_env, service_token
+from tests.conftest import MESH_KEY, common_env, every_service_env, service_token
 from tests.deploy.pki import Authority
 
 _DATABASE = "postgresql://belfry@127.0.0.1:5432/never_connected"  # the loader only reads it
@@ -176,3 +177,19 @@ def test_a_configured_identity_named_like_a_service_or_a_role_is_refused(
     """A configured caller may not be called like a Belfry service (it would hold that service's rights) or a role."""
     local[variable] = raw
     assert _problems(local) == [f"configured caller identities may not be named like a service or a role: {taken}"]
+
+
+def test_every_service_loads_a_production_environment(
+    production: dict[str, str], token_keys: dict[str, bytes], tmp_path: Path
+) -> None:
+    """No service insists on the HS256 keys production refuses (the gateway once did, so it could not start)."""
+    everything = every_service_env(_DATABASE, token_keys, tmp_path)  # what each service needs besides the rest
+    base = everything | {k: v for k, v in production.items() if k != "BELFRY_SERVICE_TOKEN"}
+    base = {k: v for k, v in base.items() if k not in {"BELFRY_TOKEN_KEYS", "BELFRY_TOKEN_ACTIVE_KID"}}
+    for declared in service.declared():
+        module = importlib.import_module(f"{declared.package}.settings")
+        try:
+            settings = module.load_settings(base)
+        except ConfigError as exc:
+            pytest.fail(f"{declared.name} refuses a production environment: {exc}")
+        assert settings.common.production and not settings.common.token_keys, declared.name
