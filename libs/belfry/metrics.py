@@ -14,7 +14,9 @@ RPC_REQUESTS = Counter("belfry_rpc_requests_total", "RPCs handled", ["service", 
 RPC_ERRORS = Counter("belfry_rpc_errors_total", "RPCs that ended in an error status", ["service", "method", "code"])
 RPC_LATENCY = Histogram("belfry_rpc_seconds", "RPC handling time", ["service", "method"])
 EVENTS_PUBLISHED = Counter("belfry_events_published_total", "Events accepted by the dispatcher", ["outcome"])
-DELIVERIES = Counter("belfry_deliveries_total", "Deliveries finished by a sender", ["channel", "outcome"])
+# ``outcome`` of the delivery metrics: sent | retry | fail | dropped, the one vocabulary of
+# ``belfry.queue.worker.OUTCOMES`` (docs/observability.md lists every name and label).
+DELIVERIES = Counter("belfry_deliveries_total", "Delivery attempts by their outcome", ["channel", "outcome"])
 # Every worker's queue upkeep measures the same table: across a pod's workers, the latest reading of a live one.
 QUEUE_DEPTH = Gauge(
     "belfry_queue_depth", "Deliveries waiting to be sent", ["channel"], multiprocess_mode="livemostrecent"
@@ -25,10 +27,11 @@ QUEUE_AGE = Gauge(
     ["channel"],
     multiprocess_mode="livemostrecent",
 )
+# Observed when a sender records an outcome: from the delivery's creation (its fan-out) to then.
 END_TO_END = Histogram(
     "belfry_end_to_end_seconds",
-    "From the event's acceptance to its delivery",
-    ["channel"],
+    "From a delivery's creation to its recorded outcome",
+    ["channel", "outcome"],
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900),
 )
 

@@ -25,7 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
-from belfry import access, balance, errors, identity, log, metrics
+from belfry import access, balance, errors, identity, log, metrics, trace
 from belfry.auth import TokenVerifier, bearer
 from belfry.config import CommonSettings, TlsSettings
 
@@ -194,11 +194,46 @@ async def _checked(requests: AsyncIterator[Any], grant: access.Grant) -> AsyncIt
         yield request
 
 
+def _account_of(request: Any) -> str:
+    """The one account a unary request names (``account_id``, an event's, or a batch's all alike), else ""."""
+    if request is None or type(request) is _Undecodable:
+        return ""
+    account = getattr(request, "account_id", None)
+    if isinstance(account, str):
+        return account
+    event = getattr(request, "event", None)
+    account = getattr(event, "account_id", None)
+    if isinstance(account, str):
+        return account
+    events = getattr(request, "events", None)
+    if events:
+        accounts = {getattr(e, "account_id", "") for e in events}
+        if len(accounts) == 1:
+            found = accounts.pop()
+            return found if isinstance(found, str) else ""
+    return ""
+
+
 async def _observe(
-    service: str, method: str, context: grpc.aio.ServicerContext, run: Callable[[], Awaitable[Any]]
+    service: str,
+    method: str,
+    context: grpc.aio.ServicerContext,
+    run: Callable[[], Awaitable[Any]],
+    request: Any = None,
 ) -> Any:
-    """Run one call: log context, typed errors to statuses, metrics, one canonical log line."""
-    structlog.contextvars.bind_contextvars(rpc=method, request_id=uuid.uuid4().hex[:16])
+    """Run one call: log context, typed errors to statuses, metrics, one canonical log line.
+
+    Every line the call logs carries ``method``, ``request_id`` and ``trace_id``
+    (from the caller's ``traceparent`` when valid, else new: ``belfry.trace``),
+    and ``account_id`` when the (unary) request names one account.
+    """
+    trace_id = trace.from_metadata(context.invocation_metadata())
+    traced = trace.bind(trace_id)
+    bound = {"method": method, "request_id": uuid.uuid4().hex[:16], "trace_id": trace_id}
+    account = _account_of(request)
+    if account:
+        bound["account_id"] = account
+    structlog.contextvars.bind_contextvars(**bound)
     started = time.perf_counter()
     code = grpc.StatusCode.OK
     try:
@@ -224,8 +259,9 @@ async def _observe(
             metrics.RPC_ERRORS.labels(service, method, code.name).inc()
         # One canonical line per request; healthy traffic at debug level.
         level = _LOG.info if code != grpc.StatusCode.OK else _LOG.debug
-        level("rpc", code=code.name, ms=round(elapsed * 1000, 2))
-        structlog.contextvars.unbind_contextvars("rpc", "request_id", "caller")
+        level("rpc", code=code.name, duration_ms=round(elapsed * 1000, 2))
+        structlog.contextvars.unbind_contextvars(*bound, "caller")
+        trace.reset(traced)
 
 
 def _wrap(handler: grpc.RpcMethodHandler, method: str, service: str, admit: _Admission) -> grpc.RpcMethodHandler:
@@ -244,7 +280,7 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, service: str, admit: _Adm
             return await inner_uu(request, context)
 
         async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            return await _observe(service, method, context, lambda: call_uu(request, context))
+            return await _observe(service, method, context, lambda: call_uu(request, context), request)
 
         return grpc.unary_unary_rpc_method_handler(unary_unary, parse, handler.response_serializer)
     if handler.stream_stream or handler.unary_stream:
@@ -269,7 +305,7 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, service: str, admit: _Adm
                 else:
                     await result
 
-            await _observe(service, method, context, drain)
+            await _observe(service, method, context, drain, None if handler.request_streaming else request)
 
         factory = (
             grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
 
 import asyncpg
-from belfry import errors, log
+from belfry import errors, log, trace
 from belfry.queue import NewDelivery, enqueue
 
 from services.dispatcher import follow_store, rules, store
@@ -113,12 +114,28 @@ class Fanout:
             jobs = [_job(b, self._tuning.chunk) for b in claimed]
             plans = await self._planner.plan(jobs, conn)
             ready = [p for p in plans if isinstance(p, Plan)]
-            await _write(conn, ready)
+            traces = {b.row.notification_id: _trace_of(b.row) for b in claimed}
+            written = await _write(conn, ready, traces)
             done, advanced, retry, failed = _settle(claimed, plans)
             await store.finish_fanout(conn, done, advanced, retry, failed)
+        # After the commit: the one line that ties a notification to its trace and its deliveries.
+        for plan in ready:
+            _LOG.info(
+                "fanned out",
+                account_id=plan.event.account_id,
+                notification_id=str(plan.notification_id),
+                trace_id=traces.get(plan.notification_id),
+                deliveries=written.get(plan.notification_id, 0),
+            )
         if retry or failed:
             _LOG.warning("fan-out deferred or failed", retried=len(retry), failed=len(failed))
         return len(claimed)
+
+
+def _trace_of(row: store.NotificationRow) -> str | None:
+    found = row.event.get(store.TRACE_FIELD)
+    # Checked, not trusted: a value that is not a trace id must not stop the event's fan-out.
+    return found if trace.is_trace_id(found) else None
 
 
 def _job(backlog: store.Backlog, chunk: int) -> Job:
@@ -166,10 +183,15 @@ def _settle(
     return done, advanced, retry, failed
 
 
-async def _write(conn: asyncpg.pool.PoolConnectionProxy, plans: list[Plan]) -> None:
-    """Write the plans' recipient records, mention claims and deliveries (inside the caller's transaction)."""
+async def _write(
+    conn: asyncpg.pool.PoolConnectionProxy, plans: list[Plan], traces: Mapping[uuid.UUID, str | None]
+) -> dict[uuid.UUID, int]:
+    """Write the plans' recipient records, mention claims and deliveries (inside the caller's transaction).
+
+    Each delivery carries its notification's trace id (``traces``); returns the deliveries per notification.
+    """
     if not plans:
-        return
+        return {}
     claims = [
         (p.event.account_id, p.event.activity_id, v.user_id, p.notification_id)
         for p in plans
@@ -186,20 +208,25 @@ async def _write(conn: asyncpg.pool.PoolConnectionProxy, plans: list[Plan]) -> N
             for user_id, source in p.follows
         ],
     )
-    recipients, deliveries = _rows(plans, firsts)
+    recipients, deliveries = _rows(plans, firsts, traces)
     await store.insert_recipients(conn, recipients)
     # enqueue is typed for a bare connection; a pooled one behaves the same.
     await enqueue(cast(asyncpg.Connection, conn), deliveries)
+    counts: dict[uuid.UUID, int] = {}
+    for d in deliveries:
+        counts[d.notification_id] = counts.get(d.notification_id, 0) + 1
+    return counts
 
 
 def _rows(
-    plans: Sequence[Plan], firsts: set[tuple[str, str, str]]
+    plans: Sequence[Plan], firsts: set[tuple[str, str, str]], traces: Mapping[uuid.UUID, str | None]
 ) -> tuple[list[store.RecipientRow], list[NewDelivery]]:
-    """Every candidate's record, and the deliveries."""
+    """Every candidate's record, and the deliveries (with their notification's trace id)."""
     recipients: list[store.RecipientRow] = []
     deliveries: list[NewDelivery] = []
     for plan in plans:
         e = plan.event
+        planned = len(deliveries)
         first = {u for (a, act, u) in firsts if a == e.account_id and act == e.activity_id}
         for v in rules.first_mentions(plan.verdicts, first):
             routed = plan.routed.get(v.user_id) if not v.reason else None
@@ -217,4 +244,8 @@ def _rows(
             if routed:
                 deliveries.extend(routed.deliveries)
         deliveries.extend(plan.digest)
+        trace_id = trace.as_uuid(traces.get(plan.notification_id))
+        if trace_id is not None:
+            # Planning knows nothing of traces; the plan's deliveries get it here, on their way out.
+            deliveries[planned:] = [dataclasses.replace(d, trace_id=trace_id) for d in deliveries[planned:]]
     return recipients, deliveries

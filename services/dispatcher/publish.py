@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
 import asyncpg
-from belfry import errors, metrics
+from belfry import errors, metrics, trace
 
 from services.dispatcher import store
 from services.dispatcher.backpressure import Backpressure
@@ -64,8 +64,12 @@ class Dispatcher:
         # round trip; a replay is recognised when its insert finds the key taken.
         todo = list(firsts.values())
         refusals = await self._planner.admit([_event(items[i]) for i in todo])
+        # The call's trace (belfry.trace) rides with each event to its fan-out, which writes it on the deliveries.
+        trace_id = trace.current()
         rows = {
-            i: _notification_row(_event(items[i])) for i, refused in zip(todo, refusals, strict=True) if not refused
+            i: _notification_row(_event(items[i]), trace_id)
+            for i, refused in zip(todo, refusals, strict=True)
+            if not refused
         }
         try:
             written = await store.accept(self._pool, list(rows.values())) if rows else set()
@@ -166,7 +170,12 @@ def _replay(event: Event, found: tuple[uuid.UUID, bytes]) -> Result:
     )
 
 
-def _notification_row(e: Event) -> store.NotificationRow:
+def _notification_row(e: Event, trace_id: str | None) -> store.NotificationRow:
+    fields = event_fields(e)
+    if trace_id is not None:
+        # In the event's fields, not a column of its own: fan-out reads them anyway, and a replay
+        # (its insert skipped) keeps the first call's trace, as it keeps the first call's event.
+        fields[store.TRACE_FIELD] = trace_id
     return store.NotificationRow(
         account_id=e.account_id,
         notification_id=uuid.uuid4(),
@@ -183,5 +192,5 @@ def _notification_row(e: Event) -> store.NotificationRow:
             "url": e.object.url,
             "owner_user_id": e.object.owner_user_id,
         },
-        event=event_fields(e),
+        event=fields,
     )

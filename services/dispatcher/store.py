@@ -40,6 +40,9 @@ class NotificationRow:
     event: dict[str, Any]  # what fan-out needs beyond the columns: recipients, mentions, variables, ...
 
 
+# The key of ``NotificationRow.event`` holding the publishing call's trace id (32 hex digits), when it had one.
+TRACE_FIELD = "trace_id"
+
 # Fan-out workers LISTEN here; an accept's NOTIFY is sent when it commits.
 FANOUT_CHANNEL = "belfry_dispatcher_fanout"
 

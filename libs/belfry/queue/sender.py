@@ -5,10 +5,12 @@ optionally a per-batch ``prepare``); ``sender_loops`` gives back the loops
 ``belfry.service.Built`` runs:
 
 * the worker (``belfry.queue.worker.run``) on a ``Queue`` of the channel,
-  built from the settings block and the deployment's Retry-After clamp;
-  every outcome the handler returns is counted once, here, in
-  ``belfry_deliveries_total{channel,outcome}`` (``sent``, ``retry``,
-  ``fail``, ``dropped``);
+  built from the settings block and the deployment's Retry-After clamp; the
+  worker counts every outcome once in
+  ``belfry_deliveries_total{channel,outcome}`` and observes
+  ``belfry_end_to_end_seconds{channel,outcome}`` when it is recorded, with
+  the one vocabulary ``worker.OUTCOMES`` (``sent``, ``retry``, ``fail``,
+  ``dropped``; docs/observability.md);
 * queue upkeep (``belfry.queue.worker.maintain``): retention and the queue
   gauges. Every sender runs it, so whatever a deployment sends through, the
   queue is kept small; purges skip the rows another replica holds, so any
@@ -32,12 +34,10 @@ from typing import TypeVar
 
 import asyncpg
 
-from belfry import background, metrics
+from belfry import background
 from belfry.config import CommonSettings, Env
 from belfry.queue import worker
-from belfry.queue.store import Drop, Fail, Lease, Outcome, Queue, Retry, Sent
-
-_LABELS: dict[type[Outcome], str] = {Sent: "sent", Retry: "retry", Fail: "fail", Drop: "dropped"}
+from belfry.queue.store import Fail, Outcome, Queue, Retry, Sent
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ def sender_loops(
     *,
     prepare: worker.Preparer | None = None,
 ) -> list[background.Loop]:
-    """The background loops of a sender of ``channel``: its worker (outcomes counted) and queue upkeep."""
+    """The background loops of a sender of ``channel``: its worker (which counts the outcomes) and queue upkeep."""
     queue = Queue(
         pool,
         channel,
@@ -95,16 +95,10 @@ def sender_loops(
         lease_seconds=settings.lease_seconds,
         max_retry_after=settings.max_retry_after_seconds,
     )
-    counters = {kind: metrics.DELIVERIES.labels(channel, label) for kind, label in _LABELS.items()}
-
-    async def counted(lease: Lease) -> Outcome:
-        outcome = await handle(lease)
-        counters[type(outcome)].inc()
-        return outcome
 
     async def send(stop: asyncio.Event) -> None:
         await worker.run(
-            queue, counted, stop=stop, batch=settings.batch, concurrency=settings.concurrency, prepare=prepare
+            queue, handle, stop=stop, batch=settings.batch, concurrency=settings.concurrency, prepare=prepare
         )
 
     async def upkeep(stop: asyncio.Event) -> None:

@@ -53,6 +53,7 @@ class NewDelivery:
     expires_at: datetime
     available_at: datetime | None = None
     max_attempts: int | None = None  # None: the channel's MAX_ATTEMPTS
+    trace_id: uuid.UUID | None = None  # the publishing call's trace (belfry.trace), logged with the outcome
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,16 @@ class Drop:
 Outcome = Sent | Retry | Fail | Drop
 
 
+@dataclass(frozen=True)
+class Settled:
+    """A delivery whose outcome ``settle_rows`` recorded, with what its outcome line and metrics need."""
+
+    account_id: str
+    delivery_id: int
+    trace_id: uuid.UUID | None
+    age_seconds: float  # from the delivery's creation to this settle (both by the database's clock)
+
+
 def backoff(attempts: int, *, base: float = 2.0, cap: float = 900.0) -> float:
     """Exponential backoff with full jitter (seconds) before attempt ``attempts + 1``."""
     ceiling = min(cap, base * (2 ** max(0, attempts - 1)))
@@ -117,10 +128,11 @@ async def enqueue(
     rows = await conn.fetch(
         """
         insert into queue.deliveries
-            (account_id, notification_id, user_id, channel, topic, payload, expires_at, available_at, max_attempts)
-        select a, n, u, c, t, p, e, coalesce(v, now()), m
+            (account_id, notification_id, user_id, channel, topic, payload, expires_at, available_at, max_attempts,
+             trace_id)
+        select a, n, u, c, t, p, e, coalesce(v, now()), m, r
         from unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::jsonb[],
-                    $7::timestamptz[], $8::timestamptz[], $9::int[]) as x(a, n, u, c, t, p, e, v, m)
+                    $7::timestamptz[], $8::timestamptz[], $9::int[], $10::uuid[]) as x(a, n, u, c, t, p, e, v, m, r)
         on conflict (account_id, notification_id, user_id, channel) do nothing
         returning channel
         """,
@@ -133,6 +145,7 @@ async def enqueue(
         [d.expires_at for d in deliveries],
         [d.available_at for d in deliveries],
         [d.max_attempts or MAX_ATTEMPTS.get(d.channel, 8) for d in deliveries],
+        [d.trace_id for d in deliveries],
     )
     # NOTIFY is transactional: senders wake only once the producer commits.
     for channel in {r["channel"] for r in rows}:
@@ -210,8 +223,17 @@ class Queue:
 
         Returns how many rows changed (fewer than given means some leases were lost).
         """
+        return len(await self.settle_rows(results))
+
+    async def settle_rows(self, results: Sequence[tuple[Lease, Outcome]]) -> list[Settled]:
+        """``settle``, giving back the rows it changed with their trace id and age.
+
+        The claim does not return the trace id (a claim is the hottest
+        statement and stays as it is); the settle's own update returns it,
+        with the age the end-to-end histogram observes, in the same round trip.
+        """
         if not results:
-            return 0
+            return []
         accounts: list[str] = []
         ids: list[int] = []
         tokens: list[int] = []
@@ -240,7 +262,7 @@ class Queue:
                 errs.append(outcome.error)
         # A peer's error text may hold NUL, which PostgreSQL's jsonb refuses.
         errs = [None if e is None else e.replace("\x00", "\\x00") for e in errs]
-        status = await self.pool.execute(
+        rows = await self.pool.fetch(
             """
             update queue.deliveries d
             set state = case when x.state = 'queued' and now() + make_interval(secs => x.delay) >= d.expires_at
@@ -255,6 +277,8 @@ class Queue:
             from unnest($1::bigint[], $2::bigint[], $3::text[], $4::float8[], $5::text[], $7::text[])
                 as x(id, token, state, delay, err, account)
             where d.account_id = x.account and d.delivery_id = x.id and d.lease_token = x.token and d.state = 'leased'
+            returning d.account_id, d.delivery_id, d.trace_id,
+                      extract(epoch from now() - d.created_at)::float8 as age
             """,
             ids,
             tokens,
@@ -264,7 +288,7 @@ class Queue:
             self.worker,
             accounts,
         )
-        return int(status.split()[-1])
+        return [Settled(r["account_id"], r["delivery_id"], r["trace_id"], r["age"]) for r in rows]
 
     def retry_delay(self, attempts: int, retry_after: float | None) -> float:
         """Seconds before the next attempt: our backoff, or the peer's Retry-After when longer, capped.

@@ -19,6 +19,15 @@ The database going away (a restart, a reset connection) stops nothing: the
 claimer waits with backoff and listens again, the settler keeps finished
 outcomes and writes them once the database is back (fencing tokens make a
 late write of a lease someone else has since taken change nothing).
+
+What an operator sees (docs/observability.md): while a lease is handled its
+``account_id``, ``notification_id``, ``delivery_id`` and ``channel`` are bound
+to every line the handler logs; every outcome is counted in
+``belfry_deliveries_total{channel,outcome}`` as it is known, and once
+recorded it gets one info line ("delivery settled", with the publishing
+call's ``trace_id``) and an observation of ``belfry_end_to_end_seconds``
+(the delivery's age). The outcome labels are ``OUTCOMES``, the only
+vocabulary every one of them uses.
 """
 
 from __future__ import annotations
@@ -29,12 +38,16 @@ import time
 from collections.abc import Awaitable, Callable
 
 import asyncpg
+import structlog
 
-from belfry import background, db, log
+from belfry import background, db, log, metrics, trace
 from belfry.queue import ops
-from belfry.queue.store import Fail, Lease, Outcome, Queue, Retry, notify_channel
+from belfry.queue.store import Drop, Fail, Lease, Outcome, Queue, Retry, Sent, Settled, notify_channel
 
 _LOG = log.get(__name__)
+
+# The one outcome vocabulary: the ``outcome`` label of every delivery metric and log line.
+OUTCOMES: dict[type[Outcome], str] = {Sent: "sent", Retry: "retry", Fail: "fail", Drop: "dropped"}
 
 Handler = Callable[[Lease], Awaitable[Outcome]]
 Preparer = Callable[[list[Lease]], Awaitable[None]]
@@ -93,6 +106,9 @@ class _Worker:
         self.finished: list[Result] = []
         self.settle_wake = asyncio.Event()
         self.closing = False
+        channel = queue.channel
+        self.counted = {kind: metrics.DELIVERIES.labels(channel, label) for kind, label in OUTCOMES.items()}
+        self.aged = {kind: metrics.END_TO_END.labels(channel, label) for kind, label in OUTCOMES.items()}
 
     async def run(self, stop: asyncio.Event, *, poll_seconds: float, rescue_seconds: float) -> None:
         handlers = [asyncio.create_task(self._handle_forever()) for _ in range(self.concurrency)]
@@ -220,7 +236,17 @@ class _Worker:
         while True:
             lease, deadline = await self.inbox.get()
             try:
-                outcome = await self._handle_one(lease, deadline)
+                # Every line the handler logs names the delivery (reset after: this task handles many).
+                with structlog.contextvars.bound_contextvars(
+                    account_id=lease.account_id,
+                    notification_id=str(lease.notification_id),
+                    delivery_id=lease.delivery_id,
+                    channel=lease.channel,
+                ):
+                    outcome = await self._handle_one(lease, deadline)
+                # Counted here, not around the handler: the worker's own outcomes (a send that
+                # timed out or crashed) are outcomes too.
+                self.counted[type(outcome)].inc()
                 # Append after the await: the settler swaps ``finished`` for a new list meanwhile.
                 self.finished.append((lease, outcome))
                 self.settle_wake.set()
@@ -273,28 +299,59 @@ class _Worker:
 
     async def _settle(self, results: list[Result]) -> None:
         try:
-            changed = await self.queue.settle(results)
+            settled = await self.queue.settle_rows(results)
         except Exception as exc:
             if db.is_disconnect(exc) or len(results) == 1:
                 raise
             # A statement error caused by one outcome must not cost the others theirs.
             _LOG.exception("batch settle failed; settling one by one", count=len(results))
-            changed = 0
             for result in results:
-                changed += await self._settle_alone(result)
-        lost = len(results) - changed
-        if lost:
-            _LOG.warning("leases lost before settle (another replica owns them now)", count=lost)
+                await self._settle_alone(result)
+            return
+        self._report(results, settled)
 
-    async def _settle_alone(self, result: Result) -> int:
+    async def _settle_alone(self, result: Result) -> None:
         lease, outcome = result
         try:
-            return await self.queue.settle([result])
+            settled = await self.queue.settle_rows([result])
         except Exception as exc:
             if db.is_disconnect(exc):
                 raise
             _LOG.exception("outcome could not be recorded", delivery_id=lease.delivery_id, outcome=repr(outcome))
-            return await self.queue.settle([(lease, Fail(f"outcome could not be recorded: {exc!r}"))])
+            result = (lease, Fail(f"outcome could not be recorded: {exc!r}"))
+            settled = await self.queue.settle_rows([result])
+        self._report([result], settled)
+
+    def _report(self, results: list[Result], settled: list[Settled]) -> None:
+        """One line and one end-to-end observation per recorded outcome; a warning for leases lost."""
+        recorded = {(s.account_id, s.delivery_id): s for s in settled}
+        for lease, outcome in results:
+            row = recorded.get((lease.account_id, lease.delivery_id))
+            if row is None:
+                continue  # its lease was lost: the replica that holds it now reports it
+            self.aged[type(outcome)].observe(row.age_seconds)
+            _LOG.info(
+                "delivery settled",
+                outcome=OUTCOMES[type(outcome)],
+                account_id=lease.account_id,
+                notification_id=str(lease.notification_id),
+                delivery_id=lease.delivery_id,
+                channel=lease.channel,
+                trace_id=trace.as_hex(row.trace_id),
+                attempt=lease.attempts,
+                age_seconds=round(row.age_seconds, 3),
+                error=_reason(outcome),
+            )
+        lost = len(results) - len(recorded)
+        if lost:
+            _LOG.warning("leases lost before settle (another replica owns them now)", count=lost)
+
+
+def _reason(outcome: Outcome) -> str | None:
+    """What an outcome says went wrong (a drop's why), for its log line."""
+    if isinstance(outcome, Sent):
+        return None
+    return outcome.reason if isinstance(outcome, Drop) else outcome.error
 
 
 async def maintain(
