@@ -104,10 +104,14 @@ class Fanout:
     async def step(self) -> int:
         """Claim and fan out one batch in one transaction; return how many backlog rows were claimed."""
         async with self._pool.acquire() as conn, conn.transaction():
-            claimed = await store.claim_fanout(conn, self._tuning.batch, self._cursor)
-            if len(claimed) < self._tuning.batch and self._cursor:
+            # Read once: the process's other workers move the cursor while this one awaits its claim, and a
+            # wrap-around bounded by a newer cursor would claim again rows this transaction already holds
+            # (SKIP LOCKED skips other transactions' locks, not its own): the same event twice in one batch.
+            cursor = self._cursor
+            claimed = await store.claim_fanout(conn, self._tuning.batch, cursor)
+            if len(claimed) < self._tuning.batch and cursor:
                 # Wrap around to the accounts the first pass did not visit.
-                claimed += await store.claim_fanout(conn, self._tuning.batch - len(claimed), "", self._cursor)
+                claimed += await store.claim_fanout(conn, self._tuning.batch - len(claimed), "", cursor)
             self._cursor = max((b.row.account_id for b in claimed), default="")
             if not claimed:
                 return 0

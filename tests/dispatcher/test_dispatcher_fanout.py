@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import structlog
 from belfry import rpc, service
 from belfry.api.dispatcher.v1 import dispatcher_pb2 as pb
 from belfry.api.dispatcher.v1 import dispatcher_pb2_grpc
@@ -60,3 +61,41 @@ async def test_workers_on_the_smallest_pool_fan_out_a_backlog_of_many_accounts_a
         "select count(*) from dispatcher.recipients where account_id like $1 || '_%' and state = 'accepted'", account_id
     )
     assert told == len(accounts) * 40 * 2
+
+
+async def test_workers_sharing_a_process_never_claim_one_event_twice(
+    mesh: Mesh, account_id: str, token_keys: dict[str, bytes]
+) -> None:
+    """Two workers of one process move a shared round-robin cursor; a trickle of small batches (each claim finds
+    fewer rows than a batch, so it wraps around) must never hand one transaction the same event twice."""
+    accounts = [f"{account_id}_{i}" for i in range(3)]
+    for account in accounts:
+        await seed(mesh, account)
+    settings = load_settings(
+        common_env(
+            mesh.database_url,
+            token_keys,
+            identity="dispatcher",
+            BELFRY_PREFERENCES_ADDRESS=mesh.preferences_address,
+            BELFRY_DISPATCHER_FANOUT_WORKERS="2",
+            BELFRY_DISPATCHER_FANOUT_BATCH="50",
+        )
+    )
+    with structlog.testing.capture_logs() as logs:
+        running = await service.start("dispatcher", settings.common, build_for(settings))
+        try:
+            async with rpc.connect(f"127.0.0.1:{running.port}", NO_TLS) as channel:
+                stub = dispatcher_pb2_grpc.DispatcherServiceStub(channel)
+                for _ in range(60):
+                    events = [event(a, recipient_user_ids=["ana"]) for a in accounts for _ in range(2)]
+                    await asyncio.gather(*(stub.PublishBatch(pb.PublishBatchRequest(events=[e])) for e in events))
+                for account in accounts:
+                    await asyncio.wait_for(fanned_out(mesh.pool, account), 120)
+        finally:
+            await asyncio.wait_for(running.stop(0.1), 60)
+    failures = [e for e in logs if e.get("log_level") == "error"]
+    assert failures == []
+    told = await mesh.pool.fetchval(
+        "select count(*) from dispatcher.recipients where account_id like $1 || '_%' and state = 'accepted'", account_id
+    )
+    assert told == len(accounts) * 2 * 60
