@@ -16,7 +16,7 @@ import asyncio
 import os
 import signal
 
-from belfry import db
+from belfry import db, log
 from belfry.queue import Lease, Outcome, Queue, Sent, worker
 
 
@@ -31,6 +31,9 @@ async def main() -> None:
     parser.add_argument("--batch", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=1000)
     args = parser.parse_args()
+    # Warnings only, as a quiet production sender would run: the benchmark reads this process's stdout just for
+    # READY, and a line per settled delivery would fill the pipe and stall the sender.
+    log.configure(service=f"noop-{args.channel}", level="warning")
     pool = await db.create_pool(
         os.environ["BELFRY_DATABASE_URL"], application_name=f"bench-noop-{args.channel}", min_size=3, max_size=4
     )
