@@ -360,8 +360,7 @@ def delta(a: Snapshot, b: Snapshot) -> Delta:
 
 # Whether any delivery is still waiting or leased, through the two partial indexes (a count would read the table).
 PENDING = """
-select exists (select 1 from queue.deliveries where state = 'queued')
-    or exists (select 1 from queue.deliveries where state = 'leased')
+select exists (select 1 from queue.deliveries where finished_at is null and state in ('queued', 'leased'))
 """
 
 

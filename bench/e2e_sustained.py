@@ -117,10 +117,11 @@ async def _sample(conn: asyncpg.Connection) -> tuple[float, int]:
     row = await conn.fetchrow(
         """
         select coalesce(extract(epoch from now() - min(x.available_at)), 0)::float8 as lag,
-               (select count(*) from queue.deliveries where state = 'queued' and available_at <= now()) as depth
+               (select count(*) from queue.deliveries
+                where finished_at is null and available_at <= now() and state = 'queued') as depth
         from unnest(array['email', 'bell']) as c(channel),
         lateral (select available_at from queue.deliveries
-                 where channel = c.channel and state = 'queued' and available_at <= now()
+                 where channel = c.channel and finished_at is null and available_at <= now() and state = 'queued'
                  order by available_at limit 1) x
         """
     )

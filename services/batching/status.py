@@ -73,7 +73,8 @@ class Reader:
               (select count(*) from batching.digest_runs
                where outcome = 'sent' and ($1::text is null or account_id = $1)) as digests_sent,
               (select count(*) from queue.deliveries
-               where state = 'queued' and available_at > now() and channel = any($3::text[])
+               where finished_at is null and available_at > now() and state = 'queued'
+                 and channel = any($3::text[])
                  and ($1::text is null or account_id = $1)) as held
             """,
             account_id,

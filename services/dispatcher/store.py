@@ -361,11 +361,15 @@ async def purge(pool: asyncpg.Pool, *, key_hours: float, retention_days: float, 
 
 
 async def queue_depth(pool: asyncpg.Pool, *, cap: int) -> int:
-    """How many deliveries are due and unclaimed, counted up to ``cap`` (the count stops there)."""
+    """How many deliveries are due and unclaimed, counted up to ``cap`` (the count stops there).
+
+    ``finished_at is null`` lets it read queue.deliveries_due (migration 0005), not the whole table.
+    """
     depth: int = await pool.fetchval(
         """
         select count(*) from (select 1 from queue.deliveries
-                              where state = 'queued' and available_at <= now() limit $1) d
+                              where finished_at is null and available_at <= now() and state = 'queued'
+                              limit $1) d
         """,
         cap,
     )
@@ -424,7 +428,7 @@ async def backlog_by_account(pool: asyncpg.Pool, *, sample_rows: int = 20_000) -
     found: dict[str, float] = {}
     for r in await pool.fetch(
         """select account_id, count(*)::float8 as n from queue.deliveries tablesample system ($1)
-           where state = 'queued' and available_at <= now() group by account_id""",
+           where finished_at is null and available_at <= now() and state = 'queued' group by account_id""",
         percent,
     ):
         found[r["account_id"]] = r["n"] * 100.0 / percent
@@ -442,7 +446,7 @@ async def queue_lag(pool: asyncpg.Pool, channels: Sequence[str]) -> float:
         select coalesce(extract(epoch from now() - min(x.available_at)), 0)::float8
         from unnest($1::text[]) as c(channel),
         lateral (select available_at from queue.deliveries
-                 where channel = c.channel and state = 'queued' and available_at <= now()
+                 where channel = c.channel and finished_at is null and available_at <= now() and state = 'queued'
                  order by available_at limit 1) x
         """,
         list(channels),
