@@ -1,4 +1,5 @@
-"""Wiring of the email service: the QueueAdmin and Deliverability APIs, the sender's loops, the cap counters' purge."""
+"""Wiring of the email service: the QueueAdmin and Deliverability APIs, the sender's loops, the cap counters'
+purge, the bounce receiver."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 import asyncpg
-from belfry import background
+from belfry import background, processes
 from belfry.auth import user_tokens
 from belfry.queue import admin
 from belfry.queue.sender import sender_loops
@@ -19,15 +20,21 @@ from services.email.admin import Deliverability
 from services.email.compose import Composer
 from services.email.dkim_signing import DkimSigner
 from services.email.sender import EmailSender
-from services.email.settings import Settings
+from services.email.settings import BOUNCE_PORT_VARIABLE, Settings
 from services.email.smtp import SmtpPool
 from services.email.templates import Templates
 
 
-def build_for(settings: Settings) -> Callable[[asyncpg.Pool], Awaitable[Built]]:
-    """The service's ``build(pool)`` for ``belfry.service.start``."""
+class EmailBuild:
+    """``build(pool)`` for ``belfry.service.start``; after it ran, ``bounce_port`` is the receiver's bound port (0: off)."""
 
-    async def build(pool: asyncpg.Pool) -> Built:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.bounce_port = 0
+
+    async def __call__(self, pool: asyncpg.Pool) -> Built:
+        """The servicers, the sender's loops, and the bounce receiver when it is on."""
+        settings = self.settings
         smtp = SmtpPool(settings.smtp)
         composer = Composer(
             templates=Templates(),
@@ -59,6 +66,15 @@ def build_for(settings: Settings) -> Callable[[asyncpg.Pool], Awaitable[Built]]:
         deliverability = Deliverability(
             pool, user_tokens(settings.common), settings.sender.preferences_address, settings.common.tls
         )
+        cleanup: list[Callable[[], Awaitable[None]]] = []
+        if settings.bounces is not None and settings.verp is not None:
+            # Imported only when on: aiosmtpd is not a main dependency (settings refuse the address without it).
+            from services.email.bounces import BounceReceiver  # noqa: PLC0415
+
+            shared = settings.common.process_slot is not None
+            receiver = BounceReceiver(pool, settings.verp, settings.bounces, shared=shared)
+            self.bounce_port = await receiver.start()
+            cleanup.append(receiver.close)  # first: no report is accepted once the pool is closing
         return Built(
             registrations=[queue_admin.registration, deliverability.register],
             service_names=[admin.SERVICE_NAME, DELIVERABILITY],
@@ -66,7 +82,17 @@ def build_for(settings: Settings) -> Callable[[asyncpg.Pool], Awaitable[Built]]:
                 *sender_loops(pool, "email", sender.handle, settings.sender, prepare=sender.prepare),
                 forget_old_counts,
             ],
-            cleanup=[smtp.close, queue_admin.close, deliverability.close],
+            cleanup=[*cleanup, smtp.close, queue_admin.close, deliverability.close],
         )
 
-    return build
+
+def build_for(settings: Settings) -> EmailBuild:
+    """The service's ``build(pool)`` for ``belfry.service.start``."""
+    return EmailBuild(settings)
+
+
+def listeners(settings: Settings) -> list[processes.Listener]:
+    """The bounce receiver's port: a pod's worker processes share it as they share the gRPC port."""
+    if settings.bounces is None:
+        return []
+    return [processes.Listener(settings.bounces.host, settings.bounces.port, BOUNCE_PORT_VARIABLE)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -35,6 +36,18 @@ class SmtpSettings:
 
 
 @dataclass(frozen=True)
+class BounceSettings:
+    """The bounce receiver: an SMTP listener for DSNs and complaints sent to VERP addresses."""
+
+    host: str
+    port: int  # 0: any free port (tests); the bound one is logged and kept on the receiver
+    max_bytes: int  # a larger message is refused (552) before it is buffered
+    soft_limit: int  # this many soft bounces of an address within the window suppress it
+    soft_window_seconds: float
+    hostname: str  # the name the receiver greets with (the bounce domain)
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything ``python -m services.email`` needs."""
 
@@ -50,6 +63,7 @@ class Settings:
     unsubscribe_other_keys: tuple[bytes, ...] = ()  # also accepted: the next or previous key of a rotation
     verp: Verp | None = None  # per-delivery envelope senders (None: the From address is the envelope sender)
     dkim: tuple[DkimKey, ...] = ()  # every message is signed with each (none: sent unsigned)
+    bounces: BounceSettings | None = None  # the bounce receiver (None: off)
 
 
 def load_settings(environ: Mapping[str, str]) -> Settings:
@@ -111,9 +125,35 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         unsubscribe_other_keys=_other_unsubscribe_keys(env),
         verp=verp,
         dkim=dkim_signing.load_keys(env, sending_domains),
+        bounces=_bounce_settings(env, verp),
     )
     env.check()
     return settings
+
+
+# Set by the pod's parent process (``belfry.processes``, ``BELFRY_PROCESSES`` > 1): the port it
+# reserved for BELFRY_EMAIL_BOUNCE_ADDRESS, which every worker then binds with SO_REUSEPORT.
+BOUNCE_PORT_VARIABLE = "BELFRY_EMAIL_BOUNCE_PORT"
+
+
+def _bounce_settings(env: Env, verp: Verp | None) -> BounceSettings | None:
+    address = env.address("BELFRY_EMAIL_BOUNCE_ADDRESS", "off", off=True)
+    max_bytes = env.int("BELFRY_EMAIL_BOUNCE_MAX_BYTES", 1024 * 1024, minimum=16 * 1024)
+    soft_limit = env.int("BELFRY_EMAIL_SOFT_BOUNCE_LIMIT", 5, minimum=1)
+    soft_window = env.float("BELFRY_EMAIL_SOFT_BOUNCE_WINDOW_SECONDS", 7 * 86400.0, minimum=60.0)
+    if not address:
+        return None
+    if verp is None:
+        # Without VERP no envelope names a delivery, so every report would be refused.
+        env.problem("BELFRY_EMAIL_BOUNCE_ADDRESS needs BELFRY_EMAIL_VERP_KEYS (bounces are matched by VERP address)")
+    if importlib.util.find_spec("aiosmtpd") is None:
+        # aiosmtpd is in the `local` extra, not a main dependency: only a receiver that is on needs it.
+        env.problem("BELFRY_EMAIL_BOUNCE_ADDRESS needs the aiosmtpd package (pip install 'aiosmtpd>=1.4')")
+    host, _, port = address.rpartition(":")
+    bound = env.int(BOUNCE_PORT_VARIABLE, int(port))
+    return BounceSettings(
+        host.strip("[]"), bound, max_bytes, soft_limit, soft_window, verp.domain if verp else "localhost"
+    )
 
 
 def _loopback(host: str) -> bool:

@@ -82,7 +82,7 @@ class Feedback:
 
     account_id: str
     delivery_id: int
-    kind: str  # "hard bounce" | "soft bounce" | "complaint"
+    kind: str  # "hard bounce" | "soft bounce" | "policy bounce" (5.7.x: recorded, never suppresses) | "complaint"
     address: str
     status: str
     detail: str

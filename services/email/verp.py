@@ -58,8 +58,10 @@ class Verp:
         mac = self._mac(self.keys[0], account_id, delivery_id, recipient)
         return f"{PREFIX}+{_b32(account_id.encode())}-{delivery_id}-{mac}@{self.domain}"
 
-    def verify(self, envelope: str, recipient: str) -> Bounce | None:
-        """The delivery ``envelope`` names when it is ours and was signed for ``recipient``, else None."""
+    def claimed(self, envelope: str) -> Bounce | None:
+        """The delivery ``envelope`` claims to name, unverified: the bounce receiver looks up that
+        delivery's recipient and only then can check the MAC (:meth:`verify`). None when it is not
+        shaped like one of this domain's envelope senders."""
         found = _TOKEN.fullmatch(envelope.strip().strip("<>"))
         if found is None or found.group(4).lower() != self.domain.lower():
             return None
@@ -67,7 +69,15 @@ class Verp:
             account_id = _unb32(found.group(1)).decode("utf-8")
         except (binascii.Error, UnicodeDecodeError, ValueError):
             return None
-        delivery_id = int(found.group(2))
+        return Bounce(account_id, int(found.group(2)))
+
+    def verify(self, envelope: str, recipient: str) -> Bounce | None:
+        """The delivery ``envelope`` names when it is ours and was signed for ``recipient``, else None."""
+        found = _TOKEN.fullmatch(envelope.strip().strip("<>"))
+        claim = self.claimed(envelope)
+        if found is None or claim is None:
+            return None
+        account_id, delivery_id = claim.account_id, claim.delivery_id
         mac = found.group(3).lower()
         for key in self.keys:
             if hmac.compare_digest(self._mac(key, account_id, delivery_id, recipient), mac):

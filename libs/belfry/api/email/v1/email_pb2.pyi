@@ -175,7 +175,7 @@ class Feedback(_message.Message):
     DETAIL_FIELD_NUMBER: _builtins.int
     AT_FIELD_NUMBER: _builtins.int
     kind: _builtins.str
-    """"hard bounce" | "soft bounce" | "complaint" """
+    """"hard bounce" | "soft bounce" | "policy bounce" (5.7.x: never suppresses) | "complaint" """
     address: _builtins.str
     status: _builtins.str
     """RFC 3464 Status (e.g. 5.1.1), or the ARF Feedback-Type"""
