@@ -14,8 +14,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import asyncpg
+from belfry.lease import Leases
 
 from services.batching.store import Conn
+
+# How a subject is leased for firing.
+SUBJECTS = Leases("batching.digest_subjects", ("account_id", "user_id", "digest"), "batching.lease_tokens")
 
 
 @dataclass(frozen=True)
@@ -117,36 +121,10 @@ async def _track(conn: Conn, account_id: str, user_id: str, digest: str) -> None
 
 async def claim(pool: asyncpg.Pool, now: datetime, *, lease: timedelta, worker: str, limit: int) -> list[Subject]:
     """Lease subjects that are due or not scheduled yet (rows other replicas hold are skipped)."""
-    rows = await pool.fetch(
-        """
-        update batching.digest_subjects s
-        set lease_token = nextval('batching.lease_tokens'), lease_by = $3, lease_until = $2
-        from (select account_id, user_id, digest from batching.digest_subjects
-              where (next_fire_at is null or next_fire_at <= $1) and (lease_until is null or lease_until <= $1)
-              order by next_fire_at nulls first limit $4
-              for update skip locked) due
-        where s.account_id = due.account_id and s.user_id = due.user_id and s.digest = due.digest
-        returning s.account_id, s.user_id, s.digest, coalesce(s.time_zone, '') as time_zone,
-                  coalesce(s.period, '') as period, s.next_fire_at, s.last_fired_at, s.lease_token
-        """,
-        now,
-        now + lease,
-        worker,
-        limit,
-    )
-    return [
-        Subject(
-            r["account_id"],
-            r["user_id"],
-            r["digest"],
-            r["time_zone"],
-            r["period"],
-            r["next_fire_at"],
-            r["last_fired_at"],
-            r["lease_token"],
-        )
-        for r in rows
-    ]
+    returning = """x.account_id, x.user_id, x.digest, coalesce(x.time_zone, '') as time_zone,
+                   coalesce(x.period, '') as period, x.next_fire_at, x.last_fired_at"""
+    sql = SUBJECTS.claim("(next_fire_at is null or next_fire_at <= $1)", "next_fire_at nulls first", returning)
+    return [Subject(**dict(r)) for r in await pool.fetch(sql, now, now + lease, worker, limit)]
 
 
 async def reschedule(
@@ -159,40 +137,20 @@ async def reschedule(
     fired_at: datetime | None = None,
 ) -> bool:
     """Set the subject's next fire and release the lease; False when the lease was lost."""
+    sql = SUBJECTS.fenced(
+        "time_zone = $5, period = $6, next_fire_at = $7, last_fired_at = coalesce($8, last_fired_at), "
+        f"attempts = 0, last_error = null, {SUBJECTS.release()}"
+    )
     status = await conn.execute(
-        """
-        update batching.digest_subjects
-        set time_zone = $5, period = $6, next_fire_at = $7, last_fired_at = coalesce($8, last_fired_at),
-            attempts = 0, last_error = null, lease_token = null, lease_by = null, lease_until = null
-        where account_id = $1 and user_id = $2 and digest = $3 and lease_token = $4
-        """,
-        s.account_id,
-        s.user_id,
-        s.digest,
-        s.token,
-        time_zone,
-        period,
-        next_fire_at,
-        fired_at,
+        sql, s.account_id, s.user_id, s.digest, s.token, time_zone, period, next_fire_at, fired_at
     )
     return status.endswith(" 1")
 
 
 async def postpone(pool: asyncpg.Pool, s: Subject, *, retry_at: datetime, error: str) -> None:
     """Keep a digest that could not fire due, retried at ``retry_at``."""
-    await pool.execute(
-        """
-        update batching.digest_subjects
-        set lease_until = $5, lease_by = null, attempts = attempts + 1, last_error = $6
-        where account_id = $1 and user_id = $2 and digest = $3 and lease_token = $4
-        """,
-        s.account_id,
-        s.user_id,
-        s.digest,
-        s.token,
-        retry_at,
-        error[:2000],
-    )
+    sql = SUBJECTS.fenced(f"{SUBJECTS.hold_off('$5')}, attempts = attempts + 1, last_error = $6")
+    await pool.execute(sql, s.account_id, s.user_id, s.digest, s.token, retry_at, error[:2000])
 
 
 async def record_run(

@@ -14,9 +14,12 @@ from datetime import datetime, timedelta
 from typing import Any, TypeAlias
 
 import asyncpg
+from belfry.lease import Leases
 
 # A connection, or one borrowed from a pool.
 Conn: TypeAlias = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+# How a window is leased for closing (the digests' subjects draw tokens from the same sequence).
+WINDOWS = Leases("batching.windows", ("account_id", "window_id"), "batching.lease_tokens")
 
 
 @dataclass(frozen=True)
@@ -196,43 +199,15 @@ async def _open_window(conn: Conn, a: AssignmentRow, now: datetime, window: time
 
 async def claim_due(pool: asyncpg.Pool, now: datetime, *, lease: timedelta, worker: str, limit: int) -> list[DueWindow]:
     """Lease up to ``limit`` windows whose time is up (rows other replicas hold are skipped)."""
-    rows = await pool.fetch(
-        """
-        update batching.windows w
-        set lease_token = nextval('batching.lease_tokens'), lease_by = $3, lease_until = $2, attempts = w.attempts + 1
-        from (select account_id, window_id from batching.windows
-              where state = 'open' and closes_at <= $1 and (lease_until is null or lease_until <= $1)
-              order by closes_at limit $4
-              for update skip locked) due
-        where w.account_id = due.account_id and w.window_id = due.window_id
-        returning w.account_id, w.window_id, w.user_id, w.object_type, w.topic, w.lease_token, w.attempts
-        """,
-        now,
-        now + lease,
-        worker,
-        limit,
-    )
-    return [
-        DueWindow(
-            r["account_id"], r["window_id"], r["user_id"], r["object_type"], r["topic"], r["lease_token"], r["attempts"]
-        )
-        for r in rows
-    ]
+    returning = "x.account_id, x.window_id, x.user_id, x.object_type, x.topic, x.attempts"
+    sql = WINDOWS.claim("state = 'open' and closes_at <= $1", "closes_at", returning, ", attempts = x.attempts + 1")
+    return [DueWindow(**dict(r)) for r in await pool.fetch(sql, now, now + lease, worker, limit)]
 
 
 async def lock_for_close(conn: Conn, w: DueWindow) -> list[WindowItem] | None:
     """Lock a leased window and its items (oldest first); None when the lease was lost."""
-    held = await conn.fetchval(
-        """
-        select true from batching.windows
-        where account_id = $1 and window_id = $2 and state = 'open' and lease_token = $3
-        for update
-        """,
-        w.account_id,
-        w.window_id,
-        w.token,
-    )
-    if not held:
+    held = f"select true from batching.windows where {WINDOWS.held()} and state = 'open' for update"
+    if not await conn.fetchval(held, w.account_id, w.window_id, w.token):
         return None
     rows = await conn.fetch(
         """
@@ -265,11 +240,10 @@ async def finish(
 ) -> None:
     """Close a window for good (in the transaction that enqueued its notification)."""
     await conn.execute(
-        """
+        f"""
         update batching.windows
         set state = $3, closed_at = $4, closed_by = $5, notification_id = $6, item_count = $7,
-            last_error = nullif($8, ''), title = $9, url = $10, channels = $11,
-            lease_token = null, lease_by = null, lease_until = null
+            last_error = nullif($8, ''), title = $9, url = $10, channels = $11, {WINDOWS.release()}
         where account_id = $1 and window_id = $2
         """,
         w.account_id,
@@ -288,17 +262,8 @@ async def finish(
 
 async def postpone(pool: asyncpg.Pool, w: DueWindow, *, retry_at: datetime, error: str) -> None:
     """Keep a window that could not close open, retried at ``retry_at`` (it is never dropped)."""
-    await pool.execute(
-        """
-        update batching.windows set lease_until = $4, last_error = $5, lease_by = null
-        where account_id = $1 and window_id = $2 and lease_token = $3 and state = 'open'
-        """,
-        w.account_id,
-        w.window_id,
-        w.token,
-        retry_at,
-        error[:2000],
-    )
+    sql = WINDOWS.fenced(f"{WINDOWS.hold_off('$4')}, last_error = $5", " and state = 'open'")
+    await pool.execute(sql, w.account_id, w.window_id, w.token, retry_at, error[:2000])
 
 
 async def purge(pool: asyncpg.Pool, before: datetime) -> int:
