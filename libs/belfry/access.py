@@ -137,6 +137,21 @@ RULES: Mapping[str, Rule] = {
 }
 
 
+def relayed(caller: str, service: str) -> tuple[str, ...]:
+    """The methods of ``service`` (e.g. ``belfry.api.webpush.v1.WebPush``) ``caller`` may call for a user's token.
+
+    What the gateway's HTTP proxy serves: the allow-list is the one place that says so.
+    """
+    prefix = f"/{service}/"
+    return tuple(
+        sorted(
+            method.removeprefix(prefix)
+            for method, rule in RULES.items()
+            if method.startswith(prefix) and rule.user and caller in rule.callers
+        )
+    )
+
+
 @dataclass(frozen=True)
 class Callers:
     """Which configured identity holds which role; producers with the accounts they may act for (None: all)."""

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
-from belfry import rpc
+from belfry import access, rpc
 from belfry.api.preferences.v1 import preferences_pb2, preferences_pb2_grpc
 from belfry.api.webpush.v1 import webpush_pb2, webpush_pb2_grpc
 from belfry.config import TlsSettings
@@ -27,26 +27,6 @@ from starlette.routing import Route
 
 from services.gateway.api import Guard, error_response, json_body
 
-_PREFERENCES = (
-    "GetPreferences",
-    "SetPreference",
-    "ListTopics",
-    "UpdateSettings",
-    "SetMuted",
-    "SetTopicSound",
-    "ClearChannel",
-    "DontShowAgain",
-    "ResetToDefaults",
-    "GetAccountDefaults",
-    "SetAccountDefaults",
-    "ListRoleProfiles",
-    "GetRoleProfile",
-    "CreateRoleProfile",
-    "UpdateRoleProfile",
-    "DeleteRoleProfile",
-    "ListAuditLog",
-)
-_WEBPUSH = ("GetVapidPublicKey", "RegisterSubscription", "ListSubscriptions", "DeleteSubscription")
 # RPCs that need no token (the service says so in its proto): served without one, none passed on.
 _PUBLIC = frozenset({("webpush", "GetVapidPublicKey")})
 # json_format.ParseDict is pure Python (≈ 0.4 ms per KiB here): a larger body is turned into its
@@ -98,9 +78,14 @@ class Proxies:
                 preferences_pb2_grpc.PreferencesServiceStub(self._channels[0]),
                 preferences_pb2,
                 "PreferencesService",
-                _PREFERENCES,
+                access.relayed("gateway", "belfry.api.preferences.v1.PreferencesService"),
             ),
-            "webpush": _methods(webpush_pb2_grpc.WebPushStub(self._channels[1]), webpush_pb2, "WebPush", _WEBPUSH),
+            "webpush": _methods(
+                webpush_pb2_grpc.WebPushStub(self._channels[1]),
+                webpush_pb2,
+                "WebPush",
+                access.relayed("gateway", "belfry.api.webpush.v1.WebPush"),
+            ),
         }
 
     async def close(self) -> None:
