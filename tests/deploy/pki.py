@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,37 +70,42 @@ class Authority:
         (without ``spiffe``, by DNS names only).
         """
         names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(f"spiffe://belfry/{leaf}")] if spiffe else []
-        key = ec.generate_private_key(ec.SECP256R1())
+        names += [x509.DNSName("localhost"), x509.DNSName(leaf), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
         now = datetime.datetime.now(datetime.UTC)
         start, end = (now - 30 * _DAY, now - _DAY) if expired else (now - _DAY, now + 30 * _DAY)
+        usages = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+        return self._sign(f"{self.name}-{leaf}", leaf, names, usages, start, end)
+
+    def leaf(self, label: str, names: Sequence[x509.GeneralName]) -> TlsSettings:
+        """A client certificate carrying exactly ``names`` as its subject alternative names, valid a day either side."""
+        now = datetime.datetime.now(datetime.UTC)
+        return self._sign(f"client-{label}", label, names, [ExtendedKeyUsageOID.CLIENT_AUTH], now - _DAY, now + _DAY)
+
+    def _sign(
+        self,
+        stem: str,
+        common_name: str,
+        names: Sequence[x509.GeneralName],
+        usages: list[x509.ObjectIdentifier],
+        start: datetime.datetime,
+        end: datetime.datetime,
+    ) -> TlsSettings:
+        """A leaf certificate and its key, written to ``<stem>.crt`` and ``<stem>.key`` in the folder."""
+        key = ec.generate_private_key(ec.SECP256R1())
         cert = (
             x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, leaf)]))
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
             .issuer_name(self.cert.subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(start)
             .not_valid_after(end)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.SubjectAlternativeName(
-                    [
-                        *names,
-                        x509.DNSName("localhost"),
-                        x509.DNSName(leaf),
-                        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                    ]
-                ),
-                critical=False,
-            )
-            .add_extension(
-                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-                critical=False,
-            )
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
             .sign(self.key, hashes.SHA256())
         )
-        cert_path = self.folder / f"{self.name}-{leaf}.crt"
-        key_path = self.folder / f"{self.name}-{leaf}.key"
+        cert_path, key_path = self.folder / f"{stem}.crt", self.folder / f"{stem}.key"
         cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         key_path.write_bytes(_pem_key(key))
         return TlsSettings(cert_path, key_path, self.ca_path)

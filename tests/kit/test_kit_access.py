@@ -11,7 +11,6 @@ nothing was written for the account the call named.
 
 from __future__ import annotations
 
-import datetime as dt
 import importlib
 import pkgutil
 import time
@@ -31,9 +30,6 @@ from belfry.api.dispatcher.v1 import dispatcher_pb2_grpc
 from belfry.api.preferences.v1 import preferences_pb2, preferences_pb2_grpc
 from belfry.config import TlsSettings
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
@@ -319,31 +315,6 @@ async def test_a_stream_ends_at_the_first_event_for_another_account(running: Run
 # --- Mutual TLS: the certificate names the caller --------------------------------------------------
 
 
-def _leaf(ca: Authority, label: str, names: Sequence[x509.GeneralName]) -> TlsSettings:
-    """A client certificate from ``ca`` carrying exactly ``names`` as its subject alternative names."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, label)]))
-        .issuer_name(ca.cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(days=1))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .sign(ca.key, hashes.SHA256())
-    )
-    cert_path, key_path = ca.folder / f"client-{label}.crt", ca.folder / f"client-{label}.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return TlsSettings(cert_path, key_path, ca.ca_path)
-
-
 @dataclass(frozen=True)
 class Secured:
     """Preferences served over mutual TLS, and the mesh CA that issues its callers' certificates."""
@@ -418,7 +389,7 @@ async def test_a_certificate_is_read_by_its_first_dns_name_when_it_has_no_spiffe
     running: Running, secured: Secured
 ) -> None:
     """Without a spiffe:// name, the first label of the first DNS name is the caller (gateway.belfry.svc is the gateway)."""
-    dns_only = _leaf(secured.ca, "gateway-dns", [x509.DNSName("gateway.belfry.svc"), x509.DNSName("crm")])
+    dns_only = secured.ca.leaf("gateway-dns", [x509.DNSName("gateway.belfry.svc"), x509.DNSName("crm")])
     assert await _unsubscribe(secured, dns_only, "chloe") is None
     assert await _email_choice(running.pool, "chloe") is False
 
@@ -428,17 +399,15 @@ async def test_a_certificate_naming_no_one_of_this_trust_domain_is_not_read_as_t
 ) -> None:
     """A spiffe name of another trust domain is not read as its last segment (nor its DNS name), two spiffe names are no name:
     both certificates, from the mesh CA, get UNAUTHENTICATED and change nothing."""
-    foreign = _leaf(secured.ca, "foreign", [x509.UniformResourceIdentifier("spiffe://elsewhere/gateway")])
+    foreign = secured.ca.leaf("foreign", [x509.UniformResourceIdentifier("spiffe://elsewhere/gateway")])
     # Another trust domain's certificate whose DNS name looks like ours: the DNS fallback is for certificates
     # without any SPIFFE ID, so it is not read as the gateway either.
-    foreign_dns = _leaf(
-        secured.ca,
+    foreign_dns = secured.ca.leaf(
         "foreign-dns",
         [x509.UniformResourceIdentifier("spiffe://elsewhere/crm"), x509.DNSName("gateway.elsewhere.svc")],
     )
-    lookalike = _leaf(secured.ca, "lookalike", [x509.UniformResourceIdentifier("spiffe://belfry.evil/gateway")])
-    ambiguous = _leaf(
-        secured.ca,
+    lookalike = secured.ca.leaf("lookalike", [x509.UniformResourceIdentifier("spiffe://belfry.evil/gateway")])
+    ambiguous = secured.ca.leaf(
         "ambiguous",
         [
             x509.UniformResourceIdentifier("spiffe://belfry/gateway"),
