@@ -352,7 +352,9 @@ def connect(target: str, tls: TlsSettings, *, override_authority: str | None = N
     """One long-lived channel per peer (reuse it; never open one per call).
 
     It presents our identity: the client certificate with mutual TLS, else
-    the service token of ``tls`` on every call.
+    the service token of ``tls`` on every call. A call made while a trace is
+    bound (serving a call, or a gateway HTTP request) carries it on as a
+    ``traceparent`` entry, unless the caller passed one (``belfry.trace.forwarding``).
     """
     options: list[tuple[str, Any]] = [
         *balance.CHANNEL_OPTIONS,  # every replica of the target, round robin; keepalives
@@ -361,10 +363,13 @@ def connect(target: str, tls: TlsSettings, *, override_authority: str | None = N
     if override_authority:
         options.append(("grpc.ssl_target_name_override", override_authority))
     creds = channel_credentials(tls)
-    interceptors = identity.presenting(tls.service_token) if tls.service_token and creds is None else None
+    # Every call carries the caller's trace on (``belfry.trace``: a traceparent when one is bound).
+    interceptors = trace.forwarding()
+    if tls.service_token and creds is None:
+        interceptors += identity.presenting(tls.service_token)
     if creds is None:
         return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
-    return grpc.aio.secure_channel(target, creds, options=options)
+    return grpc.aio.secure_channel(target, creds, options=options, interceptors=interceptors)
 
 
 async def create_health_server(

@@ -9,6 +9,12 @@ it with the notification and its deliveries) reads it with ``current()``.
 
 A malformed ``traceparent`` is ignored, never an error: tracing must not
 refuse a call that is otherwise fine.
+
+Outgoing calls carry the trace on: every channel of ``belfry.rpc.connect``
+has the client interceptors of ``forwarding()``, which add a ``traceparent``
+(the current trace id, a new span id) to a call made while a trace is bound,
+unless the caller set one itself. The gateway binds the trace of an HTTP
+request the same way (``services.gateway.api.traced``).
 """
 
 from __future__ import annotations
@@ -17,8 +23,10 @@ import contextvars
 import re
 import secrets
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
+
+import grpc
 
 METADATA_KEY = "traceparent"
 
@@ -57,6 +65,24 @@ def new_trace_id() -> str:
     return trace_id
 
 
+def new_span_id() -> str:
+    """A fresh random span (parent) id: 16 lower-case hex digits, never all zeros."""
+    while (span_id := secrets.token_hex(8)) == _ZERO_PARENT:
+        pass  # 1 in 2**64
+    return span_id
+
+
+def traceparent(trace_id: str, span_id: str | None = None) -> str:
+    """A version-00 ``traceparent`` (sampled) for ``trace_id``: the span id given, else a new one."""
+    return f"00-{trace_id}-{span_id or new_span_id()}-01"
+
+
+def from_header(value: str | None) -> str:
+    """The trace id of an HTTP ``traceparent`` header when it is valid, else a new one (never an error)."""
+    found = parse_traceparent(value) if value is not None else None
+    return found if found is not None else new_trace_id()
+
+
 def from_metadata(metadata: Iterable[tuple[str, Any]] | None) -> str:
     """The trace id a call's invocation metadata carries in a valid ``traceparent``, else a new one."""
     for key, value in metadata or ():
@@ -91,3 +117,47 @@ def as_uuid(trace_id: str | None) -> uuid.UUID | None:
 def as_hex(value: uuid.UUID | None) -> str | None:
     """A stored trace id back in its W3C form (32 lower-case hex digits)."""
     return None if value is None else value.hex
+
+
+def _forwarded(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+    """The call's details with a ``traceparent`` for the current trace, unless none is bound or one is set."""
+    trace_id = _CURRENT.get()
+    if trace_id is None or any(key == METADATA_KEY for key, _ in details.metadata or ()):
+        return details
+    metadata = grpc.aio.Metadata(*(details.metadata or ()))
+    metadata.add(METADATA_KEY, traceparent(trace_id))
+    return grpc.aio.ClientCallDetails(
+        details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+    )
+
+
+# grpc.aio sorts a channel's interceptors by their first matching kind: one class per kind.
+# Each runs in the calling task's context (grpc.aio starts the interceptor task from the call), so
+# ``current()`` there is the caller's trace.
+class _ForwardUnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]  # no grpc stubs
+    async def intercept_unary_unary(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
+        """Unary call, trace forwarded."""
+        return await continuation(_forwarded(details), request)
+
+
+class _ForwardUnaryStream(grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[misc]  # no grpc stubs
+    async def intercept_unary_stream(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
+        """Server-streaming call, trace forwarded."""
+        return await continuation(_forwarded(details), request)
+
+
+class _ForwardStreamUnary(grpc.aio.StreamUnaryClientInterceptor):  # type: ignore[misc]  # no grpc stubs
+    async def intercept_stream_unary(self, continuation: Callable[..., Any], details: Any, requests: Any) -> Any:
+        """Client-streaming call, trace forwarded."""
+        return await continuation(_forwarded(details), requests)
+
+
+class _ForwardStreamStream(grpc.aio.StreamStreamClientInterceptor):  # type: ignore[misc]  # no grpc stubs
+    async def intercept_stream_stream(self, continuation: Callable[..., Any], details: Any, requests: Any) -> Any:
+        """Bidirectional call, trace forwarded."""
+        return await continuation(_forwarded(details), requests)
+
+
+def forwarding() -> list[Any]:
+    """Client interceptors (all four call kinds) that forward the current trace as ``traceparent`` metadata."""
+    return [_ForwardUnaryUnary(), _ForwardUnaryStream(), _ForwardStreamUnary(), _ForwardStreamStream()]

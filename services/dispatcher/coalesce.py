@@ -13,12 +13,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 
-from belfry import errors
+from belfry import errors, trace
 
 from services.dispatcher.model import Event
 from services.dispatcher.publish import Result
 
-Publish = Callable[[Sequence[Event | errors.BelfryError]], Awaitable[list[Result]]]
+Publish = Callable[[Sequence[Event | errors.BelfryError], Sequence[str | None]], Awaitable[list[Result]]]
 
 
 class Coalescer:
@@ -28,14 +28,15 @@ class Coalescer:
         self._publish = publish
         self._max_batch = max_batch
         self._flushes = flushes
-        self._waiting: list[tuple[Event | errors.BelfryError, asyncio.Future[Result]]] = []
+        # Each waiting item with its caller's trace id: the writer task runs in the first caller's context.
+        self._waiting: list[tuple[Event | errors.BelfryError, str | None, asyncio.Future[Result]]] = []
         self._running = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def submit(self, item: Event | errors.BelfryError) -> Result:
         """The result for ``item``, written together with whatever else is waiting."""
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-        self._waiting.append((item, future))
+        self._waiting.append((item, trace.current(), future))
         if self._running < self._flushes:
             self._running += 1
             task = asyncio.create_task(self._drain())
@@ -49,15 +50,15 @@ class Coalescer:
                 batch = self._waiting[: self._max_batch]
                 del self._waiting[: self._max_batch]
                 try:
-                    results = await self._publish([item for item, _ in batch])
+                    results = await self._publish([item for item, _, _ in batch], [t for _, t, _ in batch])
                 except errors.BelfryError as exc:  # backpressure or a dependency: every caller hears it
                     results = [exc] * len(batch)
                 except Exception as exc:
-                    for _, future in batch:
+                    for _, _, future in batch:
                         if not future.done():
                             future.set_exception(exc)
                     continue
-                for (_, future), result in zip(batch, results, strict=True):
+                for (_, _, future), result in zip(batch, results, strict=True):
                     if not future.done():
                         future.set_result(result)
         finally:

@@ -50,8 +50,14 @@ class Dispatcher:
         self.backpressure = backpressure
         self.clock = clock
 
-    async def publish(self, items: Sequence[Event | errors.BelfryError]) -> list[Result]:
-        """One result per item, in order; items that are already errors stay errors."""
+    async def publish(
+        self, items: Sequence[Event | errors.BelfryError], traces: Sequence[str | None] | None = None
+    ) -> list[Result]:
+        """One result per item, in order; items that are already errors stay errors.
+
+        ``traces``: each item's trace id, when the items come from several calls (the group commit of single
+        publishes); else every item is this call's (``belfry.trace.current``).
+        """
         self.backpressure.check_queue()
         results: list[Result | None] = [x if isinstance(x, errors.BelfryError) else None for x in items]
         self._refuse_heavy(items, results)
@@ -64,10 +70,10 @@ class Dispatcher:
         # round trip; a replay is recognised when its insert finds the key taken.
         todo = list(firsts.values())
         refusals = await self._planner.admit([_event(items[i]) for i in todo])
-        # The call's trace (belfry.trace) rides with each event to its fan-out, which writes it on the deliveries.
-        trace_id = trace.current()
+        # Each event's trace (belfry.trace) rides with it to its fan-out, which writes it on the deliveries.
+        traced = list(traces) if traces is not None else [trace.current()] * len(items)
         rows = {
-            i: _notification_row(_event(items[i]), trace_id)
+            i: _notification_row(_event(items[i]), traced[i])
             for i, refused in zip(todo, refusals, strict=True)
             if not refused
         }

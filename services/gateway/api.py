@@ -2,25 +2,61 @@
 
 Every request carries the user's token in ``Authorization: Bearer``; there
 are no cookies, so a cross-site page cannot ride on ambient credentials.
+
+Every API request has a trace (``traced``): the one of its W3C
+``traceparent`` header when valid, else a new one. It is bound for the
+request (log lines' ``trace_id``; the gRPC calls it makes carry it on) and
+named in the ``traceresponse`` response header.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
+import structlog
+from belfry import trace
 from belfry.auth import Caller, TokenIssuer, TokenVerifier
 from belfry.errors import BelfryError, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, Unauthenticated
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from services.gateway import limits, store
 from services.gateway.origins import OriginPolicy
 
+# W3C Trace Context Level 2: ``00-<trace id>-<the gateway's span id>-01``, parsed like a traceparent.
+TRACE_RESPONSE_HEADER = "traceresponse"
+
 _STATUS = {InvalidArgument: 400, Unauthenticated: 401, PermissionDenied: 403, NotFound: 404, ResourceExhausted: 429}
 MAX_PAGE = 100
 MAX_MARK_IDS = 500
+
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def traced(endpoint: Endpoint) -> Endpoint:
+    """The endpoint run under the request's trace, which its response names in ``traceresponse``.
+
+    The trace id is the one of a valid ``traceparent`` header (the same parser
+    as gRPC metadata, ``belfry.trace``), else a new one: an invalid header is
+    ignored, never refused.
+    """
+
+    async def run(request: Request) -> Response:
+        trace_id = trace.from_header(request.headers.get(trace.METADATA_KEY))
+        token = trace.bind(trace_id)
+        try:
+            with structlog.contextvars.bound_contextvars(trace_id=trace_id):
+                response = await endpoint(request)
+        finally:
+            trace.reset(token)
+        response.headers[TRACE_RESPONSE_HEADER] = trace.traceparent(trace_id)
+        return response
+
+    return run
 
 
 def error_response(exc: BelfryError) -> JSONResponse:
@@ -159,9 +195,9 @@ def routes(pool: asyncpg.Pool, guard: Guard, issuer: TokenIssuer | None, demo_us
         return JSONResponse({"token": issuer.issue(account_id, user_id), "account_id": account_id, "user_id": user_id})
 
     return [
-        Route("/api/feed", feed, methods=["GET"]),
-        Route("/api/unread", unread, methods=["GET"]),
-        Route("/api/feed/mark", mark, methods=["POST"]),
-        Route("/api/feed/read-all", read_all, methods=["POST"]),
-        Route("/api/dev/login", dev_login, methods=["POST"]),
+        Route("/api/feed", traced(feed), methods=["GET"]),
+        Route("/api/unread", traced(unread), methods=["GET"]),
+        Route("/api/feed/mark", traced(mark), methods=["POST"]),
+        Route("/api/feed/read-all", traced(read_all), methods=["POST"]),
+        Route("/api/dev/login", traced(dev_login), methods=["POST"]),
     ]

@@ -4,7 +4,9 @@ The page's bearer token is passed through as ``authorization`` metadata: the
 services authorise the user themselves (roles are looked up there, never
 here). The RPCs in ``_PUBLIC`` (the VAPID public key) need no token, here as
 over gRPC. Only the user-facing RPCs listed below are reachable; a gRPC status
-becomes the matching HTTP status with the service's own message.
+becomes the matching HTTP status with the service's own message. The call
+carries the request's trace (``api.traced``) to the service as its
+``traceparent``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from services.gateway.api import Guard, error_response, json_body
+from services.gateway.api import Guard, error_response, json_body, traced
 
 # RPCs that need no token (the service says so in its proto): served without one, none passed on.
 _PUBLIC = frozenset({("webpush", "GetVapidPublicKey")})
@@ -129,4 +131,4 @@ class Proxies:
                 )
             )
 
-        return [Route("/api/{service}/{method}", call, methods=["POST"])]
+        return [Route("/api/{service}/{method}", traced(call), methods=["POST"])]
