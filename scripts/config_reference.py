@@ -174,6 +174,7 @@ DESCRIPTIONS: dict[str, str] = {
     "BELFRY_EMAIL_SOFT_BOUNCE_LIMIT": "soft bounces of one address within the window that suppress it",
     "BELFRY_EMAIL_SOFT_BOUNCE_WINDOW_SECONDS": "the window soft bounces are counted in",
     "BELFRY_EMAIL_DKIM_KEYS": "DKIM signing keys, `domain:selector:algorithm:/path/key.pem` separated by `;` (empty: unsigned)",
+    "BELFRY_EMAIL_BRANDING_DOMAINS": "more domains accounts may use in their branded From address, comma-separated (each needs a key in `BELFRY_EMAIL_DKIM_KEYS`)",
     "BELFRY_EMAIL_DAILY_CAP": "emails one user receives per day at most",
     "BELFRY_EMAIL_SOFT_SUPPRESSION_SECONDS": "a suppression for soft bounces lapses after this",
     "BELFRY_PUBLIC_URL": "where the web app is served: base of the preferences and unsubscribe links (https)",

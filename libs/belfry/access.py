@@ -125,7 +125,7 @@ RULES: Mapping[str, Rule] = {
     **{_QUEUE + m: _rule(OPERATOR, APP, user=True) for m in ("ListDeadLetters", "Requeue", "GetStats")},
     **{
         _DELIVERABILITY + m: _rule(OPERATOR, APP, user=True)
-        for m in ("ListSuppressions", "RemoveSuppressions", "GetDeliveryFeedback")
+        for m in ("ListSuppressions", "RemoveSuppressions", "GetDeliveryFeedback", "GetBranding", "SetBranding")
     },
     # A user's push subscriptions, devices and webhooks.
     **{

@@ -1,15 +1,17 @@
-"""The Deliverability gRPC servicer: the suppression list and a delivery's bounces, for super admins.
+"""The Deliverability gRPC servicer: the suppression list, a delivery's bounces and the branding, for super admins.
 
 Protobuf stops here: requests are validated and turned into calls on
 ``services.email.store``. Every call is scoped to the account of the
 caller's verified token, and the caller's standing (an active super admin)
 is looked up in the directory on every call, as QueueAdmin does: the list
-names other users' addresses and what their mail servers said.
+names other users' addresses and what their mail servers said, and the
+branding speaks for the whole account. ``SetBranding`` drops the account's
+entry from the sender's branding cache in this process at once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from datetime import datetime
 
 import asyncpg
@@ -24,7 +26,7 @@ from belfry.preferences import Preferences
 from belfry.queue.admin import Directory
 from google.protobuf import timestamp_pb2
 
-from services.email import store
+from services.email import branding, store
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Deliverability"].full_name
 _MAX_PAGE = 1000
@@ -40,10 +42,20 @@ def _ts(value: datetime) -> timestamp_pb2.Timestamp:
 class DeliverabilityServicer(pb_grpc.DeliverabilityServicer):
     """List and lift suppressions; read a delivery's bounces and complaints."""
 
-    def __init__(self, pool: asyncpg.Pool, verifier: TokenVerifier, directory: Directory) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        verifier: TokenVerifier,
+        directory: Directory,
+        *,
+        cache: branding.BrandingCache | None = None,
+        from_domains: Collection[str] = (),
+    ) -> None:
         self._pool = pool
         self._verifier = verifier
         self._directory = directory
+        self._cache = cache
+        self._from_domains = frozenset(from_domains)
 
     async def _admin(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> Caller:
         """The caller, once the directory confirms an active super admin of the token's account."""
@@ -52,7 +64,9 @@ class DeliverabilityServicer(pb_grpc.DeliverabilityServicer):
         if member is None or not member.active:
             raise PermissionDenied(f"user {caller.user_id!r} is not an active user of account {caller.account_id!r}")
         if not member.super_admin:
-            raise PermissionDenied("the suppression list and bounce records are for the account's super admins")
+            raise PermissionDenied(
+                "the suppression list, bounce records and branding are for the account's super admins"
+            )
         return caller
 
     async def ListSuppressions(  # noqa: N802 - method names come from the proto
@@ -112,13 +126,48 @@ class DeliverabilityServicer(pb_grpc.DeliverabilityServicer):
             ]
         )
 
+    async def GetBranding(  # noqa: N802 - method names come from the proto
+        self, request: pb.GetBrandingRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetBrandingResponse:
+        """The caller account's branding as set (empty fields: the defaults)."""
+        caller = await self._admin(context.invocation_metadata())
+        found = (await branding.load(self._pool, [caller.account_id])).get(caller.account_id, branding.DEFAULT)
+        return pb.GetBrandingResponse(branding=_branding_pb(found))
+
+    async def SetBranding(  # noqa: N802 - method names come from the proto
+        self, request: pb.SetBrandingRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SetBrandingResponse:
+        """Check and store the caller account's branding; its next emails use it."""
+        caller = await self._admin(context.invocation_metadata())
+        given = branding.Branding(**{f: getattr(request.branding, f) for f in branding.FIELDS})
+        checked = branding.check(given, self._from_domains)
+        await branding.store(self._pool, caller.account_id, checked, caller.user_id)
+        if self._cache is not None:
+            self._cache.invalidate(caller.account_id)
+        return pb.SetBrandingResponse(branding=_branding_pb(checked))
+
+
+def _branding_pb(value: branding.Branding) -> pb.Branding:
+    return pb.Branding(**{f: getattr(value, f) for f in branding.FIELDS})
+
 
 class Deliverability:
     """The servicer and its own channel to the directory (close it at shutdown)."""
 
-    def __init__(self, pool: asyncpg.Pool, verifier: TokenVerifier, preferences_address: str, tls: TlsSettings) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        verifier: TokenVerifier,
+        preferences_address: str,
+        tls: TlsSettings,
+        *,
+        branding: branding.BrandingCache | None = None,
+        from_domains: Collection[str] = (),
+    ) -> None:
         self._channel = rpc.connect(preferences_address, tls)
-        self.servicer = DeliverabilityServicer(pool, verifier, Preferences(self._channel))
+        self.servicer = DeliverabilityServicer(
+            pool, verifier, Preferences(self._channel), cache=branding, from_domains=from_domains
+        )
 
     def register(self, server: grpc.aio.Server) -> None:
         """The ``Built.registrations`` entry."""

@@ -19,6 +19,7 @@ from belfry.message import Message
 from belfry.unsubscribe import Signer
 
 from services.email import headers
+from services.email.branding import Branding, identity
 from services.email.dkim_signing import DkimSigner
 from services.email.templates import Templates
 
@@ -63,24 +64,26 @@ class Composer:
     public_url: str
     dkim: DkimSigner | None = None  # signs every finished message (None: sent unsigned)
 
-    def compose(self, delivery_id: int, message: Message, to: Address) -> bytes:
-        """The full RFC 5322 message (CRLF line ends), headers made safe."""
+    def compose(self, delivery_id: int, message: Message, to: Address, branding: Branding | None = None) -> bytes:
+        """The full RFC 5322 message (CRLF line ends), headers made safe; ``branding``: the account's (None: defaults)."""
         message = _sanitised(message)
+        brand = identity(branding, self.sender)
         unsubscribe = (
             None
             if message.locked
             else self.signer.url(self.public_url, message.account_id, message.user_id, message.topic)
         )
         rendered = self.templates.render(
-            message, preferences_url=f"{self.public_url}/settings", unsubscribe_url=unsubscribe
+            message, preferences_url=f"{self.public_url}/settings", unsubscribe_url=unsubscribe, brand=brand.look
         )
         # Built by hand rather than with email.message.EmailMessage: the header
         # registry and generator cost ~2 ms per message, more than everything
         # else together. Every header value here is either ours or made safe by
         # ``headers`` (one line, no control characters), and bodies are base64.
         fields = [
-            ("From", formataddr((self.sender.display_name, self.sender.addr_spec), charset="utf-8")),
+            ("From", formataddr((brand.sender.display_name, brand.sender.addr_spec), charset="utf-8")),
             ("To", formataddr((to.display_name, to.addr_spec), charset="utf-8")),
+            *([("Reply-To", brand.reply_to.addr_spec)] if brand.reply_to is not None else []),
             ("Subject", _encoded(headers.header_text(rendered.subject))),
             # RFC 5322 §4.3: "GMT" is obsolete and "-0000" means "zone unknown"; an aware UTC time gives "+0000".
             ("Date", email.utils.format_datetime(datetime.now(UTC))),
@@ -103,7 +106,8 @@ class Composer:
             + f"--{boundary}--\r\n".encode("ascii")
         )
         # Last: a signature covers the message exactly as it goes to SMTP.
-        return data if self.dkim is None else self.dkim.sign(data)
+        # The From domain's keys sign (DMARC alignment), with the envelope domain's.
+        return data if self.dkim is None else self.dkim.sign(data, brand.sender.domain)
 
 
 def _encoded(text: str) -> str:

@@ -55,6 +55,11 @@ _LABELS = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z
 _HEADER_NAME = re.compile(rb"^([!-9;-~]+):", re.MULTILINE)
 
 
+def is_domain(name: str) -> bool:
+    """A lower-case dotted DNS name."""
+    return bool(_LABELS.match(name)) and "." in name
+
+
 @dataclass(frozen=True)
 class DkimKey:
     """One signing key: who it signs for, under which selector, with which algorithm."""
@@ -157,14 +162,36 @@ def load_keys(env: Env, domains: Collection[str]) -> tuple[DkimKey, ...]:
 class DkimSigner:
     """Adds a DKIM-Signature per key (relaxed/relaxed) to finished messages."""
 
-    def __init__(self, keys: Sequence[DkimKey]) -> None:
+    def __init__(self, keys: Sequence[DkimKey], *, envelope_domain: str | None = None) -> None:
         # Bytes once, here: dkimpy takes bytes, and the keys do not change while the service runs.
         self._keys = tuple(
             (k.selector.encode("ascii"), k.domain.encode("ascii"), k.private, k.algorithm.encode("ascii")) for k in keys
         )
+        self._envelope = (envelope_domain or "").lower()
+        self._per_from: dict[str, tuple[tuple[bytes, bytes, bytes, bytes], ...]] = {}
 
-    def sign(self, message: bytes) -> bytes:
-        """``message`` (CRLF line ends, headers final) with the signatures prepended."""
+    @property
+    def domains(self) -> frozenset[str]:
+        """The domains a key signs for."""
+        return frozenset(k[1].decode("ascii") for k in self._keys)
+
+    def _chosen(self, from_domain: str | None) -> tuple[tuple[bytes, bytes, bytes, bytes], ...]:
+        # The From domain's keys and the envelope (bounce) domain's: an account's own From
+        # domain is not signed for with the operator's or another account's domain.
+        if from_domain is None:
+            return self._keys
+        wanted = from_domain.lower()
+        chosen = self._per_from.get(wanted)
+        if chosen is None:
+            chosen = tuple(k for k in self._keys if k[1].decode("ascii") in (wanted, self._envelope))
+            self._per_from[wanted] = chosen
+        return chosen
+
+    def sign(self, message: bytes, from_domain: str | None = None) -> bytes:
+        """``message`` (CRLF line ends, headers final) with the signatures prepended.
+
+        With ``from_domain``, only the keys of that domain and of the envelope domain sign (none: every key).
+        """
         head = message.split(b"\r\n\r\n", 1)[0]
         present = {m.lower().decode("ascii") for m in _HEADER_NAME.findall(head)}
         include = [name.encode("ascii") for name in (*(h for h in SIGNED if h in present), *OVERSIGNED)]
@@ -180,6 +207,6 @@ class DkimSigner:
                     include_headers=include,
                 )
             )
-            for selector, domain, private, algorithm in self._keys
+            for selector, domain, private, algorithm in self._chosen(from_domain)
         ]
         return b"".join(signatures) + message

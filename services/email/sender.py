@@ -23,6 +23,7 @@ from belfry.message import Message
 from belfry.queue import Drop, Fail, Lease, Outcome, Sent
 
 from services.email import headers, store
+from services.email.branding import BrandingCache
 from services.email.compose import Composer
 from services.email.smtp import SmtpPool, outcome_of
 from services.email.verp import Verp
@@ -71,6 +72,7 @@ class EmailSender:
     daily_cap: int
     soft_expiry_seconds: float = 7 * 86400.0  # a soft-bounce suppression lapses after this
     verp: Verp | None = None  # per-delivery envelope senders, so bounces name their delivery
+    branding: BrandingCache | None = None  # the accounts' From, Reply-To and look (None: the defaults for all)
     # What ``prepare`` learnt per (delivery id, lease token): the parsed
     # message and recipient, and the cap decision (None: exempt; a string:
     # the suppression reason). Each entry is used once by ``handle``.
@@ -81,6 +83,9 @@ class EmailSender:
     async def prepare(self, leases: list[Lease]) -> None:
         """Find the batch's suppressed recipients, then take the others' daily-cap slots (a round trip each)."""
         parsed = {lease.delivery_id: (lease, p) for lease in leases if not isinstance(p := _parsed(lease), Fail)}
+        if self.branding is not None:
+            # The batch's accounts not cached yet, in one query: ``handle`` then asks nothing per message.
+            await self.branding.warm({lease.account_id for lease, _ in parsed.values()})
         found = await store.suppressed(
             self.pool,
             [(lease.account_id, p[1].addr_spec) for lease, p in parsed.values()],
@@ -131,7 +136,8 @@ class EmailSender:
             return Drop(f"{SUPPRESSED_REASON} ({allowed})")
         if allowed is False:
             return Drop(DAILY_CAP_REASON)
-        data = self.composer.compose(lease.delivery_id, message, to)
+        branding = await self.branding.get(lease.account_id) if self.branding is not None else None
+        data = self.composer.compose(lease.delivery_id, message, to, branding)
         try:
             envelope = (
                 self.verp.address(lease.account_id, lease.delivery_id, to.addr_spec)

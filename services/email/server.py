@@ -17,6 +17,7 @@ from belfry.unsubscribe import Signer
 from services.email import store
 from services.email.admin import SERVICE_NAME as DELIVERABILITY
 from services.email.admin import Deliverability
+from services.email.branding import BrandingCache
 from services.email.compose import Composer
 from services.email.dkim_signing import DkimSigner
 from services.email.sender import EmailSender
@@ -36,6 +37,7 @@ class EmailBuild:
         """The servicers, the sender's loops, and the bounce receiver when it is on."""
         settings = self.settings
         smtp = SmtpPool(settings.smtp)
+        branding = BrandingCache(pool)
         composer = Composer(
             templates=Templates(),
             signer=Signer(
@@ -45,7 +47,9 @@ class EmailBuild:
             ),
             sender=settings.from_address,
             public_url=settings.public_url,
-            dkim=DkimSigner(settings.dkim) if settings.dkim else None,
+            dkim=DkimSigner(settings.dkim, envelope_domain=settings.verp.domain if settings.verp else None)
+            if settings.dkim
+            else None,
         )
         sender = EmailSender(
             pool=pool,
@@ -54,6 +58,7 @@ class EmailBuild:
             daily_cap=settings.daily_cap,
             soft_expiry_seconds=settings.soft_expiry_seconds,
             verp=settings.verp,
+            branding=branding,
         )
 
         async def forget_old_counts(stop: asyncio.Event) -> None:
@@ -64,7 +69,12 @@ class EmailBuild:
             pool, user_tokens(settings.common), settings.sender.preferences_address, settings.common.tls
         )
         deliverability = Deliverability(
-            pool, user_tokens(settings.common), settings.sender.preferences_address, settings.common.tls
+            pool,
+            user_tokens(settings.common),
+            settings.sender.preferences_address,
+            settings.common.tls,
+            branding=branding,
+            from_domains=settings.from_domains,
         )
         cleanup: list[Callable[[], Awaitable[None]]] = []
         if settings.bounces is not None and settings.verp is not None:

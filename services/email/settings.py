@@ -64,6 +64,12 @@ class Settings:
     verp: Verp | None = None  # per-delivery envelope senders (None: the From address is the envelope sender)
     dkim: tuple[DkimKey, ...] = ()  # every message is signed with each (none: sent unsigned)
     bounces: BounceSettings | None = None  # the bounce receiver (None: off)
+    branding_domains: tuple[str, ...] = ()  # more domains accounts may send From (each has a DKIM key)
+
+    @property
+    def from_domains(self) -> frozenset[str]:
+        """The domains an account's branded From address may use: BELFRY_EMAIL_FROM's and every DKIM key's."""
+        return frozenset({(self.from_address.domain or "").lower(), *(k.domain for k in self.dkim)})
 
 
 def load_settings(environ: Mapping[str, str]) -> Settings:
@@ -111,7 +117,16 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
     verp = Verp([k.encode() for k in verp_keys], bounce_domain) if verp_keys else None
     from_domain = (from_address.domain or "").lower()
     # The domains mail is sent under: the From address's, and the envelope sender's (VERP's bounce domain).
-    sending_domains = {from_domain, verp.domain if verp else from_domain}
+    branding_domains = _branding_domains(env, from_domain)
+    sending_domains = {from_domain, verp.domain if verp else from_domain, *branding_domains}
+    dkim = dkim_signing.load_keys(env, sending_domains)
+    unsigned = [d for d in branding_domains if d not in {k.domain for k in dkim}]
+    if unsigned:
+        # Mail From such a domain would go out unsigned and fail DMARC alignment.
+        env.problem(
+            f"BELFRY_EMAIL_BRANDING_DOMAINS: {', '.join(unsigned)} need a key in {dkim_signing.VARIABLE} "
+            "(mail From them must be signed by them)"
+        )
     settings = Settings(
         common=common,
         smtp=smtp,
@@ -124,11 +139,25 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         soft_expiry_seconds=env.float("BELFRY_EMAIL_SOFT_SUPPRESSION_SECONDS", 7 * 86400.0, minimum=0.0),
         unsubscribe_other_keys=_other_unsubscribe_keys(env),
         verp=verp,
-        dkim=dkim_signing.load_keys(env, sending_domains),
+        dkim=dkim,
         bounces=_bounce_settings(env, verp),
+        branding_domains=branding_domains,
     )
     env.check()
     return settings
+
+
+def _branding_domains(env: Env, from_domain: str) -> tuple[str, ...]:
+    """``BELFRY_EMAIL_BRANDING_DOMAINS``: comma-separated domains accounts may also use in their From address."""
+    found: list[str] = []
+    for domain in (d.strip().lower() for d in env.str("BELFRY_EMAIL_BRANDING_DOMAINS", "").split(",")):
+        if not domain or domain == from_domain or domain in found:
+            continue
+        if not dkim_signing.is_domain(domain):
+            env.problem(f"BELFRY_EMAIL_BRANDING_DOMAINS: {domain!r} is not a domain name")
+            continue
+        found.append(domain)
+    return tuple(found)
 
 
 # Set by the pod's parent process (``belfry.processes``, ``BELFRY_PROCESSES`` > 1): the port it

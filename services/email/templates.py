@@ -4,6 +4,9 @@
 ``default.*`` files for one topic. Locales we have no text for fall back to
 English. Autoescape is on for ``.html`` only: the text part and the subject
 are plain text (the subject is then made header-safe by ``headers``).
+Every template gets ``brand`` (``services.email.branding.Look``): the
+account's logo URL and its alt text, accent colour (``#rrggbb`` only) and
+footer text.
 """
 
 from __future__ import annotations
@@ -16,7 +19,10 @@ import jinja2
 from belfry import i18n
 from belfry.message import Message
 
+from services.email.branding import DEFAULT_ACCENT, Look
+
 _ROOT = Path(__file__).resolve().parent / "templates"
+DEFAULT_LOOK = Look(name="", logo_url="", accent=DEFAULT_ACCENT, footer="")
 
 
 @dataclass(frozen=True)
@@ -50,8 +56,10 @@ class Templates:
             self._cache[key] = found
         return found
 
-    def render(self, message: Message, *, preferences_url: str, unsubscribe_url: str | None) -> Rendered:
-        """Subject, text and HTML for ``message`` in the recipient's language."""
+    def render(
+        self, message: Message, *, preferences_url: str, unsubscribe_url: str | None, brand: Look = DEFAULT_LOOK
+    ) -> Rendered:
+        """Subject, text and HTML for ``message`` in the recipient's language, with the account's ``brand``."""
         locale = i18n.language(message.locale)
         context: dict[str, Any] = {
             "m": message,
@@ -59,6 +67,7 @@ class Templates:
             "count": message.merged_count,
             "preferences_url": preferences_url,
             "unsubscribe_url": unsubscribe_url,
+            "brand": brand,
         }
         return Rendered(
             subject=self._template(locale, message.topic, "subject").render(context),

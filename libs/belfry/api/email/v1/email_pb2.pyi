@@ -6,7 +6,9 @@ addresses it no longer mails: mailboxes that do not exist, complaints,
 repeated soft bounces) and what the destination said about a delivery
 after the relay accepted it (bounces, complaints). Served by the email
 service for the account's super admins (looked up in the directory on
-every call); every call is scoped to the token's account.
+every call); every call is scoped to the token's account. Also the
+account's branding: the From name and address, Reply-To, logo, accent
+colour and footer of every email it sends.
 """
 
 from collections import abc as _abc
@@ -240,3 +242,130 @@ class GetDeliveryFeedbackResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetDeliveryFeedbackResponse: _TypeAlias = GetDeliveryFeedbackResponse  # noqa: Y015
+
+@_typing.final
+class Branding(_message.Message):
+    """The account's sending identity and the look of every email it sends.
+    Every field is optional: empty means Belfry's default (the operator's
+    BELFRY_EMAIL_FROM name and address, no Reply-To, no logo, the default
+    accent colour, no footer).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FROM_NAME_FIELD_NUMBER: _builtins.int
+    FROM_ADDRESS_FIELD_NUMBER: _builtins.int
+    REPLY_TO_FIELD_NUMBER: _builtins.int
+    LOGO_URL_FIELD_NUMBER: _builtins.int
+    ACCENT_COLOR_FIELD_NUMBER: _builtins.int
+    FOOTER_FIELD_NUMBER: _builtins.int
+    from_name: _builtins.str
+    """the From display name; at most 100 characters, one line"""
+    from_address: _builtins.str
+    """the From address; its domain is the operator's From domain or one with a DKIM key"""
+    reply_to: _builtins.str
+    """a Reply-To address"""
+    logo_url: _builtins.str
+    """https only, at most 2048 characters; never fetched by Belfry (the reader's client loads it)"""
+    accent_color: _builtins.str
+    """"#rrggbb" """
+    footer: _builtins.str
+    """plain text, at most 500 characters (shown escaped, line breaks kept)"""
+    def __init__(
+        self,
+        *,
+        from_name: _builtins.str = ...,
+        from_address: _builtins.str = ...,
+        reply_to: _builtins.str = ...,
+        logo_url: _builtins.str = ...,
+        accent_color: _builtins.str = ...,
+        footer: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accent_color", b"accent_color", "footer", b"footer", "from_address", b"from_address", "from_name", b"from_name", "logo_url", b"logo_url", "reply_to", b"reply_to"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Branding: _TypeAlias = Branding  # noqa: Y015
+
+@_typing.final
+class GetBrandingRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetBrandingRequest: _TypeAlias = GetBrandingRequest  # noqa: Y015
+
+@_typing.final
+class GetBrandingResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BRANDING_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def branding(self) -> Global___Branding:
+        """as set; empty fields use the defaults"""
+
+    def __init__(
+        self,
+        *,
+        branding: Global___Branding | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["branding", b"branding"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["branding", b"branding"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetBrandingResponse: _TypeAlias = GetBrandingResponse  # noqa: Y015
+
+@_typing.final
+class SetBrandingRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BRANDING_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def branding(self) -> Global___Branding:
+        """replaces the whole branding (an empty message: back to the defaults)"""
+
+    def __init__(
+        self,
+        *,
+        branding: Global___Branding | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["branding", b"branding"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["branding", b"branding"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetBrandingRequest: _TypeAlias = SetBrandingRequest  # noqa: Y015
+
+@_typing.final
+class SetBrandingResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BRANDING_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def branding(self) -> Global___Branding:
+        """as stored (addresses lower-cased in their domain, colour lower-cased)"""
+
+    def __init__(
+        self,
+        *,
+        branding: Global___Branding | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["branding", b"branding"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["branding", b"branding"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetBrandingResponse: _TypeAlias = SetBrandingResponse  # noqa: Y015

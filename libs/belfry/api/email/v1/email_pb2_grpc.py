@@ -49,6 +49,16 @@ class DeliverabilityStub:
                 request_serializer=belfry_dot_api_dot_email_dot_v1_dot_email__pb2.GetDeliveryFeedbackRequest.SerializeToString,
                 response_deserializer=belfry_dot_api_dot_email_dot_v1_dot_email__pb2.GetDeliveryFeedbackResponse.FromString,
                 _registered_method=True)
+        self.GetBranding = channel.unary_unary(
+                '/belfry.api.email.v1.Deliverability/GetBranding',
+                request_serializer=belfry_dot_api_dot_email_dot_v1_dot_email__pb2.GetBrandingRequest.SerializeToString,
+                response_deserializer=belfry_dot_api_dot_email_dot_v1_dot_email__pb2.GetBrandingResponse.FromString,
+                _registered_method=True)
+        self.SetBranding = channel.unary_unary(
+                '/belfry.api.email.v1.Deliverability/SetBranding',
+                request_serializer=belfry_dot_api_dot_email_dot_v1_dot_email__pb2.SetBrandingRequest.SerializeToString,
+                response_deserializer=belfry_dot_api_dot_email_dot_v1_dot_email__pb2.SetBrandingResponse.FromString,
+                _registered_method=True)
 
 
 class DeliverabilityServicer:
@@ -75,6 +85,20 @@ class DeliverabilityServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetBranding(self, request, context):
+        """The account's sending identity and email branding.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetBranding(self, request, context):
+        """Set them; the account's next emails use them (within 30 seconds on every replica).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DeliverabilityServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +116,16 @@ def add_DeliverabilityServicer_to_server(servicer, server):
                     servicer.GetDeliveryFeedback,
                     request_deserializer=belfry_dot_api_dot_email_dot_v1_dot_email__pb2.GetDeliveryFeedbackRequest.FromString,
                     response_serializer=belfry_dot_api_dot_email_dot_v1_dot_email__pb2.GetDeliveryFeedbackResponse.SerializeToString,
+            ),
+            'GetBranding': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBranding,
+                    request_deserializer=belfry_dot_api_dot_email_dot_v1_dot_email__pb2.GetBrandingRequest.FromString,
+                    response_serializer=belfry_dot_api_dot_email_dot_v1_dot_email__pb2.GetBrandingResponse.SerializeToString,
+            ),
+            'SetBranding': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetBranding,
+                    request_deserializer=belfry_dot_api_dot_email_dot_v1_dot_email__pb2.SetBrandingRequest.FromString,
+                    response_serializer=belfry_dot_api_dot_email_dot_v1_dot_email__pb2.SetBrandingResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -175,6 +209,60 @@ class Deliverability:
             '/belfry.api.email.v1.Deliverability/GetDeliveryFeedback',
             belfry_dot_api_dot_email_dot_v1_dot_email__pb2.GetDeliveryFeedbackRequest.SerializeToString,
             belfry_dot_api_dot_email_dot_v1_dot_email__pb2.GetDeliveryFeedbackResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBranding(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/belfry.api.email.v1.Deliverability/GetBranding',
+            belfry_dot_api_dot_email_dot_v1_dot_email__pb2.GetBrandingRequest.SerializeToString,
+            belfry_dot_api_dot_email_dot_v1_dot_email__pb2.GetBrandingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetBranding(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/belfry.api.email.v1.Deliverability/SetBranding',
+            belfry_dot_api_dot_email_dot_v1_dot_email__pb2.SetBrandingRequest.SerializeToString,
+            belfry_dot_api_dot_email_dot_v1_dot_email__pb2.SetBrandingResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -6,7 +6,9 @@ addresses it no longer mails: mailboxes that do not exist, complaints,
 repeated soft bounces) and what the destination said about a delivery
 after the relay accepted it (bounces, complaints). Served by the email
 service for the account's super admins (looked up in the directory on
-every call); every call is scoped to the token's account.
+every call); every call is scoped to the token's account. Also the
+account's branding: the From name and address, Reply-To, logo, accent
+colour and footer of every email it sends.
 """
 
 from belfry.api.email.v1 import email_pb2 as _email_pb2
@@ -43,6 +45,10 @@ class DeliverabilityStub:
     """Mail these addresses again (their feedback history is kept)."""
     GetDeliveryFeedback: _grpc.UnaryUnaryMultiCallable[_email_pb2.GetDeliveryFeedbackRequest, _email_pb2.GetDeliveryFeedbackResponse]
     """The bounces and complaints received for one of the account's email deliveries."""
+    GetBranding: _grpc.UnaryUnaryMultiCallable[_email_pb2.GetBrandingRequest, _email_pb2.GetBrandingResponse]
+    """The account's sending identity and email branding."""
+    SetBranding: _grpc.UnaryUnaryMultiCallable[_email_pb2.SetBrandingRequest, _email_pb2.SetBrandingResponse]
+    """Set them; the account's next emails use them (within 30 seconds on every replica)."""
 
 @_typing.type_check_only
 class DeliverabilityAsyncStub(DeliverabilityStub):
@@ -53,6 +59,10 @@ class DeliverabilityAsyncStub(DeliverabilityStub):
     """Mail these addresses again (their feedback history is kept)."""
     GetDeliveryFeedback: _aio.UnaryUnaryMultiCallable[_email_pb2.GetDeliveryFeedbackRequest, _email_pb2.GetDeliveryFeedbackResponse]  # type: ignore[assignment]
     """The bounces and complaints received for one of the account's email deliveries."""
+    GetBranding: _aio.UnaryUnaryMultiCallable[_email_pb2.GetBrandingRequest, _email_pb2.GetBrandingResponse]  # type: ignore[assignment]
+    """The account's sending identity and email branding."""
+    SetBranding: _aio.UnaryUnaryMultiCallable[_email_pb2.SetBrandingRequest, _email_pb2.SetBrandingResponse]  # type: ignore[assignment]
+    """Set them; the account's next emails use them (within 30 seconds on every replica)."""
 
 class DeliverabilityServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -78,5 +88,21 @@ class DeliverabilityServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_email_pb2.GetDeliveryFeedbackResponse, _abc.Awaitable[_email_pb2.GetDeliveryFeedbackResponse]]:
         """The bounces and complaints received for one of the account's email deliveries."""
+
+    @_abc_1.abstractmethod
+    def GetBranding(
+        self,
+        request: _email_pb2.GetBrandingRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_email_pb2.GetBrandingResponse, _abc.Awaitable[_email_pb2.GetBrandingResponse]]:
+        """The account's sending identity and email branding."""
+
+    @_abc_1.abstractmethod
+    def SetBranding(
+        self,
+        request: _email_pb2.SetBrandingRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_email_pb2.SetBrandingResponse, _abc.Awaitable[_email_pb2.SetBrandingResponse]]:
+        """Set them; the account's next emails use them (within 30 seconds on every replica)."""
 
 def add_DeliverabilityServicer_to_server(servicer: DeliverabilityServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
