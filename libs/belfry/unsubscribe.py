@@ -26,6 +26,7 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import quote
 
 from belfry.errors import InvalidArgument
@@ -59,8 +60,13 @@ def parse_keys(raw: str) -> tuple[bytes, ...]:
     return keys
 
 
-class Signer:
-    """Signs with the current key, checks under it and the ``others``; ``clock`` is injectable for tests."""
+class Links:
+    """Signed, expiring links under one key set: the current key signs, it and the ``others`` verify.
+
+    ``purpose`` is covered by the MAC, so a link made for one purpose (an
+    unsubscribe, ``b""``; an email's open link, ``b"open."``) is never
+    accepted for another under the same keys.
+    """
 
     def __init__(
         self,
@@ -69,6 +75,7 @@ class Signer:
         ttl_seconds: int,
         clock: Callable[[], float] = time.time,
         others: Sequence[bytes] = (),
+        purpose: bytes = b"",
     ) -> None:
         if len(key) < 32 or any(len(k) < 32 for k in others):
             raise ValueError("the unsubscribe key must be at least 32 bytes")
@@ -76,15 +83,45 @@ class Signer:
         self._keys = (key, *(k for k in others if k != key))  # the current one is tried first
         self._ttl = ttl_seconds
         self._clock = clock
+        self._purpose = purpose
 
-    def _mac(self, body: str, key: bytes | None = None) -> str:
-        return _b64(hmac.new(key or self._key, body.encode(), hashlib.sha256).digest())
+    def sharing(self, purpose: bytes) -> Links:
+        """Links for another purpose under the same keys, time to live and clock (one rotation for both)."""
+        return Links(self._key, ttl_seconds=self._ttl, clock=self._clock, others=self._keys[1:], purpose=purpose)
+
+    def _mac(self, body: str, key: bytes) -> bytes:
+        return _b64(hmac.new(key, self._purpose + body.encode(), hashlib.sha256).digest()).encode()
+
+    def sign(self, claims: dict[str, object]) -> str:
+        """A token carrying ``claims`` and an expiry ``e``, valid for the configured time to live."""
+        body = _b64(json.dumps({**claims, "e": int(self._clock()) + self._ttl}, separators=(",", ":")).encode())
+        return f"{body}.{self._mac(body, self._key).decode()}"
+
+    def open(self, token: str, *, invalid: str, expired: str) -> dict[str, Any]:
+        """The claims of a genuine, unexpired token; InvalidArgument (``invalid`` or ``expired``) otherwise."""
+        body, _, mac = token.partition(".")
+        # Bytes: a non-ASCII MAC in a forged link must fail the comparison, not raise.
+        given = mac.encode()
+        if not body or not any(hmac.compare_digest(given, self._mac(body, key)) for key in self._keys):
+            raise InvalidArgument(invalid, field="t")
+        try:
+            claims = json.loads(_unb64(body))
+            expires = int(claims["e"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InvalidArgument(invalid, field="t") from exc
+        if not isinstance(claims, dict):
+            raise InvalidArgument(invalid, field="t")
+        if expires < self._clock():
+            raise InvalidArgument(expired, field="t")
+        return claims
+
+
+class Signer(Links):
+    """Unsubscribe links (the purpose-less tokens of every earlier release, so links in inboxes keep working)."""
 
     def token(self, account_id: str, user_id: str, topic: str) -> str:
         """A token valid for the configured time to live."""
-        claims = {"a": account_id, "u": user_id, "t": topic, "e": int(self._clock()) + self._ttl}
-        body = _b64(json.dumps(claims, separators=(",", ":")).encode())
-        return f"{body}.{self._mac(body)}"
+        return self.sign({"a": account_id, "u": user_id, "t": topic})
 
     def url(self, base_url: str, account_id: str, user_id: str, topic: str) -> str:
         """The HTTPS link for the List-Unsubscribe header and the email footer."""
@@ -92,16 +129,13 @@ class Signer:
 
     def verify(self, token: str) -> Unsubscribe:
         """The request a token carries; InvalidArgument when forged, damaged or expired."""
-        body, _, mac = token.partition(".")
-        if not body or not any(hmac.compare_digest(mac, self._mac(body, key)) for key in self._keys):
-            raise InvalidArgument("this unsubscribe link is not valid", field="t")
+        invalid = "this unsubscribe link is not valid"
+        claims = self.open(
+            token,
+            invalid=invalid,
+            expired="this unsubscribe link has expired; change your email preferences in the app instead",
+        )
         try:
-            claims = json.loads(_unb64(body))
-            found = Unsubscribe(str(claims["a"]), str(claims["u"]), str(claims["t"]), int(claims["e"]))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise InvalidArgument("this unsubscribe link is not valid", field="t") from exc
-        if found.expires_at < self._clock():
-            raise InvalidArgument(
-                "this unsubscribe link has expired; change your email preferences in the app instead", field="t"
-            )
-        return found
+            return Unsubscribe(str(claims["a"]), str(claims["u"]), str(claims["t"]), int(claims["e"]))
+        except KeyError as exc:
+            raise InvalidArgument(invalid, field="t") from exc

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import email.utils
+import functools
 import uuid
 from datetime import UTC, datetime
 from email.header import Header
@@ -16,6 +17,7 @@ from email.headerregistry import Address
 from email.utils import formataddr
 
 from belfry.message import Message
+from belfry.openlink import OpenSigner
 from belfry.unsubscribe import Signer
 
 from services.email import headers
@@ -64,6 +66,20 @@ class Composer:
     public_url: str
     dkim: DkimSigner | None = None  # signs every finished message (None: sent unsigned)
 
+    @functools.cached_property
+    def opener(self) -> OpenSigner:
+        """Signs the "open it" links, under the unsubscribe links' keys and time to live."""
+        return OpenSigner(self.signer)
+
+    def open_url(self, message: Message) -> str:
+        """The "open it" link: the gateway's ``/open``, which marks the notification read and redirects to
+        ``message.url`` (empty when the message has no link)."""
+        if not message.url:
+            return ""
+        return self.opener.url(
+            self.public_url, message.account_id, message.user_id, message.notification_id, message.url
+        )
+
     def compose(self, delivery_id: int, message: Message, to: Address, branding: Branding | None = None) -> bytes:
         """The full RFC 5322 message (CRLF line ends), headers made safe; ``branding``: the account's (None: defaults)."""
         message = _sanitised(message)
@@ -74,7 +90,11 @@ class Composer:
             else self.signer.url(self.public_url, message.account_id, message.user_id, message.topic)
         )
         rendered = self.templates.render(
-            message, preferences_url=f"{self.public_url}/settings", unsubscribe_url=unsubscribe, brand=brand.look
+            message,
+            preferences_url=f"{self.public_url}/settings",
+            unsubscribe_url=unsubscribe,
+            open_url=self.open_url(message),
+            brand=brand.look,
         )
         # Built by hand rather than with email.message.EmailMessage: the header
         # registry and generator cost ~2 ms per message, more than everything

@@ -6,7 +6,9 @@ English. Autoescape is on for ``.html`` only: the text part and the subject
 are plain text (the subject is then made header-safe by ``headers``).
 Every template gets ``brand`` (``services.email.branding.Look``): the
 account's logo URL and its alt text, accent colour (``#rrggbb`` only) and
-footer text.
+footer text. ``open_url`` is the "open it" link: the gateway's signed ``/open``
+link (``belfry.openlink``), which marks the notification read in the bell
+feed before redirecting to the object; empty when the message has no URL.
 """
 
 from __future__ import annotations
@@ -57,7 +59,13 @@ class Templates:
         return found
 
     def render(
-        self, message: Message, *, preferences_url: str, unsubscribe_url: str | None, brand: Look = DEFAULT_LOOK
+        self,
+        message: Message,
+        *,
+        preferences_url: str,
+        unsubscribe_url: str | None,
+        open_url: str | None = None,
+        brand: Look = DEFAULT_LOOK,
     ) -> Rendered:
         """Subject, text and HTML for ``message`` in the recipient's language, with the account's ``brand``."""
         locale = i18n.language(message.locale)
@@ -67,6 +75,7 @@ class Templates:
             "count": message.merged_count,
             "preferences_url": preferences_url,
             "unsubscribe_url": unsubscribe_url,
+            "open_url": message.url if open_url is None else open_url,
             "brand": brand,
         }
         return Rendered(

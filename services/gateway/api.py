@@ -1,4 +1,4 @@
-"""The feed's JSON HTTP API: recent items (paged), unread count, read/seen/archive marks.
+"""The feed's JSON HTTP API: recent items (paged), unread count, read/seen/archive marks and their reverse.
 
 Every request carries the user's token in ``Authorization: Bearer``; there
 are no cookies, so a cross-site page cannot ride on ambient credentials.
@@ -155,13 +155,13 @@ def routes(pool: asyncpg.Pool, guard: Guard, issuer: TokenIssuer | None, demo_us
         return JSONResponse({"unread": count})
 
     async def mark(request: Request) -> JSONResponse:
-        """POST /api/feed/mark {"ids": [...], "what": "read"|"seen"|"archive"}."""
+        """POST /api/feed/mark {"ids": [...], "what": "read"|"seen"|"archive"|"unread"|"unarchive"}."""
         try:
             caller = await guard.caller(request)
             body = await json_body(request)
             what = body.get("what")
-            if what not in {"read", "seen", "archive"}:
-                raise InvalidArgument("what must be one of read, seen, archive", field="what")
+            if what not in store.MARKS:
+                raise InvalidArgument("what must be one of read, seen, archive, unread, unarchive", field="what")
             ids = body.get("ids")
             if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and i > 0 for i in ids):
                 raise InvalidArgument("ids must be a non-empty list of positive feed ids", field="ids")

@@ -67,8 +67,16 @@ class GatewayBuild:
             # Verifies only (the email sender signs): under the current key and the other keys of a rotation.
             signer = Signer(s.unsubscribe_key, ttl_seconds=3600, others=s.unsubscribe_other_keys)
             extra += unsubscribe.routes(signer, Preferences(proxies.preferences))
+            # The emails' "open it" links, signed under the same keys: mark read, then redirect.
+            from belfry.openlink import OpenSigner  # noqa: PLC0415 - optional feature
+
+            from services.gateway import openlink  # noqa: PLC0415 - optional feature
+
+            extra += openlink.routes(OpenSigner(signer), pool, s.link_origins)
         else:
-            _LOG.warning("BELFRY_UNSUBSCRIBE_KEY is not set: one-click unsubscribe links from emails will not work")
+            _LOG.warning(
+                "BELFRY_UNSUBSCRIBE_KEY is not set: one-click unsubscribe and 'open it' links from emails will not work"
+            )
         app = create_app(endpoint, extra, s.bounds, clients, s.link_origins)
 
         # A pod's workers share the port (the kernel spreads connections over them); a lone process

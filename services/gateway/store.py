@@ -257,17 +257,40 @@ async def unread_count(conn: asyncpg.Pool | asyncpg.Connection, account_id: str,
 
 
 _MARKS = {"read": "read_at", "seen": "seen_at", "archive": "archived_at"}
+# The reverse operations: they clear the mark instead of setting it.
+_UNMARKS = {"unread": "read_at", "unarchive": "archived_at"}
+MARKS = frozenset(_MARKS) | frozenset(_UNMARKS)
 
 
 async def mark(pool: asyncpg.Pool, account_id: str, user_id: str, ids: Sequence[int], what: str) -> int:
-    """Set read/seen/archived on the given ids of the user's own feed; how many rows changed."""
-    column = _MARKS[what]
+    """Set read/seen/archived, or clear read/archived (``unread``/``unarchive``), on the given ids of the
+    user's own feed; how many rows changed (a row already in that state does not count)."""
+    if what in _UNMARKS:
+        column, value, before = _UNMARKS[what], "null", "is not null"
+    else:
+        column, value, before = _MARKS[what], "now()", "is null"
     status = await pool.execute(
-        f"""update gateway.feed set {column} = now()
-            where account_id = $1 and user_id = $2 and id = any($3::bigint[]) and {column} is null""",
+        f"""update gateway.feed set {column} = {value}
+            where account_id = $1 and user_id = $2 and id = any($3::bigint[]) and {column} {before}""",
         account_id,
         user_id,
         list(ids),
+    )
+    return int(status.split()[-1])
+
+
+async def mark_notification_read(pool: asyncpg.Pool, account_id: str, user_id: str, notification_id: str) -> int:
+    """Mark the user's feed item of one notification read (an email's "open it" link); how many rows changed."""
+    try:
+        wanted = uuid.UUID(notification_id)
+    except ValueError:
+        return 0
+    status = await pool.execute(
+        """update gateway.feed set read_at = now()
+           where account_id = $1 and user_id = $2 and notification_id = $3 and read_at is null""",
+        account_id,
+        user_id,
+        wanted,
     )
     return int(status.split()[-1])
 
