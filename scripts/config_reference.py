@@ -178,9 +178,9 @@ DESCRIPTIONS: dict[str, str] = {
     "BELFRY_EMAIL_DAILY_CAP": "emails one user receives per day at most",
     "BELFRY_EMAIL_SOFT_SUPPRESSION_SECONDS": "a suppression for soft bounces lapses after this",
     "BELFRY_PUBLIC_URL": "where the web app is served: base of the preferences and unsubscribe links (https)",
-    "BELFRY_UNSUBSCRIBE_KEY": "secret signing one-click unsubscribe links (the same in email and gateway)",
-    "BELFRY_UNSUBSCRIBE_OTHER_KEYS": "during a rotation: keys unsubscribe links are also accepted under",
-    "BELFRY_UNSUBSCRIBE_TTL_SECONDS": "how long an unsubscribe link stays valid",
+    "BELFRY_UNSUBSCRIBE_KEY": "secret signing one-click unsubscribe and 'open it' links (the same in email and gateway)",
+    "BELFRY_UNSUBSCRIBE_OTHER_KEYS": "during a rotation: keys unsubscribe and open links are also accepted under",
+    "BELFRY_UNSUBSCRIBE_TTL_SECONDS": "how long an unsubscribe or open link stays valid",
     # mobile
     "BELFRY_FCM_SERVICE_ACCOUNT_FILE": "Google service-account JSON key for FCM (unset: Android deliveries fail)",
     "BELFRY_FCM_ENDPOINT": "FCM API base URL",
@@ -232,7 +232,7 @@ DESCRIPTIONS: dict[str, str] = {
 # Defaults the walk cannot evaluate (or shows better in words); same keys as DESCRIPTIONS.
 DEFAULT_TEXT: dict[str, str] = {
     "BELFRY_DATABASE_URL": "required, or `DATABASE_URL` (`belfry up`: its private PostgreSQL)",
-    "BELFRY_UNSUBSCRIBE_KEY": "required by email; unset in gateway turns one-click unsubscribe off",
+    "BELFRY_UNSUBSCRIBE_KEY": "required by email; unset in gateway turns one-click unsubscribe and open links off",
     "BELFRY_GRPC_ADDRESS": "`[::]:` and the service's port (50051 to 50058)",
     "BELFRY_PROCESSES": "the whole CPUs the container may use (`belfry up`: 1)",
     "BELFRY_PROCESS_SLOT": "unset",
