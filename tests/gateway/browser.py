@@ -99,7 +99,7 @@ async def shown_notifications(page: Page, *, at_least: int = 1) -> list[dict[str
         const r = await navigator.serviceWorker.ready;
         return (await r.getNotifications()).map(n => ({title: n.title, body: n.body, tag: n.tag}));
     }"""
-    for _ in range(400):  # polled: the page shows it asynchronously after the websocket frame
+    for _ in range(1200):  # polled (up to 30 s): the page shows it asynchronously after the websocket frame
         shown: list[dict[str, str]] = await page.evaluate(script)
         if len(shown) >= at_least:
             return shown
