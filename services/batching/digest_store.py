@@ -121,10 +121,7 @@ async def _track(conn: Conn, account_id: str, user_id: str, digest: str) -> None
 
 async def claim(pool: asyncpg.Pool, now: datetime, *, lease: timedelta, worker: str, limit: int) -> list[Subject]:
     """Lease subjects that are due or not scheduled yet (rows other replicas hold are skipped)."""
-    returning = """x.account_id, x.user_id, x.digest, coalesce(x.time_zone, '') as time_zone,
-                   coalesce(x.period, '') as period, x.next_fire_at, x.last_fired_at"""
-    sql = SUBJECTS.claim("(next_fire_at is null or next_fire_at <= $1)", "next_fire_at nulls first", returning)
-    return [Subject(**dict(r)) for r in await pool.fetch(sql, now, now + lease, worker, limit)]
+    return [Subject(**dict(r)) for r in await pool.fetch(_CLAIM, now, now + lease, worker, limit)]
 
 
 async def reschedule(
@@ -137,20 +134,15 @@ async def reschedule(
     fired_at: datetime | None = None,
 ) -> bool:
     """Set the subject's next fire and release the lease; False when the lease was lost."""
-    sql = SUBJECTS.fenced(
-        "time_zone = $5, period = $6, next_fire_at = $7, last_fired_at = coalesce($8, last_fired_at), "
-        f"attempts = 0, last_error = null, {SUBJECTS.release()}"
-    )
     status = await conn.execute(
-        sql, s.account_id, s.user_id, s.digest, s.token, time_zone, period, next_fire_at, fired_at
+        _RESCHEDULE, s.account_id, s.user_id, s.digest, s.token, time_zone, period, next_fire_at, fired_at
     )
     return status.endswith(" 1")
 
 
 async def postpone(pool: asyncpg.Pool, s: Subject, *, retry_at: datetime, error: str) -> None:
     """Keep a digest that could not fire due, retried at ``retry_at``."""
-    sql = SUBJECTS.fenced(f"{SUBJECTS.hold_off('$5')}, attempts = attempts + 1, last_error = $6")
-    await pool.execute(sql, s.account_id, s.user_id, s.digest, s.token, retry_at, error[:2000])
+    await pool.execute(_POSTPONE, s.account_id, s.user_id, s.digest, s.token, retry_at, error[:2000])
 
 
 async def record_run(
@@ -213,3 +205,17 @@ async def changes(conn: Conn, account_id: str, user_id: str, since: datetime, un
         until,
     )
     return [WorkflowChange(**dict(r)) for r in rows]
+
+
+# The lease statements, built once from the helper.
+_CLAIM = SUBJECTS.claim(
+    "(next_fire_at is null or next_fire_at <= $1)",
+    "next_fire_at nulls first",
+    """x.account_id, x.user_id, x.digest, coalesce(x.time_zone, '') as time_zone,
+       coalesce(x.period, '') as period, x.next_fire_at, x.last_fired_at""",
+)
+_RESCHEDULE = SUBJECTS.fenced(
+    "time_zone = $5, period = $6, next_fire_at = $7, last_fired_at = coalesce($8, last_fired_at), "
+    f"attempts = 0, last_error = null, {SUBJECTS.release()}"
+)
+_POSTPONE = SUBJECTS.fenced(f"{SUBJECTS.hold_off('$5')}, attempts = attempts + 1, last_error = $6")

@@ -199,15 +199,12 @@ async def _open_window(conn: Conn, a: AssignmentRow, now: datetime, window: time
 
 async def claim_due(pool: asyncpg.Pool, now: datetime, *, lease: timedelta, worker: str, limit: int) -> list[DueWindow]:
     """Lease up to ``limit`` windows whose time is up (rows other replicas hold are skipped)."""
-    returning = "x.account_id, x.window_id, x.user_id, x.object_type, x.topic, x.attempts"
-    sql = WINDOWS.claim("state = 'open' and closes_at <= $1", "closes_at", returning, ", attempts = x.attempts + 1")
-    return [DueWindow(**dict(r)) for r in await pool.fetch(sql, now, now + lease, worker, limit)]
+    return [DueWindow(**dict(r)) for r in await pool.fetch(_CLAIM, now, now + lease, worker, limit)]
 
 
 async def lock_for_close(conn: Conn, w: DueWindow) -> list[WindowItem] | None:
     """Lock a leased window and its items (oldest first); None when the lease was lost."""
-    held = f"select true from batching.windows where {WINDOWS.held()} and state = 'open' for update"
-    if not await conn.fetchval(held, w.account_id, w.window_id, w.token):
+    if not await conn.fetchval(_HELD, w.account_id, w.window_id, w.token):
         return None
     rows = await conn.fetch(
         """
@@ -262,8 +259,7 @@ async def finish(
 
 async def postpone(pool: asyncpg.Pool, w: DueWindow, *, retry_at: datetime, error: str) -> None:
     """Keep a window that could not close open, retried at ``retry_at`` (it is never dropped)."""
-    sql = WINDOWS.fenced(f"{WINDOWS.hold_off('$4')}, last_error = $5", " and state = 'open'")
-    await pool.execute(sql, w.account_id, w.window_id, w.token, retry_at, error[:2000])
+    await pool.execute(_POSTPONE, w.account_id, w.window_id, w.token, retry_at, error[:2000])
 
 
 async def purge(pool: asyncpg.Pool, before: datetime) -> int:
@@ -272,3 +268,14 @@ async def purge(pool: asyncpg.Pool, before: datetime) -> int:
     b = await pool.execute("delete from batching.windows where state <> 'open' and closed_at < $1", before)
     c = await pool.execute("delete from batching.workflow_changes where occurred_at < $1", before)
     return sum(int(s.split()[-1]) for s in (a, b, c))
+
+
+# The lease statements, built once from the helper.
+_CLAIM = WINDOWS.claim(
+    "state = 'open' and closes_at <= $1",
+    "closes_at",
+    "x.account_id, x.window_id, x.user_id, x.object_type, x.topic, x.attempts",
+    ", attempts = x.attempts + 1",
+)
+_HELD = f"select true from batching.windows where {WINDOWS.held()} and state = 'open' for update"
+_POSTPONE = WINDOWS.fenced(f"{WINDOWS.hold_off('$4')}, last_error = $5", " and state = 'open'")

@@ -268,23 +268,7 @@ class Queue:
         # A peer's error text may hold NUL, which PostgreSQL's jsonb refuses.
         errs = [None if e is None else e.replace("\x00", "\\x00") for e in errs]
         rows = await self.pool.fetch(
-            f"""
-            update queue.deliveries d
-            set state = case when x.state = 'queued' and now() + make_interval(secs => x.delay) >= d.expires_at
-                             then 'expired' else x.state end,
-                available_at = case when x.state = 'queued' then now() + make_interval(secs => x.delay) else d.available_at end,
-                finished_at = case when x.state = 'queued' and now() + make_interval(secs => x.delay) < d.expires_at
-                                   then null else now() end,
-                {DELIVERIES.release()},
-                errors = case when x.err is null then d.errors
-                              else d.errors || jsonb_build_array(jsonb_build_object(
-                                  'at', now(), 'attempt', d.attempts, 'error', x.err, 'worker', $6::text)) end
-            from unnest($1::bigint[], $2::bigint[], $3::text[], $4::float8[], $5::text[], $7::text[])
-                as x(id, token, state, delay, err, account)
-            where d.account_id = x.account and d.delivery_id = x.id and {DELIVERIES.fence("x.token", "d.")} and d.state = 'leased'
-            returning d.account_id, d.delivery_id, d.trace_id,
-                      extract(epoch from now() - d.created_at)::float8 as age
-            """,
+            _SETTLE,
             ids,
             tokens,
             states,
@@ -315,20 +299,7 @@ class Queue:
         kills its sender ends in the dead letters instead of being retried forever.
         """
         status = await self.pool.execute(
-            f"""
-            update queue.deliveries d
-            set state = case when last then 'dead' else 'queued' end,
-                finished_at = case when last then now() end, {DELIVERIES.release()},
-                errors = d.errors || jsonb_build_array(jsonb_build_object(
-                    'at', now(), 'attempt', d.attempts, 'worker', d.{DELIVERIES.holder},
-                    'error', case when last then $3::text else 'lease expired before the outcome was recorded' end))
-            from (select delivery_id, account_id, attempts >= least(max_attempts, $2) as last
-                  from queue.deliveries
-                  where channel = $1 and finished_at is null and available_at <= now()
-                    and state = 'leased' and {DELIVERIES.expired("now()")}
-                  for update skip locked) x
-            where d.account_id = x.account_id and d.delivery_id = x.delivery_id
-            """,
+            _RESCUE,
             self.channel,
             self.max_attempts,
             LOST_ON_LAST_ATTEMPT,
@@ -345,6 +316,42 @@ class Queue:
             self.channel,
         )
         return int(status.split()[-1])
+
+
+# Statements built once from the lease helper (their text is constant: asyncpg's statement cache keys on it).
+_SETTLE = f"""
+    update queue.deliveries d
+    set state = case when x.state = 'queued' and now() + make_interval(secs => x.delay) >= d.expires_at
+                     then 'expired' else x.state end,
+        available_at = case when x.state = 'queued' then now() + make_interval(secs => x.delay) else d.available_at end,
+        finished_at = case when x.state = 'queued' and now() + make_interval(secs => x.delay) < d.expires_at
+                           then null else now() end,
+        {DELIVERIES.release()},
+        errors = case when x.err is null then d.errors
+                      else d.errors || jsonb_build_array(jsonb_build_object(
+                          'at', now(), 'attempt', d.attempts, 'error', x.err, 'worker', $6::text)) end
+    from unnest($1::bigint[], $2::bigint[], $3::text[], $4::float8[], $5::text[], $7::text[])
+        as x(id, token, state, delay, err, account)
+    where d.account_id = x.account and d.delivery_id = x.id and {DELIVERIES.fence("x.token", "d.")} and d.state = 'leased'
+    returning d.account_id, d.delivery_id, d.trace_id,
+              extract(epoch from now() - d.created_at)::float8 as age
+"""
+
+# The attempt under way counts (see ``Queue.rescue``).
+_RESCUE = f"""
+    update queue.deliveries d
+    set state = case when last then 'dead' else 'queued' end,
+        finished_at = case when last then now() end, {DELIVERIES.release()},
+        errors = d.errors || jsonb_build_array(jsonb_build_object(
+            'at', now(), 'attempt', d.attempts, 'worker', d.{DELIVERIES.holder},
+            'error', case when last then $3::text else 'lease expired before the outcome was recorded' end))
+    from (select delivery_id, account_id, attempts >= least(max_attempts, $2) as last
+          from queue.deliveries
+          where channel = $1 and finished_at is null and available_at <= now()
+            and state = 'leased' and {DELIVERIES.expired("now()")}
+          for update skip locked) x
+    where d.account_id = x.account_id and d.delivery_id = x.delivery_id
+"""
 
 
 # One statement: walk the accounts with due work (a loose index scan on

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Awaitable, Callable
 
@@ -325,11 +326,15 @@ class _Worker:
     def _report(self, results: list[Result], settled: list[Settled]) -> None:
         """One line and one end-to-end observation per recorded outcome; a warning for leases lost."""
         recorded = {(s.account_id, s.delivery_id): s for s in settled}
+        # A line per delivery only where info lines are kept: its fields are not built for nothing on a hot path.
+        lines = _LOG.is_enabled_for(logging.INFO)
         for lease, outcome in results:
             row = recorded.get((lease.account_id, lease.delivery_id))
             if row is None:
                 continue  # its lease was lost: the replica that holds it now reports it
             self.aged[type(outcome)].observe(row.age_seconds)
+            if not lines:
+                continue
             _LOG.info(
                 "delivery settled",
                 outcome=OUTCOMES[type(outcome)],
