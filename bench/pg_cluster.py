@@ -47,6 +47,7 @@ class DurableCluster:
 
     root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="belfry-bench-pg-")))
     port: int = field(default_factory=_free_port)
+    statements: bool = False  # load pg_stat_statements (bench.on_private_pg --statements reports from it)
 
     @property
     def admin_dsn(self) -> str:
@@ -72,6 +73,8 @@ class DurableCluster:
                 f"listen_addresses = '127.0.0.1'\nport = {self.port}\nunix_socket_directories = '{self.root}'\n"
                 "max_connections = 100\nlogging_collector = off\n"
             )
+            if self.statements:
+                conf.write("shared_preload_libraries = 'pg_stat_statements'\npg_stat_statements.max = 1000\n")
         await self._run("pg_ctl", "start", "-D", str(self.data), "-l", str(self.root / "server.log"), "-w")
         return self
 

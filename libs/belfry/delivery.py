@@ -60,9 +60,9 @@ def build(
             flags = bell_flags(on, sound, quiet=held_until is not None)
             if flags is None:
                 continue
-            payload = {**base, **flags}
+            payload = flags
         else:
-            payload = {**base, "bell": False, "popup": False, "sound": "", "browser": channel == "browser"}
+            payload = {"bell": False, "popup": False, "sound": "", "browser": channel == "browser"}
             available_at = held_until
         out.append(
             NewDelivery(
@@ -74,6 +74,7 @@ def build(
                 payload=payload,
                 expires_at=expires_at,
                 available_at=available_at,
+                message=base,  # stored once for the recipient's channels (queue.messages)
             )
         )
     return out

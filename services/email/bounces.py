@@ -65,7 +65,7 @@ class BounceHandler:
             return None
         row = await self._pool.fetchrow(
             """
-            select payload->>'recipient_email' as email from queue.deliveries
+            select payload->>'recipient_email' as email from queue.whole_deliveries
             where account_id = $1 and delivery_id = $2 and channel = 'email'
             """,
             claim.account_id,

@@ -214,7 +214,7 @@ class World:
         """What batching enqueued for the senders of ``account_id``."""
         return await self.pool.fetch(
             """
-            select * from queue.deliveries
+            select * from queue.whole_deliveries
             where account_id = $1 and channel <> 'batching' and ($2::text is null or channel = $2)
             order by delivery_id
             """,

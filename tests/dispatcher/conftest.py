@@ -141,7 +141,7 @@ async def deliveries(pool: asyncpg.Pool, account_id: str, notification_id: str) 
     """The queue rows of one notification (once fan-out has written them)."""
     await fanned_out(pool, account_id)
     return await pool.fetch(
-        "select * from queue.deliveries where account_id = $1 and notification_id = $2 order by user_id, channel",
+        "select * from queue.whole_deliveries where account_id = $1 and notification_id = $2 order by user_id, channel",
         account_id,
         uuid.UUID(notification_id),
     )

@@ -46,7 +46,7 @@ async def test_api_created_task_never_notifies_but_feeds_the_digest(mesh: Mesh, 
     answer = await publish(mesh, ev)
     assert (await recipients(mesh, account_id, answer.notification_id))["ana"] == ("STATE_SUPPRESSED", "api_created")
     rows = await mesh.pool.fetch(
-        "select payload from queue.deliveries where account_id = $1 and channel = 'batching'", account_id
+        "select payload from queue.whole_deliveries where account_id = $1 and channel = 'batching'", account_id
     )
     facts = [from_payload(r["payload"]) for r in rows]
     assert len(facts) == 1 and isinstance(facts[0], DigestFact)

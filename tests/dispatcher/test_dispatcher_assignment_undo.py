@@ -82,7 +82,7 @@ async def _merged_for_ana(pool: asyncpg.Pool, account_id: str) -> Message:
     """The merged notification batching enqueued for Ana's email once her window closed."""
     for _ in range(750):
         row = await pool.fetchrow(
-            "select payload from queue.deliveries where account_id = $1 and user_id = 'ana' and channel = 'email'",
+            "select payload from queue.whole_deliveries where account_id = $1 and user_id = 'ana' and channel = 'email'",
             account_id,
         )
         if row is not None:

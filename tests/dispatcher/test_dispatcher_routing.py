@@ -48,7 +48,7 @@ MESSAGE = Message(str(NID), "a", "u", "deals.stage_changed", "t", "b", "", NOW.i
 
 
 def by_channel(r: routing.Routed) -> dict[str, Message]:
-    return {d.channel: Message.from_json(d.payload) for d in r.deliveries}
+    return {d.channel: Message.from_json(d.body) for d in r.deliveries}
 
 
 def test_desktop_channels_share_one_bell_delivery_plus_browser_push() -> None:

@@ -148,7 +148,7 @@ async def wait_until_finished(
     deadline = loop.time() + within
     while True:
         rows = await pool.fetch(
-            "select * from queue.deliveries where account_id = $1 and channel = 'email' and state = any($2::text[])",
+            "select * from queue.whole_deliveries where account_id = $1 and channel = 'email' and state = any($2::text[])",
             account_id,
             list(states),
         )

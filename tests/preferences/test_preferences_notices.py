@@ -123,7 +123,7 @@ async def test_a_default_change_is_published_and_followed_like_any_notification(
     (email,) = ana.deliveries
     assert email.queue_channel == "email" and email.timeline[-1].state == pb.STATE_QUEUED
     row = await pair.pool.fetchrow(
-        "select payload->>'title' as title, payload->>'locale' as locale from queue.deliveries"
+        "select payload->>'title' as title, payload->>'locale' as locale from queue.whole_deliveries"
         " where account_id = $1 and user_id = 'ana' and channel = 'email'",
         account_id,
     )

@@ -110,7 +110,7 @@ async def test_default_change_notifies_each_affected_user_once(svc: Prefs, accou
     )
     # One handoff per affected user, written with the change: an event for the dispatcher to publish.
     rows = await pool.fetch(
-        "select user_id, channel, topic, payload from queue.deliveries where account_id = $1 order by user_id",
+        "select user_id, channel, topic, payload from queue.whole_deliveries where account_id = $1 order by user_id",
         account_id,
     )
     assert [(r["user_id"], r["channel"], r["topic"]) for r in rows] == [

@@ -155,26 +155,63 @@ async def purge(pool: asyncpg.Pool, *, older_than_seconds: float, batch: int = 5
     """
     total = 0
     while True:
-        status = await pool.execute(
-            """
-            delete from queue.deliveries d
-            using (select account_id, delivery_id from queue.deliveries
-                   where finished_at < now() - make_interval(secs => $1)
-                     and state in ('sent', 'dropped', 'expired')
-                   limit $2
-                   for update skip locked) old
-            where d.account_id = old.account_id and d.delivery_id = old.delivery_id
-            """,
-            older_than_seconds,
-            batch,
-        )
-        deleted = int(status.split()[-1])
-        total += deleted
-        if deleted < batch:
+        async with pool.acquire() as conn, conn.transaction():
+            gone = await conn.fetch(_PURGE_DELIVERIES, older_than_seconds, batch)
+            await free_messages(conn, {(r["account_id"], r["notification_id"], r["user_id"]) for r in gone})
+        total += len(gone)
+        if len(gone) < batch:
             break
     if total:
         # Make the purged space reusable now rather than at autovacuum's next
         # visit (its one-minute nap lets a busy queue grow by hundreds of MB).
         # SKIP_LOCKED: another replica's vacuum already does the work.
-        await pool.execute("vacuum (skip_locked) queue.deliveries")
+        await pool.execute("vacuum (skip_locked) queue.deliveries, queue.messages")
     return total
+
+
+_PURGE_DELIVERIES = """
+delete from queue.deliveries d
+using (select account_id, delivery_id from queue.deliveries
+       where finished_at < now() - make_interval(secs => $1)
+         and state in ('sent', 'dropped', 'expired')
+       limit $2
+       for update skip locked) old
+where d.account_id = old.account_id and d.delivery_id = old.delivery_id
+returning d.account_id, d.notification_id, d.user_id
+"""
+
+
+async def free_messages(conn: asyncpg.pool.PoolConnectionProxy, keys: set[tuple[str, uuid.UUID, str]]) -> None:
+    """Delete the shared messages (migration 0006) of ``keys`` that no delivery refers to any more.
+
+    Two statements, inside the purge's transaction. Two replicas may purge a
+    message's last two deliveries at once, each seeing the other's (not yet
+    committed) delivery still there: each first locks the messages, in key
+    order (no deadlock), so the second waits for the first to commit, and its
+    check, a statement of its own with a snapshot taken after that wait, sees
+    the other's deletion. A message's other deliveries (a held email, a dead
+    letter) keep it.
+    """
+    if not keys:
+        return
+    columns = ([k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys])
+    await conn.execute(
+        """
+        select 1 from queue.messages m
+        join unnest($1::text[], $2::uuid[], $3::text[]) as k(a, n, u)
+          on m.account_id = k.a and m.notification_id = k.n and m.user_id = k.u
+        order by m.account_id, m.notification_id, m.user_id
+        for update of m
+        """,
+        *columns,
+    )
+    await conn.execute(
+        """
+        delete from queue.messages m
+        using unnest($1::text[], $2::uuid[], $3::text[]) as k(a, n, u)
+        where m.account_id = k.a and m.notification_id = k.n and m.user_id = k.u
+          and not exists (select 1 from queue.deliveries d
+                          where d.account_id = k.a and d.notification_id = k.n and d.user_id = k.u)
+        """,
+        *columns,
+    )

@@ -47,7 +47,13 @@ def notify_channel(channel: str) -> str:
 
 @dataclass(frozen=True)
 class NewDelivery:
-    """A delivery to enqueue (inside the producer's own transaction)."""
+    """A delivery to enqueue (inside the producer's own transaction).
+
+    ``message``, when given, is what every channel's delivery of this
+    notification to this user shares: it is stored once for them all
+    (``queue.messages``, migration 0006) and ``payload`` holds only this
+    delivery's own fields. A sender's lease carries the two merged (``body``).
+    """
 
     account_id: str
     notification_id: uuid.UUID
@@ -59,6 +65,12 @@ class NewDelivery:
     available_at: datetime | None = None
     max_attempts: int | None = None  # None: the channel's MAX_ATTEMPTS
     trace_id: uuid.UUID | None = None  # the publishing call's trace (belfry.trace), logged with the outcome
+    message: dict[str, Any] | None = None
+
+    @property
+    def body(self) -> dict[str, Any]:
+        """The payload a sender gets: the shared message, then this delivery's own fields over it."""
+        return {**self.message, **self.payload} if self.message else self.payload
 
 
 @dataclass(frozen=True)
@@ -130,6 +142,21 @@ async def enqueue(
     """Insert deliveries (duplicates of (notification, user, channel) are ignored) and wake senders."""
     if not deliveries:
         return 0
+    # One message per notification and recipient, written before the deliveries that share it. A message
+    # already stored for them is kept: the deliveries' own dedup key makes a second enqueue a no-op anyway.
+    messages = {(d.account_id, d.notification_id, d.user_id): d.message for d in deliveries if d.message}
+    if messages:
+        await conn.execute(
+            """
+            insert into queue.messages (account_id, notification_id, user_id, message)
+            select * from unnest($1::text[], $2::uuid[], $3::text[], $4::jsonb[])
+            on conflict do nothing
+            """,
+            [k[0] for k in messages],
+            [k[1] for k in messages],
+            [k[2] for k in messages],
+            list(messages.values()),
+        )
     rows = await conn.fetch(
         """
         insert into queue.deliveries
@@ -214,7 +241,7 @@ class Queue:
                 user_id=r["user_id"],
                 channel=r["channel"],
                 topic=r["topic"],
-                payload=r["payload"],
+                payload={**r["message"], **r["payload"]} if r["message"] else r["payload"],
                 attempts=r["attempts"],
                 max_attempts=r["max_attempts"],
                 token=r["lease_token"],
@@ -383,11 +410,17 @@ picked as (
              order by d.available_at limit s.per
              for update skip locked) p
     limit $2
+),
+leased as (
+    update queue.deliveries d
+    set state = 'leased', attempts = d.attempts + 1, lease_token = nextval('queue.lease_tokens'),
+        lease_expires_at = now() + make_interval(secs => $3), leased_by = $4
+    from picked where d.account_id = picked.account_id and d.delivery_id = picked.delivery_id
+    returning d.delivery_id, d.account_id, d.notification_id, d.user_id, d.channel, d.topic,
+              d.payload, d.attempts, d.max_attempts, d.lease_token, d.expires_at
 )
-update queue.deliveries d
-set state = 'leased', attempts = d.attempts + 1, lease_token = nextval('queue.lease_tokens'),
-    lease_expires_at = now() + make_interval(secs => $3), leased_by = $4
-from picked where d.account_id = picked.account_id and d.delivery_id = picked.delivery_id
-returning d.delivery_id, d.account_id, d.notification_id, d.user_id, d.channel, d.topic,
-          d.payload, d.attempts, d.max_attempts, d.lease_token, d.expires_at
+-- The shared message (migration 0006), merged by the caller: PostgreSQL only reads it.
+select l.*, m.message from leased l
+left join queue.messages m
+       on m.account_id = l.account_id and m.notification_id = l.notification_id and m.user_id = l.user_id
 """
