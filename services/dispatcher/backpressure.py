@@ -19,6 +19,7 @@ Two limits, both answered with RESOURCE_EXHAUSTED and a RetryInfo delay:
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 
 import asyncpg
@@ -51,6 +52,7 @@ class Backpressure:
         self.lag = 0.0
         self.fanout_lag = 0.0
         self.backlogs: dict[str, float] = {}  # per account, measured only while a limit is reached
+        self._backlogs_due = 0.0  # monotonic time of the next per-account measurement
 
     async def refresh(self) -> None:
         """Measure the queue's backlog now (only what a configured limit needs)."""
@@ -60,26 +62,43 @@ class Backpressure:
             self.lag = await store.queue_lag(self._pool, CHANNELS)
         if self.limits.max_fanout_lag_seconds:
             self.fanout_lag = await store.fanout_lag(self._pool)
-        self.backlogs = await store.backlog_by_account(self._pool) if self._over(1.0) else {}
+        if not self._over(1.0):
+            self.backlogs = {}
+        elif time.monotonic() >= self._backlogs_due:
+            # Who holds the backlog changes slowly, and a refused producer waits ``_HEAVY_WAIT`` anyway.
+            self.backlogs = await store.backlog_by_account(
+                self._pool, queue=self._queue_over(1.0), fanout=self._fanout_over(1.0)
+            )
+            self._backlogs_due = time.monotonic() + self._heavy_wait()
 
     async def loop(self, stop: asyncio.Event) -> None:
         """Background loop: keep the backlog figures fresh."""
         await background.every("queue backlog measurement", self.limits.refresh_seconds, self.refresh, stop)
 
     def _over(self, factor: float) -> bool:
+        return self._queue_over(factor) or self._fanout_over(factor)
+
+    def _queue_over(self, factor: float) -> bool:
         limits = self.limits
         return bool(
             (limits.max_depth and self.depth >= limits.max_depth * factor)
             or (limits.max_lag_seconds and self.lag >= limits.max_lag_seconds * factor)
-            or (limits.max_fanout_lag_seconds and self.fanout_lag >= limits.max_fanout_lag_seconds * factor)
         )
+
+    def _fanout_over(self, factor: float) -> bool:
+        limits = self.limits
+        return bool(limits.max_fanout_lag_seconds and self.fanout_lag >= limits.max_fanout_lag_seconds * factor)
+
+    def _heavy_wait(self) -> float:
+        """How long a refused producer is told to wait (and how long a measured share of the backlog is trusted)."""
+        return max(1.0, self.limits.refresh_seconds * 5)
 
     def heavy(self, account_id: str) -> float:
         """While a backlog limit is reached: seconds to wait when ``account_id`` holds more than an equal share, else 0."""
         if not self.backlogs or not self._over(1.0):
             return 0.0
         share = self.backlogs.get(account_id, 0.0) / (sum(self.backlogs.values()) or 1.0)
-        return max(1.0, self.limits.refresh_seconds * 5) if share > 1.0 / len(self.backlogs) else 0.0
+        return self._heavy_wait() if share > 1.0 / len(self.backlogs) else 0.0
 
     def check_queue(self) -> None:
         """Raise ResourceExhausted when the queue is far behind for everyone: past twice a limit."""
@@ -90,19 +109,19 @@ class Backpressure:
             raise ResourceExhausted(
                 f"the delivery queue holds {self.depth} due deliveries (limit {limits.max_depth}); "
                 "publishing is paused until senders catch up",
-                retry_after=max(1.0, limits.refresh_seconds * 5),
+                retry_after=self._heavy_wait(),
             )
         if limits.max_lag_seconds and self.lag >= limits.max_lag_seconds:
             raise ResourceExhausted(
                 f"the delivery queue is {self.lag:.0f} s behind (limit {limits.max_lag_seconds:.0f} s); "
                 "publishing is paused until senders catch up",
-                retry_after=max(1.0, limits.refresh_seconds * 5),
+                retry_after=self._heavy_wait(),
             )
         if limits.max_fanout_lag_seconds and self.fanout_lag >= limits.max_fanout_lag_seconds:
             raise ResourceExhausted(
                 f"fan-out is {self.fanout_lag:.0f} s behind (limit {limits.max_fanout_lag_seconds:.0f} s); "
                 "publishing is paused until it catches up",
-                retry_after=max(1.0, limits.refresh_seconds * 5),
+                retry_after=self._heavy_wait(),
             )
 
     async def take_shared(self, wants: dict[str, int]) -> dict[str, tuple[int, float]]:
