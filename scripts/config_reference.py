@@ -143,6 +143,8 @@ DESCRIPTIONS: dict[str, str] = {
     "BELFRY_DISPATCHER_FANOUT_WORKERS": "fan-out workers (each holds a database connection)",
     "BELFRY_DISPATCHER_PUBLISH_WRITERS": "writers that batch published events into the database",
     "BELFRY_DISPATCHER_AUTO_FOLLOW": "who follows an object automatically (`topic-pattern=sources,...`)",
+    "BELFRY_DISPATCHER_FANOUT_ASSIST_LAG_SECONDS": "fan-out lag from which each publishing call fans out as many "
+    "events as it accepted before answering (0 = never)",
     "BELFRY_DISPATCHER_FANOUT_BATCH": "notifications one fan-out step takes",
     "BELFRY_DISPATCHER_FANOUT_CHUNK": "recipients one fan-out insert writes",
     # batching

@@ -46,6 +46,7 @@ class Tuning:
     batch: int = 200  # backlog rows per transaction
     chunk: int = 1000  # candidates of one event per transaction
     poll_seconds: float = 1.0  # fallback when a NOTIFY is missed (and rows due after a backoff)
+    assist_lag_seconds: float = 1.0  # fan-out lag from which a publishing call fans out as much as it accepted
 
 
 class Fanout:
@@ -57,6 +58,8 @@ class Fanout:
         self._tuning = tuning
         self._workers = workers
         self._cursor = ""  # round-robin position over accounts, shared by the loops
+        # Publishing calls that assist at once: each holds a connection, and the pool also serves the accepts.
+        self._assists = asyncio.Semaphore(workers)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Background loop: fan out until ``stop``; a lost LISTEN connection ends it with an error (restarted).
@@ -100,6 +103,28 @@ class Fanout:
             await asyncio.wait(waiters, timeout=self._tuning.poll_seconds, return_when=asyncio.FIRST_COMPLETED)
             for waiter in waiters:
                 waiter.cancel()
+
+    def lags(self, lag_seconds: float) -> bool:
+        """Whether a fan-out lag this long calls for publishing calls to assist (``assist_lag_seconds``; 0: never)."""
+        return 0 < self._tuning.assist_lag_seconds <= lag_seconds
+
+    async def assist(self, accepted: int) -> None:
+        """Fan out about ``accepted`` backlog rows (any accounts') on behalf of a publishing call.
+
+        Called by a publishing call, after its commit, while fan-out lags
+        (``Tuning.assist_lag_seconds``). Accepting costs a fraction of fanning
+        out and both share the process: unassisted, a producer that publishes
+        as fast as it is answered fills the backlog until the fan-out lag limit
+        refuses it, then nothing is accepted until fan-out catches up. A call
+        that fans out as much as it accepted slows its producer to the pace
+        at which notifications are actually told, and the lag stays short.
+        """
+        async with self._assists:
+            while accepted > 0:
+                claimed = await self.step()
+                if claimed < self._tuning.batch:
+                    return  # nothing more due
+                accepted -= claimed
 
     async def step(self) -> int:
         """Claim and fan out one batch in one transaction; return how many backlog rows were claimed."""

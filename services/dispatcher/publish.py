@@ -20,14 +20,17 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
 import asyncpg
-from belfry import errors, metrics, trace
+from belfry import errors, log, metrics, trace
 
 from services.dispatcher import store
 from services.dispatcher.backpressure import Backpressure
+from services.dispatcher.fanout import Fanout
 from services.dispatcher.model import SOURCES, Accepted, Event, event_fields
 from services.dispatcher.planning import Planner
 
 Result = Accepted | errors.BelfryError
+
+_LOG = log.get(__name__)
 
 
 def _utcnow() -> datetime:
@@ -44,11 +47,13 @@ class Dispatcher:
         backpressure: Backpressure,
         *,
         clock: Callable[[], datetime] = _utcnow,
+        fanout: Fanout | None = None,
     ) -> None:
         self._pool = pool
         self._planner = planner
         self.backpressure = backpressure
         self.clock = clock
+        self._fanout = fanout  # assists while fan-out lags (Fanout.assist); None: never
 
     async def publish(
         self, items: Sequence[Event | errors.BelfryError], traces: Sequence[str | None] | None = None
@@ -98,6 +103,11 @@ class Dispatcher:
         )
         for outcome, count in outcomes.items():
             metrics.EVENTS_PUBLISHED.labels(outcome).inc(count)
+        if self._fanout is not None and outcomes["accepted"] and self._fanout.lags(self.backpressure.fanout_lag):
+            try:
+                await self._fanout.assist(outcomes["accepted"])
+            except Exception:  # what this call accepted is committed: its answer stands, the backlog keeps the rest
+                _LOG.warning("fan-out assist failed; the background workers carry on", exc_info=True)
         return final
 
     def _refuse_heavy(self, items: Sequence[Event | errors.BelfryError], results: list[Result | None]) -> None:

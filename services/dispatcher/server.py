@@ -34,7 +34,8 @@ def build_for(settings: Settings) -> Callable[[asyncpg.Pool], Awaitable[service.
         pressure = Backpressure(pool, settings.backpressure)
         await pressure.refresh()
         planner = Planner(pool, preferences, settings.auto_follow)
-        dispatcher = Dispatcher(pool, planner, pressure)
+        fanout = Fanout(pool, planner, settings.fanout, workers=settings.fanout_workers)
+        dispatcher = Dispatcher(pool, planner, pressure, fanout=fanout)
         servicer = DispatcherServicer(
             dispatcher, pool, settings.limits, max_batch=settings.max_batch, writers=settings.publish_writers
         )
@@ -62,7 +63,7 @@ def build_for(settings: Settings) -> Callable[[asyncpg.Pool], Awaitable[service.
             background=[
                 pressure.loop,
                 purge,
-                Fanout(pool, planner, settings.fanout, workers=settings.fanout_workers).run,
+                fanout.run,
             ],
             cleanup=[close],
         )

@@ -60,6 +60,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         fanout=fanout.Tuning(
             batch=env.int("BELFRY_DISPATCHER_FANOUT_BATCH", 200, minimum=1),
             chunk=env.int("BELFRY_DISPATCHER_FANOUT_CHUNK", 1000, minimum=1),
+            assist_lag_seconds=env.float("BELFRY_DISPATCHER_FANOUT_ASSIST_LAG_SECONDS", 1.0),
         ),
     )
     if common.db_pool_max < settings.fanout_workers + 2:
