@@ -45,7 +45,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUT = Path("docs") / "configuration.md"
-ENV_METHODS = frozenset({"str", "int", "float", "bool", "path", "choice", "address"})
+ENV_METHODS = frozenset({"str", "int", "float", "bool", "path", "choice", "address", "https_url"})
 MAPPING_READS = frozenset({"get", "pop"})
 VARIABLE = re.compile(r"^[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+$")
 REQUIRED = object()  # the default of a variable that must be set

@@ -13,6 +13,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from cryptography import x509
 
@@ -110,13 +111,27 @@ class Env:
     def address(self, name: builtins.str, default: builtins.str, *, off: builtins.bool = False) -> builtins.str:
         """``host:port`` (``[v6]:port``; port 0 = any free port); with ``off``, also empty/``off``/``none``."""
         value = self.str(name, default)
-        if off and value in {"off", "none"}:
+        if off and value in {"", "off", "none"}:
             return ""
         _host, sep, port = value.rpartition(":")
         if not (sep and port.isdigit() and int(port) <= 65535):
             self._problems.append(
                 f"{name} must be host:port (e.g. 0.0.0.0:9464{', or off' if off else ''}), got {value!r}"
             )
+            return default
+        return value
+
+    def https_url(self, name: builtins.str, default: builtins.str) -> builtins.str:
+        """An ``https://host[:port][/path]`` URL (a third-party API Belfry sends credentials to), no trailing slash."""
+        value = self.str(name, default).rstrip("/")
+        try:
+            parts = urlsplit(value)
+            ok = parts.scheme == "https" and bool(parts.hostname) and not parts.query and not parts.fragment
+            parts.port  # noqa: B018 - raises ValueError on a port out of range
+        except ValueError:
+            ok = False
+        if not ok:
+            self._problems.append(f"{name} must be an https:// URL such as {default}, got {value!r}")
             return default
         return value
 
@@ -298,7 +313,7 @@ def load_common(service: str, env: Env, *, default_port: int | None = None) -> C
         token_keys=keys,
         token_active_kid=active,
         token_ttl_seconds=token_ttl_seconds(env),
-        health_address=env.str("BELFRY_HEALTH_ADDRESS", ""),
+        health_address=env.address("BELFRY_HEALTH_ADDRESS", "", off=True),
         max_retry_after_seconds=env.float("BELFRY_MAX_RETRY_AFTER_SECONDS", 3600.0, minimum=1.0),
         production=production,
         user_tokens=trust.load_user_tokens(env, production=production, hs256=bool(keys)),

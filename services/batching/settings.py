@@ -46,7 +46,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
     common = load_common("batching", env)
     settings = Settings(
         common=common,
-        preferences_address=env.str("BELFRY_PREFERENCES_ADDRESS", "127.0.0.1:50051"),
+        preferences_address=env.address("BELFRY_PREFERENCES_ADDRESS", "127.0.0.1:50051"),
         window_seconds=env.float("BELFRY_BATCHING_WINDOW_SECONDS", 300.0, minimum=0.0),
         tick_seconds=env.float("BELFRY_BATCHING_TICK_SECONDS", 1.0, minimum=0.01),
         digest_tick_seconds=env.float("BELFRY_BATCHING_DIGEST_TICK_SECONDS", 30.0, minimum=0.01),

@@ -36,7 +36,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
     common = load_common("dispatcher", env)
     settings = Settings(
         common=common,
-        preferences_address=env.str("BELFRY_PREFERENCES_ADDRESS", "127.0.0.1:50051"),
+        preferences_address=env.address("BELFRY_PREFERENCES_ADDRESS", "127.0.0.1:50051"),
         preferences_deadline=env.float("BELFRY_DISPATCHER_PREFERENCES_DEADLINE", 5.0, minimum=0.1),
         limits=validate.Limits(
             max_event_bytes=env.int("BELFRY_DISPATCHER_MAX_EVENT_BYTES", 64 * 1024, minimum=1024),

@@ -68,7 +68,7 @@ def _fcm(env: Env) -> FcmSettings | None:
             client_email=account["client_email"],
             private_key=account["private_key"],
             token_uri=account.get("token_uri", "https://oauth2.googleapis.com/token"),
-            endpoint=env.str("BELFRY_FCM_ENDPOINT", "https://fcm.googleapis.com").rstrip("/"),
+            endpoint=env.https_url("BELFRY_FCM_ENDPOINT", "https://fcm.googleapis.com"),
         )
     except (ValueError, KeyError, TypeError) as exc:
         env.problem(f"BELFRY_FCM_SERVICE_ACCOUNT_FILE ({path}) is not a service-account JSON key: bad or missing {exc}")
@@ -93,7 +93,7 @@ def _apns(env: Env) -> ApnsSettings | None:
         key_pem=key_pem,
         key_id=key_id,
         team_id=team_id,
-        endpoint=env.str("BELFRY_APNS_ENDPOINT", "https://api.push.apple.com").rstrip("/"),
+        endpoint=env.https_url("BELFRY_APNS_ENDPOINT", "https://api.push.apple.com"),
     )
 
 

@@ -29,7 +29,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
     common = load_common("preferences", env)
     max_batch = env.int("BELFRY_PREFERENCES_MAX_BATCH", 1000, minimum=1)
     app_url = env.str("BELFRY_APP_URL", "http://127.0.0.1:8080")
-    dispatcher_address = env.str("BELFRY_DISPATCHER_ADDRESS", "127.0.0.1:50052")
+    dispatcher_address = env.address("BELFRY_DISPATCHER_ADDRESS", "127.0.0.1:50052")
     notices = load_sender_settings(env, common, "notices", batch=50, concurrency=4, lease_seconds=30.0)
     env.check()
     return Settings(

@@ -10,6 +10,9 @@ from belfry import cli
 from belfry.config import Env, Recorder, load_common, parse_token_keys
 from belfry.errors import ConfigError
 
+from services.dispatcher.settings import load_settings as dispatcher_settings
+from tests.conftest import common_env
+
 
 def test_every_problem_is_reported_at_once() -> None:
     env = Env({"BELFRY_DB_POOL_MAX": "many", "BELFRY_DRAIN_SECONDS": "-1", "BELFRY_TOKEN_KEYS": "short=abc"})
@@ -77,6 +80,46 @@ def test_log_level_is_case_insensitive_and_metrics_can_be_switched_off() -> None
     env.check()
     assert common.log_level == "warning"
     assert common.metrics_address == ""
+
+
+def test_peer_and_health_addresses_are_checked_with_the_rest(token_keys: dict[str, bytes]) -> None:
+    bad = {
+        "BELFRY_HEALTH_ADDRESS": "localhost",
+        "BELFRY_PREFERENCES_ADDRESS": "preferences",
+    }
+    with pytest.raises(ConfigError) as caught:
+        dispatcher_settings(common_env("postgresql://x/y", token_keys, **bad))
+    message = caught.value.message
+    assert "BELFRY_HEALTH_ADDRESS must be host:port" in message and "'localhost'" in message
+    assert "BELFRY_PREFERENCES_ADDRESS must be host:port" in message and "'preferences'" in message
+    # What the manifests use passes: a resolver target, and the health port off when unset.
+    good = dispatcher_settings(
+        common_env("postgresql://x/y", token_keys, BELFRY_PREFERENCES_ADDRESS="dns:///preferences:50051")
+    )
+    assert good.preferences_address == "dns:///preferences:50051"
+    assert good.common.health_address == ""
+
+
+@pytest.mark.parametrize(
+    ("value", "accepted"),
+    [
+        ("https://fcm.googleapis.com/", "https://fcm.googleapis.com"),
+        ("https://localhost:8443", "https://localhost:8443"),
+        ("http://fcm.googleapis.com", None),  # credentials go to it: TLS only
+        ("fcm.googleapis.com", None),
+        ("https://:443", None),
+        ("https://localhost:99999", None),
+    ],
+)
+def test_a_push_provider_endpoint_must_be_an_https_url(value: str, accepted: str | None) -> None:
+    env = Env({"BELFRY_FCM_ENDPOINT": value})
+    found = env.https_url("BELFRY_FCM_ENDPOINT", "https://fcm.googleapis.com")
+    if accepted is None:
+        with pytest.raises(ConfigError, match="BELFRY_FCM_ENDPOINT must be an https:// URL"):
+            env.check()
+    else:
+        env.check()
+        assert found == accepted
 
 
 def test_database_url_is_read_from_the_given_environment_only(monkeypatch: pytest.MonkeyPatch) -> None:

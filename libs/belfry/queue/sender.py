@@ -74,7 +74,7 @@ def load_sender_settings(
         lease_seconds=env.float(f"{prefix}_LEASE_SECONDS", lease_seconds, minimum=min_lease_seconds),
         retention_seconds=env.float("BELFRY_QUEUE_RETENTION_SECONDS", 7 * 86400.0, minimum=0.0),
         max_retry_after_seconds=common.max_retry_after_seconds,
-        preferences_address=env.str("BELFRY_PREFERENCES_ADDRESS", "127.0.0.1:50051"),
+        preferences_address=env.address("BELFRY_PREFERENCES_ADDRESS", "127.0.0.1:50051"),
         fanout=env.int(f"{prefix}_FANOUT", 4, minimum=1),
     )
 
