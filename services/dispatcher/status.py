@@ -19,6 +19,14 @@ _DECISION_STATES = {
     "held": pb.STATE_HELD,
     "batched": pb.STATE_BATCHED,
 }
+# What a delivery's Sent outcome means, per channel: the next hop's answer the sender waited for.
+_SENT = {
+    "email": (pb.STATE_RELAYED, "accepted by the SMTP relay"),
+    "browser": (pb.STATE_DELIVERED, "accepted by the browser's push service"),
+    "mobile": (pb.STATE_DELIVERED, "accepted by FCM or APNs"),
+    "other_apps": (pb.STATE_DELIVERED, "acknowledged by the webhook"),
+}
+_FEEDBACK = {"complaint": pb.STATE_COMPLAINED}  # bounces of either kind: STATE_BOUNCED
 # Queue states (belfry.queue) → the API's words.
 _QUEUE_STATES = {
     "leased": pb.STATE_SENDING,
@@ -46,10 +54,15 @@ def timeline(d: store.DeliveryRecord) -> list[pb.TimelineEntry]:
         else _entry(pb.STATE_QUEUED, d.created_at)
     )
     entries = [first]
-    if d.state in _QUEUE_STATES:
+    if d.state == "sent" and d.channel in _SENT:
+        state, reason = _SENT[d.channel]
+        entries.append(_entry(state, d.finished_at, reason))
+    elif d.state in _QUEUE_STATES:
         entries.append(_entry(_QUEUE_STATES[d.state], d.finished_at, d.last_error))
     elif d.state == "queued" and d.attempts:
         entries.append(_entry(pb.STATE_QUEUED, d.available_at, f"retry after: {d.last_error}"))
+    for f in d.feedback:
+        entries.append(_entry(_FEEDBACK.get(f.kind, pb.STATE_BOUNCED), f.at, f"{f.kind} {f.status}: {f.detail}"))
     return entries
 
 
@@ -126,6 +139,8 @@ def to_proto(record: store.NotificationRecord) -> pb.Notification:
                 else "",
             )
         )
+        if r.read_at is not None:
+            answer.recipients[-1].read_at.FromDatetime(r.read_at)
     answer.merged_from.extend(str(i) for i in record.merged_from)
     if record.fanout:
         answer.fanout_state = pb.STATE_FAILED if record.fanout == "failed" else pb.STATE_ACCEPTED

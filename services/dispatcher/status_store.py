@@ -4,7 +4,10 @@ The queue's rows are read here, never written (``belfry.queue`` owns them).
 Neither are batching's: what became of an assignment handed to batching, and
 the merged notifications batching sends, come from the two views batching
 keeps as its contract for this API (``batching.assignment_outcomes`` and
-``batching.merged_notifications``; see docs/batching.md).
+``batching.merged_notifications``; see docs/batching.md). The email service
+and the gateway keep one view each in the same way: bounces and complaints
+per delivery (``email.delivery_feedback``) and the one read state per
+notification and user (``gateway.read_state``).
 """
 
 from __future__ import annotations
@@ -21,6 +24,16 @@ _Conn: TypeAlias = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 
 
 @dataclass(frozen=True)
+class Feedback:
+    """A bounce or complaint the email service learnt of after the relay took the delivery."""
+
+    kind: str  # 'hard bounce' | 'soft bounce' | 'complaint'
+    status: str  # RFC 3464 Status, or the ARF Feedback-Type
+    detail: str
+    at: datetime
+
+
+@dataclass(frozen=True)
 class DeliveryRecord:
     """A queue delivery as the status API reports it."""
 
@@ -31,6 +44,7 @@ class DeliveryRecord:
     available_at: datetime
     finished_at: datetime | None
     last_error: str
+    feedback: tuple[Feedback, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -54,6 +68,7 @@ class RecipientRecord:
     held_until: datetime | None
     deliveries: tuple[DeliveryRecord, ...]
     batching: BatchingOutcome | None = None
+    read_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -118,8 +133,8 @@ async def load_notifications(
         # Read-only look at the queue's rows (belfry.queue owns and writes them).
         deliveries = await conn.fetch(
             """
-            select notification_id, user_id, channel, state, attempts, created_at, available_at, finished_at,
-                   coalesce(errors -> -1 ->> 'error', '') as last_error
+            select delivery_id, notification_id, user_id, channel, state, attempts, created_at, available_at,
+                   finished_at, coalesce(errors -> -1 ->> 'error', '') as last_error
             from queue.deliveries
             where account_id = $1 and notification_id = any($2::uuid[]) and ($3::text is null or user_id = $3)
             order by delivery_id
@@ -133,6 +148,9 @@ async def load_notifications(
         merged = await _merged(conn, account_id, missing) if missing else []
         handed = [d["notification_id"] for d in deliveries if d["channel"] == "batching"]
         outcomes = await _outcomes(conn, account_id, handed, user_id) if handed else {}
+        relayed = [d["delivery_id"] for d in deliveries if d["channel"] == "email" and d["state"] == "sent"]
+        feedback = await _feedback(conn, account_id, relayed) if relayed else {}
+        reads = await _reads(conn, account_id, list(ids), user_id)
     by_recipient: dict[tuple[uuid.UUID, str], list[DeliveryRecord]] = {}
     for d in deliveries:
         by_recipient.setdefault((d["notification_id"], d["user_id"]), []).append(
@@ -144,6 +162,7 @@ async def load_notifications(
                 d["available_at"],
                 d["finished_at"],
                 d["last_error"],
+                tuple(feedback.get(d["delivery_id"], ())),
             )
         )
     people: dict[uuid.UUID, list[RecipientRecord]] = {}
@@ -158,6 +177,7 @@ async def load_notifications(
                 r["held_until"],
                 tuple(by_recipient.get(key, ())),
                 outcomes.get(key),
+                reads.get(key),
             )
         )
     records = {
@@ -180,7 +200,13 @@ async def load_notifications(
         nid = m["notification_id"]
         people_of = (
             RecipientRecord(
-                m["user_id"], "accepted", "", m["channels"], None, tuple(by_recipient.get((nid, m["user_id"]), ()))
+                m["user_id"],
+                "accepted",
+                "",
+                m["channels"],
+                None,
+                tuple(by_recipient.get((nid, m["user_id"]), ())),
+                read_at=reads.get((nid, m["user_id"])),
             ),
         )
         records[nid] = NotificationRecord(
@@ -229,6 +255,39 @@ async def _outcomes(
         (r["notification_id"], r["user_id"]): BatchingOutcome(r["outcome"], r["at"], r["merged_into"], r["reason"])
         for r in rows
     }
+
+
+async def _feedback(conn: _Conn, account_id: str, delivery_ids: Sequence[int]) -> dict[int, list[Feedback]]:
+    """Bounces and complaints per email delivery, oldest first (read only: the email service owns the view)."""
+    found: dict[int, list[Feedback]] = {}
+    for r in await conn.fetch(
+        """
+        select delivery_id, kind, status, detail, at from email.delivery_feedback
+        where account_id = $1 and delivery_id = any($2::bigint[])
+        order by at
+        """,
+        account_id,
+        list(delivery_ids),
+    ):
+        found.setdefault(r["delivery_id"], []).append(Feedback(r["kind"], r["status"], r["detail"], r["at"]))
+    return found
+
+
+async def _reads(
+    conn: _Conn, account_id: str, ids: Sequence[uuid.UUID], user_id: str | None
+) -> dict[tuple[uuid.UUID, str], datetime]:
+    """When each recipient read each notification (read only: the gateway owns the view)."""
+    rows = await conn.fetch(
+        """
+        select notification_id, user_id, read_at from gateway.read_state
+        where account_id = $1 and notification_id = any($2::uuid[]) and ($3::text is null or user_id = $3)
+          and read_at is not null
+        """,
+        account_id,
+        list(ids),
+        user_id,
+    )
+    return {(r["notification_id"], r["user_id"]): r["read_at"] for r in rows}
 
 
 async def list_for_user(

@@ -9,6 +9,7 @@ import grpc
 from belfry.api.common.v1 import common_pb2
 from belfry.api.dispatcher.v1 import dispatcher_pb2 as pb
 
+from services.email import store as email_store
 from tests.dispatcher.conftest import Mesh, event, publish, refused, seed
 
 
@@ -46,8 +47,38 @@ async def test_timeline_follows_the_queue(mesh: Mesh, account_id: str) -> None:
     )
     n = await get(mesh, account_id, answer.notification_id)
     last = {d.queue_channel: d.timeline[-1] for d in n.recipients[0].deliveries}
-    assert last["email"].state == pb.STATE_SENT
+    assert (last["email"].state, last["email"].reason) == (pb.STATE_RELAYED, "accepted by the SMTP relay")
     assert (last["bell"].state, last["bell"].reason) == (pb.STATE_DROPPED, "no live tab")
+
+
+async def test_bounces_and_complaints_follow_the_relay_in_the_email_timeline(mesh: Mesh, account_id: str) -> None:
+    await seed(mesh, account_id)
+    answer = await publish(mesh, event(account_id, recipient_user_ids=["ana"]))
+    await mesh.pool.execute(
+        "update queue.deliveries set state = 'sent', attempts = 1, finished_at = now() where account_id = $1",
+        account_id,
+    )
+    email_id = await mesh.pool.fetchval(
+        "select delivery_id from queue.deliveries where account_id = $1 and channel = 'email'", account_id
+    )
+    # What the bounce receiver records, through the email service's own store: a soft bounce, a hard one, a complaint.
+    for kind, status, detail in (
+        ("soft bounce", "4.2.2", "mailbox full"),
+        ("hard bounce", "5.1.1", "user unknown"),
+        ("complaint", "abuse", "marked as spam"),
+    ):
+        feedback = email_store.NewFeedback(account_id, email_id, kind, "ana@example.test", status, detail)
+        await email_store.record_feedback(mesh.pool, feedback, window_seconds=3600)
+    n = await get(mesh, account_id, answer.notification_id)
+    email = next(d for d in n.recipients[0].deliveries if d.queue_channel == "email")
+    assert [(e.state, e.reason) for e in email.timeline[1:]] == [
+        (pb.STATE_RELAYED, "accepted by the SMTP relay"),
+        (pb.STATE_BOUNCED, "soft bounce 4.2.2: mailbox full"),
+        (pb.STATE_BOUNCED, "hard bounce 5.1.1: user unknown"),
+        (pb.STATE_COMPLAINED, "complaint abuse: marked as spam"),
+    ]
+    bell = next(d for d in n.recipients[0].deliveries if d.queue_channel == "bell")
+    assert [e.state for e in bell.timeline] == [pb.STATE_QUEUED, pb.STATE_SENT]  # no feedback on other channels
 
 
 async def test_get_unknown_or_malformed_notification(mesh: Mesh, account_id: str) -> None:

@@ -172,6 +172,55 @@ async def test_event_reaches_email_and_bell_and_honours_preferences(
     assert not [m for m in mailcatcher.caught(mesh.mail) if f"bob.{account_id}" in m.to]
 
 
+async def test_the_status_timeline_follows_a_notification_to_the_relay_the_feed_and_its_reading(
+    mesh: Mesh, account_id: str
+) -> None:
+    await _seed(mesh, account_id, ["alice", "carol"])
+    async with mesh.channel("dispatcher") as chan:
+        dispatcher = dispatcher_pb2_grpc.DispatcherServiceStub(chan)
+        event = demo.event(account_id=account_id, topic=TOPIC, recipients=["alice"], actor="carol", object_name="Q-7")
+        published = await dispatcher.Publish(dispatcher_pb2.PublishRequest(event=event))
+        await _mail_to(mesh.mail, f"alice.{account_id}@example.test")
+
+        async def alice() -> dispatcher_pb2.RecipientStatus:
+            answer: dispatcher_pb2.GetNotificationResponse = await dispatcher.GetNotification(
+                dispatcher_pb2.GetNotificationRequest(account_id=account_id, notification_id=published.notification_id)
+            )
+            [found] = answer.notification.recipients
+            return found
+
+        async def settled() -> dispatcher_pb2.RecipientStatus:
+            # The email sender settles its outcome just after the sink took the mail.
+            while True:
+                found = await alice()
+                last = {d.queue_channel: d.timeline[-1].state for d in found.deliveries}
+                if (
+                    dispatcher_pb2.STATE_QUEUED not in last.values()
+                    and dispatcher_pb2.STATE_SENDING not in last.values()
+                ):
+                    return found
+                await asyncio.sleep(0.05)
+
+        found = await asyncio.wait_for(settled(), 30)
+        last = {d.queue_channel: d.timeline[-1] for d in found.deliveries}
+        assert (last["email"].state, last["email"].reason) == (
+            dispatcher_pb2.STATE_RELAYED,
+            "accepted by the SMTP relay",
+        )
+        assert last["bell"].state == dispatcher_pb2.STATE_SENT  # in alice's feed
+        assert not found.HasField("read_at")
+
+        # Alice reads it in the bell: the one read state shows on the notification, whatever the channel.
+        mine = {"authorization": f"Bearer {mesh.issuer.issue(account_id, 'alice')}"}
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{mesh.http_port}", headers=mine) as http:
+            items = (await http.get("/api/feed")).json()["items"]
+            [item] = [i for i in items if i["notification_id"] == published.notification_id]
+            marked = await http.post("/api/feed/mark", json={"ids": [item["id"]], "what": "read"})
+            assert marked.json()["changed"] == 1
+        found = await alice()
+        assert found.HasField("read_at") and found.read_at.ToDatetime() >= last["email"].at.ToDatetime()
+
+
 async def test_bad_input_is_refused_and_writes_nothing(mesh: Mesh, account_id: str, pool: asyncpg.Pool) -> None:
     await _seed(mesh, account_id, ["alice", "carol"])
     async with mesh.channel("dispatcher") as chan:

@@ -90,9 +90,9 @@ class _StateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_State.ValueType
     STATE_SENDING: _State.ValueType  # 5
     """a sender holds it now"""
     STATE_SENT: _State.ValueType  # 6
-    """handed to the channel (SMTP, push service, live tab)"""
+    """handed to the channel (the bell: stored in the user's feed, pushed to live tabs)"""
     STATE_DELIVERED: _State.ValueType  # 7
-    """the channel confirmed it"""
+    """the next hop confirmed it: push service 201, FCM/APNs 200, webhook 2xx"""
     STATE_FAILED: _State.ValueType  # 8
     """gave up after retries or a permanent error"""
     STATE_EXPIRED: _State.ValueType  # 9
@@ -105,6 +105,14 @@ class _StateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_State.ValueType
     """batching sent this assignment inside another notification: reason "merged into <id>" """
     STATE_WITHDRAWN: _State.ValueType  # 13
     """batching took this assignment out of its window unsent: "withdrawn by reassignment" """
+    STATE_RELAYED: _State.ValueType  # 14
+    """email: the SMTP relay accepted it (250); the destination may still bounce it"""
+    STATE_BOUNCED: _State.ValueType  # 15
+    """email: the destination refused it after the relay accepted it; `reason` has the status"""
+    STATE_COMPLAINED: _State.ValueType  # 16
+    """email: the recipient reported it as spam (a feedback report)"""
+    STATE_READ: _State.ValueType  # 17
+    """the recipient read it, on any channel (one read state per notification and user)"""
 
 class State(_State, metaclass=_StateEnumTypeWrapper):
     """Where one decision or delivery stands."""
@@ -121,9 +129,9 @@ STATE_QUEUED: State.ValueType  # 4
 STATE_SENDING: State.ValueType  # 5
 """a sender holds it now"""
 STATE_SENT: State.ValueType  # 6
-"""handed to the channel (SMTP, push service, live tab)"""
+"""handed to the channel (the bell: stored in the user's feed, pushed to live tabs)"""
 STATE_DELIVERED: State.ValueType  # 7
-"""the channel confirmed it"""
+"""the next hop confirmed it: push service 201, FCM/APNs 200, webhook 2xx"""
 STATE_FAILED: State.ValueType  # 8
 """gave up after retries or a permanent error"""
 STATE_EXPIRED: State.ValueType  # 9
@@ -136,6 +144,14 @@ STATE_MERGED: State.ValueType  # 12
 """batching sent this assignment inside another notification: reason "merged into <id>" """
 STATE_WITHDRAWN: State.ValueType  # 13
 """batching took this assignment out of its window unsent: "withdrawn by reassignment" """
+STATE_RELAYED: State.ValueType  # 14
+"""email: the SMTP relay accepted it (250); the destination may still bounce it"""
+STATE_BOUNCED: State.ValueType  # 15
+"""email: the destination refused it after the relay accepted it; `reason` has the status"""
+STATE_COMPLAINED: State.ValueType  # 16
+"""email: the recipient reported it as spam (a feedback report)"""
+STATE_READ: State.ValueType  # 17
+"""the recipient read it, on any channel (one read state per notification and user)"""
 Global___State: _TypeAlias = State  # noqa: Y015
 
 @_typing.final
@@ -601,6 +617,7 @@ class RecipientStatus(_message.Message):
     CHANNELS_FIELD_NUMBER: _builtins.int
     DELIVERIES_FIELD_NUMBER: _builtins.int
     MERGED_INTO_FIELD_NUMBER: _builtins.int
+    READ_AT_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     state: Global___State.ValueType
     """ACCEPTED, or SUPPRESSED by a recipient rule"""
@@ -615,6 +632,12 @@ class RecipientStatus(_message.Message):
     def channels(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChannelStatus]: ...
     @_builtins.property
     def deliveries(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeliveryStatus]: ...
+    @_builtins.property
+    def read_at(self) -> _timestamp_pb2.Timestamp:
+        """When the recipient read it (the bell, an email's open link, an opened
+        push: one read state for every channel); unset while unread.
+        """
+
     def __init__(
         self,
         *,
@@ -624,10 +647,11 @@ class RecipientStatus(_message.Message):
         channels: _abc.Iterable[Global___ChannelStatus] | None = ...,
         deliveries: _abc.Iterable[Global___DeliveryStatus] | None = ...,
         merged_into: _builtins.str = ...,
+        read_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["read_at", b"read_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channels", b"channels", "deliveries", b"deliveries", "merged_into", b"merged_into", "reason", b"reason", "state", b"state", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channels", b"channels", "deliveries", b"deliveries", "merged_into", b"merged_into", "read_at", b"read_at", "reason", b"reason", "state", b"state", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
