@@ -61,6 +61,8 @@ DESCRIPTIONS: dict[str, str] = {
     # Common block (belfry.config.load_common, belfry.trust).
     "BELFRY_DATABASE_URL": "PostgreSQL connection URL (every service shares one database)",
     "DATABASE_URL": "read when `BELFRY_DATABASE_URL` is not set",
+    "BELFRY_ACCOUNT_RANGE": "`lower..upper`: the accounts whose deliveries and fan-out this replica claims "
+    "(lower inclusive, upper exclusive, either open); unset: every account",
     "BELFRY_GRPC_ADDRESS": "where the gRPC server listens (`host:port`; port 0: any free port)",
     "BELFRY_METRICS_ADDRESS": "where Prometheus `/metrics` is served (`host:port`, or `off`)",
     "BELFRY_HEALTH_ADDRESS": "also serve the gRPC health service alone, in plaintext, here (for Kubernetes probes)",

@@ -13,6 +13,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 from urllib.parse import urlsplit
 
 from cryptography import x509
@@ -177,6 +178,18 @@ def database_url(env: Env) -> str:
     return url
 
 
+def account_range(env: Env) -> AccountRange:
+    """``BELFRY_ACCOUNT_RANGE``: the accounts this replica claims for (default: all)."""
+    raw = env.str("BELFRY_ACCOUNT_RANGE", "")
+    if not raw:
+        return AccountRange()
+    try:
+        return AccountRange.parse(raw)
+    except ValueError as exc:
+        env.problem(f"BELFRY_ACCOUNT_RANGE {exc}")
+        return AccountRange()
+
+
 def token_ttl_seconds(env: Env) -> int:
     """``BELFRY_TOKEN_TTL_SECONDS``: the lifetime of the user tokens Belfry issues itself (development sign-in)."""
     return env.int("BELFRY_TOKEN_TTL_SECONDS", 900, minimum=30)
@@ -204,6 +217,38 @@ class TlsSettings:
 
 
 @dataclass(frozen=True)
+class AccountRange:
+    """The accounts ``lower <= account_id < upper`` (in the database's byte order); empty bounds are open.
+
+    ``BELFRY_ACCOUNT_RANGE=acc_4..acc_8`` makes a replica claim (deliveries,
+    fan-out) only for those accounts, so a deployment can give each group of
+    replicas its own share of the tenants; several groups side by side cover
+    every account once between them. Unset: every account.
+    """
+
+    lower: str = ""
+    upper: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> AccountRange:
+        """``lower..upper`` (either side may be empty); ValueError names what is wrong."""
+        lower, sep, upper = text.strip().partition("..")
+        if not sep:
+            raise ValueError(f"must be lower..upper (e.g. acc_4..acc_8, ..acc_8 or acc_4..), got {text!r}")
+        if upper and lower >= upper:
+            raise ValueError(f"the lower bound must come before the upper one, got {text!r}")
+        return cls(lower, upper)
+
+    ALL: ClassVar[AccountRange]
+
+    def __contains__(self, account_id: object) -> bool:
+        return isinstance(account_id, str) and self.lower <= account_id and (not self.upper or account_id < self.upper)
+
+
+AccountRange.ALL = AccountRange()
+
+
+@dataclass(frozen=True)
 class CommonSettings:
     """What every service reads: database, listen address, logs, metrics, TLS, tokens."""
 
@@ -222,6 +267,8 @@ class CommonSettings:
     token_ttl_seconds: int
     # The longest a peer's Retry-After may hold a delivery back (senders clamp to it).
     max_retry_after_seconds: float = 3600.0
+    # The accounts this replica's claims (queue, fan-out) take: all of them unless the deployment is sharded.
+    accounts: AccountRange = field(default_factory=AccountRange)
     # Worker processes of this service in one pod (belfry.processes); more than one makes this process their parent.
     processes: int = 1
     # In a pod's worker, its slot (set by the parent); None in a lone process or the parent.
@@ -315,6 +362,7 @@ def load_common(service: str, env: Env, *, default_port: int | None = None) -> C
         token_ttl_seconds=token_ttl_seconds(env),
         health_address=env.address("BELFRY_HEALTH_ADDRESS", "", off=True),
         max_retry_after_seconds=env.float("BELFRY_MAX_RETRY_AFTER_SECONDS", 3600.0, minimum=1.0),
+        accounts=account_range(env),
         production=production,
         user_tokens=trust.load_user_tokens(env, production=production, hs256=bool(keys)),
         mesh=trust.load_mesh(env, service=service, services=services, own_token=own_token),

@@ -26,6 +26,7 @@ from typing import cast
 
 import asyncpg
 from belfry import errors, log, trace
+from belfry.config import AccountRange
 from belfry.queue import NewDelivery, enqueue
 
 from services.dispatcher import follow_store, rules, store
@@ -52,8 +53,17 @@ class Tuning:
 class Fanout:
     """A process's fan-out: ``workers`` claim loops sharing one LISTEN connection (replicas share the backlog)."""
 
-    def __init__(self, pool: asyncpg.Pool, planner: Planner, tuning: Tuning = Tuning(), *, workers: int = 1) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        planner: Planner,
+        tuning: Tuning = Tuning(),
+        *,
+        workers: int = 1,
+        accounts: AccountRange = AccountRange.ALL,
+    ) -> None:
         self._pool = pool
+        self._accounts = accounts  # whose events this process fans out (BELFRY_ACCOUNT_RANGE)
         self._planner = planner
         self._tuning = tuning
         self._workers = workers
@@ -133,10 +143,12 @@ class Fanout:
             # wrap-around bounded by a newer cursor would claim again rows this transaction already holds
             # (SKIP LOCKED skips other transactions' locks, not its own): the same event twice in one batch.
             cursor = self._cursor
-            claimed = await store.claim_fanout(conn, self._tuning.batch, cursor)
+            claimed = await store.claim_fanout(conn, self._tuning.batch, cursor, accounts=self._accounts)
             if len(claimed) < self._tuning.batch and cursor:
                 # Wrap around to the accounts the first pass did not visit.
-                claimed += await store.claim_fanout(conn, self._tuning.batch - len(claimed), "", cursor)
+                claimed += await store.claim_fanout(
+                    conn, self._tuning.batch - len(claimed), "", cursor, accounts=self._accounts
+                )
             self._cursor = max((b.row.account_id for b in claimed), default="")
             if not claimed:
                 return 0

@@ -34,7 +34,9 @@ def build_for(settings: Settings) -> Callable[[asyncpg.Pool], Awaitable[service.
         pressure = Backpressure(pool, settings.backpressure)
         await pressure.refresh()
         planner = Planner(pool, preferences, settings.auto_follow)
-        fanout = Fanout(pool, planner, settings.fanout, workers=settings.fanout_workers)
+        fanout = Fanout(
+            pool, planner, settings.fanout, workers=settings.fanout_workers, accounts=settings.common.accounts
+        )
         dispatcher = Dispatcher(pool, planner, pressure, fanout=fanout)
         servicer = DispatcherServicer(
             dispatcher, pool, settings.limits, max_batch=settings.max_batch, writers=settings.publish_writers

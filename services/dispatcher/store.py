@@ -19,6 +19,7 @@ from datetime import datetime
 from typing import Any, TypeAlias
 
 import asyncpg
+from belfry.config import AccountRange
 
 # A connection, or one borrowed from the pool (the same API for our purposes).
 Conn: TypeAlias = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
@@ -132,15 +133,18 @@ async def accept(conn: Conn | asyncpg.Pool, rows: Sequence[NotificationRow]) -> 
     return {r["notification_id"] for r in inserted}
 
 
-async def claim_fanout(conn: Conn, limit: int, after: str, upto: str | None = None) -> list[Backlog]:
+async def claim_fanout(
+    conn: Conn, limit: int, after: str, upto: str | None = None, *, accounts: AccountRange = AccountRange.ALL
+) -> list[Backlog]:
     """Lock up to ``limit`` due backlog rows (inside the caller's transaction), fairly across accounts.
 
-    Accounts after ``after`` (and up to ``upto`` when given) are visited in
-    order; each gets an equal share of ``limit``, oldest first. Rows other
-    workers hold are skipped; the locks last until the caller's transaction
-    ends (so a second claim in it must not overlap the first: ``upto``).
+    Accounts after ``after`` (and up to ``upto`` when given), within
+    ``accounts``, are visited in order; each gets an equal share of
+    ``limit``, oldest first. Rows other workers hold are skipped; the locks
+    last until the caller's transaction ends (so a second claim in it must
+    not overlap the first: ``upto``).
     """
-    rows = await conn.fetch(_CLAIM_FANOUT, limit, after, upto)
+    rows = await conn.fetch(_CLAIM_FANOUT, limit, after, upto, accounts.lower, accounts.upper or None)
     return [
         Backlog(
             row=NotificationRow(
@@ -466,11 +470,13 @@ _CLAIM_FANOUT = """
 with recursive walk(account_id, n) as (
     (select account_id, 1 from dispatcher.fanout
      where not_before <= now() and account_id > $2 and ($3::text is null or account_id <= $3)
+       and account_id >= $4 and ($5::text is null or account_id < $5)
      order by account_id limit 1)
     union all
     select nxt.account_id, w.n + 1 from walk w,
     lateral (select f.account_id from dispatcher.fanout f
              where f.not_before <= now() and f.account_id > w.account_id and ($3::text is null or f.account_id <= $3)
+               and ($5::text is null or f.account_id < $5)
              order by f.account_id limit 1) nxt
     where w.n < $1
 ),

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
+import asyncpg
 import pytest
 import structlog
 from belfry import rpc, service
 from belfry.api.dispatcher.v1 import dispatcher_pb2 as pb
 from belfry.api.dispatcher.v1 import dispatcher_pb2_grpc
+from belfry.config import AccountRange
 from belfry.errors import ConfigError
 from belfry.preferences import Preferences
 
@@ -18,7 +23,7 @@ from services.dispatcher.planning import Planner
 from services.dispatcher.publish import Dispatcher
 from services.dispatcher.server import build_for
 from services.dispatcher.servicer import DispatcherServicer
-from services.dispatcher.settings import load_settings
+from services.dispatcher.settings import Settings, load_settings
 from tests.conftest import common_env, fanned_out, fresh_database, open_pool
 from tests.dispatcher.conftest import NO_TLS, Mesh, event, seed
 
@@ -107,51 +112,98 @@ async def test_workers_sharing_a_process_never_claim_one_event_twice(
     assert told == len(accounts) * 2 * 60
 
 
-async def test_a_publishing_call_fans_out_what_it_accepted_while_fan_out_lags(
-    mesh: Mesh, account_id: str, admin_dsn: str, token_keys: dict[str, bytes]
-) -> None:
-    """While fan-out lags, a call answers only once it has fanned out as many events as it accepted (any
-    account's, oldest first); below the lag it answers at once and leaves its events to the workers."""
-    await seed(mesh, account_id)
+@dataclass
+class Alone:
+    """A dispatcher's parts on a database of their own, where no fan-out worker runs unless a test runs it."""
+
+    pool: asyncpg.Pool
+    settings: Settings
+    planner: Planner
+    pressure: Backpressure
+
+    def fanout(self, accounts: AccountRange = AccountRange.ALL) -> Fanout:
+        return Fanout(self.pool, self.planner, self.settings.fanout, accounts=accounts)
+
+    def servicer(self, fanout: Fanout | None) -> DispatcherServicer:
+        dispatcher = Dispatcher(self.pool, self.planner, self.pressure, fanout=fanout)
+        return DispatcherServicer(dispatcher, self.pool, self.settings.limits, max_batch=1000)
+
+    async def publish(self, servicer: DispatcherServicer, events: list[pb.Event]) -> None:
+        answer = await servicer.PublishBatch(pb.PublishBatchRequest(events=events), context=None)
+        assert all(s.outcome == pb.OUTCOME_ACCEPTED for s in answer.statuses)
+
+    async def backlog(self) -> set[str]:
+        return {r["account_id"] for r in await self.pool.fetch("select account_id from dispatcher.fanout")}
+
+
+@contextlib.asynccontextmanager
+async def alone(mesh: Mesh, admin_dsn: str, token_keys: dict[str, bytes], **env: str) -> AsyncIterator[Alone]:
+    """The dispatcher's tables in a fresh database (the session's dispatcher runs fan-out workers on the
+    shared one, which would take these events); the session's preferences service answers for the accounts."""
     settings = load_settings(
         common_env(
             mesh.database_url,
             token_keys,
             identity="dispatcher",
             BELFRY_PREFERENCES_ADDRESS=mesh.preferences_address,
-            BELFRY_DISPATCHER_FANOUT_ASSIST_LAG_SECONDS="0.5",
+            **env,
         )
     )
-    # The dispatcher's tables in a database of their own, where no fan-out worker runs (the session's
-    # dispatcher runs some on the shared one): only the publishing call itself can fan these events out.
-    # The session's preferences service answers for the account.
     async with (
         fresh_database(admin_dsn) as url,
         open_pool(url) as pool,
         rpc.connect(settings.preferences_address, settings.common.tls) as channel,
     ):
         planner = Planner(pool, Preferences(channel, field_prefix="event."))
-        pressure = Backpressure(pool, settings.backpressure)
-        fanout = Fanout(pool, planner, settings.fanout, workers=settings.fanout_workers)  # never run
-        servicer = DispatcherServicer(
-            Dispatcher(pool, planner, pressure, fanout=fanout), pool, settings.limits, max_batch=1000
-        )
+        yield Alone(pool, settings, planner, Backpressure(pool, settings.backpressure))
 
-        async def publish(count: int) -> None:
-            events = [event(account_id, recipient_user_ids=["ana"]) for _ in range(count)]
-            answer = await servicer.PublishBatch(pb.PublishBatchRequest(events=events), context=None)
-            assert all(s.outcome == pb.OUTCOME_ACCEPTED for s in answer.statuses)
 
-        async def backlog() -> int:
-            return int(await pool.fetchval("select count(*) from dispatcher.fanout"))
+async def test_a_publishing_call_fans_out_what_it_accepted_while_fan_out_lags(
+    mesh: Mesh, account_id: str, admin_dsn: str, token_keys: dict[str, bytes]
+) -> None:
+    """While fan-out lags, a call answers only once it has fanned out as many events as it accepted (any
+    account's, oldest first); below the lag it answers at once and leaves its events to the workers."""
+    await seed(mesh, account_id)
+    async with alone(mesh, admin_dsn, token_keys, BELFRY_DISPATCHER_FANOUT_ASSIST_LAG_SECONDS="0.5") as world:
+        fanout = world.fanout()  # never run: only publishing calls fan out here
+        servicer = world.servicer(fanout)
+        pressure = world.pressure
+
+        def events(count: int) -> list[pb.Event]:
+            return [event(account_id, recipient_user_ids=["ana"]) for _ in range(count)]
+
+        async def waiting() -> int:
+            return int(await world.pool.fetchval("select count(*) from dispatcher.fanout"))
 
         await pressure.refresh()
-        await publish(5)  # no lag yet: answered at once, left to the workers
-        assert await backlog() == 5
+        await world.publish(servicer, events(5))  # no lag yet: answered at once, left to the workers
+        assert await waiting() == 5
         await asyncio.sleep(0.6)
         await pressure.refresh()
         assert pressure.fanout_lag >= 0.5
-        await publish(450)  # fans out 450 or more: 3 steps of 200, the older 5 included, until the backlog is empty
-        assert await backlog() == 0
-        told = await pool.fetchval("select count(*) from queue.deliveries where account_id = $1", account_id)
+        # Fans out 450 or more: 3 steps of 200, the older 5 included, until the backlog is empty.
+        await world.publish(servicer, events(450))
+        assert await waiting() == 0
+        told = await world.pool.fetchval("select count(*) from queue.deliveries where account_id = $1", account_id)
         assert told >= 455  # each event's deliveries (ana's channels) are written
+
+
+async def test_fan_out_bound_to_an_account_range_takes_only_those_accounts_events(
+    mesh: Mesh, account_id: str, admin_dsn: str, token_keys: dict[str, bytes]
+) -> None:
+    accounts = [f"{account_id}_{s}" for s in "abcd"]
+    for a in accounts:
+        await seed(mesh, a)
+    async with alone(mesh, admin_dsn, token_keys) as world:
+        await world.publish(
+            world.servicer(None), [event(a, recipient_user_ids=["ana"]) for a in accounts for _ in range(3)]
+        )
+        low = world.fanout(AccountRange("", accounts[2]))
+        high = world.fanout(AccountRange(accounts[2], ""))
+        assert await low.step() == 6
+        assert await world.backlog() == set(accounts[2:])  # the other range's events are left to its workers
+        assert await low.step() == 0
+        assert await high.step() == 6
+        assert await world.backlog() == set()
+        told = await world.pool.fetch("select distinct account_id from queue.deliveries")
+        assert {r["account_id"] for r in told} == set(accounts)

@@ -35,7 +35,7 @@ from typing import TypeVar
 import asyncpg
 
 from belfry import background
-from belfry.config import CommonSettings, Env
+from belfry.config import AccountRange, CommonSettings, Env
 from belfry.queue import worker
 from belfry.queue.store import Fail, Outcome, Queue, Retry, Sent
 
@@ -52,6 +52,7 @@ class SenderSettings:
     max_retry_after_seconds: float  # a peer's Retry-After is clamped to this (the common block's)
     preferences_address: str = "127.0.0.1:50051"  # the directory QueueAdmin asks who is a super admin
     fanout: int = 4  # endpoints of one delivery sent to at once (BELFRY_<NAME>_FANOUT)
+    accounts: AccountRange = AccountRange.ALL  # whose deliveries it claims (BELFRY_ACCOUNT_RANGE, the common block's)
 
 
 def load_sender_settings(
@@ -76,6 +77,7 @@ def load_sender_settings(
         max_retry_after_seconds=common.max_retry_after_seconds,
         preferences_address=env.address("BELFRY_PREFERENCES_ADDRESS", "127.0.0.1:50051"),
         fanout=env.int(f"{prefix}_FANOUT", 4, minimum=1),
+        accounts=common.accounts,
     )
 
 
@@ -94,6 +96,7 @@ def sender_loops(
         worker=settings.worker_id,
         lease_seconds=settings.lease_seconds,
         max_retry_after=settings.max_retry_after_seconds,
+        accounts=settings.accounts,
     )
 
     async def send(stop: asyncio.Event) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 import asyncpg
 
 from belfry import channels
+from belfry.config import AccountRange
 from belfry.lease import Leases
 
 CHANNELS = channels.QUEUE_NAMES
@@ -197,6 +198,7 @@ class Queue:
         lease_seconds: float = 30.0,
         max_attempts: int | None = None,
         max_retry_after: float = MAX_RETRY_AFTER_SECONDS,
+        accounts: AccountRange = AccountRange.ALL,
     ) -> None:
         if channel not in CHANNELS:
             raise ValueError(f"unknown channel {channel!r}; expected one of {', '.join(CHANNELS)}")
@@ -207,6 +209,9 @@ class Queue:
         # The channel's ceiling applies even to rows enqueued with a higher one.
         self.max_attempts = max_attempts or MAX_ATTEMPTS[channel]
         self.max_retry_after = max_retry_after
+        # Claims, rescues and expiries touch only these accounts' rows (a sharded deployment's share).
+        self.accounts = accounts
+        self._bounds = (accounts.lower, accounts.upper or None)
         # Round-robin position: the next claim starts after the last account served.
         self._cursor = ""
 
@@ -218,7 +223,11 @@ class Queue:
         so a burst in one account delays another account's delivery by at most
         ``ceil(active accounts / limit)`` claims. Rows other replicas hold are skipped.
         """
-        rows = list(await self.pool.fetch(_CLAIM, self.channel, limit, self.lease_seconds, self.worker, self._cursor))
+        rows = list(
+            await self.pool.fetch(
+                _CLAIM, self.channel, limit, self.lease_seconds, self.worker, self._cursor, *self._bounds
+            )
+        )
         served = {r["account_id"] for r in rows}
         # More accounts may wait past the last one served when each got one slot.
         next_cursor = max(served) if len(served) >= limit else ""
@@ -228,7 +237,7 @@ class Queue:
             want = limit - len(rows)
             if want <= 0:
                 break
-            more = await self.pool.fetch(_CLAIM, self.channel, want, self.lease_seconds, self.worker, "")
+            more = await self.pool.fetch(_CLAIM, self.channel, want, self.lease_seconds, self.worker, "", *self._bounds)
             if not more:
                 break
             rows += more
@@ -325,12 +334,7 @@ class Queue:
         its last attempt is dead (``LOST_ON_LAST_ATTEMPT``), so a payload that
         kills its sender ends in the dead letters instead of being retried forever.
         """
-        status = await self.pool.execute(
-            _RESCUE,
-            self.channel,
-            self.max_attempts,
-            LOST_ON_LAST_ATTEMPT,
-        )
+        status = await self.pool.execute(_RESCUE, self.channel, self.max_attempts, LOST_ON_LAST_ATTEMPT, *self._bounds)
         return int(status.split()[-1])
 
     async def expire(self) -> int:
@@ -339,8 +343,10 @@ class Queue:
             """
             update queue.deliveries set state = 'expired', finished_at = now()
             where channel = $1 and finished_at is null and expires_at <= now() and state = 'queued'
+              and account_id >= $2 and ($3::text is null or account_id < $3)
             """,
             self.channel,
+            *self._bounds,
         )
         return int(status.split()[-1])
 
@@ -375,6 +381,7 @@ _RESCUE = f"""
     from (select delivery_id, account_id, attempts >= least(max_attempts, $2) as last
           from queue.deliveries
           where channel = $1 and finished_at is null and available_at <= now()
+            and account_id >= $4 and ($5::text is null or account_id < $5)
             and state = 'leased' and {DELIVERIES.expired("now()")}
           for update skip locked) x
     where d.account_id = x.account_id and d.delivery_id = x.delivery_id
@@ -382,7 +389,8 @@ _RESCUE = f"""
 
 
 # One statement: walk the accounts with due work (a loose index scan on
-# deliveries_pending: one probe per account), give each an equal share of the
+# deliveries_pending: one probe per account) within the queue's account range
+# ($6 inclusive, $7 exclusive or null), give each an equal share of the
 # limit, lock those rows (skipping other replicas' locks) and lease them.
 # Leased rows keep their place in deliveries_pending (so that a claim is a HOT
 # update, see migration 0003): the state test skips them, and the TTL test is
@@ -391,13 +399,13 @@ _CLAIM = """
 with recursive walk(account_id, n) as (
     (select account_id, 1 from queue.deliveries
      where channel = $1 and finished_at is null and available_at <= now() and expires_at > now()
-       and account_id > $5 and state = 'queued'
+       and account_id > $5 and account_id >= $6 and ($7::text is null or account_id < $7) and state = 'queued'
      order by account_id limit 1)
     union all
     select nxt.account_id, w.n + 1 from walk w,
     lateral (select d.account_id from queue.deliveries d
              where d.channel = $1 and d.finished_at is null and d.available_at <= now() and d.expires_at > now()
-               and d.account_id > w.account_id and d.state = 'queued'
+               and d.account_id > w.account_id and ($7::text is null or d.account_id < $7) and d.state = 'queued'
              order by d.account_id limit 1) nxt
     where w.n < $2
 ),
