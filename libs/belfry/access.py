@@ -125,7 +125,14 @@ RULES: Mapping[str, Rule] = {
     **{_QUEUE + m: _rule(OPERATOR, APP, user=True) for m in ("ListDeadLetters", "Requeue", "GetStats")},
     **{
         _DELIVERABILITY + m: _rule(OPERATOR, APP, user=True)
-        for m in ("ListSuppressions", "RemoveSuppressions", "GetDeliveryFeedback", "GetBranding", "SetBranding")
+        for m in (
+            "ListSuppressions",
+            "RemoveSuppressions",
+            "ImportSuppressions",
+            "GetDeliveryFeedback",
+            "GetBranding",
+            "SetBranding",
+        )
     },
     # A user's push subscriptions, devices and webhooks.
     **{

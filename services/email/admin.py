@@ -1,4 +1,5 @@
-"""The Deliverability gRPC servicer: the suppression list, a delivery's bounces and the branding, for super admins.
+"""The Deliverability gRPC servicer: the suppression list (and its import), a delivery's bounces and the branding,
+for super admins.
 
 Protobuf stops here: requests are validated and turned into calls on
 ``services.email.store``. Every call is scoped to the account of the
@@ -11,8 +12,9 @@ entry from the sender's branding cache in this process at once.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection, Iterable
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import asyncpg
 import grpc
@@ -26,11 +28,14 @@ from belfry.preferences import Preferences
 from belfry.queue.admin import Directory
 from google.protobuf import timestamp_pb2
 
-from services.email import branding, store
+from services.email import branding, headers, store
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Deliverability"].full_name
 _MAX_PAGE = 1000
 _MAX_ADDRESS = 320  # RFC 5321: 64 + 1 + 255
+_MAX_IMPORT = 1000  # entries per ImportSuppressions call: one statement, a bounded request
+_MAX_DETAIL = 1000
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]")
 
 
 def _ts(value: datetime) -> timestamp_pb2.Timestamp:
@@ -50,12 +55,14 @@ class DeliverabilityServicer(pb_grpc.DeliverabilityServicer):
         *,
         cache: branding.BrandingCache | None = None,
         from_domains: Collection[str] = (),
+        soft_expiry_seconds: float = 7 * 86400.0,
     ) -> None:
         self._pool = pool
         self._verifier = verifier
         self._directory = directory
         self._cache = cache
         self._from_domains = frozenset(from_domains)
+        self._soft_expiry = soft_expiry_seconds
 
     async def _admin(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> Caller:
         """The caller, once the directory confirms an active super admin of the token's account."""
@@ -80,8 +87,14 @@ class DeliverabilityServicer(pb_grpc.DeliverabilityServicer):
         if len(request.search) > _MAX_ADDRESS:
             raise InvalidArgument(f"search is at most {_MAX_ADDRESS} characters", field="search")
         found = await store.list_suppressions(
-            self._pool, caller.account_id, search=request.search, after_address=request.after_address, limit=size
+            self._pool,
+            caller.account_id,
+            search=request.search,
+            after_address=request.after_address,
+            limit=size,
+            soft_expiry_seconds=self._soft_expiry,
         )
+        lapse = timedelta(seconds=self._soft_expiry)
         return pb.ListSuppressionsResponse(
             suppressions=[
                 pb.Suppression(
@@ -91,6 +104,7 @@ class DeliverabilityServicer(pb_grpc.DeliverabilityServicer):
                     source_delivery_id=s.source_delivery or 0,
                     first_seen=_ts(s.first_seen),
                     last_seen=_ts(s.last_seen),
+                    expires_at=_ts(s.last_seen + lapse) if s.reason == store.SOFT_BOUNCES else None,
                 )
                 for s in found
             ],
@@ -110,6 +124,28 @@ class DeliverabilityServicer(pb_grpc.DeliverabilityServicer):
         removed = await store.remove_suppressions(self._pool, caller.account_id, addresses)
         gone = set(removed)
         return pb.RemoveSuppressionsResponse(removed=removed, not_suppressed=[a for a in addresses if a not in gone])
+
+    async def ImportSuppressions(  # noqa: N802 - method names come from the proto
+        self, request: pb.ImportSuppressionsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ImportSuppressionsResponse:
+        """Suppress the entries of an existing list that pass the checks; name each refused one and why."""
+        caller = await self._admin(context.invocation_metadata())
+        if not 1 <= len(request.entries) <= _MAX_IMPORT:
+            raise InvalidArgument(
+                f"import between 1 and {_MAX_IMPORT} entries per call, got {len(request.entries)}: "
+                f"split the list into calls of at most {_MAX_IMPORT} (importing an entry again changes nothing)",
+                field="entries",
+            )
+        accepted, refused = checked_imports(request.entries, f"imported by {caller.user_id}")
+        done = await store.import_suppressions(
+            self._pool, caller.account_id, accepted, soft_expiry_seconds=self._soft_expiry
+        )
+        return pb.ImportSuppressionsResponse(
+            added=done.added,
+            updated=done.updated,
+            unchanged=done.unchanged,
+            refused=[pb.ImportRefusal(index=i, address=a, why=why) for i, a, why in refused],
+        )
 
     async def GetDeliveryFeedback(  # noqa: N802 - method names come from the proto
         self, request: pb.GetDeliveryFeedbackRequest, context: grpc.aio.ServicerContext
@@ -147,6 +183,43 @@ class DeliverabilityServicer(pb_grpc.DeliverabilityServicer):
         return pb.SetBrandingResponse(branding=_branding_pb(checked))
 
 
+def checked_imports(
+    entries: Iterable[pb.SuppressionImport], imported_by: str
+) -> tuple[list[tuple[str, str, str]], list[tuple[int, str, str]]]:
+    """The entries to store as ``(address, reason, detail)``, and the refused ones as ``(index, address, why)``.
+
+    An address is held to the sender's own rule (one plain ``local@domain``
+    mailbox; surrounding spaces are dropped, nothing else is repaired) and
+    lower-cased as the list keys it; a second entry for one address is
+    refused, naming the first.
+    """
+    accepted: list[tuple[str, str, str]] = []
+    refused: list[tuple[int, str, str]] = []
+    first: dict[str, int] = {}
+    for index, entry in enumerate(entries):
+        address = entry.address.strip().lower()
+        why = ""
+        if not address:
+            why = "address is empty"
+        elif headers.recipient(address) is None:
+            why = "not one plain local@domain mailbox (at most 254 characters, a dotted domain, no display name)"
+        elif entry.reason not in store.REASONS:
+            why = f"reason must be one of {', '.join(repr(r) for r in store.REASONS)}, got {entry.reason!r}"
+        elif len(entry.detail) > _MAX_DETAIL:
+            why = f"detail is at most {_MAX_DETAIL} characters"
+        elif _CONTROL.search(entry.detail):
+            why = "detail is one line of text (no control characters)"
+        elif address in first:
+            why = f"the same address as entry {first[address]}"
+        if why:
+            refused.append((index, entry.address, why))
+            continue
+        first[address] = index
+        detail = f"{imported_by}: {entry.detail}" if entry.detail else imported_by
+        accepted.append((address, entry.reason, detail))
+    return accepted, refused
+
+
 def _branding_pb(value: branding.Branding) -> pb.Branding:
     return pb.Branding(**{f: getattr(value, f) for f in branding.FIELDS})
 
@@ -163,10 +236,16 @@ class Deliverability:
         *,
         branding: branding.BrandingCache | None = None,
         from_domains: Collection[str] = (),
+        soft_expiry_seconds: float = 7 * 86400.0,
     ) -> None:
         self._channel = rpc.connect(preferences_address, tls)
         self.servicer = DeliverabilityServicer(
-            pool, verifier, Preferences(self._channel), cache=branding, from_domains=from_domains
+            pool,
+            verifier,
+            Preferences(self._channel),
+            cache=branding,
+            from_domains=from_domains,
+            soft_expiry_seconds=soft_expiry_seconds,
         )
 
     def register(self, server: grpc.aio.Server) -> None:

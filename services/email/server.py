@@ -1,5 +1,5 @@
-"""Wiring of the email service: the QueueAdmin and Deliverability APIs, the sender's loops, the cap counters'
-purge, the bounce receiver."""
+"""Wiring of the email service: the QueueAdmin and Deliverability APIs, the sender's loops, the purges of cap
+counters and lapsed suppressions, the bounce receiver."""
 
 from __future__ import annotations
 
@@ -65,6 +65,16 @@ class EmailBuild:
             # The cap is per UTC day: yesterday's counters are kept a little, then dropped.
             await background.every("email cap counters purge", 3600, lambda: store.purge_counts(pool), stop)
 
+        async def forget_lapsed_suppressions(stop: asyncio.Event) -> None:
+            # The sender already ignores lapsed soft-bounce entries; this keeps the table to what is in force.
+            expiry = settings.soft_expiry_seconds
+            await background.every(
+                "email lapsed suppressions purge",
+                3600,
+                lambda: store.purge_lapsed(pool, soft_expiry_seconds=expiry),
+                stop,
+            )
+
         queue_admin = admin.QueueAdmin(
             pool, user_tokens(settings.common), settings.sender.preferences_address, settings.common.tls
         )
@@ -75,6 +85,7 @@ class EmailBuild:
             settings.common.tls,
             branding=branding,
             from_domains=settings.from_domains,
+            soft_expiry_seconds=settings.soft_expiry_seconds,
         )
         cleanup: list[Callable[[], Awaitable[None]]] = []
         if settings.bounces is not None and settings.verp is not None:
@@ -91,6 +102,7 @@ class EmailBuild:
             background=[
                 *sender_loops(pool, "email", sender.handle, settings.sender, prepare=sender.prepare),
                 forget_old_counts,
+                forget_lapsed_suppressions,
             ],
             cleanup=[*cleanup, smtp.close, queue_admin.close, deliverability.close],
         )

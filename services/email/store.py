@@ -144,23 +144,99 @@ async def suppress(
 
 
 async def list_suppressions(
-    pool: asyncpg.Pool, account_id: str, *, search: str, after_address: str, limit: int
+    pool: asyncpg.Pool,
+    account_id: str,
+    *,
+    search: str,
+    after_address: str,
+    limit: int,
+    soft_expiry_seconds: float,
 ) -> list[Suppression]:
-    """The account's suppressions in address order, those containing ``search`` (case-insensitive)."""
+    """The account's suppressions in force, in address order, those containing ``search`` (case-insensitive).
+
+    A soft-bounce entry that lapsed is not listed (the sender mails the
+    address again) even before the hourly purge deletes it.
+    """
     rows = await pool.fetch(
-        """
+        f"""
         select account_id, address, reason, detail, source_delivery, first_seen, last_seen
-        from email.suppressions
-        where account_id = $1 and address > $2 and strpos(address, lower($3)) > 0
+        from email.suppressions s
+        where account_id = $1 and address > $2 and strpos(address, lower($4)) > 0 and {_ACTIVE}
         order by address
-        limit $4
+        limit $5
         """,
         account_id,
         after_address.lower(),
+        soft_expiry_seconds,
         search,
         limit,
     )
     return [Suppression(**dict(r)) for r in rows]
+
+
+async def purge_lapsed(pool: asyncpg.Pool, *, soft_expiry_seconds: float) -> int:
+    """Delete the soft-bounce entries that lapsed (already ignored by the sender); how many.
+
+    Hard bounces and complaints never lapse. The feedback that led to an
+    entry stays in ``email.feedback`` (the deliveries' timelines).
+    """
+    status = await pool.execute(
+        """
+        delete from email.suppressions
+        where reason = 'soft bounces' and last_seen <= now() - make_interval(secs => $1::float8)
+        """,
+        soft_expiry_seconds,
+    )
+    return int(status.split()[-1])
+
+
+@dataclass(frozen=True)
+class Imported:
+    """What an import did: addresses newly suppressed, changed to the given reason, or left as they were."""
+
+    added: list[str]
+    updated: list[str]
+    unchanged: list[str]
+
+
+async def import_suppressions(
+    pool: asyncpg.Pool, account_id: str, entries: Sequence[tuple[str, str, str]], *, soft_expiry_seconds: float
+) -> Imported:
+    """Suppress ``(address, reason, detail)`` entries (checked, lower-cased, distinct addresses) in one statement.
+
+    An import never weakens an entry: one is replaced only when it was for
+    soft bounces (lapsed, or the import gives a reason that never lapses) or
+    a complaint that the import says is a hard bounce (which also stops
+    the locked topics); first seen and the source delivery are kept.
+    Otherwise the entry is left untouched, so importing a list twice
+    changes nothing the second time.
+    """
+    if not entries:
+        return Imported([], [], [])
+    rows = await pool.fetch(
+        """
+        insert into email.suppressions as s (account_id, address, reason, detail)
+        select $1, i.address, i.reason, i.detail
+        from unnest($2::text[], $3::text[], $4::text[]) as i(address, reason, detail)
+        on conflict (account_id, address) do update
+            set reason = excluded.reason, detail = excluded.detail, last_seen = now()
+            where (s.reason = 'soft bounces'
+                   and (excluded.reason <> 'soft bounces'
+                        or s.last_seen <= now() - make_interval(secs => $5::float8)))
+               or (s.reason = 'complaint' and excluded.reason = 'hard bounce')
+        returning s.address, (s.xmax = 0) as inserted
+        """,
+        account_id,
+        [e[0] for e in entries],
+        [e[1] for e in entries],
+        [e[2].replace("\x00", "") for e in entries],
+        soft_expiry_seconds,
+    )
+    # xmax is 0 on a row version this statement inserted, set on one it updated.
+    added = sorted(r["address"] for r in rows if r["inserted"])
+    updated = sorted(r["address"] for r in rows if not r["inserted"])
+    touched = {r["address"] for r in rows}
+    return Imported(added, updated, sorted(e[0] for e in entries if e[0] not in touched))
 
 
 async def remove_suppressions(pool: asyncpg.Pool, account_id: str, addresses: Sequence[str]) -> list[str]:

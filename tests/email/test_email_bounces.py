@@ -151,7 +151,9 @@ def arf(recipient: str, feedback_type: str = "abuse") -> bytes:
 
 async def suppression(pool: asyncpg.Pool, account_id: str, address: str) -> store.Suppression | None:
     """The account's entry for ``address``, if any."""
-    found = await store.list_suppressions(pool, account_id, search=address, after_address="", limit=10)
+    found = await store.list_suppressions(
+        pool, account_id, search=address, after_address="", limit=10, soft_expiry_seconds=7 * 86400.0
+    )
     return next((s for s in found if s.address == address.lower()), None)
 
 

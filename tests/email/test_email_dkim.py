@@ -1,11 +1,16 @@
 """DKIM (issue "Deliverability", 3): every message the real sender hands to a real SMTP server is signed
 with each configured key (RSA and Ed25519 side by side), and dkimpy's own verifier, given the public keys
-through a stub resolver in place of DNS, accepts the signatures and rejects an altered body or Subject."""
+through a stub resolver in place of DNS, accepts the signatures and rejects an altered body or Subject.
+
+The signer is ours (OpenSSL through ``cryptography`` for the key operation, dkimpy's canonicalisation);
+both algorithms are deterministic, so each signature is also compared, tag for tag and byte for byte, with
+the one dkimpy's own ``DKIM.sign`` makes for the same message, key and time."""
 
 from __future__ import annotations
 
 import base64
 from pathlib import Path
+from unittest import mock
 
 import asyncpg
 import dkim
@@ -17,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from dkim.util import parse_tag_value
 
 from services.email.compose import feedback_id
+from services.email.dkim_signing import OVERSIGNED, SIGNED, DkimKey, DkimSigner
 from services.email.server import build_for
 from services.email.settings import load_settings
 from tests.email.email_helpers import Capture, email_env, enqueue_messages, message, wait_until_finished
@@ -76,6 +82,46 @@ def _verified(raw: bytes, zone: Zone) -> list[bool]:
         except dkim.DKIMException:  # what dkim.verify() reports as False: a body hash mismatch raises
             verdicts.append(False)
     return verdicts
+
+
+def _dkimpy_signature(
+    unsigned: bytes, key: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey, selector: bytes, domain: bytes, at: int
+) -> dict[bytes, bytes]:
+    """The tags of the signature dkimpy's own signer makes for ``unsigned`` at time ``at`` (whitespace removed)."""
+    head = unsigned.split(b"\r\n\r\n", 1)[0].lower()
+    present = [h.encode() for h in SIGNED if f"\n{h}:".encode() in b"\n" + head]
+    include = [*present, *(h.encode() for h in OVERSIGNED)]
+    if isinstance(key, rsa.RSAPrivateKey):
+        algorithm = b"rsa-sha256"
+        private = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+        )
+    else:
+        algorithm = b"ed25519-sha256"
+        private = base64.b64encode(
+            key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+        )
+    with mock.patch.object(dkim.time, "time", return_value=float(at)):  # dkimpy writes t= from time.time()
+        header = dkim.DKIM(unsigned).sign(
+            selector,
+            domain,
+            private,
+            signature_algorithm=algorithm,
+            canonicalize=(b"relaxed", b"relaxed"),
+            include_headers=include,
+        )
+    return _tags(parse_tag_value(header.split(b":", 1)[1]))
+
+
+def _tags(tags: dict[bytes, bytes]) -> dict[bytes, bytes]:
+    return {name: b"".join(value.split()) for name, value in tags.items()}
+
+
+def _unsigned(raw: bytes) -> bytes:
+    """``raw`` without its leading DKIM-Signature fields (the message as it was before signing)."""
+    head, _, body = raw.partition(b"\r\n\r\n")
+    kept = [f for f in head.replace(b"\r\n ", b"\x00").split(b"\r\n") if not f.startswith(b"DKIM-Signature:")]
+    return b"\r\n".join(kept).replace(b"\x00", b"\r\n ") + b"\r\n\r\n" + body
 
 
 def _altered_body(raw: bytes) -> bytes:
@@ -161,6 +207,13 @@ async def test_rsa_and_ed25519_signatures_verify_and_break_when_altered(
             assert {b"auto-submitted", b"feedback-id"} <= set(signed)
             # Present: signed and oversigned; absent (the locked topic): oversigned, so none can be added.
             assert signed.count(b"list-unsubscribe") == (2 if b"\r\nList-Unsubscribe: " in raw else 1)
+        # Byte for byte dkimpy's own signature of the message as it was before signing.
+        unsigned = _unsigned(raw)
+        assert b"DKIM-Signature" not in unsigned and unsigned in raw
+        for s in signatures:
+            key = rsa_key if s[b"a"] == b"rsa-sha256" else ed_key
+            theirs = _dkimpy_signature(unsigned, key, s[b"s"], s[b"d"], int(s[b"t"]))
+            assert _tags(s) == theirs
         zone.asked.clear()
         assert _verified(raw, zone) == [True, True]
         assert sorted(zone.asked) == [b"ed2026._domainkey.belfry.test.", b"rsa2026._domainkey.belfry.test."]
@@ -173,6 +226,41 @@ async def test_rsa_and_ed25519_signatures_verify_and_break_when_altered(
             False,
             False,
         ]
+
+
+_MESSAGES = {
+    "folded and repeated headers, spaces to relax": (
+        b"From: Ana <ana@belfry.test>\r\nTo: a@example.test\r\nTo:  b@example.test \r\n"
+        b"Subject:   Quote\t Q-12\r\n\tfolded   here\r\nDate: Tue, 1 Dec 2026 10:00:00 +0000\r\n"
+        b"X-Unsigned: kept out of h=\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        b"\r\nline with trailing spaces   \r\n\tindented\r\n\r\n\r\n"
+    ),
+    "empty body": b"From: ana@belfry.test\r\nSubject: nothing\r\n\r\n",
+    "bare LF line ends in the body": b"From: ana@belfry.test\r\nSubject: lf\r\n\r\none\ntwo  \n\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(_MESSAGES))
+def test_each_signature_is_dkimpys_own_and_verifies(name: str) -> None:
+    """RSA-2048 and Ed25519 side by side on edge-case messages: byte for byte dkimpy's signature; verified."""
+    message = _MESSAGES[name]
+    rsa_key, ed_key = rsa.generate_private_key(65537, 2048), ed25519.Ed25519PrivateKey.generate()
+    keys = [DkimKey("belfry.test", "r1", "rsa-sha256", rsa_key), DkimKey("belfry.test", "e1", "ed25519-sha256", ed_key)]
+    signed = DkimSigner(keys, clock=lambda: 1_790_000_000.7).sign(message)
+    assert signed.endswith(message)
+    assert all(len(line) <= 78 for line in signed[: -len(message)].split(b"\r\n"))
+    ours = [_tags(s) for s in _signatures(signed)]
+    assert [s[b"t"] for s in ours] == [b"1790000000"] * 2
+    assert ours == [
+        _dkimpy_signature(message, rsa_key, b"r1", b"belfry.test", 1_790_000_000),
+        _dkimpy_signature(message, ed_key, b"e1", b"belfry.test", 1_790_000_000),
+    ]
+    zone = Zone()
+    zone.publish("r1", "belfry.test", rsa_key)
+    zone.publish("e1", "belfry.test", ed_key)
+    assert _verified(signed, zone) == [True, True]
+    assert bool(dkim.verify(signed, dnsfunc=zone))  # dkimpy's one-call verifier, on the first signature
+    assert _verified(signed.replace(b"From: ", b"From: x", 1), zone) == [False, False]
 
 
 async def test_with_verp_the_envelope_domain_signs_too_and_headers_stay_consistent(

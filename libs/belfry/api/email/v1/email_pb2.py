@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x62\x65lfry/api/email/v1/email.proto\x12\x13\x62\x65lfry.api.email.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb9\x01\n\x0bSuppression\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\x1a\n\x12source_delivery_id\x18\x04 \x01(\x03\x12.\n\nfirst_seen\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tlast_seen\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"S\n\x17ListSuppressionsRequest\x12\x0e\n\x06search\x18\x01 \x01(\t\x12\x15\n\rafter_address\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\"n\n\x18ListSuppressionsResponse\x12\x36\n\x0csuppressions\x18\x01 \x03(\x0b\x32 .belfry.api.email.v1.Suppression\x12\x1a\n\x12next_after_address\x18\x02 \x01(\t\".\n\x19RemoveSuppressionsRequest\x12\x11\n\taddresses\x18\x01 \x03(\t\"E\n\x1aRemoveSuppressionsResponse\x12\x0f\n\x07removed\x18\x01 \x03(\t\x12\x16\n\x0enot_suppressed\x18\x02 \x03(\t\"q\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\x12&\n\x02\x61t\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"1\n\x1aGetDeliveryFeedbackRequest\x12\x13\n\x0b\x64\x65livery_id\x18\x01 \x01(\x03\"N\n\x1bGetDeliveryFeedbackResponse\x12/\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x01 \x03(\x0b\x32\x1d.belfry.api.email.v1.Feedback\"}\n\x08\x42randing\x12\x11\n\tfrom_name\x18\x01 \x01(\t\x12\x14\n\x0c\x66rom_address\x18\x02 \x01(\t\x12\x10\n\x08reply_to\x18\x03 \x01(\t\x12\x10\n\x08logo_url\x18\x04 \x01(\t\x12\x14\n\x0c\x61\x63\x63\x65nt_color\x18\x05 \x01(\t\x12\x0e\n\x06\x66ooter\x18\x06 \x01(\t\"\x14\n\x12GetBrandingRequest\"F\n\x13GetBrandingResponse\x12/\n\x08\x62randing\x18\x01 \x01(\x0b\x32\x1d.belfry.api.email.v1.Branding\"E\n\x12SetBrandingRequest\x12/\n\x08\x62randing\x18\x01 \x01(\x0b\x32\x1d.belfry.api.email.v1.Branding\"F\n\x13SetBrandingResponse\x12/\n\x08\x62randing\x18\x01 \x01(\x0b\x32\x1d.belfry.api.email.v1.Branding2\xb6\x04\n\x0e\x44\x65liverability\x12o\n\x10ListSuppressions\x12,.belfry.api.email.v1.ListSuppressionsRequest\x1a-.belfry.api.email.v1.ListSuppressionsResponse\x12u\n\x12RemoveSuppressions\x12..belfry.api.email.v1.RemoveSuppressionsRequest\x1a/.belfry.api.email.v1.RemoveSuppressionsResponse\x12x\n\x13GetDeliveryFeedback\x12/.belfry.api.email.v1.GetDeliveryFeedbackRequest\x1a\x30.belfry.api.email.v1.GetDeliveryFeedbackResponse\x12`\n\x0bGetBranding\x12\'.belfry.api.email.v1.GetBrandingRequest\x1a(.belfry.api.email.v1.GetBrandingResponse\x12`\n\x0bSetBranding\x12\'.belfry.api.email.v1.SetBrandingRequest\x1a(.belfry.api.email.v1.SetBrandingResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x62\x65lfry/api/email/v1/email.proto\x12\x13\x62\x65lfry.api.email.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe9\x01\n\x0bSuppression\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\x1a\n\x12source_delivery_id\x18\x04 \x01(\x03\x12.\n\nfirst_seen\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tlast_seen\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"S\n\x17ListSuppressionsRequest\x12\x0e\n\x06search\x18\x01 \x01(\t\x12\x15\n\rafter_address\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\"n\n\x18ListSuppressionsResponse\x12\x36\n\x0csuppressions\x18\x01 \x03(\x0b\x32 .belfry.api.email.v1.Suppression\x12\x1a\n\x12next_after_address\x18\x02 \x01(\t\".\n\x19RemoveSuppressionsRequest\x12\x11\n\taddresses\x18\x01 \x03(\t\"E\n\x1aRemoveSuppressionsResponse\x12\x0f\n\x07removed\x18\x01 \x03(\t\x12\x16\n\x0enot_suppressed\x18\x02 \x03(\t\"D\n\x11SuppressionImport\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"T\n\x19ImportSuppressionsRequest\x12\x37\n\x07\x65ntries\x18\x01 \x03(\x0b\x32&.belfry.api.email.v1.SuppressionImport\"<\n\rImportRefusal\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0b\n\x03why\x18\x03 \x01(\t\"\x84\x01\n\x1aImportSuppressionsResponse\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x01 \x03(\t\x12\x0f\n\x07updated\x18\x02 \x03(\t\x12\x11\n\tunchanged\x18\x03 \x03(\t\x12\x33\n\x07refused\x18\x04 \x03(\x0b\x32\".belfry.api.email.v1.ImportRefusal\"q\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\x12&\n\x02\x61t\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"1\n\x1aGetDeliveryFeedbackRequest\x12\x13\n\x0b\x64\x65livery_id\x18\x01 \x01(\x03\"N\n\x1bGetDeliveryFeedbackResponse\x12/\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x01 \x03(\x0b\x32\x1d.belfry.api.email.v1.Feedback\"}\n\x08\x42randing\x12\x11\n\tfrom_name\x18\x01 \x01(\t\x12\x14\n\x0c\x66rom_address\x18\x02 \x01(\t\x12\x10\n\x08reply_to\x18\x03 \x01(\t\x12\x10\n\x08logo_url\x18\x04 \x01(\t\x12\x14\n\x0c\x61\x63\x63\x65nt_color\x18\x05 \x01(\t\x12\x0e\n\x06\x66ooter\x18\x06 \x01(\t\"\x14\n\x12GetBrandingRequest\"F\n\x13GetBrandingResponse\x12/\n\x08\x62randing\x18\x01 \x01(\x0b\x32\x1d.belfry.api.email.v1.Branding\"E\n\x12SetBrandingRequest\x12/\n\x08\x62randing\x18\x01 \x01(\x0b\x32\x1d.belfry.api.email.v1.Branding\"F\n\x13SetBrandingResponse\x12/\n\x08\x62randing\x18\x01 \x01(\x0b\x32\x1d.belfry.api.email.v1.Branding2\xad\x05\n\x0e\x44\x65liverability\x12o\n\x10ListSuppressions\x12,.belfry.api.email.v1.ListSuppressionsRequest\x1a-.belfry.api.email.v1.ListSuppressionsResponse\x12u\n\x12RemoveSuppressions\x12..belfry.api.email.v1.RemoveSuppressionsRequest\x1a/.belfry.api.email.v1.RemoveSuppressionsResponse\x12u\n\x12ImportSuppressions\x12..belfry.api.email.v1.ImportSuppressionsRequest\x1a/.belfry.api.email.v1.ImportSuppressionsResponse\x12x\n\x13GetDeliveryFeedback\x12/.belfry.api.email.v1.GetDeliveryFeedbackRequest\x1a\x30.belfry.api.email.v1.GetDeliveryFeedbackResponse\x12`\n\x0bGetBranding\x12\'.belfry.api.email.v1.GetBrandingRequest\x1a(.belfry.api.email.v1.GetBrandingResponse\x12`\n\x0bSetBranding\x12\'.belfry.api.email.v1.SetBrandingRequest\x1a(.belfry.api.email.v1.SetBrandingResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,31 +33,39 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'belfry.api.email.v1.email_p
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SUPPRESSION']._serialized_start=90
-  _globals['_SUPPRESSION']._serialized_end=275
-  _globals['_LISTSUPPRESSIONSREQUEST']._serialized_start=277
-  _globals['_LISTSUPPRESSIONSREQUEST']._serialized_end=360
-  _globals['_LISTSUPPRESSIONSRESPONSE']._serialized_start=362
-  _globals['_LISTSUPPRESSIONSRESPONSE']._serialized_end=472
-  _globals['_REMOVESUPPRESSIONSREQUEST']._serialized_start=474
-  _globals['_REMOVESUPPRESSIONSREQUEST']._serialized_end=520
-  _globals['_REMOVESUPPRESSIONSRESPONSE']._serialized_start=522
-  _globals['_REMOVESUPPRESSIONSRESPONSE']._serialized_end=591
-  _globals['_FEEDBACK']._serialized_start=593
-  _globals['_FEEDBACK']._serialized_end=706
-  _globals['_GETDELIVERYFEEDBACKREQUEST']._serialized_start=708
-  _globals['_GETDELIVERYFEEDBACKREQUEST']._serialized_end=757
-  _globals['_GETDELIVERYFEEDBACKRESPONSE']._serialized_start=759
-  _globals['_GETDELIVERYFEEDBACKRESPONSE']._serialized_end=837
-  _globals['_BRANDING']._serialized_start=839
-  _globals['_BRANDING']._serialized_end=964
-  _globals['_GETBRANDINGREQUEST']._serialized_start=966
-  _globals['_GETBRANDINGREQUEST']._serialized_end=986
-  _globals['_GETBRANDINGRESPONSE']._serialized_start=988
-  _globals['_GETBRANDINGRESPONSE']._serialized_end=1058
-  _globals['_SETBRANDINGREQUEST']._serialized_start=1060
-  _globals['_SETBRANDINGREQUEST']._serialized_end=1129
-  _globals['_SETBRANDINGRESPONSE']._serialized_start=1131
-  _globals['_SETBRANDINGRESPONSE']._serialized_end=1201
-  _globals['_DELIVERABILITY']._serialized_start=1204
-  _globals['_DELIVERABILITY']._serialized_end=1770
+  _globals['_SUPPRESSION']._serialized_end=323
+  _globals['_LISTSUPPRESSIONSREQUEST']._serialized_start=325
+  _globals['_LISTSUPPRESSIONSREQUEST']._serialized_end=408
+  _globals['_LISTSUPPRESSIONSRESPONSE']._serialized_start=410
+  _globals['_LISTSUPPRESSIONSRESPONSE']._serialized_end=520
+  _globals['_REMOVESUPPRESSIONSREQUEST']._serialized_start=522
+  _globals['_REMOVESUPPRESSIONSREQUEST']._serialized_end=568
+  _globals['_REMOVESUPPRESSIONSRESPONSE']._serialized_start=570
+  _globals['_REMOVESUPPRESSIONSRESPONSE']._serialized_end=639
+  _globals['_SUPPRESSIONIMPORT']._serialized_start=641
+  _globals['_SUPPRESSIONIMPORT']._serialized_end=709
+  _globals['_IMPORTSUPPRESSIONSREQUEST']._serialized_start=711
+  _globals['_IMPORTSUPPRESSIONSREQUEST']._serialized_end=795
+  _globals['_IMPORTREFUSAL']._serialized_start=797
+  _globals['_IMPORTREFUSAL']._serialized_end=857
+  _globals['_IMPORTSUPPRESSIONSRESPONSE']._serialized_start=860
+  _globals['_IMPORTSUPPRESSIONSRESPONSE']._serialized_end=992
+  _globals['_FEEDBACK']._serialized_start=994
+  _globals['_FEEDBACK']._serialized_end=1107
+  _globals['_GETDELIVERYFEEDBACKREQUEST']._serialized_start=1109
+  _globals['_GETDELIVERYFEEDBACKREQUEST']._serialized_end=1158
+  _globals['_GETDELIVERYFEEDBACKRESPONSE']._serialized_start=1160
+  _globals['_GETDELIVERYFEEDBACKRESPONSE']._serialized_end=1238
+  _globals['_BRANDING']._serialized_start=1240
+  _globals['_BRANDING']._serialized_end=1365
+  _globals['_GETBRANDINGREQUEST']._serialized_start=1367
+  _globals['_GETBRANDINGREQUEST']._serialized_end=1387
+  _globals['_GETBRANDINGRESPONSE']._serialized_start=1389
+  _globals['_GETBRANDINGRESPONSE']._serialized_end=1459
+  _globals['_SETBRANDINGREQUEST']._serialized_start=1461
+  _globals['_SETBRANDINGREQUEST']._serialized_end=1530
+  _globals['_SETBRANDINGRESPONSE']._serialized_start=1532
+  _globals['_SETBRANDINGRESPONSE']._serialized_end=1602
+  _globals['_DELIVERABILITY']._serialized_start=1605
+  _globals['_DELIVERABILITY']._serialized_end=2290
 # @@protoc_insertion_point(module_scope)

@@ -37,6 +37,7 @@ class Suppression(_message.Message):
     SOURCE_DELIVERY_ID_FIELD_NUMBER: _builtins.int
     FIRST_SEEN_FIELD_NUMBER: _builtins.int
     LAST_SEEN_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
     address: _builtins.str
     """lower-cased"""
     reason: _builtins.str
@@ -49,6 +50,13 @@ class Suppression(_message.Message):
     def first_seen(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def last_seen(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """When the entry lapses and the address is mailed again: last_seen plus the operator's
+        BELFRY_EMAIL_SOFT_SUPPRESSION_SECONDS for "soft bounces"; unset for hard bounces and
+        complaints, which never lapse (only RemoveSuppressions lifts them).
+        """
+
     def __init__(
         self,
         *,
@@ -58,10 +66,11 @@ class Suppression(_message.Message):
         source_delivery_id: _builtins.int = ...,
         first_seen: _timestamp_pb2.Timestamp | None = ...,
         last_seen: _timestamp_pb2.Timestamp | None = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["first_seen", b"first_seen", "last_seen", b"last_seen"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "first_seen", b"first_seen", "last_seen", b"last_seen"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "detail", b"detail", "first_seen", b"first_seen", "last_seen", b"last_seen", "reason", b"reason", "source_delivery_id", b"source_delivery_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "detail", b"detail", "expires_at", b"expires_at", "first_seen", b"first_seen", "last_seen", b"last_seen", "reason", b"reason", "source_delivery_id", b"source_delivery_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -166,6 +175,127 @@ class RemoveSuppressionsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RemoveSuppressionsResponse: _TypeAlias = RemoveSuppressionsResponse  # noqa: Y015
+
+@_typing.final
+class SuppressionImport(_message.Message):
+    """One entry of a list kept elsewhere (another provider's bounces and complaints)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    address: _builtins.str
+    """one plain local@domain mailbox (as the sender accepts it); case is folded, no repair"""
+    reason: _builtins.str
+    """"hard bounce" | "complaint" | "soft bounces" (the last lapses like a learnt one)"""
+    detail: _builtins.str
+    """optional note kept with the entry (e.g. where the list came from); one line, at most 1000 characters"""
+    def __init__(
+        self,
+        *,
+        address: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "detail", b"detail", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SuppressionImport: _TypeAlias = SuppressionImport  # noqa: Y015
+
+@_typing.final
+class ImportSuppressionsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___SuppressionImport]:
+        """1..1000 per call; split a longer list (the import is idempotent)"""
+
+    def __init__(
+        self,
+        *,
+        entries: _abc.Iterable[Global___SuppressionImport] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportSuppressionsRequest: _TypeAlias = ImportSuppressionsRequest  # noqa: Y015
+
+@_typing.final
+class ImportRefusal(_message.Message):
+    """An entry that was not imported, and why."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    WHY_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """the entry's position in the request, from 0"""
+    address: _builtins.str
+    """as given"""
+    why: _builtins.str
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        address: _builtins.str = ...,
+        why: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "index", b"index", "why", b"why"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportRefusal: _TypeAlias = ImportRefusal  # noqa: Y015
+
+@_typing.final
+class ImportSuppressionsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADDED_FIELD_NUMBER: _builtins.int
+    UPDATED_FIELD_NUMBER: _builtins.int
+    UNCHANGED_FIELD_NUMBER: _builtins.int
+    REFUSED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def added(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """newly suppressed (lower-cased)"""
+
+    @_builtins.property
+    def updated(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """were suppressed for a weaker or lapsed reason; now for the given one"""
+
+    @_builtins.property
+    def unchanged(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """already suppressed for this reason or a stronger one: left as they were"""
+
+    @_builtins.property
+    def refused(self) -> _containers.RepeatedCompositeFieldContainer[Global___ImportRefusal]:
+        """not imported; the other entries are"""
+
+    def __init__(
+        self,
+        *,
+        added: _abc.Iterable[_builtins.str] | None = ...,
+        updated: _abc.Iterable[_builtins.str] | None = ...,
+        unchanged: _abc.Iterable[_builtins.str] | None = ...,
+        refused: _abc.Iterable[Global___ImportRefusal] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["added", b"added", "refused", b"refused", "unchanged", b"unchanged", "updated", b"updated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportSuppressionsResponse: _TypeAlias = ImportSuppressionsResponse  # noqa: Y015
 
 @_typing.final
 class Feedback(_message.Message):

@@ -44,6 +44,11 @@ class DeliverabilityStub:
                 request_serializer=belfry_dot_api_dot_email_dot_v1_dot_email__pb2.RemoveSuppressionsRequest.SerializeToString,
                 response_deserializer=belfry_dot_api_dot_email_dot_v1_dot_email__pb2.RemoveSuppressionsResponse.FromString,
                 _registered_method=True)
+        self.ImportSuppressions = channel.unary_unary(
+                '/belfry.api.email.v1.Deliverability/ImportSuppressions',
+                request_serializer=belfry_dot_api_dot_email_dot_v1_dot_email__pb2.ImportSuppressionsRequest.SerializeToString,
+                response_deserializer=belfry_dot_api_dot_email_dot_v1_dot_email__pb2.ImportSuppressionsResponse.FromString,
+                _registered_method=True)
         self.GetDeliveryFeedback = channel.unary_unary(
                 '/belfry.api.email.v1.Deliverability/GetDeliveryFeedback',
                 request_serializer=belfry_dot_api_dot_email_dot_v1_dot_email__pb2.GetDeliveryFeedbackRequest.SerializeToString,
@@ -73,6 +78,14 @@ class DeliverabilityServicer:
 
     def RemoveSuppressions(self, request, context):
         """Mail these addresses again (their feedback history is kept).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportSuppressions(self, request, context):
+        """Add an existing list (up to 1000 entries a call); every entry is checked, refused ones are named
+        with the reason, the others imported. Idempotent: importing the same list again changes nothing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -111,6 +124,11 @@ def add_DeliverabilityServicer_to_server(servicer, server):
                     servicer.RemoveSuppressions,
                     request_deserializer=belfry_dot_api_dot_email_dot_v1_dot_email__pb2.RemoveSuppressionsRequest.FromString,
                     response_serializer=belfry_dot_api_dot_email_dot_v1_dot_email__pb2.RemoveSuppressionsResponse.SerializeToString,
+            ),
+            'ImportSuppressions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportSuppressions,
+                    request_deserializer=belfry_dot_api_dot_email_dot_v1_dot_email__pb2.ImportSuppressionsRequest.FromString,
+                    response_serializer=belfry_dot_api_dot_email_dot_v1_dot_email__pb2.ImportSuppressionsResponse.SerializeToString,
             ),
             'GetDeliveryFeedback': grpc.unary_unary_rpc_method_handler(
                     servicer.GetDeliveryFeedback,
@@ -182,6 +200,33 @@ class Deliverability:
             '/belfry.api.email.v1.Deliverability/RemoveSuppressions',
             belfry_dot_api_dot_email_dot_v1_dot_email__pb2.RemoveSuppressionsRequest.SerializeToString,
             belfry_dot_api_dot_email_dot_v1_dot_email__pb2.RemoveSuppressionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportSuppressions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/belfry.api.email.v1.Deliverability/ImportSuppressions',
+            belfry_dot_api_dot_email_dot_v1_dot_email__pb2.ImportSuppressionsRequest.SerializeToString,
+            belfry_dot_api_dot_email_dot_v1_dot_email__pb2.ImportSuppressionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -43,6 +43,10 @@ class DeliverabilityStub:
     """The caller account's suppressed addresses, in address order."""
     RemoveSuppressions: _grpc.UnaryUnaryMultiCallable[_email_pb2.RemoveSuppressionsRequest, _email_pb2.RemoveSuppressionsResponse]
     """Mail these addresses again (their feedback history is kept)."""
+    ImportSuppressions: _grpc.UnaryUnaryMultiCallable[_email_pb2.ImportSuppressionsRequest, _email_pb2.ImportSuppressionsResponse]
+    """Add an existing list (up to 1000 entries a call); every entry is checked, refused ones are named
+    with the reason, the others imported. Idempotent: importing the same list again changes nothing.
+    """
     GetDeliveryFeedback: _grpc.UnaryUnaryMultiCallable[_email_pb2.GetDeliveryFeedbackRequest, _email_pb2.GetDeliveryFeedbackResponse]
     """The bounces and complaints received for one of the account's email deliveries."""
     GetBranding: _grpc.UnaryUnaryMultiCallable[_email_pb2.GetBrandingRequest, _email_pb2.GetBrandingResponse]
@@ -57,6 +61,10 @@ class DeliverabilityAsyncStub(DeliverabilityStub):
     """The caller account's suppressed addresses, in address order."""
     RemoveSuppressions: _aio.UnaryUnaryMultiCallable[_email_pb2.RemoveSuppressionsRequest, _email_pb2.RemoveSuppressionsResponse]  # type: ignore[assignment]
     """Mail these addresses again (their feedback history is kept)."""
+    ImportSuppressions: _aio.UnaryUnaryMultiCallable[_email_pb2.ImportSuppressionsRequest, _email_pb2.ImportSuppressionsResponse]  # type: ignore[assignment]
+    """Add an existing list (up to 1000 entries a call); every entry is checked, refused ones are named
+    with the reason, the others imported. Idempotent: importing the same list again changes nothing.
+    """
     GetDeliveryFeedback: _aio.UnaryUnaryMultiCallable[_email_pb2.GetDeliveryFeedbackRequest, _email_pb2.GetDeliveryFeedbackResponse]  # type: ignore[assignment]
     """The bounces and complaints received for one of the account's email deliveries."""
     GetBranding: _aio.UnaryUnaryMultiCallable[_email_pb2.GetBrandingRequest, _email_pb2.GetBrandingResponse]  # type: ignore[assignment]
@@ -80,6 +88,16 @@ class DeliverabilityServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_email_pb2.RemoveSuppressionsResponse, _abc.Awaitable[_email_pb2.RemoveSuppressionsResponse]]:
         """Mail these addresses again (their feedback history is kept)."""
+
+    @_abc_1.abstractmethod
+    def ImportSuppressions(
+        self,
+        request: _email_pb2.ImportSuppressionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_email_pb2.ImportSuppressionsResponse, _abc.Awaitable[_email_pb2.ImportSuppressionsResponse]]:
+        """Add an existing list (up to 1000 entries a call); every entry is checked, refused ones are named
+        with the reason, the others imported. Idempotent: importing the same list again changes nothing.
+        """
 
     @_abc_1.abstractmethod
     def GetDeliveryFeedback(
