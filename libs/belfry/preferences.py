@@ -140,6 +140,15 @@ def _field(exc: grpc.aio.AioRpcError) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class UnsubscribeTopic:
+    """An unsubscribe link's topic as its page names it."""
+
+    label: str  # in the user's language
+    language: str  # belfry.i18n language of the user's profile locale
+    locked: bool  # always sent: the unsubscribe is refused
+
+
 class Preferences:
     """Calls to the preferences service over one long-lived channel."""
 
@@ -189,13 +198,21 @@ class Preferences:
         found = next((u for u in answer.users if u.user_id == user_id), None)
         return None if found is None else Member(found.user_id, active=found.active, super_admin=found.super_admin)
 
-    async def unsubscribe(self, account_id: str, user_id: str, topic: str) -> None:
-        """An email link's effect: ``topic`` off for email for the user (the link was verified by the caller)."""
-        request = preferences_pb2.UnsubscribeRequest(account_id=account_id, user_id=user_id, topic=topic)
+    async def unsubscribe(
+        self, account_id: str, user_id: str, topic: str, *, preview: bool = False
+    ) -> UnsubscribeTopic:
+        """An email link's effect: ``topic`` off for email for the user (the link was verified by the caller).
+
+        With ``preview``, nothing changes: only the topic as the link's page names it.
+        """
+        request = preferences_pb2.UnsubscribeRequest(
+            account_id=account_id, user_id=user_id, topic=topic, preview=preview
+        )
         try:
-            await self._prefs.Unsubscribe(request, timeout=self._deadline)
+            answer = await self._prefs.Unsubscribe(request, timeout=self._deadline)
         except grpc.aio.AioRpcError as exc:
             raise translate(exc, f"the unsubscribe from {topic!r}", field_prefix=self._prefix) from exc
+        return UnsubscribeTopic(answer.topic_label, answer.language, answer.locked)
 
 
 def _topic(t: preferences_pb2.TopicInfo) -> Topic:

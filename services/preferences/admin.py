@@ -89,6 +89,11 @@ class Admin:
             layers, _ = await store.account_layers(conn, account.account_id)
         return [(name, layers.get(name, {}), v) for name, v in versions.items()]
 
+    async def permission_sets(self, account: Account) -> list[str]:
+        """The account's permission sets (from the directory): what a role profile may be made for."""
+        async with self._ops.pool.acquire() as conn:
+            return await store.permission_sets(conn, account.account_id)
+
     async def profile(self, account: Account, permission_set: str) -> tuple[Choices, int]:
         """One profile; NotFound when absent."""
         for name, choices, version in await self.profiles(account):

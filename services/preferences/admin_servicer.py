@@ -81,7 +81,8 @@ class AdminRpcs:
             profiles=[
                 preferences_pb2.RoleProfile(permission_set=name, choices=choices_pb(c), version=v)
                 for name, c, v in await self._admin.profiles(account)
-            ]
+            ],
+            permission_sets=await self._admin.permission_sets(account),
         )
 
     async def GetRoleProfile(

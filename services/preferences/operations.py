@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 
 import asyncpg
+from belfry import i18n
 from belfry.auth import Caller
 from belfry.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 
@@ -147,6 +148,26 @@ class Operations:
 
         return await self._write(user, expected, "reset", {}, change)
 
+    async def reset_topic(self, user: User, key: str, channels: Sequence[str], expected: int) -> int:
+        """Forget the user's own choices of one topic on ``channels`` (every channel of it when empty)."""
+        topic = self.topic_for(user, key, None)
+        for channel in channels:
+            self.topic_for(user, key, channel, field="channels")
+        forget = sorted(set(channels) or set(topic.channels))
+
+        async def change(conn: Conn, _: int) -> None:
+            await store.forget_choices(conn, user.account_id, user.user_id, key, forget)
+
+        return await self._write(user, expected, "reset_topic", {"topic": key, "channels": forget}, change)
+
+    async def unsubscribe_topic(self, account_id: str, user_id: str, key: str) -> tuple[str, str, bool]:
+        """The unsubscribe link's topic as its page names it: (label, language, locked), in the user's language."""
+        user = await self.require_user(account_id, user_id)
+        if not user.active:
+            raise NotFound(f"user {user_id!r} is not an active user of account {account_id!r}", field="user_id")
+        topic = self.topic_for(user, key, "email")
+        return topic.name(user.locale), i18n.language(user.locale), topic.locked
+
     async def unsubscribe(self, account_id: str, user_id: str, topic: str) -> int:
         """The email unsubscribe link's effect: the topic off for email (audited as "email-link")."""
         user = await self.require_user(account_id, user_id)
@@ -196,6 +217,10 @@ def describe(old: UserPreferences, what: str, new: object) -> object:
         return {"topic": new["topic"], "sound": old.sounds.get(str(new["topic"]), "")}
     if what == "reset":
         return {"choices": _choices_json(old.choices), "sounds": old.sounds, "settings": settings_json(old.settings)}
+    if what == "reset_topic" and isinstance(new, dict):
+        previous = _choices_json(old.choices)
+        keys = [f"{new['topic']}/{c}" for c in new["channels"]]
+        return {k: previous[k] for k in keys if k in previous}
     if isinstance(new, dict):
         previous = _choices_json(old.choices)
         return {k: previous.get(k) for k in new}

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import TypeAlias
 
 import grpc
+from belfry import i18n
 from belfry.api.preferences.v1 import preferences_pb2, preferences_pb2_grpc
 from belfry.auth import TokenVerifier
 from belfry.errors import InvalidArgument
@@ -42,10 +43,18 @@ class PreferencesServicer(AdminRpcs, preferences_pb2_grpc.PreferencesServiceServ
         """Decisions for up to 1,000 users of one account for one topic, in request order."""
         return await self._batch.answer(request.account_id, request.topic, list(request.user_ids))
 
-    async def Unsubscribe(self, request: preferences_pb2.UnsubscribeRequest, context: Context) -> Version:
-        """Internal: the email unsubscribe link's effect (topic off for email, audited as "email-link")."""
-        version = await self._ops.unsubscribe(request.account_id, request.user_id, request.topic)
-        return Version(version=version)
+    async def Unsubscribe(
+        self, request: preferences_pb2.UnsubscribeRequest, context: Context
+    ) -> preferences_pb2.UnsubscribeResponse:
+        """Internal: the email unsubscribe link's effect (topic off for email, audited as "email-link").
+
+        With ``preview``, only what the link's page shows: the topic's label in the user's language.
+        """
+        label, language, locked = await self._ops.unsubscribe_topic(request.account_id, request.user_id, request.topic)
+        version = 0
+        if not request.preview:
+            version = await self._ops.unsubscribe(request.account_id, request.user_id, request.topic)
+        return preferences_pb2.UnsubscribeResponse(version=version, topic_label=label, language=language, locked=locked)
 
     async def Effective(
         self, request: preferences_pb2.EffectiveRequest, context: Context
@@ -111,8 +120,12 @@ class PreferencesServicer(AdminRpcs, preferences_pb2_grpc.PreferencesServiceServ
         return Version(version=version)
 
     async def ResetToDefaults(self, request: preferences_pb2.ResetToDefaultsRequest, context: Context) -> Version:
-        """Forget the caller's own choices, sounds and settings."""
+        """Forget the caller's own choices, sounds and settings (or only one topic's own choices)."""
         user, _ = await self._caller(context)
+        if request.topic:
+            channels = [convert.channel_name(c, field="channels") for c in request.channels]
+            version = await self._ops.reset_topic(user, request.topic, channels, request.expected_version)
+            return Version(version=version)
         return Version(version=await self._ops.reset(user, request.expected_version))
 
     async def ListTopics(
@@ -121,6 +134,8 @@ class PreferencesServicer(AdminRpcs, preferences_pb2_grpc.PreferencesServiceServ
         """The visible catalogue with the caller's effective state per channel."""
         user, account = await self._caller(context)
         locale = request.locale or user.locale
+        if not request.locale and not _written(user.locale) and _written(request.fallback_locale):
+            locale = request.fallback_locale
         rows = await self._engine.for_user(user, account.tier == "enterprise")
         prefs = await self._ops.get(user)
         catalogue = self._engine.catalogue
@@ -159,4 +174,11 @@ class PreferencesServicer(AdminRpcs, preferences_pb2_grpc.PreferencesServiceServ
             settings=convert.settings_pb(prefs.settings, catalogue.default_sound),
             version=prefs.settings.version,
             channels=convert.channel_views(),
+            language=i18n.language(locale),
+            account_admin=user.super_admin and account.tier == "enterprise",
         )
+
+
+def _written(locale: str) -> bool:
+    """Whether Belfry writes in the locale's language (``i18n.language`` would not fall back)."""
+    return locale.strip().replace("_", "-").partition("-")[0].lower() in i18n.LANGUAGES

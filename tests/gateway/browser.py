@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
 from belfry import rpc, service
 from belfry.api.directory.v1 import directory_pb2, directory_pb2_grpc
@@ -39,7 +44,16 @@ async def start_preferences(database_url: str, token_keys: dict[str, bytes]) -> 
     return await service.start("preferences", settings.common, preferences_build_for(settings))
 
 
-async def seed_user(preferences_port: int, account_id: str, user_id: str, *, super_admin: bool = False) -> None:
+async def seed_user(
+    preferences_port: int,
+    account_id: str,
+    user_id: str,
+    *,
+    super_admin: bool = False,
+    locale: str = "en",
+    permission_set: str = "sales",
+    active: bool = True,
+) -> None:
     """An enterprise account and one active user in the directory."""
     channel = rpc.connect(f"127.0.0.1:{preferences_port}", client_tls())
     directory = directory_pb2_grpc.DirectoryServiceStub(channel)
@@ -55,10 +69,10 @@ async def seed_user(preferences_port: int, account_id: str, user_id: str, *, sup
                 user_id=user_id,
                 email=f"{user_id}@example.test",
                 display_name=user_id.title(),
-                locale="en",
+                locale=locale,
                 time_zone="UTC",
-                permission_set="sales",
-                active=True,
+                permission_set=permission_set,
+                active=active,
                 super_admin=super_admin,
             )
         )
@@ -105,3 +119,47 @@ async def shown_notifications(page: Page, *, at_least: int = 1) -> list[dict[str
             return shown
         await page.wait_for_timeout(25)
     return await page.evaluate(script)  # type: ignore[no-any-return]
+
+
+# axe-core from the npm registry, installed once into a cache directory (never vendored).
+AXE_VERSION = "4.10.3"
+AXE_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "belfry-tests" / f"axe-{AXE_VERSION}"
+
+
+def axe_source() -> str:
+    """axe.min.js, installed with npm into ``AXE_CACHE`` when it is not there yet."""
+    script = AXE_CACHE / "node_modules" / "axe-core" / "axe.min.js"
+    if not script.exists():
+        AXE_CACHE.mkdir(parents=True, exist_ok=True)
+        subprocess.run(  # noqa: S603 - fixed arguments
+            [  # noqa: S607 - npm from PATH, as a developer runs it
+                "npm",
+                "install",
+                "--no-save",
+                "--no-audit",
+                "--no-fund",
+                "--prefix",
+                str(AXE_CACHE),
+                f"axe-core@{AXE_VERSION}",
+            ],
+            check=True,
+            capture_output=True,
+        )
+    return script.read_text()
+
+
+async def axe_violations(page: Page, source: str) -> list[dict[str, Any]]:
+    """Every axe-core violation on the page as it is now (the script is evaluated, so the CSP stays on)."""
+    if not await page.evaluate("() => typeof window.axe === 'object'"):
+        await page.evaluate(source)
+    found: list[dict[str, Any]] = await page.evaluate(
+        """async () => (await axe.run(document, { resultTypes: ["violations"] })).violations.map((v) => ({
+            id: v.id, impact: v.impact, help: v.help, nodes: v.nodes.slice(0, 5).map((n) => n.target.join(" ")),
+        }))"""
+    )
+    return found
+
+
+def describe(violations: list[dict[str, Any]]) -> str:
+    """A readable assertion message."""
+    return json.dumps(violations, indent=1)

@@ -15,9 +15,11 @@ from belfry import service
 from belfry.auth import TokenIssuer
 from belfry.message import Item, Message
 from belfry.queue import NewDelivery, enqueue
+from playwright.async_api import Browser, BrowserContext
 
 from services.gateway import server, settings
 from tests.conftest import common_env, fresh_database, open_pool
+from tests.gateway import browser as b
 
 
 class Replica:
@@ -151,3 +153,35 @@ async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
     """A pool on this area's database."""
     async with open_pool(database_url) as p:
         yield p
+
+
+# The browser tests' fixtures (test_gateway_browser.py, test_gateway_web_app.py).
+@pytest.fixture(scope="session")
+async def chromium() -> AsyncIterator[Browser]:
+    """One browser for the session (a fresh context per test)."""
+    async for browser in b.launch():
+        yield browser
+
+
+@pytest.fixture(scope="session")
+async def preferences(database_url: str, token_keys: dict[str, bytes]) -> AsyncIterator[service.Running]:
+    """The preferences service behind the settings pages."""
+    running = await b.start_preferences(database_url, token_keys)
+    yield running
+    await running.stop(0.2)
+
+
+@pytest.fixture
+async def web(start_replica: StartReplica, preferences: service.Running, account_id: str) -> Replica:
+    """A gateway replica wired to the preferences service, with the test user in the directory."""
+    await b.seed_user(preferences.port, account_id, "u1", super_admin=True)
+    return await start_replica(BELFRY_PREFERENCES_ADDRESS=f"127.0.0.1:{preferences.port}")
+
+
+@pytest.fixture
+async def context(chromium: Browser, web: Replica) -> AsyncIterator[BrowserContext]:
+    """A fresh browser profile allowed to show notifications on the app's origin."""
+    ctx = await chromium.new_context()
+    await ctx.grant_permissions(["notifications"], origin=web.http)
+    yield ctx
+    await ctx.close()

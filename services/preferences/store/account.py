@@ -53,6 +53,16 @@ async def profile_versions(conn: Conn, account_id: str) -> dict[str, int]:
     return {r["permission_set"]: r["version"] for r in rows}
 
 
+async def permission_sets(conn: Conn, account_id: str) -> list[str]:
+    """The permission sets the account's active users hold in the directory, sorted."""
+    rows = await conn.fetch(
+        """select distinct permission_set from preferences.users
+           where account_id = $1 and active and permission_set <> '' order by permission_set""",
+        account_id,
+    )
+    return [r["permission_set"] for r in rows]
+
+
 async def lock_profile(conn: Conn, account_id: str, permission_set: str) -> int | None:
     """Lock one profile row; its version, or None when it does not exist."""
     value = await conn.fetchval(

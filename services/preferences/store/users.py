@@ -134,6 +134,18 @@ async def set_choices(conn: Conn, account_id: str, user_id: str, choices: Choice
     )
 
 
+async def forget_choices(conn: Conn, account_id: str, user_id: str, topic: str, channels: list[str]) -> None:
+    """Remove the user's own choices of one topic on these channels."""
+    await conn.execute(
+        """delete from preferences.user_choices
+           where account_id = $1 and user_id = $2 and topic = $3 and channel = any($4::text[])""",
+        account_id,
+        user_id,
+        topic,
+        channels,
+    )
+
+
 async def save_settings(conn: Conn, account_id: str, user_id: str, s: UserSettings) -> None:
     """Write the settings block (the row exists: ``lock_user`` created it)."""
     await conn.execute(

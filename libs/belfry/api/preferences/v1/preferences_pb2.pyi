@@ -404,20 +404,30 @@ Global___DontShowAgainRequest: _TypeAlias = DontShowAgainRequest  # noqa: Y015
 
 @_typing.final
 class ResetToDefaultsRequest(_message.Message):
-    """User-facing: forget every own choice, switch and sound (defaults apply again)."""
+    """User-facing: forget every own choice, switch and sound (defaults apply again);
+    with a topic, only the own choices of that topic (on the given channels, or
+    on all of them when none is given): the settings page's "back to default".
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     EXPECTED_VERSION_FIELD_NUMBER: _builtins.int
+    TOPIC_FIELD_NUMBER: _builtins.int
+    CHANNELS_FIELD_NUMBER: _builtins.int
     expected_version: _builtins.int
+    topic: _builtins.str
+    @_builtins.property
+    def channels(self) -> _containers.RepeatedScalarFieldContainer[_common_pb2.Channel.ValueType]: ...
     def __init__(
         self,
         *,
         expected_version: _builtins.int = ...,
+        topic: _builtins.str = ...,
+        channels: _abc.Iterable[_common_pb2.Channel.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expected_version", b"expected_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channels", b"channels", "expected_version", b"expected_version", "topic", b"topic"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -479,16 +489,22 @@ class ListTopicsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     LOCALE_FIELD_NUMBER: _builtins.int
+    FALLBACK_LOCALE_FIELD_NUMBER: _builtins.int
     locale: _builtins.str
     """"en" or "fr"; empty = the user's locale"""
+    fallback_locale: _builtins.str
+    """The browser's locale: used (with locale empty) when the user's profile locale names no
+    language Belfry writes in, before the English fallback.
+    """
     def __init__(
         self,
         *,
         locale: _builtins.str = ...,
+        fallback_locale: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["locale", b"locale"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fallback_locale", b"fallback_locale", "locale", b"locale"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -632,7 +648,13 @@ class ListTopicsResponse(_message.Message):
     SETTINGS_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     CHANNELS_FIELD_NUMBER: _builtins.int
+    LANGUAGE_FIELD_NUMBER: _builtins.int
+    ACCOUNT_ADMIN_FIELD_NUMBER: _builtins.int
     version: _builtins.int
+    language: _builtins.str
+    """the language of the names (belfry.i18n): the request's locale, else the user's"""
+    account_admin: _builtins.bool
+    """the caller may edit the account's defaults (super admin, enterprise tier)"""
     @_builtins.property
     def categories(self) -> _containers.RepeatedCompositeFieldContainer[Global___CategoryView]: ...
     @_builtins.property
@@ -653,10 +675,12 @@ class ListTopicsResponse(_message.Message):
         settings: Global___ChannelSettings | None = ...,
         version: _builtins.int = ...,
         channels: _abc.Iterable[Global___ChannelView] | None = ...,
+        language: _builtins.str = ...,
+        account_admin: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["settings", b"settings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["categories", b"categories", "channels", b"channels", "settings", b"settings", "sounds", b"sounds", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_admin", b"account_admin", "categories", b"categories", "channels", b"channels", "language", b"language", "settings", b"settings", "sounds", b"sounds", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -776,16 +800,22 @@ class ListRoleProfilesResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PROFILES_FIELD_NUMBER: _builtins.int
+    PERMISSION_SETS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def profiles(self) -> _containers.RepeatedCompositeFieldContainer[Global___RoleProfile]: ...
+    @_builtins.property
+    def permission_sets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """the account's permission sets in the directory (active users'), sorted"""
+
     def __init__(
         self,
         *,
         profiles: _abc.Iterable[Global___RoleProfile] | None = ...,
+        permission_sets: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["profiles", b"profiles"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["permission_sets", b"permission_sets", "profiles", b"profiles"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1129,23 +1159,61 @@ class UnsubscribeRequest(_message.Message):
     ACCOUNT_ID_FIELD_NUMBER: _builtins.int
     USER_ID_FIELD_NUMBER: _builtins.int
     TOPIC_FIELD_NUMBER: _builtins.int
+    PREVIEW_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     user_id: _builtins.str
     topic: _builtins.str
+    preview: _builtins.bool
+    """only describe the topic for the link's page: change nothing"""
     def __init__(
         self,
         *,
         account_id: _builtins.str = ...,
         user_id: _builtins.str = ...,
         topic: _builtins.str = ...,
+        preview: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "topic", b"topic", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "preview", b"preview", "topic", b"topic", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UnsubscribeRequest: _TypeAlias = UnsubscribeRequest  # noqa: Y015
+
+@_typing.final
+class UnsubscribeResponse(_message.Message):
+    """Field 1 is SetPreferenceResponse's: the reply is read the same by older callers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    TOPIC_LABEL_FIELD_NUMBER: _builtins.int
+    LANGUAGE_FIELD_NUMBER: _builtins.int
+    LOCKED_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    """0 for a preview"""
+    topic_label: _builtins.str
+    """the topic's name in the user's language"""
+    language: _builtins.str
+    """that language (belfry.i18n), from the user's profile locale"""
+    locked: _builtins.bool
+    """always sent: an unsubscribe is refused (FAILED_PRECONDITION)"""
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        topic_label: _builtins.str = ...,
+        language: _builtins.str = ...,
+        locked: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["language", b"language", "locked", b"locked", "topic_label", b"topic_label", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnsubscribeResponse: _TypeAlias = UnsubscribeResponse  # noqa: Y015
 
 @_typing.final
 class TopicInfo(_message.Message):

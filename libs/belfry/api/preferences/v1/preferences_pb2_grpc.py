@@ -136,7 +136,7 @@ class PreferencesServiceStub:
         self.Unsubscribe = channel.unary_unary(
                 '/belfry.api.preferences.v1.PreferencesService/Unsubscribe',
                 request_serializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.UnsubscribeRequest.SerializeToString,
-                response_deserializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.SetPreferenceResponse.FromString,
+                response_deserializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.UnsubscribeResponse.FromString,
                 _registered_method=True)
 
 
@@ -380,7 +380,7 @@ def add_PreferencesServiceServicer_to_server(servicer, server):
             'Unsubscribe': grpc.unary_unary_rpc_method_handler(
                     servicer.Unsubscribe,
                     request_deserializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.UnsubscribeRequest.FromString,
-                    response_serializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.SetPreferenceResponse.SerializeToString,
+                    response_serializer=belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.UnsubscribeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -926,7 +926,7 @@ class PreferencesService:
             target,
             '/belfry.api.preferences.v1.PreferencesService/Unsubscribe',
             belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.UnsubscribeRequest.SerializeToString,
-            belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.SetPreferenceResponse.FromString,
+            belfry_dot_api_dot_preferences_dot_v1_dot_preferences__pb2.UnsubscribeResponse.FromString,
             options,
             channel_credentials,
             insecure,

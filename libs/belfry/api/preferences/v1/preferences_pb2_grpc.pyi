@@ -68,7 +68,7 @@ class PreferencesServiceStub:
     DeleteRoleProfile: _grpc.UnaryUnaryMultiCallable[_preferences_pb2.DeleteRoleProfileRequest, _preferences_pb2.DeleteRoleProfileResponse]
     ListAuditLog: _grpc.UnaryUnaryMultiCallable[_preferences_pb2.ListAuditLogRequest, _preferences_pb2.ListAuditLogResponse]
     """The audit log: own entries for users; the account's for super admins."""
-    Unsubscribe: _grpc.UnaryUnaryMultiCallable[_preferences_pb2.UnsubscribeRequest, _preferences_pb2.SetPreferenceResponse]
+    Unsubscribe: _grpc.UnaryUnaryMultiCallable[_preferences_pb2.UnsubscribeRequest, _preferences_pb2.UnsubscribeResponse]
     """Internal: the email unsubscribe link's effect (no user token; the caller
     verified the signed link). Locked topics answer FAILED_PRECONDITION.
     """
@@ -113,7 +113,7 @@ class PreferencesServiceAsyncStub(PreferencesServiceStub):
     DeleteRoleProfile: _aio.UnaryUnaryMultiCallable[_preferences_pb2.DeleteRoleProfileRequest, _preferences_pb2.DeleteRoleProfileResponse]  # type: ignore[assignment]
     ListAuditLog: _aio.UnaryUnaryMultiCallable[_preferences_pb2.ListAuditLogRequest, _preferences_pb2.ListAuditLogResponse]  # type: ignore[assignment]
     """The audit log: own entries for users; the account's for super admins."""
-    Unsubscribe: _aio.UnaryUnaryMultiCallable[_preferences_pb2.UnsubscribeRequest, _preferences_pb2.SetPreferenceResponse]  # type: ignore[assignment]
+    Unsubscribe: _aio.UnaryUnaryMultiCallable[_preferences_pb2.UnsubscribeRequest, _preferences_pb2.UnsubscribeResponse]  # type: ignore[assignment]
     """Internal: the email unsubscribe link's effect (no user token; the caller
     verified the signed link). Locked topics answer FAILED_PRECONDITION.
     """
@@ -275,7 +275,7 @@ class PreferencesServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _preferences_pb2.UnsubscribeRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_preferences_pb2.SetPreferenceResponse, _abc.Awaitable[_preferences_pb2.SetPreferenceResponse]]:
+    ) -> _typing.Union[_preferences_pb2.UnsubscribeResponse, _abc.Awaitable[_preferences_pb2.UnsubscribeResponse]]:
         """Internal: the email unsubscribe link's effect (no user token; the caller
         verified the signed link). Locked topics answer FAILED_PRECONDITION.
         """
