@@ -148,6 +148,9 @@ DESCRIPTIONS: dict[str, str] = {
     "BELFRY_DISPATCHER_FANOUT_ASSIST_LAG_SECONDS": "fan-out lag from which each publishing call fans out as many "
     "events as it accepted before answering (0 = never)",
     "BELFRY_DISPATCHER_FANOUT_BATCH": "notifications one fan-out step takes",
+    "BELFRY_DISPATCHER_WATCH_POLL_SECONDS": "`WatchStatus` streams: seconds between readings of an account's changes",
+    "BELFRY_DISPATCHER_WATCH_MARGIN_SECONDS": "`WatchStatus` streams: how long after its time a change may become "
+    "visible (its transaction committing) and still be sent; each reading re-reads this much",
     "BELFRY_DISPATCHER_FANOUT_CHUNK": "recipients one fan-out insert writes",
     # batching
     "BELFRY_BATCHING_WINDOW_SECONDS": "how long assignments wait to be merged into one notification",

@@ -108,6 +108,7 @@ RULES: Mapping[str, Rule] = {
     _DISPATCHER + "RecordInboxVisit": _rule(PRODUCER, accounts=_account),
     _DISPATCHER + "GetNotification": _rule(PRODUCER, OPERATOR, accounts=_account),
     _DISPATCHER + "ListNotifications": _rule(PRODUCER, OPERATOR, accounts=_account),
+    _DISPATCHER + "WatchStatus": _rule(PRODUCER, OPERATOR, accounts=_account),
     # Follows: the user's own, through the web app or the host application.
     **{_FOLLOW + m: _rule("gateway", APP, user=True) for m in ("Follow", "Unfollow", "Mute", "Unmute", "ListFollows")},
     _FOLLOW + "ListFollowers": _rule(PRODUCER, OPERATOR, accounts=_account),

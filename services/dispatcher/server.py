@@ -39,7 +39,12 @@ def build_for(settings: Settings) -> Callable[[asyncpg.Pool], Awaitable[service.
         )
         dispatcher = Dispatcher(pool, planner, pressure, fanout=fanout)
         servicer = DispatcherServicer(
-            dispatcher, pool, settings.limits, max_batch=settings.max_batch, writers=settings.publish_writers
+            dispatcher,
+            pool,
+            settings.limits,
+            max_batch=settings.max_batch,
+            writers=settings.publish_writers,
+            watching=settings.watch,
         )
 
         follow_servicer = FollowServicer(pool, user_tokens(settings.common))

@@ -16,7 +16,7 @@ from belfry.api.dispatcher.v1 import dispatcher_pb2 as pb
 from belfry.api.dispatcher.v1 import dispatcher_pb2_grpc
 from google.protobuf import json_format
 
-from services.dispatcher import status, status_store, store, validate
+from services.dispatcher import status, status_store, store, validate, watch
 from services.dispatcher.coalesce import Coalescer
 from services.dispatcher.model import SOURCES, Accepted, Event, ObjectRef
 from services.dispatcher.publish import Dispatcher, Result
@@ -26,13 +26,21 @@ class DispatcherServicer(dispatcher_pb2_grpc.DispatcherServiceServicer):
     """The producer API and the status API."""
 
     def __init__(
-        self, dispatcher: Dispatcher, pool: asyncpg.Pool, limits: validate.Limits, *, max_batch: int, writers: int = 1
+        self,
+        dispatcher: Dispatcher,
+        pool: asyncpg.Pool,
+        limits: validate.Limits,
+        *,
+        max_batch: int,
+        writers: int = 1,
+        watching: watch.Tuning | None = None,
     ) -> None:
         self._dispatcher = dispatcher
         self._pool = pool
         self._limits = limits
         self._max_batch = max_batch
         self._coalescer = Coalescer(dispatcher.publish, flushes=writers)
+        self._watch = watch.Watch(pool, watching or watch.Tuning())
 
     def _event(self, message: pb.Event) -> Event | errors.BelfryError:
         """Convert and validate one event; an error is returned, not raised, so batches go on."""
@@ -187,6 +195,17 @@ class DispatcherServicer(dispatcher_pb2_grpc.DispatcherServiceServicer):
             notifications=[status.to_proto(r) for r in records],
             next_page_token=status.encode_token(page[-1]) if len(keys) > size else "",
         )
+
+    async def WatchStatus(
+        self, request: pb.WatchStatusRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchStatusResponse]:
+        """The account's status changes as they happen, from the resume point on, at least once."""
+        _require(account_id=request.account_id)
+        since = watch.decode_token(request.resume_token) if request.resume_token else None
+        async for changes, position in self._watch.follow(request.account_id, since):
+            yield pb.WatchStatusResponse(
+                changes=[status.change(c) for c in changes], resume_token=watch.encode_token(position)
+            )
 
 
 def _require(**fields: str) -> None:

@@ -8,7 +8,7 @@ from datetime import timedelta
 
 from belfry.config import CommonSettings, Env, load_common
 
-from services.dispatcher import backpressure, fanout, follows, validate
+from services.dispatcher import backpressure, fanout, follows, validate, watch
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,7 @@ class Settings:
     publish_writers: int
     auto_follow: follows.AutoFollow
     fanout: fanout.Tuning
+    watch: watch.Tuning
 
 
 def load_settings(environ: Mapping[str, str]) -> Settings:
@@ -61,6 +62,10 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
             batch=env.int("BELFRY_DISPATCHER_FANOUT_BATCH", 200, minimum=1),
             chunk=env.int("BELFRY_DISPATCHER_FANOUT_CHUNK", 1000, minimum=1),
             assist_lag_seconds=env.float("BELFRY_DISPATCHER_FANOUT_ASSIST_LAG_SECONDS", 1.0),
+        ),
+        watch=watch.Tuning(
+            poll_seconds=env.float("BELFRY_DISPATCHER_WATCH_POLL_SECONDS", 1.0, minimum=0.01),
+            margin_seconds=env.float("BELFRY_DISPATCHER_WATCH_MARGIN_SECONDS", 10.0),
         ),
     )
     if common.db_pool_max < settings.fanout_workers + 2:

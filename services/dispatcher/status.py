@@ -54,16 +54,37 @@ def timeline(d: store.DeliveryRecord) -> list[pb.TimelineEntry]:
         else _entry(pb.STATE_QUEUED, d.created_at)
     )
     entries = [first]
-    if d.state == "sent" and d.channel in _SENT:
-        state, reason = _SENT[d.channel]
-        entries.append(_entry(state, d.finished_at, reason))
-    elif d.state in _QUEUE_STATES:
-        entries.append(_entry(_QUEUE_STATES[d.state], d.finished_at, d.last_error))
+    if (outcome := _outcome(d.channel, d.state, d.finished_at, d.last_error)) is not None:
+        entries.append(outcome)
     elif d.state == "queued" and d.attempts:
         entries.append(_entry(pb.STATE_QUEUED, d.available_at, f"retry after: {d.last_error}"))
-    for f in d.feedback:
-        entries.append(_entry(_FEEDBACK.get(f.kind, pb.STATE_BOUNCED), f.at, f"{f.kind} {f.status}: {f.detail}"))
+    entries.extend(_entry(_FEEDBACK.get(f.kind, pb.STATE_BOUNCED), f.at, _said(f)) for f in d.feedback)
     return entries
+
+
+def _outcome(channel: str, state: str, at: datetime | None, error: str) -> pb.TimelineEntry | None:
+    """Where a delivery stands once a sender took it: what the next hop answered, or the queue's word."""
+    if state == "sent" and channel in _SENT:
+        word, said = _SENT[channel]
+        return _entry(word, at, said)
+    return _entry(_QUEUE_STATES[state], at, error) if state in _QUEUE_STATES else None
+
+
+def _said(f: store.Feedback) -> str:
+    return f"{f.kind} {f.status}: {f.detail}"
+
+
+def change(c: store.Change) -> pb.StatusChange:
+    """One change of a ``WatchStatus`` stream, in the words of the timeline."""
+    if c.state == "read":
+        entry = _entry(pb.STATE_READ, c.at)
+    elif isinstance(c.what, store.Feedback):
+        entry = _entry(_FEEDBACK.get(c.what.kind, pb.STATE_BOUNCED), c.at, _said(c.what))
+    else:
+        entry = _outcome(c.channel, c.state, c.at, c.reason) or _entry(pb.STATE_UNSPECIFIED, c.at, c.state)
+    return pb.StatusChange(
+        notification_id=str(c.notification_id), user_id=c.user_id, queue_channel=c.channel, entry=entry
+    )
 
 
 def handed_over(

@@ -309,3 +309,83 @@ async def list_for_user(
         limit,
     )
     return [(r["accepted_at"], r["notification_id"]) for r in rows]
+
+
+@dataclass(frozen=True)
+class Change:
+    """One status change of an account: a delivery's outcome, a bounce or complaint, a read."""
+
+    key: tuple[str, str, str]  # what changed (with ``at``, tells a change read twice from a new one)
+    at: datetime
+    notification_id: uuid.UUID
+    user_id: str
+    channel: str  # the delivery's queue channel; "" for a read
+    state: str  # a queue state ('sent', 'dead', ...), 'feedback', or 'read'
+    reason: str  # a queue state's last error
+    what: Feedback | None = None  # a bounce or complaint
+
+
+async def changes_since(
+    pool: asyncpg.Pool, account_id: str, since: datetime, limit: int
+) -> tuple[datetime, list[Change], datetime | None]:
+    """The account's changes at or after ``since`` (oldest first), the database's time of the reading, and
+    where to read on when a source had more than ``limit`` (None: it gave everything it had).
+
+    One snapshot for the three sources (REPEATABLE READ), so the time answers
+    for all of them. Read only: the queue, the email service and the gateway
+    own these rows (``queue.deliveries``, ``email.delivery_feedback``,
+    ``gateway.read_state``).
+    """
+    async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+        now: datetime = await conn.fetchval("select now()")
+        outcomes = await conn.fetch(
+            """
+            select delivery_id, notification_id, user_id, channel, state, finished_at,
+                   coalesce(errors -> -1 ->> 'error', '') as last_error
+            from queue.deliveries
+            where account_id = $1 and finished_at >= $2
+            order by finished_at limit $3
+            """,
+            account_id,
+            since,
+            limit,
+        )
+        feedback = await conn.fetch(
+            """
+            select f.delivery_id, f.feedback_id, f.kind, f.status, f.detail, f.at, d.notification_id, d.user_id
+            from email.delivery_feedback f
+            join queue.deliveries d on d.account_id = f.account_id and d.delivery_id = f.delivery_id
+            where f.account_id = $1 and f.at >= $2
+            order by f.at limit $3
+            """,
+            account_id,
+            since,
+            limit,
+        )
+        reads = await conn.fetch(
+            """
+            select notification_id, user_id, read_at from gateway.read_state
+            where account_id = $1 and read_at >= $2
+            order by read_at limit $3
+            """,
+            account_id,
+            since,
+            limit,
+        )
+    changes = [
+        Change(("delivery", str(r["delivery_id"]), ""), r["finished_at"], r["notification_id"], r["user_id"],
+               r["channel"], r["state"], r["last_error"])
+        for r in outcomes
+    ] + [
+        Change(("feedback", str(r["delivery_id"]), str(r["feedback_id"])), r["at"], r["notification_id"],
+               r["user_id"], "email", "feedback", "", Feedback(r["kind"], r["status"], r["detail"], r["at"]))
+        for r in feedback
+    ] + [
+        Change(("read", str(r["notification_id"]), r["user_id"]), r["read_at"], r["notification_id"], r["user_id"],
+               "", "read", "")
+        for r in reads
+    ]  # fmt: skip
+    # A source cut at ``limit`` may hold more at its last time: read on from the earliest such time.
+    cut = [rows[-1][column] for rows, column in ((outcomes, "finished_at"), (feedback, "at"), (reads, "read_at"))
+           if len(rows) >= limit]  # fmt: skip
+    return now, sorted(changes, key=lambda c: c.at), min(cut) if cut else None

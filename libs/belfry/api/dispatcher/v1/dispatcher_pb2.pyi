@@ -817,6 +817,92 @@ class ListNotificationsResponse(_message.Message):
 Global___ListNotificationsResponse: _TypeAlias = ListNotificationsResponse  # noqa: Y015
 
 @_typing.final
+class WatchStatusRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    resume_token: _builtins.str
+    """A resume_token from an earlier response: every change after it is sent
+    again or for the first time (at least once). Empty: from now on.
+    """
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        resume_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "resume_token", b"resume_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchStatusRequest: _TypeAlias = WatchStatusRequest  # noqa: Y015
+
+@_typing.final
+class StatusChange(_message.Message):
+    """One step of a notification's life, as its timeline shows it: a delivery's
+    outcome (RELAYED, DELIVERED, SENT, FAILED, EXPIRED, DROPPED), what became
+    of an email afterwards (BOUNCED, COMPLAINED), or the recipient reading it
+    (READ, on any channel: queue_channel is empty).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NOTIFICATION_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    QUEUE_CHANNEL_FIELD_NUMBER: _builtins.int
+    ENTRY_FIELD_NUMBER: _builtins.int
+    notification_id: _builtins.str
+    user_id: _builtins.str
+    queue_channel: _builtins.str
+    @_builtins.property
+    def entry(self) -> Global___TimelineEntry: ...
+    def __init__(
+        self,
+        *,
+        notification_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        queue_channel: _builtins.str = ...,
+        entry: Global___TimelineEntry | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry", "notification_id", b"notification_id", "queue_channel", b"queue_channel", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StatusChange: _TypeAlias = StatusChange  # noqa: Y015
+
+@_typing.final
+class WatchStatusResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGES_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    resume_token: _builtins.str
+    """Resume here to miss nothing after these changes (some may come again)."""
+    @_builtins.property
+    def changes(self) -> _containers.RepeatedCompositeFieldContainer[Global___StatusChange]:
+        """oldest first; empty in a heartbeat"""
+
+    def __init__(
+        self,
+        *,
+        changes: _abc.Iterable[Global___StatusChange] | None = ...,
+        resume_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes", "resume_token", b"resume_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchStatusResponse: _TypeAlias = WatchStatusResponse  # noqa: Y015
+
+@_typing.final
 class FollowedObject(_message.Message):
     """A record or thread a user can follow or mute: contact, company, deal,
     ticket, quote, a custom object, a conversation thread, a comment thread.

@@ -64,6 +64,11 @@ class DispatcherServiceStub:
                 request_serializer=belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.ListNotificationsRequest.SerializeToString,
                 response_deserializer=belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.ListNotificationsResponse.FromString,
                 _registered_method=True)
+        self.WatchStatus = channel.unary_stream(
+                '/belfry.api.dispatcher.v1.DispatcherService/WatchStatus',
+                request_serializer=belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.WatchStatusRequest.SerializeToString,
+                response_deserializer=belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.WatchStatusResponse.FromString,
+                _registered_method=True)
 
 
 class DispatcherServiceServicer:
@@ -111,6 +116,13 @@ class DispatcherServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchStatus(self, request, context):
+        """Follow an account's status changes as they happen, from a resume point, at least once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DispatcherServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -143,6 +155,11 @@ def add_DispatcherServiceServicer_to_server(servicer, server):
                     servicer.ListNotifications,
                     request_deserializer=belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.ListNotificationsRequest.FromString,
                     response_serializer=belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.ListNotificationsResponse.SerializeToString,
+            ),
+            'WatchStatus': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchStatus,
+                    request_deserializer=belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.WatchStatusRequest.FromString,
+                    response_serializer=belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.WatchStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -307,6 +324,33 @@ class DispatcherService:
             '/belfry.api.dispatcher.v1.DispatcherService/ListNotifications',
             belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.ListNotificationsRequest.SerializeToString,
             belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.ListNotificationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/belfry.api.dispatcher.v1.DispatcherService/WatchStatus',
+            belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.WatchStatusRequest.SerializeToString,
+            belfry_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.WatchStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -45,6 +45,8 @@ class DispatcherServiceStub:
     """One notification's timeline per recipient and channel."""
     ListNotifications: _grpc.UnaryUnaryMultiCallable[_dispatcher_pb2.ListNotificationsRequest, _dispatcher_pb2.ListNotificationsResponse]
     """A user's notifications, newest first, paged."""
+    WatchStatus: _grpc.UnaryStreamMultiCallable[_dispatcher_pb2.WatchStatusRequest, _dispatcher_pb2.WatchStatusResponse]
+    """Follow an account's status changes as they happen, from a resume point, at least once."""
 
 @_typing.type_check_only
 class DispatcherServiceAsyncStub(DispatcherServiceStub):
@@ -61,6 +63,8 @@ class DispatcherServiceAsyncStub(DispatcherServiceStub):
     """One notification's timeline per recipient and channel."""
     ListNotifications: _aio.UnaryUnaryMultiCallable[_dispatcher_pb2.ListNotificationsRequest, _dispatcher_pb2.ListNotificationsResponse]  # type: ignore[assignment]
     """A user's notifications, newest first, paged."""
+    WatchStatus: _aio.UnaryStreamMultiCallable[_dispatcher_pb2.WatchStatusRequest, _dispatcher_pb2.WatchStatusResponse]  # type: ignore[assignment]
+    """Follow an account's status changes as they happen, from a resume point, at least once."""
 
 class DispatcherServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -110,6 +114,14 @@ class DispatcherServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_dispatcher_pb2.ListNotificationsResponse, _abc.Awaitable[_dispatcher_pb2.ListNotificationsResponse]]:
         """A user's notifications, newest first, paged."""
+
+    @_abc_1.abstractmethod
+    def WatchStatus(
+        self,
+        request: _dispatcher_pb2.WatchStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_dispatcher_pb2.WatchStatusResponse], _abc.AsyncIterator[_dispatcher_pb2.WatchStatusResponse]]:
+        """Follow an account's status changes as they happen, from a resume point, at least once."""
 
 def add_DispatcherServiceServicer_to_server(servicer: DispatcherServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
