@@ -54,6 +54,9 @@ QUEUE: tuple[QueueChannel, ...] = (
     QueueChannel("batching", sender="batching", max_attempts=5),
     QueueChannel("dispatcher", sender="preferences", max_attempts=10),
 )
+# A "mobile" delivery of this topic carries no message: the gateway queues one when a user's read state
+# changes, and the mobile sender sets the badge of the user's phones to their unread count.
+MOBILE_BADGE_TOPIC = "belfry.badge"
 
 # The settings page's tabs, in order: key → title.
 TABS = {"email": "Email", "desktop": "Desktop", "other": "Other apps", "mobile": "Mobile app"}

@@ -11,6 +11,7 @@ named in the ``traceresponse`` response header.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -154,6 +155,34 @@ def routes(pool: asyncpg.Pool, guard: Guard, issuer: TokenIssuer | None, demo_us
             return error_response(exc)
         return JSONResponse({"unread": count})
 
+    async def dev_login(request: Request) -> JSONResponse:
+        """POST /api/dev/login: a token for the seeded demo user (only with BELFRY_GATEWAY_DEV_LOGIN=true)."""
+        if issuer is None:
+            return JSONResponse({"error": "not found"}, status_code=404)
+        if not guard.origins.allows(request.headers.get("origin"), request.headers.get("host")):
+            return error_response(PermissionDenied("this origin may not call the gateway"))
+        account_id, user_id = demo_user
+        return JSONResponse({"token": issuer.issue(account_id, user_id), "account_id": account_id, "user_id": user_id})
+
+    return [
+        Route("/api/feed", traced(feed), methods=["GET"]),
+        Route("/api/unread", traced(unread), methods=["GET"]),
+        *_marks(pool, guard),
+        Route("/api/dev/login", traced(dev_login), methods=["POST"]),
+    ]
+
+
+def _is_uuid(text: str) -> bool:
+    try:
+        uuid.UUID(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _marks(pool: asyncpg.Pool, guard: Guard) -> list[Route]:
+    """The read-state routes: each change reaches the user's other tabs and phones (``store.read_state_changed``)."""
+
     async def mark(request: Request) -> JSONResponse:
         """POST /api/feed/mark {"ids": [...], "what": "read"|"seen"|"archive"|"unread"|"unarchive"}."""
         try:
@@ -169,7 +198,23 @@ def routes(pool: asyncpg.Pool, guard: Guard, issuer: TokenIssuer | None, demo_us
                 raise InvalidArgument(f"at most {MAX_MARK_IDS} ids per request", field="ids")
             changed = await store.mark(pool, caller.account_id, caller.user_id, ids, what)
             if what != "seen":
-                await store.announce_counts(pool, caller.account_id, caller.user_id)
+                await store.read_state_changed(pool, caller.account_id, caller.user_id)
+            count = await store.unread_count(pool, caller.account_id, caller.user_id)
+        except BelfryError as exc:
+            return error_response(exc)
+        return JSONResponse({"changed": changed, "unread": count})
+
+    async def open_notification(request: Request) -> JSONResponse:
+        """POST /api/feed/open {"notification_id": ...}: the user opened it elsewhere (a push on a phone): read."""
+        try:
+            caller = await guard.caller(request)
+            body = await json_body(request)
+            notification_id = body.get("notification_id")
+            if not isinstance(notification_id, str) or not _is_uuid(notification_id):
+                raise InvalidArgument("notification_id must be a notification id (a UUID)", field="notification_id")
+            changed = await store.mark_notification_read(pool, caller.account_id, caller.user_id, notification_id)
+            if changed:
+                await store.read_state_changed(pool, caller.account_id, caller.user_id)
             count = await store.unread_count(pool, caller.account_id, caller.user_id)
         except BelfryError as exc:
             return error_response(exc)
@@ -180,24 +225,13 @@ def routes(pool: asyncpg.Pool, guard: Guard, issuer: TokenIssuer | None, demo_us
         try:
             caller = await guard.caller(request)
             changed = await store.mark_all_read(pool, caller.account_id, caller.user_id)
-            await store.announce_counts(pool, caller.account_id, caller.user_id)
+            await store.read_state_changed(pool, caller.account_id, caller.user_id)
         except BelfryError as exc:
             return error_response(exc)
         return JSONResponse({"changed": changed, "unread": 0})
 
-    async def dev_login(request: Request) -> JSONResponse:
-        """POST /api/dev/login: a token for the seeded demo user (only with BELFRY_GATEWAY_DEV_LOGIN=true)."""
-        if issuer is None:
-            return JSONResponse({"error": "not found"}, status_code=404)
-        if not guard.origins.allows(request.headers.get("origin"), request.headers.get("host")):
-            return error_response(PermissionDenied("this origin may not call the gateway"))
-        account_id, user_id = demo_user
-        return JSONResponse({"token": issuer.issue(account_id, user_id), "account_id": account_id, "user_id": user_id})
-
     return [
-        Route("/api/feed", traced(feed), methods=["GET"]),
-        Route("/api/unread", traced(unread), methods=["GET"]),
         Route("/api/feed/mark", traced(mark), methods=["POST"]),
+        Route("/api/feed/open", traced(open_notification), methods=["POST"]),
         Route("/api/feed/read-all", traced(read_all), methods=["POST"]),
-        Route("/api/dev/login", traced(dev_login), methods=["POST"]),
     ]

@@ -67,7 +67,7 @@ def routes(signer: OpenSigner, pool: asyncpg.Pool, link_origins: frozenset[str])
         try:
             changed = await store.mark_notification_read(pool, found.account_id, found.user_id, found.notification_id)
             if changed:
-                await store.announce_counts(pool, found.account_id, found.user_id)
+                await store.read_state_changed(pool, found.account_id, found.user_id)
         except (asyncpg.PostgresError, OSError) as exc:
             # The reader still gets to the object; the item stays unread in the bell until marked there.
             _LOG.warning("open link: could not mark the notification read", error=str(exc))

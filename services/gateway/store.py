@@ -10,7 +10,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+from belfry import channels
 from belfry.message import Message
+from belfry.queue import NewDelivery, enqueue
 
 # Every replica LISTENs here; the payload names (account, user, feed id) and
 # each replica reads the row only when it holds a tab of that user.
@@ -341,6 +343,45 @@ async def unread_counts(pool: asyncpg.Pool, users: Sequence[tuple[str, str]]) ->
     return {(r["account_id"], r["user_id"]): int(r["unread"]) for r in rows}
 
 
+# A user's phones hear of a read-state change at most once per window, at its end (then with the count of
+# that moment): the window is the rate limit of badge pushes.
+BADGE_WINDOW_SECONDS = 10.0
+
+
+async def sync_badges(pool: asyncpg.Pool, account_id: str, user_id: str) -> bool:
+    """After the user's read state changed: queue one badge update for their phones; False when one is queued.
+
+    The update is a mobile delivery released at the end of the current
+    window; its notification id is derived from the user and the window, so
+    every change within the window finds it queued (the queue's dedup key)
+    and the sender, at the window's end, pushes the count of that moment.
+    """
+    window = int(datetime.datetime.now(datetime.UTC).timestamp() // BADGE_WINDOW_SECONDS)
+    release = datetime.datetime.fromtimestamp((window + 1) * BADGE_WINDOW_SECONDS, datetime.UTC)
+    update = NewDelivery(
+        account_id=account_id,
+        notification_id=uuid.uuid5(_BADGES, f"{account_id}\x1f{user_id}\x1f{window}"),
+        user_id=user_id,
+        channel="mobile",
+        topic=channels.MOBILE_BADGE_TOPIC,
+        payload={},
+        expires_at=release + datetime.timedelta(hours=1),
+        available_at=release,
+        max_attempts=3,
+    )
+    async with pool.acquire() as conn:
+        return bool(await enqueue(conn, [update]))
+
+
+_BADGES = uuid.UUID("6c1d5f0e-4b8a-4f51-9d3e-2b7f0a9c5e11")  # namespace of badge updates' notification ids
+
+
 async def announce_counts(pool: asyncpg.Pool, account_id: str, user_id: str) -> None:
     """Tell every replica the user's read state changed (feed id 0 = counts only)."""
     await pool.execute("select pg_notify($1, $2)", FEED_CHANNEL, json.dumps([[account_id, user_id, 0]]))
+
+
+async def read_state_changed(pool: asyncpg.Pool, account_id: str, user_id: str) -> None:
+    """The user's read state changed: every replica's tabs get the new counts, the user's phones their badge."""
+    await announce_counts(pool, account_id, user_id)
+    await sync_badges(pool, account_id, user_id)

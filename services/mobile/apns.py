@@ -71,8 +71,16 @@ class Apns:
         return token
 
     def _payload(self, push: Push) -> bytes:
+        if not push.title:  # a badge update: the icon's count, nothing shown, nothing played
+            return json.dumps({"aps": {"badge": push.badge}}, separators=(",", ":")).encode()
+
         def document(body: str) -> bytes:
-            aps = {"alert": {"title": push.title, "body": body}, "sound": "default", "thread-id": push.topic}
+            aps = {
+                "alert": {"title": push.title, "body": body},
+                "sound": "default",
+                "thread-id": push.topic,
+                "badge": push.badge,
+            }
             doc = {"aps": aps, "url": push.url, "notification_id": push.notification_id}
             return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
 
@@ -88,6 +96,7 @@ class Apns:
             "authorization": f"bearer {self._provider_token(renew=renew)}",
             "apns-topic": push.app_id,
             "apns-push-type": "alert",
+            # A badge update is an alert push too (Apple's type for alerts, sounds and badges), sent at low priority.
             "apns-priority": "10" if push.high_priority else "5",
             "apns-expiration": str(push.expires_at),
             "apns-collapse-id": push.collapse_id[:64],

@@ -97,16 +97,30 @@ class Fcm:
             return self._token[0]
 
     def _message(self, push: Push) -> dict[str, Any]:
+        android = {"collapse_key": push.collapse_id, "ttl": f"{push.ttl_seconds}s"}
+        if not push.title:
+            # A badge update: a data message the app handles in the background (Android has no badge an
+            # app server sets on its own), at normal priority.
+            data = {"badge": str(push.badge)}
+            return {"message": {"token": push.token, "data": data, "android": {**android, "priority": "NORMAL"}}}
         return {
             "message": {
                 "token": push.token,
                 "notification": {"title": push.title, "body": push.body},
-                "data": {"url": push.url, "notification_id": push.notification_id, "topic": push.topic},
+                "data": {
+                    "url": push.url,
+                    "notification_id": push.notification_id,
+                    "topic": push.topic,
+                    "badge": str(push.badge),
+                },
                 "android": {
-                    "collapse_key": push.collapse_id,
-                    "ttl": f"{push.ttl_seconds}s",
+                    **android,
                     "priority": "HIGH" if push.high_priority else "NORMAL",
-                    "notification": {"tag": push.notification_id, "click_action": "OPEN_NOTIFICATION"},
+                    "notification": {
+                        "tag": push.notification_id,
+                        "click_action": "OPEN_NOTIFICATION",
+                        "notification_count": push.badge,
+                    },
                 },
             }
         }

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Push:
-    """One notification for one device."""
+    """One notification for one device, or (``title`` empty) a badge update alone."""
 
     token: str
     app_id: str
@@ -20,3 +20,9 @@ class Push:
     expires_at: int  # Unix seconds; the provider drops it afterwards
     ttl_seconds: int
     high_priority: bool
+    badge: int  # the user's unread count: the app icon shows what the bell shows
+
+
+def badge_only(token: str, app_id: str, badge: int, collapse_id: str, expires_at: int, ttl_seconds: int) -> Push:
+    """A push that only sets the app icon's badge (the user read something elsewhere): no alert, no sound."""
+    return Push(token, app_id, "", "", "", "", "", collapse_id, expires_at, ttl_seconds, False, badge)

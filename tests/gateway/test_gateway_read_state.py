@@ -130,6 +130,36 @@ async def test_bad_unmark_requests_are_refused_and_change_nothing(
         assert (await http.get("/api/unread")).json() == {"unread": 0}
 
 
+async def test_an_app_that_opened_a_push_marks_its_notification_read_by_id(
+    replica: Replica, issuer: TokenIssuer, publish: Publish, account_id: str, pool: asyncpg.Pool
+) -> None:
+    await publish(account_id, "u1", "opened on the phone")
+    await publish(account_id, "u2", "someone else's")
+    [mine] = await _wait_items(replica, issuer, account_id, "u1", 1)
+    [theirs] = await _wait_items(replica, issuer, account_id, "u2", 1)
+    ids = {
+        r["user_id"]: str(r["notification_id"])
+        for r in await pool.fetch("select user_id, notification_id from gateway.feed where account_id = $1", account_id)
+    }
+    assert mine and theirs
+    headers = {"authorization": f"Bearer {issuer.issue(account_id, 'u1')}"}
+    async with httpx.AsyncClient(base_url=replica.http, headers=headers) as http:
+        assert (await http.post("/api/feed/open", json={"notification_id": ids["u2"]})).json() == {
+            "changed": 0,
+            "unread": 1,
+        }  # another user's notification: nothing changes
+        opened = await http.post("/api/feed/open", json={"notification_id": ids["u1"]})
+        assert opened.json() == {"changed": 1, "unread": 0}
+        bad = await http.post("/api/feed/open", json={"notification_id": "42"})
+        assert bad.status_code == 400 and bad.json()["field"] == "notification_id"
+    # The user's phones will hear of it: one badge update queued (services.mobile sets their badge).
+    badges = await pool.fetchval(
+        "select count(*) from queue.deliveries where account_id = $1 and user_id = 'u1' and topic = 'belfry.badge'",
+        account_id,
+    )
+    assert badges == 1
+
+
 async def test_the_new_unread_count_is_pushed_to_tabs_on_unread_and_unarchive(
     replica: Replica, issuer: TokenIssuer, publish: Publish, account_id: str
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import ssl
@@ -14,13 +15,14 @@ import asyncpg
 import grpc
 import httpx
 import pytest
-from belfry import rpc, service
+from belfry import channels, rpc, service
 from belfry.api.mobile.v1 import mobile_pb2 as pb
 from belfry.api.mobile.v1 import mobile_pb2_grpc as pb_grpc
 from belfry.queue import Drop, Fail, Retry, Sent
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from services.gateway import store as gateway_store
 from services.mobile.apns import TOKEN_REUSE_SECONDS, Apns
 from services.mobile.fcm import Fcm
 from services.mobile.sender import MobileSender
@@ -28,7 +30,7 @@ from services.mobile.server import build_for
 from services.mobile.settings import ApnsSettings, FcmSettings, load_settings
 from tests.conftest import client_tls, common_env
 from tests.push.conftest import enqueue_message, message, token_for
-from tests.push.fakes.apns import FakeApns
+from tests.push.fakes.apns import ApnsPush, FakeApns
 from tests.push.fakes.fcm import FakeFcm
 from tests.push.fakes.http import serve_tls
 from tests.push.fakes.tls import Pki
@@ -314,3 +316,46 @@ async def test_registration_is_validated_and_scoped(
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     await stub.DeleteDevice(pb.DeleteDeviceRequest(device_id=first.device_id), metadata=meta)
     assert not (await stub.ListDevices(pb.ListDevicesRequest(), metadata=meta)).devices
+
+
+async def test_pushes_carry_the_bell_count_as_the_badge_and_a_read_elsewhere_updates_it_once_per_window(
+    stub: pb_grpc.MobileStub, providers: Providers, pool: asyncpg.Pool, token_keys: dict[str, bytes], account_id: str
+) -> None:
+    meta = token_for(token_keys, account_id, "u1")
+    apple, android = ios_token(), fcm_token()
+    await register(stub, meta, pb.PLATFORM_IOS, apple)
+    await register(stub, meta, pb.PLATFORM_ANDROID, android)
+    # Two unread items behind the bell, stored by the gateway's own code.
+    unread = [message(account_id, "u1"), message(account_id, "u1")]
+    await gateway_store.add_many(pool, unread)
+    msg = message(account_id, "u1")
+    await enqueue_message(pool, "mobile", msg)
+    assert (await settled(pool, msg, "mobile"))["state"] == "sent"
+    [ios] = [p for p in providers.apns.received if p.token == apple]
+    [fcm] = [m for m in providers.fcm.received if m["token"] == android]
+    assert ios.payload["aps"]["badge"] == 2 and ios.payload["aps"]["alert"]["title"] == msg.title
+    assert fcm["android"]["notification"]["notification_count"] == 2 and fcm["data"]["badge"] == "2"
+
+    # The user reads one item in the bell, then reads and unreads others: the phones hear of it once per
+    # window, at its end, with the count of that moment.
+    await gateway_store.mark_notification_read(pool, account_id, "u1", unread[0].notification_id)
+    for _ in range(5):
+        await gateway_store.read_state_changed(pool, account_id, "u1")
+    queued = await pool.fetchval(
+        "select count(*) from queue.deliveries where account_id = $1 and channel = 'mobile' and topic = $2",
+        account_id,
+        channels.MOBILE_BADGE_TOPIC,
+    )
+    assert 1 <= queued <= 2  # five changes, one update per window (two if a window ended meanwhile)
+
+    def badge_only(p: object) -> bool:
+        return isinstance(p, ApnsPush) and p.token == apple and "alert" not in p.payload["aps"]
+
+    for _ in range(1500):  # the update is released at the end of its window (10 s at most)
+        if any(badge_only(p) for p in providers.apns.received):
+            break
+        await asyncio.sleep(0.02)
+    [update] = [p for p in providers.apns.received if badge_only(p)][:1]
+    assert update.payload == {"aps": {"badge": 1}} and update.headers["apns-priority"] == "5"
+    data_only = [m for m in providers.fcm.received if m["token"] == android and "notification" not in m]
+    assert data_only and data_only[0]["data"] == {"badge": "1"}

@@ -106,6 +106,8 @@ class FakeFcm:
         if scripted:
             status, fcm_code, text, headers = scripted.pop(0)
             return JSONResponse(google_error(status, fcm_code, text), status_code=status, headers=headers)
+        if (invalid := _invalid(message)) is not None:
+            return JSONResponse(google_error(400, "INVALID_ARGUMENT", invalid), status_code=400)
         self.received.append(message)
         return JSONResponse({"name": f"projects/{self.project_id}/messages/{uuid.uuid4().int % 10**16}"})
 
@@ -118,3 +120,14 @@ class FakeFcm:
                 Route("/v1/projects/{project}/messages:send", self.send, methods=["POST"]),
             ]
         )
+
+
+def _invalid(message: dict[str, Any]) -> str | None:
+    """FCM's own checks of the fields Belfry sends: data is a map of strings, a count is an integer."""
+    for i, value in enumerate((message.get("data") or {}).values()):
+        if not isinstance(value, str):
+            return f"Invalid value at 'message.data[{i}].value' (TYPE_STRING)"
+    count = ((message.get("android") or {}).get("notification") or {}).get("notification_count")
+    if count is not None and (not isinstance(count, int) or count < 0):
+        return "Invalid value at 'message.android.notification.notification_count' (TYPE_INT32)"
+    return None
