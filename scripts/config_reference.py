@@ -185,7 +185,8 @@ DESCRIPTIONS: dict[str, str] = {
     "BELFRY_EMAIL_DAILY_CAP": "emails one user receives per day at most",
     "BELFRY_EMAIL_SOFT_SUPPRESSION_SECONDS": "a suppression for soft bounces lapses after this",
     "BELFRY_PUBLIC_URL": "where the web app is served: base of the preferences and unsubscribe links (https)",
-    "BELFRY_UNSUBSCRIBE_KEY": "secret signing one-click unsubscribe and 'open it' links (the same in email and gateway)",
+    "BELFRY_UNSUBSCRIBE_KEY": "secret signing one-click unsubscribe and 'open it' links (the same in email, gateway "
+    "and webpush)",
     "BELFRY_UNSUBSCRIBE_OTHER_KEYS": "during a rotation: keys unsubscribe and open links are also accepted under",
     "BELFRY_UNSUBSCRIBE_TTL_SECONDS": "how long an unsubscribe or open link stays valid",
     # mobile
@@ -221,6 +222,8 @@ DESCRIPTIONS: dict[str, str] = {
     "BELFRY_GATEWAY_RESUME_LIMIT": "a client further behind than this is told to reload its feed",
     "BELFRY_GATEWAY_AUTH_TIMEOUT_SECONDS": "a websocket must say hello within this",
     "BELFRY_GATEWAY_SEND_TIMEOUT_SECONDS": "a frame not sent within this closes the websocket",
+    "BELFRY_GATEWAY_WEBSOCKET": "uvicorn's websocket implementation: wsproto (least memory per idle tab) "
+    "or websockets-sansio",
     "BELFRY_GATEWAY_MAX_BODY_BYTES": "largest HTTP request body",
     "BELFRY_GATEWAY_USER_RATE": "API requests per second per user (0: no limit)",
     "BELFRY_GATEWAY_USER_BURST": "burst of the per-user rate",
@@ -239,7 +242,8 @@ DESCRIPTIONS: dict[str, str] = {
 # Defaults the walk cannot evaluate (or shows better in words); same keys as DESCRIPTIONS.
 DEFAULT_TEXT: dict[str, str] = {
     "BELFRY_DATABASE_URL": "required, or `DATABASE_URL` (`belfry up`: its private PostgreSQL)",
-    "BELFRY_UNSUBSCRIBE_KEY": "required by email; unset in gateway turns one-click unsubscribe and open links off",
+    "BELFRY_UNSUBSCRIBE_KEY": "required by email; unset in gateway turns one-click unsubscribe and open links off, "
+    "in webpush pushes open their URL directly (not marked read)",
     "BELFRY_GRPC_ADDRESS": "`[::]:` and the service's port (50051 to 50058)",
     "BELFRY_PROCESSES": "the whole CPUs the container may use (`belfry up`: 1)",
     "BELFRY_PROCESS_SLOT": "unset",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable
 from pathlib import Path
 
 from starlette.applications import Starlette
@@ -10,7 +11,6 @@ from starlette.responses import FileResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from starlette.websockets import WebSocket
 
 from services.gateway import limits
 from services.gateway.ws import Endpoint
@@ -46,11 +46,17 @@ class Front:
         self.app = app
         self.endpoint = endpoint
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Dispatch by scope type, adding headers on HTTP responses."""
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        """Dispatch by scope type, adding headers on HTTP responses.
+
+        A plain function returning the endpoint's coroutine: no frame of this
+        layer stays suspended beside every idle tab.
+        """
         if scope["type"] == "websocket" and scope["path"] == "/ws":
-            await self.endpoint.handle(WebSocket(scope, receive, send))
-            return
+            return self.endpoint.handle(scope, receive, send)
+        return self._other(scope, receive, send)
+
+    async def _other(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return

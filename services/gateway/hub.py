@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import json
 import time
-from collections import defaultdict, deque
+from collections import deque
 
 import asyncpg
 from belfry import background, log
@@ -33,76 +34,67 @@ CLOSE_TOKEN_EXPIRED = 4403
 
 
 class Tab:
-    """One websocket connection: who it is, what it still has to send, and why it must close.
+    """One websocket connection as the hub sees it: who it is, what it still has to send, why it must close.
 
-    A hand-rolled outbox (a deque and one future) rather than an asyncio.Queue
-    plus helper tasks: idle connections are the common case, and each one
-    should cost as little memory as possible.
+    Idle connections are the common case and each should cost as little
+    memory as possible: the outbox (a deque) exists only while frames wait,
+    the token's expiry is an entry in the hub's heap rather than a timer per
+    tab, and the connection side (``ws.Connection``) is told by ``_wake``
+    when there is something to send or a reason to close, instead of keeping
+    a task suspended on a future.
     """
 
-    __slots__ = ("_timer", "_waiter", "account_id", "closing", "expires_at", "frames", "limit", "user_id")
+    __slots__ = ("account_id", "closing", "due", "expires_at", "frames", "limit", "user_id")
 
     def __init__(self, account_id: str, user_id: str, limit: int, expires_at: float) -> None:
         self.account_id = account_id
         self.user_id = user_id
         self.limit = limit
         self.expires_at = expires_at  # token expiry, epoch seconds; refreshed by the client
-        self.frames: deque[tuple[int, str]] = deque()
+        self.due = expires_at  # when the hub's expiry heap next looks at this tab
+        self.frames: deque[tuple[int, str]] | None = None  # made on the first frame, dropped once sent
         self.closing: tuple[int, str] | None = None
-        self._waiter: asyncio.Future[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._arm()
+
+    def __lt__(self, other: Tab) -> bool:
+        return self.due < other.due  # the expiry heap's order
 
     @property
     def key(self) -> UserKey:
         """The (account, user) the tab belongs to."""
         return (self.account_id, self.user_id)
 
-    def _arm(self) -> None:
-        loop = asyncio.get_running_loop()
-        delay = max(self.expires_at - time.time(), 0.0)
-        self._timer = loop.call_later(delay, self._check_expiry)
-
-    def _check_expiry(self) -> None:
-        if time.time() >= self.expires_at:
-            self.stop(CLOSE_TOKEN_EXPIRED, "the token expired: refresh it to stay connected")
-        else:
-            self._arm()  # refreshed meanwhile
-
     def offer(self, feed_id: int, text: str) -> None:
         """Queue a frame; a full outbox marks the tab as a slow consumer to disconnect."""
         if self.closing is not None:
             return
-        if len(self.frames) >= self.limit:
+        frames = self.frames
+        if frames is None:
+            frames = self.frames = deque()
+        if len(frames) >= self.limit:
             self.stop(CLOSE_SLOW_CONSUMER, "too slow: reconnect and resume from your last id")
             return
-        self.frames.append((feed_id, text))
+        frames.append((feed_id, text))
         self._wake()
 
     def stop(self, code: int, reason: str) -> None:
-        """Ask the writer to close the connection (the first reason wins)."""
+        """Ask the connection to close (the first reason wins)."""
         if self.closing is None:
             self.closing = (code, reason)
-        if self._timer is not None:
-            self._timer.cancel()
         self._wake()
 
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+    def take(self) -> tuple[int, str] | None:
+        """The oldest frame waiting, or None (nothing waits, or the tab is closing: what waits is dropped)."""
+        frames = self.frames
+        if self.closing is not None or not frames:
+            self.frames = None
+            return None
+        frame = frames.popleft()
+        if not frames:
+            self.frames = None
+        return frame
 
-    async def next(self) -> tuple[int, str] | None:
-        """The next frame to send, or None once the tab must close."""
-        while True:
-            if self.closing is not None:
-                return None
-            if self.frames:
-                return self.frames.popleft()
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
+    def _wake(self) -> None:
+        """A frame waits or the tab must close: the connection's writer takes it from here."""
 
 
 class Hub:
@@ -112,26 +104,75 @@ class Hub:
         self.pool = pool
         self.replica = replica
         self.presence_ttl = presence_ttl
-        self.tabs: dict[UserKey, set[Tab]] = defaultdict(set)
+        # A list per user (a set costs four times the memory; a user holds a few tabs at most).
+        self.tabs: dict[UserKey, list[Tab]] = {}
+        self._expiring: list[Tab] = []  # heap by Tab.due: one timer for every tab's token expiry
+        self._expiry_timer: asyncio.TimerHandle | None = None
+        self._expiry_at = 0.0
+        self._left = 0  # tabs that left while (perhaps) still in the heap
         self._pending: asyncio.Queue[tuple[str, str, int]] = asyncio.Queue()
         self._relisten = False  # the listening connection was lost: tabs resume once it is back
 
     async def join(self, tab: Tab) -> None:
-        """Register a tab; the user's presence row (one per user and replica) is refreshed."""
-        first = not self.tabs.get(tab.key)
-        self.tabs[tab.key].add(tab)
-        if first:
+        """Register a tab (and its token's expiry); the user's presence row (one per user and replica) is refreshed."""
+        tabs = self.tabs.get(tab.key)
+        if tabs is None:
+            tabs = self.tabs[tab.key] = []
+        tabs.append(tab)
+        self._watch(tab)
+        if len(tabs) == 1:
             await presence.touch(self.pool, tab.account_id, tab.user_id, self.replica, self.replica, self.presence_ttl)
 
     async def leave(self, tab: Tab) -> None:
         """Forget a tab; the presence row goes with the user's last tab on this replica."""
         tabs = self.tabs.get(tab.key)
-        if tabs is None:
+        if tabs is None or tab not in tabs:
             return
-        tabs.discard(tab)
+        tabs.remove(tab)
+        self._forget(tab)
         if not tabs:
             del self.tabs[tab.key]
             await presence.remove(self.pool, tab.account_id, tab.user_id, self.replica)
+
+    def _watch(self, tab: Tab) -> None:
+        tab.due = tab.expires_at
+        heapq.heappush(self._expiring, tab)
+        if self._expiry_timer is None or tab.due < self._expiry_at:
+            self._arm_expiry()
+
+    def _forget(self, tab: Tab) -> None:
+        """A tab left: its heap entry goes when its time comes, or sooner when left tabs are half the heap."""
+        if tab.closing is None:
+            tab.closing = (1000, "bye")  # what marks the heap entry as gone
+        self._left += 1
+        if self._left > 64 and self._left * 2 > len(self._expiring):
+            self._expiring = [t for t in self._expiring if t.closing is None]
+            heapq.heapify(self._expiring)
+            self._left = 0
+
+    def _arm_expiry(self) -> None:
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+            self._expiry_timer = None
+        if self._expiring:
+            self._expiry_at = self._expiring[0].due
+            delay = max(self._expiry_at - time.time(), 0.0)
+            self._expiry_timer = asyncio.get_running_loop().call_later(delay, self._expire)
+
+    def _expire(self) -> None:
+        """Close the tabs whose token expired; those refreshed meanwhile go back in the heap at their new expiry."""
+        self._expiry_timer = None
+        now = time.time()
+        while self._expiring and self._expiring[0].due <= now:
+            tab = heapq.heappop(self._expiring)
+            if tab.closing is not None:
+                continue  # closing or gone
+            if tab.expires_at <= now:
+                tab.stop(CLOSE_TOKEN_EXPIRED, "the token expired: refresh it to stay connected")
+            else:
+                tab.due = tab.expires_at
+                heapq.heappush(self._expiring, tab)
+        self._arm_expiry()
 
     def close_all(self, code: int = 1001, reason: str = "server shutting down: reconnect") -> None:
         """Ask every tab to close (1001: going away by default); pages reconnect and resume from their last id."""

@@ -27,12 +27,13 @@ _LOG = log.get(__name__)
 
 
 class GatewayBuild:
-    """``build(pool)`` for ``belfry.service.start``; after it ran, ``http_port`` and ``hub`` are known."""
+    """``build(pool)`` for ``belfry.service.start``; after it ran, ``http_port``, ``hub`` and ``http`` are known."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.http_port = 0
         self.hub: Hub | None = None
+        self.http: uvicorn.Server | None = None
 
     async def __call__(self, pool: asyncpg.Pool) -> Built:
         """Bind the HTTP socket, build the app and the loops."""
@@ -87,8 +88,12 @@ class GatewayBuild:
         self.http_port = sock.getsockname()[1]
         config = uvicorn.Config(
             app,
-            ws="websockets-sansio",  # far less memory per idle connection than the legacy protocol
-            ws_per_message_deflate=False,  # compression costs ~50 KiB per connection
+            interface="asgi3",  # said, not guessed: Front.__call__ is a plain function returning a coroutine
+            # wsproto by default: the least memory per idle tab of uvicorn's implementations (docs/benchmarks.md).
+            ws=s.websocket,
+            # Compression costs ≈ 37 KiB per tab that accepts it (every browser offers it), for feed frames
+            # of ≈ 0.5 KiB sent a few times an hour.
+            ws_per_message_deflate=False,
             ws_max_size=64 * 1024,
             http=limits.header_deadline_protocol(s.auth_timeout),  # a silent connection is closed, as is a silent tab
             # X-Forwarded-For is believed only from the configured proxies (the client address keys the limits).
@@ -101,7 +106,7 @@ class GatewayBuild:
             access_log=False,
             timeout_graceful_shutdown=1,
         )
-        http = uvicorn.Server(config)
+        http = self.http = uvicorn.Server(config)
 
         async def serve_http(stop: asyncio.Event) -> None:
             task = asyncio.ensure_future(http.serve(sockets=[sock]))

@@ -12,6 +12,10 @@ from belfry.queue.sender import SenderSettings, load_sender_settings
 
 from services.gateway import limits
 
+# uvicorn's websocket implementations the gateway runs on (its ``ws`` option): wsproto holds an idle tab in
+# less memory; websockets-sansio is the one uvicorn picks by default.
+WEBSOCKET_IMPLEMENTATIONS = ("wsproto", "websockets-sansio")
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -36,6 +40,7 @@ class Settings:
     unsubscribe_other_keys: tuple[bytes, ...]  # also accepted: the next or previous key of a rotation
     bounds: limits.Bounds  # body size, request rates, socket caps
     link_origins: frozenset[str]  # origins a notification click may open besides the app's own
+    websocket: str  # uvicorn's websocket implementation (memory per idle tab: docs/benchmarks.md)
 
 
 def load_settings(environ: Mapping[str, str]) -> Settings:
@@ -81,6 +86,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         unsubscribe_other_keys=_other_unsubscribe_keys(env),
         bounds=limits.load_bounds(env),
         link_origins=_origins(env, "BELFRY_GATEWAY_LINK_ORIGINS"),
+        websocket=env.choice("BELFRY_GATEWAY_WEBSOCKET", "wsproto", WEBSOCKET_IMPLEMENTATIONS),
     )
     env.check()
     return settings

@@ -3,6 +3,13 @@
 Browsers cannot set headers on a websocket, and a token in the URL ends up
 in access logs, so the token is the first message. Nothing is sent before it
 is verified; a bad Origin is refused before the handshake completes.
+
+An idle tab is the common case, so each is kept small (see the memory per
+idle tab in docs/benchmarks.md): the endpoint speaks ASGI directly (no
+Starlette ``WebSocket`` per connection), one task per tab (the server's)
+reads the client's messages, and a writer task exists only while frames
+wait to be sent; the request headers and the auth message are let go once
+the tab is authenticated.
 """
 
 from __future__ import annotations
@@ -17,8 +24,7 @@ import asyncpg
 from belfry import log
 from belfry.auth import Caller, TokenVerifier
 from belfry.errors import Unauthenticated
-from starlette.responses import JSONResponse
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.types import Message, Receive, Scope, Send
 
 from services.gateway import limits, store
 from services.gateway.hub import CLOSE_SLOW_CONSUMER, Hub, Tab
@@ -53,8 +59,77 @@ class Refused(Exception):
         self.wait = wait
 
 
+class Connection(Tab):
+    """A tab on an accepted websocket: its frames are written by a task that exists only while some wait.
+
+    While the tab resumes (``live`` false) frames and a close wait for it;
+    then ``_wake`` starts the writer whenever a frame or a reason to close
+    arrives. The writer sends the close frame; when even that cannot be
+    written in time, it cancels the reading task (``reader``) so the server
+    drops the connection.
+    """
+
+    __slots__ = ("abandoned", "live", "reader", "send", "send_timeout", "sent", "writer")
+
+    def __init__(self, caller: Caller, expires_at: float, queue_size: int, send: Send, send_timeout: float) -> None:
+        super().__init__(caller.account_id, caller.user_id, queue_size, expires_at)
+        self.send = send
+        self.send_timeout = send_timeout
+        self.sent = 0  # the newest feed id sent while resuming: live frames up to it are not sent twice
+        self.live = False  # resumed: frames go out as they come (until the close is sent)
+        self.abandoned = False  # the writer gave up on a client that does not read: stop reading too
+        self.reader: asyncio.Task[Any] | None = None
+        self.writer: asyncio.Task[None] | None = None
+
+    def _wake(self) -> None:
+        if self.live and self.writer is None:
+            self.writer = asyncio.get_running_loop().create_task(self._write())
+
+    def go_live(self, sent: int) -> None:
+        """Resumed up to ``sent``: what arrived meanwhile (frames, a close) goes out now."""
+        self.sent = sent
+        self.live = True
+        if self.frames or self.closing is not None:
+            self._wake()
+
+    async def _write(self) -> None:
+        try:
+            while (frame := self.take()) is not None:
+                feed_id, text = frame
+                if 0 < feed_id <= self.sent:
+                    continue  # already sent while resuming
+                try:
+                    async with asyncio.timeout(self.send_timeout):
+                        await self.send({"type": "websocket.send", "text": text})
+                except TimeoutError:
+                    self.stop(CLOSE_SLOW_CONSUMER, "too slow: reconnect and resume from your last id")
+                except (OSError, RuntimeError):  # the client is gone
+                    self.live = False
+                    self.stop(1000, "closed by the client")
+            if self.closing is not None and self.live:
+                self.live = False  # one close frame, and no writer after it
+                await self._close(*self.closing)
+        finally:
+            self.writer = None
+
+    async def _close(self, code: int, reason: str) -> None:
+        if code == CLOSE_SLOW_CONSUMER:
+            _LOG.info("slow consumer disconnected", account_id=self.account_id, user_id=self.user_id)
+        try:
+            async with asyncio.timeout(self.send_timeout):
+                await self.send({"type": "websocket.close", "code": code, "reason": reason})
+            return  # the server answers the reader with websocket.disconnect
+        except TimeoutError:
+            pass  # the client reads nothing, not even the close frame
+        except (OSError, RuntimeError):
+            return  # gone already: the reader has its websocket.disconnect
+        self.abandoned = True
+        if self.reader is not None:
+            self.reader.cancel()
+
+
 class Endpoint:
-    """Serves ``/ws`` for one gateway replica."""
+    """Serves ``/ws`` for one gateway replica (an ASGI websocket app)."""
 
     def __init__(
         self,
@@ -74,28 +149,70 @@ class Endpoint:
         self.sockets = 0  # open on this replica, authenticated or not
         self.per_client: dict[str, int] = {}
 
-    async def handle(self, websocket: WebSocket) -> None:
-        """One connection, from handshake to close."""
-        if not self.origins.allows(websocket.headers.get("origin"), websocket.headers.get("host")):
-            await websocket.close(code=1008)  # before accept: the handshake is refused with 403
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """One connection, from handshake to close.
+
+        The only coroutine of ours suspended while the tab idles: resuming and
+        the read loop are inline rather than awaited helpers, as every
+        suspended frame costs memory on every idle tab.
+        """
+        client = self._client(scope)
+        if client is None:
+            await send({"type": "websocket.close", "code": 1008})  # before accept: the handshake is refused with 403
             return
-        client = limits.client_key(websocket.scope)
         try:
             self._admit(client)
         except Refused as refused:
-            await _deny(websocket, refused)
+            await _deny(scope, send, refused)
             return
         self.sockets += 1
         self.per_client[client] = self.per_client.get(client, 0) + 1
         try:
-            await self._connection(websocket)
+            opened = await self._open(scope, receive, send)
+            if opened is None:
+                return
+            tab, last_id = opened
+            task = tab.reader = asyncio.current_task()
+            try:
+                await self.hub.join(tab)  # first thing in it: no await before the user's tabs were counted
+                tab.go_live(await self._resume(tab, last_id))
+                while (message := await receive())["type"] != "websocket.disconnect":
+                    if tab.closing is None:
+                        await self._on_message(tab, message)
+            except (OSError, RuntimeError):  # the client went away while resuming
+                pass
+            except asyncio.CancelledError:
+                if not tab.abandoned or task is None:
+                    raise
+                # The writer could not even send the close frame: returning lets the server drop the connection.
+                task.uncancel()
+            finally:
+                tab.reader = None
+                tab.live = False  # no writer starts any more
+                tab.stop(1000, "closed by the client")
+                if tab.writer is not None:
+                    await tab.writer
+                await self.hub.leave(tab)
         finally:
-            self.sockets -= 1
-            left = self.per_client[client] - 1
-            if left:
-                self.per_client[client] = left
-            else:
-                del self.per_client[client]
+            self._release(client)
+
+    def _release(self, client: str) -> None:
+        self.sockets -= 1
+        left = self.per_client[client] - 1
+        if left:
+            self.per_client[client] = left
+        else:
+            del self.per_client[client]
+
+    def _client(self, scope: Scope) -> str | None:
+        """The client's key for the limits, or None when the Origin is not allowed."""
+        origin = host = None
+        for name, value in scope["headers"]:
+            if name == b"origin":
+                origin = value.decode("latin-1")
+            elif name == b"host":
+                host = value.decode("latin-1")
+        return limits.client_key(scope) if self.origins.allows(origin, host) else None
 
     def _admit(self, client: str) -> None:
         """Raise Refused when the replica or this client address holds its cap, or the address its rate."""
@@ -110,85 +227,56 @@ class Endpoint:
         if wait:
             raise Refused(429, "too many connections opened from this address; retry later", wait)
 
-    async def _connection(self, websocket: WebSocket) -> None:
-        await websocket.accept()
+    async def _open(self, scope: Scope, receive: Receive, send: Send) -> tuple[Connection, int | None] | None:
+        """Accept, then the first message: a verified token within the user's cap makes the tab (None: closed)."""
+        if (await receive())["type"] != "websocket.connect":
+            return None
+        await send({"type": "websocket.accept"})
+        # The server keeps the scope for the connection's life; nothing reads the headers again.
+        scope["headers"] = []
         try:
-            first = await asyncio.wait_for(websocket.receive_text(), self.limits.auth_timeout)
-            hello = json.loads(first)
+            async with asyncio.timeout(self.limits.auth_timeout):
+                message = await receive()
+            if message["type"] == "websocket.disconnect":
+                return None
+            hello = json.loads(_text(message))
             if not isinstance(hello, dict) or hello.get("type") != "auth":
                 raise Unauthenticated("the first message must be {'type': 'auth', 'token': ...}")
             caller, expires_at = await self.verifier.authenticate(str(hello.get("token", "")))
-        except (TimeoutError, ValueError, Unauthenticated, WebSocketDisconnect) as exc:
+        except (TimeoutError, ValueError, Unauthenticated) as exc:
             reason = exc.message if isinstance(exc, Unauthenticated) else "authenticate first"
-            with contextlib.suppress(Exception):
-                await websocket.close(code=CLOSE_UNAUTHENTICATED, reason=reason[:120])
-            return
-        last_id = hello.get("last_id")
+            await _close_quietly(send, CLOSE_UNAUTHENTICATED, reason[:120])
+            return None
         cap = self.limits.bounds.max_sockets_per_user
         if len(self.hub.tabs.get((caller.account_id, caller.user_id), ())) >= cap:
-            # Counted and joined with no await in between: concurrent tabs of one user cannot both slip in.
-            with contextlib.suppress(Exception):
-                await websocket.close(code=CLOSE_TOO_MANY_TABS, reason=f"at most {cap} tabs per user on this replica")
+            # Counted here and joined by the caller with no await in between: concurrent tabs of one user
+            # cannot both slip in.
+            await _close_quietly(send, CLOSE_TOO_MANY_TABS, f"at most {cap} tabs per user on this replica")
+            return None
+        last_id = hello.get("last_id")
+        tab = Connection(caller, float(expires_at), self.limits.queue_size, send, self.limits.send_timeout)
+        return tab, last_id if isinstance(last_id, int) else None
+
+    async def _on_message(self, tab: Connection, message: Message) -> None:
+        """A client message: token refreshes (same account and user only); anything else closes the tab."""
+        try:
+            request: Any = json.loads(_text(message))
+        except ValueError:
+            tab.stop(CLOSE_BAD_REQUEST, "messages must be JSON")
             return
-        tab = Tab(caller.account_id, caller.user_id, self.limits.queue_size, float(expires_at))
-        await self.hub.join(tab)
-        try:
-            await self._serve(websocket, tab, caller, last_id if isinstance(last_id, int) else None)
-        finally:
-            tab.stop(1000, "bye")  # cancels the expiry timer
-            await self.hub.leave(tab)
-
-    async def _serve(self, websocket: WebSocket, tab: Tab, caller: Caller, last_id: int | None) -> None:
-        # Two tasks per connection: this one writes, a second one reads.
-        reader = asyncio.ensure_future(self._read(websocket, tab, caller))
-        try:
-            sent = await self._resume(websocket, tab, last_id)
-            while (frame := await tab.next()) is not None:
-                feed_id, text = frame
-                if 0 < feed_id <= sent:
-                    continue  # already sent while resuming
-                try:
-                    async with asyncio.timeout(self.limits.send_timeout):
-                        await websocket.send_text(text)
-                except TimeoutError:
-                    tab.stop(CLOSE_SLOW_CONSUMER, "too slow: reconnect and resume from your last id")
-        except (WebSocketDisconnect, RuntimeError, OSError):
-            tab.stop(1000, "closed by the client")
-        finally:
-            reader.cancel()
-        code, reason = tab.closing or (1000, "bye")
-        if code == CLOSE_SLOW_CONSUMER:
-            _LOG.info("slow consumer disconnected", account_id=tab.account_id, user_id=tab.user_id)
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(self.limits.send_timeout):
-                await websocket.close(code=code, reason=reason)
-
-    async def _read(self, websocket: WebSocket, tab: Tab, caller: Caller) -> None:
-        """Client messages: token refreshes (same account and user only); a close stops the writer."""
-        while True:
+        if isinstance(request, dict) and request.get("type") == "refresh":
             try:
-                text = await websocket.receive_text()
-            except (WebSocketDisconnect, RuntimeError, KeyError):
-                tab.stop(1000, "closed by the client")
+                fresh, expires_at = await self.verifier.authenticate(str(request.get("token", "")))
+            except Unauthenticated as exc:
+                tab.stop(CLOSE_UNAUTHENTICATED, exc.message[:120])
                 return
-            try:
-                message: Any = json.loads(text)
-            except ValueError:
-                tab.stop(CLOSE_BAD_REQUEST, "messages must be JSON")
+            if (fresh.account_id, fresh.user_id) != tab.key:
+                tab.stop(CLOSE_UNAUTHENTICATED, "a refreshed token must name the same account and user")
                 return
-            if isinstance(message, dict) and message.get("type") == "refresh":
-                try:
-                    fresh, expires_at = await self.verifier.authenticate(str(message.get("token", "")))
-                except Unauthenticated as exc:
-                    tab.stop(CLOSE_UNAUTHENTICATED, exc.message[:120])
-                    return
-                if fresh != caller:
-                    tab.stop(CLOSE_UNAUTHENTICATED, "a refreshed token must name the same account and user")
-                    return
-                tab.expires_at = float(expires_at)
-                tab.offer(0, json.dumps({"type": "refreshed", "expires_at": expires_at}))
+            tab.expires_at = float(expires_at)
+            tab.offer(0, json.dumps({"type": "refreshed", "expires_at": expires_at}))
 
-    async def _resume(self, websocket: WebSocket, tab: Tab, last_id: int | None) -> int:
+    async def _resume(self, tab: Connection, last_id: int | None) -> int:
         """Send what the client missed since ``last_id``; the newest id sent (or known).
 
         Everything sent here is as of one snapshot of the feed (``store.position``):
@@ -197,30 +285,50 @@ class Endpoint:
         """
         now = await store.position(self.pool, tab.account_id, tab.user_id)
         if last_id is None:
-            await websocket.send_text(json.dumps({"type": "ready", "last_id": now.last_id, "unread": now.unread}))
+            await _send_text(tab.send, json.dumps({"type": "ready", "last_id": now.last_id, "unread": now.unread}))
             return now.last_id
         if last_id > now.last_id or now.last_id - last_id > self.limits.resume_limit:
             # Too old (or from another database): the client reloads its feed over HTTP.
-            await websocket.send_text(json.dumps({"type": "reset", "last_id": now.last_id, "unread": now.unread}))
+            await _send_text(tab.send, json.dumps({"type": "reset", "last_id": now.last_id, "unread": now.unread}))
             return now.last_id
         missed = await store.since(
             self.pool, tab.account_id, tab.user_id, last_id, now.last_id, self.limits.resume_limit
         )
         for item in missed:
             frame = {"type": "item", "item": item.to_json(), "unread": now.unread, "resumed": True}
-            await websocket.send_text(json.dumps(frame))
-        await websocket.send_text(json.dumps({"type": "ready", "last_id": now.last_id, "unread": now.unread}))
+            await _send_text(tab.send, json.dumps(frame))
+        await _send_text(tab.send, json.dumps({"type": "ready", "last_id": now.last_id, "unread": now.unread}))
         return now.last_id
 
 
-async def _deny(websocket: WebSocket, refused: Refused) -> None:
+def _text(message: Message) -> str:
+    """A received message's text (ValueError: a binary message or no message at all)."""
+    text = message.get("text")
+    if message["type"] != "websocket.receive" or not isinstance(text, str):
+        raise ValueError("expected a text message")
+    return text
+
+
+async def _send_text(send: Send, text: str) -> None:
+    await send({"type": "websocket.send", "text": text})
+
+
+async def _close_quietly(send: Send, code: int, reason: str) -> None:
+    """Close an accepted websocket; a client already gone is no error."""
+    with contextlib.suppress(OSError, RuntimeError):
+        await send({"type": "websocket.close", "code": code, "reason": reason})
+
+
+async def _deny(scope: Scope, send: Send, refused: Refused) -> None:
     """Refuse the handshake with an HTTP status and Retry-After (a plain 403 where the server cannot)."""
-    response = JSONResponse(
-        {"error": refused.message},
-        status_code=refused.status,
-        headers={"retry-after": limits.retry_after(refused.wait)},
-    )
-    try:
-        await websocket.send_denial_response(response)
-    except RuntimeError:  # the server lacks the websocket.http.response extension
-        await websocket.close(code=1013)
+    if "websocket.http.response" not in scope.get("extensions", {}):
+        await send({"type": "websocket.close", "code": 1013})
+        return
+    body = json.dumps({"error": refused.message}).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"retry-after", limits.retry_after(refused.wait).encode()),
+    ]
+    await send({"type": "websocket.http.response.start", "status": refused.status, "headers": headers})
+    await send({"type": "websocket.http.response.body", "body": body})

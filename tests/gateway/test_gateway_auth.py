@@ -144,3 +144,37 @@ async def test_http_api_needs_a_bearer_token(replica: Replica, token_keys: dict[
             assert answer.json()["error"]
         dev = await http.post("/api/dev/login")
         assert dev.status_code == 404  # off unless BELFRY_GATEWAY_DEV_LOGIN=true
+
+
+@pytest.mark.parametrize("message", ["not json", b'{"type": "refresh"}'])
+async def test_a_message_that_is_not_json_text_closes_the_tab_with_4400(
+    replica: Replica, issuer: TokenIssuer, account_id: str, message: str | bytes
+) -> None:
+    ws = await connect(replica.ws, issuer.issue(account_id, "u1"))
+    await frames_until(ws, "ready")
+    await ws.send(message)
+    with pytest.raises(websockets.ConnectionClosed) as closed:
+        await ws.recv()
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == 4400
+
+
+async def test_a_tab_whose_token_expires_first_is_closed_first_whatever_the_order_of_joining(
+    replica: Replica, token_keys: dict[str, bytes], account_id: str
+) -> None:
+    short = TokenIssuer(token_keys, "k1", ttl_seconds=900)
+    # Tabs that come and go with long tokens, before and after: the expiry of the short one still fires.
+    long_lived = await connect(replica.ws, short.issue(account_id, "u1"))
+    await frames_until(long_lived, "ready")
+    for i in range(80):
+        churn = await connect(replica.ws, short.issue(account_id, f"c{i}"))
+        await frames_until(churn, "ready")
+        await churn.close()
+    expiring = await connect(replica.ws, short.issue(account_id, "u2", now=time.time() - 899.5))
+    await frames_until(expiring, "ready")
+    with pytest.raises(websockets.ConnectionClosed) as closed:
+        await expiring.recv()
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == 4403
+    await long_lived.ping()  # still open
+    await long_lived.close()

@@ -6,10 +6,13 @@ import asyncio
 import json
 
 import asyncpg
+import pytest
 import websockets
 from belfry.auth import TokenIssuer
 from belfry.queue import presence
+from websockets.typing import Origin
 
+from services.gateway.settings import WEBSOCKET_IMPLEMENTATIONS
 from tests.gateway.conftest import Publish, Replica, StartReplica, connect, frames_until
 
 
@@ -104,11 +107,13 @@ async def test_resume_from_too_old_an_id_is_an_explicit_reset(
         await ws.close()
 
 
+@pytest.mark.parametrize("implementation", WEBSOCKET_IMPLEMENTATIONS)
 async def test_slow_consumer_is_disconnected_and_others_get_everything(
-    start_replica: StartReplica, issuer: TokenIssuer, publish: Publish, account_id: str
+    start_replica: StartReplica, issuer: TokenIssuer, publish: Publish, account_id: str, implementation: str
 ) -> None:
     # One delivery per claim: items arrive one by one, as in steady traffic, not as one burst.
     replica = await start_replica(
+        BELFRY_GATEWAY_WEBSOCKET=implementation,
         BELFRY_GATEWAY_QUEUE_SIZE="32",
         BELFRY_GATEWAY_SEND_TIMEOUT_SECONDS="0.5",
         BELFRY_GATEWAY_BATCH="1",
@@ -207,3 +212,37 @@ async def test_ready_frame_counts_exactly_the_unread_items_up_to_its_last_id(
         ready["last_id"],
     )
     assert ready["unread"] == unread_up_to_last_id, ready
+
+
+@pytest.mark.parametrize("implementation", WEBSOCKET_IMPLEMENTATIONS)
+async def test_each_websocket_implementation_serves_the_whole_protocol(
+    start_replica: StartReplica, issuer: TokenIssuer, publish: Publish, account_id: str, implementation: str
+) -> None:
+    replica = await start_replica(BELFRY_GATEWAY_WEBSOCKET=implementation, BELFRY_GATEWAY_MAX_SOCKETS_PER_CLIENT="2")
+    with pytest.raises(websockets.InvalidStatus) as foreign:
+        await websockets.connect(replica.ws, origin=Origin("https://evil.example"))
+    assert foreign.value.response.status_code == 403
+    assert replica.build.http is not None  # serving: uvicorn loaded its websocket implementation
+    loaded = replica.build.http.config.ws_protocol_class
+    assert f".{implementation.replace('-', '_')}_impl" in loaded.__module__
+    token = issuer.issue(account_id, "u1")
+    ws = await connect(replica.ws, token)
+    await frames_until(ws, "ready")
+    await publish(account_id, "u1", "live")
+    frame = json.loads(await ws.recv())
+    assert (frame["type"], frame["item"]["title"]) == ("item", "live")
+    await ws.send(json.dumps({"type": "refresh", "token": issuer.issue(account_id, "u1")}))
+    await frames_until(ws, "refreshed")
+    resumed = await connect(replica.ws, token, last_id=frame["item"]["id"] - 1)
+    assert [f["type"] for f in await frames_until(resumed, "ready")] == ["item", "ready"]
+    # Two sockets from this address: the third handshake is refused with 429 and Retry-After, never upgraded.
+    with pytest.raises(websockets.InvalidStatus) as refused:
+        await websockets.connect(replica.ws)
+    assert refused.value.response.status_code == 429
+    assert refused.value.response.headers["retry-after"] == "5"
+    await resumed.close()
+    await ws.send("not json")
+    with pytest.raises(websockets.ConnectionClosed) as closed:
+        await ws.recv()
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == 4400
