@@ -10,6 +10,7 @@ guard approved (see ``client``).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
@@ -18,6 +19,7 @@ import aiohttp
 import asyncpg
 from belfry import log, ssrf
 from belfry.message import Message
+from belfry.openlink import OpenSigner
 from belfry.queue import Drop, Fail, Lease, Outcome
 from belfry.queue.presence import has_live_tab
 from belfry.queue.sender import Result, fan_out, fold
@@ -73,6 +75,7 @@ class WebPushSender:
         clock: Callable[[], float] = time.time,
         fanout: int = 4,
         other_vapids: Sequence[Vapid] = (),
+        opener: OpenSigner | None = None,
     ) -> None:
         self._pool = pool
         self._session = session
@@ -82,6 +85,7 @@ class WebPushSender:
         self._default_ttl = default_ttl
         self._clock = clock
         self._fanout = fanout  # browsers of one delivery pushed to at once
+        self._opener = opener  # the push opens the gateway's /open (marks it read), then its URL; None: the URL
 
     async def handle(self, lease: Lease) -> Outcome:
         """Deliver one notification to every browser the user subscribed."""
@@ -91,6 +95,10 @@ class WebPushSender:
         if not subs:
             return Drop("no push subscription")
         msg = Message.from_json(lease.payload)
+        if self._opener is not None and msg.url:
+            # Relative to the app: the service worker opens it on its own origin, the gateway's.
+            opened = self._opener.url("", msg.account_id, msg.user_id, msg.notification_id, msg.url)
+            msg = dataclasses.replace(msg, url=opened)
         try:
             data = payload.encode(msg)
         except ValueError as exc:  # a title or URL too long for any push: retrying cannot help

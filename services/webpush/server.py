@@ -48,6 +48,7 @@ def build_for(settings: Settings) -> Callable[[asyncpg.Pool], Awaitable[Built]]:
             default_ttl=settings.default_ttl_seconds,
             fanout=settings.sender.fanout,
             other_vapids=others,
+            opener=settings.opener,
         )
         servicer = WebPushServicer(
             pool,

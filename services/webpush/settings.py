@@ -6,8 +6,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from belfry import ssrf
+from belfry import openlink, ssrf
 from belfry.config import CommonSettings, Env, load_common
+from belfry.openlink import OpenSigner
 from belfry.queue.sender import SenderSettings, load_sender_settings
 from cryptography.hazmat.primitives import serialization
 
@@ -30,6 +31,7 @@ class Settings:
     timeout_seconds: float
     max_connections: int  # the one session's connection limit, across all push services
     max_subscriptions_per_user: int
+    opener: OpenSigner | None = None  # signs each push's "open it" link (BELFRY_UNSUBSCRIBE_KEY); None: plain links
 
 
 def load_settings(environ: Mapping[str, str]) -> Settings:
@@ -74,6 +76,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         max_subscriptions_per_user=env.int(
             "BELFRY_WEBPUSH_MAX_SUBSCRIPTIONS_PER_USER", store.DEFAULT_MAX_PER_USER, minimum=1
         ),
+        opener=openlink.signer_from(env, required=False),
     )
     env.check()
     return settings

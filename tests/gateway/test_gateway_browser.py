@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
+import httpx
 import pytest
 import websockets
 from belfry import rpc, service
@@ -51,6 +53,37 @@ async def test_hidden_tab_shows_a_browser_notification_instead(
     state = await page.evaluate("[document.visibilityState, document.hasFocus(), Notification.permission]")
     assert shown == [{"title": "Quote accepted", "body": "ACME signed", "tag": notification_id}], state
     assert await page.locator(".toast").count() == 0  # hidden: no toast
+
+
+async def test_clicking_the_browser_notification_marks_the_item_read(
+    web: Replica, context: BrowserContext, issuer: TokenIssuer, publish: Publish, account_id: str
+) -> None:
+    token = issuer.issue(account_id, "u1")
+    page = await b.open_app(context, web.http, token)
+    await page.evaluate("navigator.serviceWorker.ready.then(() => true)")
+    await b.look_away(page)
+    notification_id = await publish(account_id, "u1", "Quote accepted", body="ACME signed", browser=True)
+    assert [n["tag"] for n in await b.shown_notifications(page)] == [notification_id]
+    worker = context.service_workers[0] if context.service_workers else await context.wait_for_event("serviceworker")
+    # The user clicks it: the real notificationclick handler runs (openWindow recorded, not opened).
+    opened = await worker.evaluate(
+        """async (tag) => {
+            const opened = [];
+            Object.defineProperty(self.clients, "openWindow", { value: async (url) => { opened.push(url); } });
+            const [shown] = await self.registration.getNotifications({ tag });
+            self.dispatchEvent(new NotificationEvent("notificationclick", { notification: shown }));
+            return opened;
+        }""",
+        notification_id,
+    )
+    assert len(opened) == 1
+    headers = {"authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(base_url=web.http, headers=headers) as http:
+        for _ in range(500):  # the tab marks it read through the feed API (bounded wait)
+            if (await http.get("/api/unread")).json()["unread"] == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert (await http.get("/api/unread")).json() == {"unread": 0}
 
 
 async def _popup(

@@ -64,11 +64,15 @@ async def webpush(
         BELFRY_VAPID_PRIVATE_KEY_FILE=str(key_file),
         BELFRY_VAPID_SUBJECT="mailto:ops@example.com",
         BELFRY_WEBPUSH_LEASE_SECONDS="5",
+        BELFRY_UNSUBSCRIBE_KEY=OPEN_KEY,  # pushes open the gateway's /open link (marks read, then redirects)
     )
     settings = webpush_settings(env)
     running = await service.start("webpush", settings.common, webpush_build_for(settings))
     yield running
     await running.stop(0.1)
+
+
+OPEN_KEY = "o" * 40  # the key the gateway verifies open links with (BELFRY_UNSUBSCRIBE_KEY)
 
 
 def token_for(token_keys: dict[str, bytes], account_id: str, user_id: str) -> list[tuple[str, str]]:

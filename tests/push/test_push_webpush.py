@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from urllib.parse import unquote
 
 import asyncpg
 import grpc
@@ -12,14 +13,16 @@ from belfry import service, ssrf
 from belfry.api.webpush.v1 import webpush_pb2 as pb
 from belfry.api.webpush.v1 import webpush_pb2_grpc as pb_grpc
 from belfry.message import Item
+from belfry.openlink import OpenSigner
 from belfry.queue import Drop, Fail, Retry, Sent
 from belfry.queue.presence import touch
+from belfry.unsubscribe import Links
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from services.webpush import payload
 from services.webpush.sender import WebPushSender
 from services.webpush.vapid import Vapid, load_or_create
-from tests.push.conftest import enqueue_message, message, push_port, token_for
+from tests.push.conftest import OPEN_KEY, enqueue_message, message, push_port, token_for
 from tests.push.fakes.push_service import BrowserSubscription, PushService
 from tests.push.fakes.tls import Pki
 from tests.push.push_helpers import lease_for, settled
@@ -65,6 +68,17 @@ async def test_a_push_is_decrypted_and_its_vapid_jwt_verified_by_the_push_servic
     assert got[0].payload["title"] == "Contact assigned"
     assert got[0].payload["body"] == msg.body  # text stays text; the service worker never renders markup
     assert got[0].payload["tag"] == msg.notification_id
+    # Opening it goes through the gateway's signed /open link (on the app's origin: relative), which marks the
+    # notification read and then redirects to the message's URL.
+    opened = got[0].payload["url"]
+    assert opened.startswith("/open?t=")
+    link = OpenSigner(Links(OPEN_KEY.encode(), ttl_seconds=3600)).verify(unquote(opened.removeprefix("/open?t=")))
+    assert (link.account_id, link.user_id, link.notification_id, link.target) == (
+        account_id,
+        "u1",
+        msg.notification_id,
+        msg.url,
+    )
     assert got[0].headers["authorization"].endswith(f"k={key.public_key}")
     assert got[0].jwt_claims["aud"] == push_service.origin
     assert got[0].jwt_claims["sub"] == "mailto:ops@example.com"

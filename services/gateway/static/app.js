@@ -235,7 +235,17 @@ async function browserNotification(item) {
   if (Notification.permission !== "granted") return;
   const registration = await navigator.serviceWorker.ready;
   // The notification id is the tag: a web push of the same notification replaces it, never doubles it.
-  await registration.showNotification(item.title, { body: item.body, tag: item.notification_id, data: { url: item.url } });
+  // The feed id comes back when it is clicked (sw.js): the tab that showed it marks it read.
+  await registration.showNotification(item.title, {
+    body: item.body, tag: item.notification_id, data: { url: item.url, feedId: item.id },
+  });
+}
+
+// A click on an OS notification this tab showed (relayed by sw.js): opened, so read, in every channel.
+function onNotificationOpened(event) {
+  if (!event.data || event.data.type !== "notification-opened") return;
+  const item = state.items.get(event.data.feedId);
+  if (item && !item.read) mark(item, "read").catch(showError);
 }
 
 async function arrive(frame) {
@@ -426,7 +436,10 @@ async function main() {
   }
   await setUnread(0);
   setupBell();
-  if ("serviceWorker" in navigator) await navigator.serviceWorker.register("/sw.js").catch(showError);
+  if ("serviceWorker" in navigator) {
+    navigator.serviceWorker.addEventListener("message", onNotificationOpened);
+    await navigator.serviceWorker.register("/sw.js").catch(showError);
+  }
   if ("PushManager" in window && "Notification" in window && Notification.permission === "granted") {
     subscribePush({ onlyIfRotated: true }).catch(showError);
   }

@@ -36,6 +36,14 @@ function openable(url) {
 
 self.addEventListener("notificationclick", (event) => {
   event.notification.close();
-  const url = event.notification.data && event.notification.data.url;
-  event.waitUntil(self.clients.openWindow(openable(String(url || "/"))));
+  const data = event.notification.data || {};
+  const opening = self.clients.openWindow(openable(String(data.url || "/")));
+  // Shown by a live tab: the tabs hold the user's token, so they mark it read (app.js). A web push needs
+  // no help: its URL is the gateway's signed /open link, which marks it read before redirecting.
+  const telling = data.feedId
+    ? self.clients.matchAll({ type: "window" }).then((tabs) => {
+      for (const tab of tabs) tab.postMessage({ type: "notification-opened", feedId: data.feedId });
+    })
+    : Promise.resolve();
+  event.waitUntil(Promise.all([opening, telling]));
 });
