@@ -183,6 +183,13 @@ def _is_uuid(text: str) -> bool:
 def _marks(pool: asyncpg.Pool, guard: Guard) -> list[Route]:
     """The read-state routes: each change reaches the user's other tabs and phones (``store.read_state_changed``)."""
 
+    async def changed_for(caller: Caller, changed: int, *, read_state: bool) -> JSONResponse:
+        """The answer to a mark: how many items changed and the unread count now (others told when it moved)."""
+        if changed and read_state:
+            await store.read_state_changed(pool, caller.account_id, caller.user_id)
+        count = await store.unread_count(pool, caller.account_id, caller.user_id)
+        return JSONResponse({"changed": changed, "unread": count})
+
     async def mark(request: Request) -> JSONResponse:
         """POST /api/feed/mark {"ids": [...], "what": "read"|"seen"|"archive"|"unread"|"unarchive"}."""
         try:
@@ -197,12 +204,9 @@ def _marks(pool: asyncpg.Pool, guard: Guard) -> list[Route]:
             if len(ids) > MAX_MARK_IDS:
                 raise InvalidArgument(f"at most {MAX_MARK_IDS} ids per request", field="ids")
             changed = await store.mark(pool, caller.account_id, caller.user_id, ids, what)
-            if what != "seen":
-                await store.read_state_changed(pool, caller.account_id, caller.user_id)
-            count = await store.unread_count(pool, caller.account_id, caller.user_id)
+            return await changed_for(caller, changed, read_state=what != "seen")
         except BelfryError as exc:
             return error_response(exc)
-        return JSONResponse({"changed": changed, "unread": count})
 
     async def open_notification(request: Request) -> JSONResponse:
         """POST /api/feed/open {"notification_id": ...}: the user opened it elsewhere (a push on a phone): read."""
@@ -213,12 +217,9 @@ def _marks(pool: asyncpg.Pool, guard: Guard) -> list[Route]:
             if not isinstance(notification_id, str) or not _is_uuid(notification_id):
                 raise InvalidArgument("notification_id must be a notification id (a UUID)", field="notification_id")
             changed = await store.mark_notification_read(pool, caller.account_id, caller.user_id, notification_id)
-            if changed:
-                await store.read_state_changed(pool, caller.account_id, caller.user_id)
-            count = await store.unread_count(pool, caller.account_id, caller.user_id)
+            return await changed_for(caller, changed, read_state=True)
         except BelfryError as exc:
             return error_response(exc)
-        return JSONResponse({"changed": changed, "unread": count})
 
     async def read_all(request: Request) -> JSONResponse:
         """POST /api/feed/read-all: every item read."""
