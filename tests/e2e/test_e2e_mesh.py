@@ -29,10 +29,14 @@ from belfry.api.common.v1 import common_pb2
 from belfry.api.directory.v1 import directory_pb2, directory_pb2_grpc
 from belfry.api.dispatcher.v1 import dispatcher_pb2, dispatcher_pb2_grpc
 from belfry.api.preferences.v1 import preferences_pb2, preferences_pb2_grpc
+from belfry.api.webhooks.v1 import webhooks_pb2, webhooks_pb2_grpc
 from belfry.auth import TokenIssuer
 from belfry.local import demo, mailcatcher, supervisor
 
 from tests.conftest import TEST_CALLER, client_tls, common_env, fanned_out, service_token
+from tests.push.fakes.http import serve_tls
+from tests.push.fakes.receiver import Receiver
+from tests.push.fakes.tls import make_pki
 
 TOPIC = "comments.mentioned"
 
@@ -44,6 +48,8 @@ class Mesh:
     mail: Path
     http_port: int
     issuer: TokenIssuer
+    hooks: Receiver  # a user's "other apps" webhook endpoint (HTTPS on loopback)
+    hooks_port: int
 
     def channel(self, service: str) -> grpc.aio.Channel:
         return rpc.connect(self.env[f"BELFRY_{service.upper()}_ADDRESS"], client_tls())
@@ -62,6 +68,11 @@ async def mesh(
     home = tmp_path_factory.mktemp("mesh")
     catcher, smtp_port = mailcatcher.start(home / "mail")
     http_port = _free_port()
+    (home / "pki").mkdir()
+    pki = make_pki(home / "pki")
+    hooks = Receiver()
+    receiving = serve_tls(hooks.app, pki)
+    hooks_port = await receiving.__aenter__()
     env = dict(os.environ)
     env.update(common_env(database_url, token_keys))
     env.update(
@@ -75,15 +86,19 @@ async def mesh(
         BELFRY_LOG_LEVEL="warning",
         BELFRY_UNSUBSCRIBE_KEY="u" * 48,
         BELFRY_WEBHOOK_SECRET_KEY_FILE=str(home / "webhook_secret.key"),
+        BELFRY_WEBHOOKS_ALLOWED_PORTS=f"443,{hooks_port}",
+        BELFRY_WEBHOOKS_ALLOW_NETWORKS="127.0.0.0/8",
+        BELFRY_WEBHOOKS_CA_FILE=str(pki.ca_file),
     )
     for declared in service.declared():
         env[f"BELFRY_{declared.name.upper()}_GRPC_ADDRESS"] = "127.0.0.1:0"
     children = await supervisor.start_mesh(env)
     try:
-        yield Mesh(env, children, home / "mail", http_port, TokenIssuer(token_keys, "k1"))
+        yield Mesh(env, children, home / "mail", http_port, TokenIssuer(token_keys, "k1"), hooks, hooks_port)
     finally:
         await supervisor.stop_all(children, 15)
         catcher.stop()
+        await receiving.__aexit__(None, None, None)
 
 
 async def _seed(mesh: Mesh, account_id: str, users: list[str]) -> None:
@@ -176,6 +191,19 @@ async def test_the_status_timeline_follows_a_notification_to_the_relay_the_feed_
     mesh: Mesh, account_id: str
 ) -> None:
     await _seed(mesh, account_id, ["alice", "carol"])
+    # Alice also connected an "other apps" webhook and turned the topic on for it.
+    alice_token = (("authorization", f"Bearer {mesh.issuer.issue(account_id, 'alice')}"),)
+    hook = f"/hooks/{uuid.uuid4().hex}"
+    async with mesh.channel("webhooks") as chan:
+        await webhooks_pb2_grpc.WebhooksStub(chan).ConnectWebhook(
+            webhooks_pb2.ConnectWebhookRequest(url=f"https://localhost:{mesh.hooks_port}{hook}", label="ops"),
+            metadata=alice_token,
+        )
+    async with mesh.channel("preferences") as chan:
+        choice = preferences_pb2.Choice(topic=TOPIC, channel=common_pb2.CHANNEL_OTHER_APPS, enabled=True)
+        await preferences_pb2_grpc.PreferencesServiceStub(chan).SetPreference(
+            preferences_pb2.SetPreferenceRequest(choice=choice), metadata=alice_token
+        )
     async with mesh.channel("dispatcher") as chan:
         dispatcher = dispatcher_pb2_grpc.DispatcherServiceStub(chan)
         event = demo.event(account_id=account_id, topic=TOPIC, recipients=["alice"], actor="carol", object_name="Q-7")
@@ -208,6 +236,13 @@ async def test_the_status_timeline_follows_a_notification_to_the_relay_the_feed_
             "accepted by the SMTP relay",
         )
         assert last["bell"].state == dispatcher_pb2.STATE_SENT  # in alice's feed
+        assert (last["other_apps"].state, last["other_apps"].reason) == (
+            dispatcher_pb2.STATE_DELIVERED,
+            "acknowledged by the webhook",
+        )
+        assert [d.document.get("notification_id") for d in mesh.hooks.received if d.path == hook] == [
+            published.notification_id
+        ]
         assert not found.HasField("read_at")
 
         # Alice reads it in the bell: the one read state shows on the notification, whatever the channel.
