@@ -105,7 +105,10 @@ class Fanout:
         while not stop.is_set():
             # Clear before claiming: an accept that commits meanwhile must wake the next wait.
             wake.clear()
-            if await self.step() >= self._tuning.batch:
+            claimed, advanced = await self._step()
+            # A full batch may leave more due; an event expanded in part (a large audience) has its next
+            # chunk due at once: either way claim again now, not after the next NOTIFY or poll.
+            if claimed >= self._tuning.batch or advanced:
                 continue
             if lost.is_set():
                 raise ConnectionResetError("the fan-out LISTEN connection was closed by the database")
@@ -138,6 +141,11 @@ class Fanout:
 
     async def step(self) -> int:
         """Claim and fan out one batch in one transaction; return how many backlog rows were claimed."""
+        claimed, _ = await self._step()
+        return claimed
+
+    async def _step(self) -> tuple[int, int]:
+        """``step``, also saying how many of the claimed events were expanded only in part (their next chunk due)."""
         async with self._pool.acquire() as conn, conn.transaction():
             # Read once: the process's other workers move the cursor while this one awaits its claim, and a
             # wrap-around bounded by a newer cursor would claim again rows this transaction already holds
@@ -151,7 +159,7 @@ class Fanout:
                 )
             self._cursor = max((b.row.account_id for b in claimed), default="")
             if not claimed:
-                return 0
+                return 0, 0
             jobs = [_job(b, self._tuning.chunk) for b in claimed]
             plans = await self._planner.plan(jobs, conn)
             ready = [p for p in plans if isinstance(p, Plan)]
@@ -170,7 +178,7 @@ class Fanout:
             )
         if retry or failed:
             _LOG.warning("fan-out deferred or failed", retried=len(retry), failed=len(failed))
-        return len(claimed)
+        return len(claimed), len(advanced)
 
 
 def _trace_of(row: store.NotificationRow) -> str | None:
