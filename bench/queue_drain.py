@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-from belfry import db, migrate
+from belfry import db, log, migrate
 from belfry.message import Message
 from belfry.queue import Lease, NewDelivery, Outcome, Queue, Sent, enqueue, worker
 from procrastinate import App, PsycopgConnector
@@ -320,6 +320,9 @@ async def main() -> None:
     parser.add_argument("--py-spy", default="", help="py-spy raw samples of the first Belfry drain to this file")
     parser.add_argument("--perf", default="", help="perf samples of the backends during the first Belfry drain")
     args = parser.parse_args()
+    # Warnings only, as a production sender with info lines off would run: the worker writes an info line per
+    # settled delivery ("delivery settled"), which would measure the terminal, not the queue.
+    log.configure(service="bench-drain", level="warning")
     async with contextlib.AsyncExitStack() as stack:
         cluster = None if args.shared else await stack.enter_async_context(DurableCluster())
         admin = ADMIN if cluster is None else cluster.admin_dsn
