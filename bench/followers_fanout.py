@@ -68,7 +68,11 @@ async def _follow_all(follows: dispatcher_pb2_grpc.FollowServiceStub, users: lis
 async def _fan_out_once(
     conn: asyncpg.Connection, stub: dispatcher_pb2_grpc.DispatcherServiceStub, events: list[pb.Event], meter: common.Cpu
 ) -> tuple[float, dict[str, float], int]:
-    """Publish ``events`` in one call, wait until their deliveries are all written: (seconds, CPU, recipients told)."""
+    """Publish ``events`` in one call, wait until their deliveries are all written: (seconds, CPU, recipients told).
+
+    The CPU dict also carries ``wal_bytes``: the server's WAL written meanwhile (nothing else runs on it).
+    """
+    wal_before = await conn.fetchval("select pg_current_wal_lsn()")
     await meter.start(conn)
     started = time.perf_counter()
     answer = await stub.PublishBatch(pb.PublishBatchRequest(events=events), timeout=120)
@@ -76,6 +80,7 @@ async def _fan_out_once(
     await common.wait_fanned_out(conn)
     seconds = time.perf_counter() - started
     used = await meter.stop(conn)
+    used["wal_bytes"] = float(await conn.fetchval("select pg_current_wal_lsn() - $1::pg_lsn", wal_before))
     told = await conn.fetchval(
         "select count(*) from dispatcher.recipients"
         " where account_id = $1 and notification_id = any($2::uuid[]) and state = 'accepted'",
@@ -154,9 +159,10 @@ async def main() -> None:
             seconds = statistics.median(r[0] for r in rows)
             told = rows[0][2]
             cpu = {k: statistics.median(r[1][k] for r in rows) for k in rows[0][1]}
+            wal = cpu.pop("wal_bytes")
             print(
                 f"  {label}: {seconds:.2f} s to the last delivery row ({told / seconds:,.0f} recipients/s, "
-                f"{told:,} told); CPU {common.cpu_line(cpu, seconds, told, 'recipient')}"
+                f"{told:,} told); WAL {wal / told:,.0f} B/recipient; CPU {common.cpu_line(cpu, seconds, told, 'recipient')}"
             )
 
         # A user following --follows records, beside one following a single record.
