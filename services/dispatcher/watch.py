@@ -62,7 +62,7 @@ def decode_token(token: str) -> datetime:
 
 
 class Watch:
-    """Readings of one account's changes, shared by nothing: one per stream."""
+    """Reads accounts' changes for streams; each ``follow`` keeps its own position (one per stream)."""
 
     def __init__(self, pool: asyncpg.Pool, tuning: Tuning = Tuning()) -> None:
         self._pool = pool
