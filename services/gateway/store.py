@@ -383,5 +383,5 @@ async def announce_counts(pool: asyncpg.Pool, account_id: str, user_id: str) -> 
 
 async def read_state_changed(pool: asyncpg.Pool, account_id: str, user_id: str) -> None:
     """The user's read state changed: every replica's tabs get the new counts, the user's phones their badge."""
-    await announce_counts(pool, account_id, user_id)
     await sync_badges(pool, account_id, user_id)
+    await announce_counts(pool, account_id, user_id)  # last: the caller's own answer follows the tabs' news closely
