@@ -29,6 +29,9 @@ UserKey = tuple[str, str]
 _LISTENER_LOST: tuple[str, str, int] = ("", "", -1)
 
 
+# Presence rows refreshed per statement.
+_PRESENCE_CHUNK = 1000
+
 CLOSE_SLOW_CONSUMER = 4408
 CLOSE_TOKEN_EXPIRED = 4403
 
@@ -263,8 +266,11 @@ class Hub:
         """Background loop: refresh this replica's presence rows and purge expired ones; remove them at stop."""
 
         async def refresh() -> None:
-            for account_id, user_id in list(self.tabs):
-                await presence.touch(self.pool, account_id, user_id, self.replica, self.replica, self.presence_ttl)
+            users = list(self.tabs)
+            # A statement per chunk, not per user: 10,000 tabs cost ten round trips per refresh.
+            for start in range(0, len(users), _PRESENCE_CHUNK):
+                chunk = users[start : start + _PRESENCE_CHUNK]
+                await presence.touch_many(self.pool, chunk, self.replica, self.replica, self.presence_ttl)
             await presence.purge_expired(self.pool)
 
         # Presence is best effort: a failed refresh is retried, and rows expire on their own meanwhile.

@@ -105,10 +105,11 @@ fresh as (
                         and f.notification_id = i.notification_id)
 ),
 counts as (select account_id, user_id, count(*) as n from fresh group by account_id, user_id),
--- The upsert row-locks each user's counter until commit, so ids commit in the order they are numbered.
+-- The upsert row-locks each user's counter until commit, so ids commit in the order they are numbered;
+-- it takes them in key order, so two writers with users in common queue up instead of deadlocking.
 bumped as (
     insert into gateway.feed_seq as s (account_id, user_id, last_id)
-    select account_id, user_id, n from counts
+    select account_id, user_id, n from counts order by account_id, user_id
     on conflict (account_id, user_id) do update set last_id = s.last_id + excluded.last_id
     returning account_id, user_id, last_id
 )
@@ -202,23 +203,16 @@ class Position:
 
 
 async def position(pool: asyncpg.Pool, account_id: str, user_id: str) -> Position:
-    """The newest id and the unread count in one statement, so one snapshot: the count is of ids up to it.
+    """The newest id and the unread count, read from one row, so one snapshot: the count is of ids up to it.
 
-    Read separately, an item committed between the two reads would be counted
-    but not covered by the id (a ``ready`` frame saying 2 unread up to an id
-    that has 1).
+    Both live in ``gateway.feed_seq`` (the count kept by the feed's triggers,
+    migration 0004): an item committed after the read is neither covered by
+    the id nor counted.
     """
     row = await pool.fetchrow(
-        """select coalesce((select last_id from gateway.feed_seq where account_id = $1 and user_id = $2), 0)
-                      as last_id,
-                  (select count(*) from gateway.feed
-                    where account_id = $1 and user_id = $2 and in_feed and read_at is null and archived_at is null)
-                      as unread""",
-        account_id,
-        user_id,
+        "select last_id, unread from gateway.feed_seq where account_id = $1 and user_id = $2", account_id, user_id
     )
-    assert row is not None  # a select without FROM always returns its one row
-    return Position(last_id=int(row["last_id"]), unread=int(row["unread"]))
+    return Position(0, 0) if row is None else Position(last_id=int(row["last_id"]), unread=int(row["unread"]))
 
 
 async def last_id(pool: asyncpg.Pool, account_id: str, user_id: str) -> int:
@@ -248,14 +242,11 @@ async def page(
 
 
 async def unread_count(conn: asyncpg.Pool | asyncpg.Connection, account_id: str, user_id: str) -> int:
-    """Unread, unarchived bell items of the user."""
+    """Unread, unarchived bell items of the user (the count the feed's triggers keep)."""
     value = await conn.fetchval(
-        """select count(*) from gateway.feed
-           where account_id = $1 and user_id = $2 and in_feed and read_at is null and archived_at is null""",
-        account_id,
-        user_id,
+        "select unread from gateway.feed_seq where account_id = $1 and user_id = $2", account_id, user_id
     )
-    return int(value)
+    return int(value or 0)
 
 
 _MARKS = {"read": "read_at", "seen": "seen_at", "archive": "archived_at"}
@@ -314,11 +305,9 @@ async def items_with_unread(
     rows = await pool.fetch(
         f"""
         with wanted as (select * from unnest($1::text[], $2::text[], $3::bigint[]) as w(account_id, user_id, id))
-        select {_COLUMNS}, f.account_id, f.user_id,
-               (select count(*) from gateway.feed u
-                 where u.account_id = f.account_id and u.user_id = f.user_id
-                   and u.in_feed and u.read_at is null and u.archived_at is null) as unread
+        select {_COLUMNS}, f.account_id, f.user_id, s.unread
         from wanted w join gateway.feed f using (account_id, user_id, id)
+             join gateway.feed_seq s using (account_id, user_id)
         """,
         [k[0] for k in keys],
         [k[1] for k in keys],
@@ -331,11 +320,9 @@ async def unread_counts(pool: asyncpg.Pool, users: Sequence[tuple[str, str]]) ->
     """Unread counts of several users at once."""
     rows = await pool.fetch(
         """
-        select w.account_id, w.user_id,
-               (select count(*) from gateway.feed u
-                 where u.account_id = w.account_id and u.user_id = w.user_id
-                   and u.in_feed and u.read_at is null and u.archived_at is null) as unread
+        select w.account_id, w.user_id, coalesce(s.unread, 0) as unread
         from unnest($1::text[], $2::text[]) as w(account_id, user_id)
+             left join gateway.feed_seq s using (account_id, user_id)
         """,
         [u[0] for u in users],
         [u[1] for u in users],

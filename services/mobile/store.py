@@ -117,12 +117,12 @@ async def badge(pool: asyncpg.Pool, account_id: str, user_id: str, notification_
     """The user's unread count for a push's badge: their unread bell items (the gateway's view), and the
     notification being pushed when its bell item is due but not stored yet (its bell delivery still queued).
 
-    Read only: ``gateway.unread_items`` and ``gateway.read_state`` are the gateway's contract,
+    Read only: ``gateway.unread_counts`` and ``gateway.read_state`` are the gateway's contract,
     ``queue.deliveries`` the queue's.
     """
     value = await pool.fetchval(
         """
-        select (select count(*) from gateway.unread_items where account_id = $1 and user_id = $2)
+        select coalesce((select unread from gateway.unread_counts where account_id = $1 and user_id = $2), 0)
              + (exists (select 1 from queue.deliveries
                         where account_id = $1 and notification_id = $3 and user_id = $2 and channel = 'bell'
                           and state in ('queued', 'leased'))

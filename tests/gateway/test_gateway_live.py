@@ -188,10 +188,10 @@ async def test_ready_frame_counts_exactly_the_unread_items_up_to_its_last_id(
     await publish(account_id, "u1", "before")
     await frames_until(watcher, "item")
     await watcher.close()
-    # An item committed while a new tab reads its starting point: the writer holds the feed locked, so
-    # the gateway's read of the feed waits, and the item commits while it waits.
+    # An item committed while a new tab reads its starting point: the writer holds the feed's counters
+    # locked, so the gateway's read of them waits, and the item commits while it waits.
     async with pool.acquire() as writer, writer.transaction():
-        await writer.execute("lock table gateway.feed in access exclusive mode")
+        await writer.execute("lock table gateway.feed_seq in access exclusive mode")
         tab = await connect(replica.ws, token)
         for _ in range(1000):
             if await pool.fetchval(
@@ -201,7 +201,7 @@ async def test_ready_frame_counts_exactly_the_unread_items_up_to_its_last_id(
                 break
             await asyncio.sleep(0.01)
         else:
-            raise AssertionError("the gateway never read the feed")
+            raise AssertionError("the gateway never read the feed's position")
         await writer.execute(_ADD_ONE, account_id, "u1")
     [ready] = await frames_until(tab, "ready")
     await tab.close()
@@ -246,3 +246,22 @@ async def test_each_websocket_implementation_serves_the_whole_protocol(
         await ws.recv()
     assert closed.value.rcvd is not None
     assert closed.value.rcvd.code == 4400
+
+
+async def test_presence_rows_outlive_their_ttl_while_the_tabs_stay(
+    start_replica: StartReplica, issuer: TokenIssuer, pool: asyncpg.Pool, account_id: str
+) -> None:
+    """The replica refreshes every user's row (in chunked statements) before it expires; a closed tab's goes."""
+    replica = await start_replica(BELFRY_GATEWAY_PRESENCE_TTL_SECONDS="0.5")
+    users = [f"p{i}" for i in range(5)]
+    tabs = []
+    for user in users:
+        tab = await connect(replica.ws, issuer.issue(account_id, user))
+        await frames_until(tab, "ready")
+        tabs.append(tab)
+    await tabs[0].close()
+    await asyncio.sleep(2.0)  # four times the TTL: only refreshed rows are still live
+    live = [u for u in users if await presence.has_live_tab(pool, account_id, u)]
+    assert live == users[1:]
+    for tab in tabs[1:]:
+        await tab.close()

@@ -6,6 +6,8 @@ gateway replica that dies without cleaning up stops counting within seconds.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import asyncpg
 
 
@@ -27,6 +29,37 @@ async def touch(
         """,
         account_id,
         user_id,
+        connection,
+        replica,
+        ttl_seconds,
+    )
+
+
+async def touch_many(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    users: Sequence[tuple[str, str]],
+    connection: str,
+    replica: str,
+    ttl_seconds: float,
+) -> None:
+    """Refresh the rows of many (account, user) pairs under one connection name, in one statement.
+
+    Rows are taken in key order, so two replicas refreshing users in common
+    queue up instead of deadlocking.
+    """
+    if not users:
+        return
+    ordered = sorted(users)
+    await conn.execute(
+        """
+        insert into queue.presence (account_id, user_id, connection, replica, expires_at)
+        select a, u, $3, $4, now() + make_interval(secs => $5)
+        from unnest($1::text[], $2::text[]) with ordinality as t(a, u, n) order by n
+        on conflict (account_id, user_id, connection)
+        do update set replica = excluded.replica, expires_at = excluded.expires_at
+        """,
+        [a for a, _ in ordered],
+        [u for _, u in ordered],
         connection,
         replica,
         ttl_seconds,
