@@ -112,7 +112,7 @@ DESCRIPTIONS: dict[str, str] = {
     # preferences
     "BELFRY_PREFERENCES_MAX_BATCH": "largest EffectiveBatch / GetUsers request",
     "BELFRY_APP_URL": "the web app's address, linked from the 'your defaults changed' email",
-    "BELFRY_DISPATCHER_ADDRESS": "the dispatcher's address",
+    "BELFRY_DISPATCHER_ADDRESS": "the dispatcher's address (the gateway proxies its FollowService for the web app)",
     # webpush
     "BELFRY_WEBPUSH_ADDRESS": "the web push service's address",
     "BELFRY_WEBPUSH_ALLOWED_HOSTS": "push-service hosts a subscription may name (`.suffix` matches subdomains)",

@@ -1,4 +1,4 @@
-"""JSON HTTP endpoints for the settings and admin pages, proxied to the preferences and webpush services.
+"""JSON HTTP endpoints of the web app, proxied to the preferences, webpush and dispatcher (follows) services.
 
 The page's bearer token is passed through as ``authorization`` metadata: the
 services authorise the user themselves (roles are looked up there, never
@@ -17,6 +17,7 @@ from typing import Any
 
 import grpc
 from belfry import access, rpc
+from belfry.api.dispatcher.v1 import dispatcher_pb2, dispatcher_pb2_grpc
 from belfry.api.preferences.v1 import preferences_pb2, preferences_pb2_grpc
 from belfry.api.webpush.v1 import webpush_pb2, webpush_pb2_grpc
 from belfry.config import TlsSettings
@@ -69,10 +70,24 @@ def _methods(
 
 
 class Proxies:
-    """One reused channel per service; routes ``POST /api/<service>/<Method>``."""
+    """One reused channel per service; routes ``POST /api/<service>/<Method>``.
 
-    def __init__(self, preferences_target: str, webpush_target: str, tls: TlsSettings, timeout: float = 10.0) -> None:
-        self._channels = [rpc.connect(preferences_target, tls), rpc.connect(webpush_target, tls)]
+    ``<service>`` is ``preferences``, ``webpush`` or ``follows`` (the dispatcher's FollowService).
+    """
+
+    def __init__(
+        self,
+        preferences_target: str,
+        webpush_target: str,
+        dispatcher_target: str,
+        tls: TlsSettings,
+        timeout: float = 10.0,
+    ) -> None:
+        self._channels = [
+            rpc.connect(preferences_target, tls),
+            rpc.connect(webpush_target, tls),
+            rpc.connect(dispatcher_target, tls),
+        ]
         self.preferences = self._channels[0]
         self._timeout = timeout
         self._services = {
@@ -87,6 +102,13 @@ class Proxies:
                 webpush_pb2,
                 "WebPush",
                 access.relayed("gateway", "belfry.api.webpush.v1.WebPush"),
+            ),
+            # Follow, Unfollow, Mute, Unmute, ListFollows: the caller's own (ListFollowers is internal).
+            "follows": _methods(
+                dispatcher_pb2_grpc.FollowServiceStub(self._channels[2]),
+                dispatcher_pb2,
+                "FollowService",
+                access.relayed("gateway", "belfry.api.dispatcher.v1.FollowService"),
             ),
         }
 

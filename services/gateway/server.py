@@ -56,7 +56,7 @@ class GatewayBuild:
         routes = api.routes(pool, guard, issuer, (s.demo_account, s.demo_user))
         from services.gateway import proxy  # noqa: PLC0415 - keeps gRPC stubs out of the hot import path
 
-        proxies = proxy.Proxies(s.preferences_target, s.webpush_target, s.common.tls)
+        proxies = proxy.Proxies(s.preferences_target, s.webpush_target, s.dispatcher_target, s.common.tls)
         extra: list[BaseRoute] = [*routes, *proxies.routes(guard)]
         if s.unsubscribe_key is not None:
             # The email sender's List-Unsubscribe links point at the web app's origin.

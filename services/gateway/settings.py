@@ -35,6 +35,7 @@ class Settings:
     demo_user: str
     preferences_target: str
     webpush_target: str
+    dispatcher_target: str  # its FollowService: the web app's "Mute this thread" and "Unfollow"
     sender: SenderSettings  # the bell sender; its worker id also names this replica's presence rows
     unsubscribe_key: bytes | None  # verifies the email sender's one-click unsubscribe links
     unsubscribe_other_keys: tuple[bytes, ...]  # also accepted: the next or previous key of a rotation
@@ -81,6 +82,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         demo_user=env.str("BELFRY_DEMO_USER", "alice"),
         preferences_target=env.address("BELFRY_PREFERENCES_ADDRESS", "127.0.0.1:50051"),
         webpush_target=env.address("BELFRY_WEBPUSH_ADDRESS", "127.0.0.1:50055"),
+        dispatcher_target=env.address("BELFRY_DISPATCHER_ADDRESS", "127.0.0.1:50052"),
         sender=load_sender_settings(env, common, "gateway", batch=200, concurrency=200, lease_seconds=30.0),
         unsubscribe_key=unsubscribe_key.encode() or None,
         unsubscribe_other_keys=_other_unsubscribe_keys(env),

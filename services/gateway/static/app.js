@@ -1,5 +1,5 @@
 // The bell page: badge, inbox panel, pop-ups, in-tab browser notifications, live over the websocket.
-import { api, boot, el, getToken, prefs, safeUrl, showError, tokenExpiry } from "./common.js";
+import { api, boot, el, follows, getToken, prefs, safeUrl, showError, tokenExpiry } from "./common.js";
 import { fullDate, relativeTime, t } from "./i18n.js";
 import { subscribePush } from "./push.js";
 import { play } from "./sounds.js";
@@ -8,6 +8,9 @@ const PAGE = 20;
 const state = {
   lastId: null, unread: 0, items: new Map(), filter: "all", next: { main: null, archived: null }, archivedLoaded: false,
   topics: new Map(), redDot: false, muted: false, lastInput: Date.now(), socket: null,
+  // What this page has been told of the user's follows ({following, muted} by object), from the answers
+  // of its own Follow / Unfollow / Mute / Unmute calls: a row's menu offers the inverse of what it knows.
+  follows: new Map(),
 };
 const ACTIVE_MS = 5 * 60 * 1000;
 const RECENT_MS = 60 * 1000;
@@ -111,6 +114,25 @@ async function mark(item, what) {
   await setUnread(answer.unread);
 }
 
+// The one object a notification is about ({type, id, display_name}), or null for none or several.
+function soleObject(item) {
+  const objects = (item.items || []).filter((o) => o && o.type && o.id);
+  if (!objects.length) return null;
+  return objects.every((o) => o.type === objects[0].type && o.id === objects[0].id) ? objects[0] : null;
+}
+
+const followKey = (object) => `${object.type}\u001f${object.id}`;
+
+// Follow, Unfollow, Mute or Unmute the object through the gateway's proxy of the dispatcher's FollowService;
+// the answer (the user's relation to it) is remembered and the confirmation said in the status line.
+async function setFollow(object, method) {
+  const answer = await follows(method, { object: { type: object.type, id: object.id } });
+  const follow = answer.follow || {};
+  state.follows.set(followKey(object), { following: Boolean(follow.following), muted: Boolean(follow.muted) });
+  const name = object.display_name || object.id;
+  status(t({ Mute: "follow.muted", Unmute: "follow.unmuted", Follow: "follow.followed", Unfollow: "follow.unfollowed" }[method], { name }));
+}
+
 // The row's menu (WAI-ARIA menu button): arrows move, Escape closes and returns to the button.
 function rowMenu(item) {
   const topic = topicOf(item.topic);
@@ -129,6 +151,16 @@ function rowMenu(item) {
     item.archived ? act(t("feed.unarchive"), "unarchive", async () => { await mark(item, "unarchive"); render([item.id, ".more"]); })
       : act(t("feed.archive"), "archive", async () => { await mark(item, "archive"); render([item.id, ".more"]); }),
   ];
+  const object = soleObject(item);
+  if (object) {
+    // Before any choice on this page, the menu offers the common case (mute, unfollow); after one, its inverse.
+    const known = state.follows.get(followKey(object)) || { following: true, muted: false };
+    const follow = (method) => async () => { await setFollow(object, method); render([item.id, ".more"]); };
+    entries.push(known.muted ? act(t("feed.unmuteThread"), "unmute", follow("Unmute"))
+      : act(t("feed.muteThread"), "mute", follow("Mute")));
+    entries.push(known.following ? act(t("feed.unfollow"), "unfollow", follow("Unfollow"))
+      : act(t("feed.follow"), "follow", follow("Follow")));
+  }
   const popupAllowed = topic && !topic.locked && topic.channels.includes("CHANNEL_POPUP");
   if (popupAllowed) {
     entries.push(act(t("feed.mutePopups"), "mute-popups", async () => {
@@ -213,6 +245,7 @@ async function dontShow(item, channel) {
 
 function toast(item) {
   const topic = topicOf(item.topic);
+  const object = soleObject(item);
   const box = el("div", { class: "toast", role: "status", "data-id": item.id, "data-topic": item.topic });
   const close = () => box.remove();
   box.append(
@@ -222,6 +255,9 @@ function toast(item) {
       topic && !topic.locked ? el("button", { type: "button", class: "dont-show", onclick: async () => {
         try { await dontShow(item, "CHANNEL_POPUP"); close(); } catch (error) { showError(error); }
       } }, t("toast.dontShow")) : null,
+      object ? el("button", { type: "button", class: "mute-thread", onclick: async () => {
+        try { await setFollow(object, "Mute"); close(); render(); } catch (error) { showError(error); }
+      } }, t("toast.muteThread")) : null,
       el("button", { type: "button", class: "mute", onclick: async () => {
         try { await prefs("SetMuted", { muted: true }); state.muted = true; close(); } catch (error) { showError(error); }
       } }, t("toast.mute")),

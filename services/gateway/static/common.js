@@ -71,6 +71,8 @@ export async function api(path, body) {
 
 export const prefs = (method, body = {}) => api(`/api/preferences/${method}`, body);
 export const webpush = (method, body = {}) => api(`/api/webpush/${method}`, body);
+// The dispatcher's FollowService, the caller's own follows and mutes (Follow, Unfollow, Mute, Unmute, ListFollows).
+export const follows = (method, body = {}) => api(`/api/follows/${method}`, body);
 
 // A short sentence in the user's language for what went wrong.
 export function errorText(error) {
