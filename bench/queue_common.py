@@ -20,8 +20,8 @@ from belfry import migrate
 ADMIN = os.environ.get("BELFRY_TEST_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
-async def scratch_database() -> str:
-    """Create and migrate a fresh database; return its DSN (drop it with ``drop_database``)."""
+async def scratch_database(*, migrated: bool = True) -> str:
+    """Create a fresh database, migrated unless told not to; return its DSN (drop it with ``drop_database``)."""
     name = f"belfry_bench_{uuid.uuid4().hex[:10]}"
     admin = await asyncpg.connect(ADMIN)
     try:
@@ -29,7 +29,8 @@ async def scratch_database() -> str:
     finally:
         await admin.close()
     dsn = ADMIN.rsplit("/", 1)[0] + f"/{name}"
-    await migrate.migrate_url(dsn)
+    if migrated:
+        await migrate.migrate_url(dsn)
     return dsn
 
 
