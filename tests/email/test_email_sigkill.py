@@ -13,6 +13,7 @@ import collections
 import contextlib
 import os
 import sys
+from email.utils import parseaddr
 from pathlib import Path
 
 import asyncpg
@@ -81,10 +82,14 @@ async def test_sigkill_after_smtp_accept_resends_same_message_id(
         victim.pop("pid", None)
 
     assert len(kills) == KILLS  # every delivery was killed once, right after its acceptance
-    received = collections.Counter(
-        str(c.parsed["Message-ID"]) for c in capture.snapshot() if account_id in str(c.parsed["Message-ID"])
-    )
-    assert set(received) == set(kills) and set(received.values()) == {2}  # sent again, same Message-ID
-    rows = await pool.fetch("select state, attempts from queue.deliveries where account_id = $1", account_id)
+    ours = [c for c in capture.snapshot() if account_id in str(c.parsed["Message-ID"])]
+    received = collections.Counter(str(c.parsed["Message-ID"]) for c in ours)
+    assert set(received) == set(kills)  # sent again after the kill, under the same Message-ID
+    rows = await pool.fetch("select user_id, state, attempts from queue.deliveries where account_id = $1", account_id)
     assert [r["state"] for r in rows] == ["sent"] * KILLS
-    assert {r["attempts"] for r in rows} == {2}
+    # Each attempt sent one copy and no copy went out without an attempt on record: the killed one and
+    # the one that completed, and a third only where a send outlived its share of the lease on a busy
+    # machine (the sender gave up on it, so the delivery was retried: at least once, same Message-ID).
+    copies = collections.Counter(parseaddr(str(c.parsed["To"]))[1].split("@")[0] for c in ours)
+    assert {r["user_id"]: r["attempts"] for r in rows} == dict(copies)
+    assert min(copies.values()) >= 2
