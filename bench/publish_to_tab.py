@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -266,7 +267,14 @@ async def run_mesh(args: argparse.Namespace, run: int) -> Result:
     try:
         if run == 0:
             print(await common.versions(conn, "grpcio", "asyncpg", "uvloop", "uvicorn", "wsproto", "websockets"))
+        if args.split_fanout:
+            env["BELFRY_DISPATCHER_FANOUT_WORKERS"] = "0"  # the producers' dispatcher only accepts
         children = await supervisor.start_mesh(env, SERVICES)
+        if args.split_fanout:
+            # A second dispatcher process, reached by nobody, whose workers fan out what the first accepts.
+            behind = dict(env, BELFRY_DISPATCHER_FANOUT_WORKERS="2", BELFRY_DISPATCHER_GRPC_ADDRESS="127.0.0.1:0")
+            [fanning] = await supervisor.start_mesh(behind, ["dispatcher"])
+            children.append(dataclasses.replace(fanning, name="fan-out"))
         users = common.user_ids(args.users)
         await common.seed(env, users)
         k = max(1, args.batch)
@@ -361,6 +369,11 @@ async def main() -> None:
     parser.add_argument("--topic", default="contacts.duplicate_record")
     parser.add_argument("--settle", type=float, default=15.0, help="seconds to wait for the last frames")
     parser.add_argument("--no-peers", action="store_true", help="skip the queue-only path and the websockets floor")
+    parser.add_argument(
+        "--split-fanout",
+        action="store_true",
+        help="the producers' dispatcher only accepts (BELFRY_DISPATCHER_FANOUT_WORKERS=0); a second one fans out",
+    )
     args = parser.parse_args()
     log.configure(service="bench", level="warning")  # the scratch databases' migrations are not news
     mode = f"PublishBatch of {args.batch}" if args.batch else "single Publish"

@@ -142,7 +142,7 @@ DESCRIPTIONS: dict[str, str] = {
     "BELFRY_DISPATCHER_IDEMPOTENCY_HOURS": "how long an idempotency key replays its first answer",
     "BELFRY_DISPATCHER_RETENTION_DAYS": "how long published notifications and their status are kept",
     "BELFRY_DISPATCHER_PURGE_SECONDS": "how often expired rows are purged",
-    "BELFRY_DISPATCHER_FANOUT_WORKERS": "fan-out workers (each holds a database connection)",
+    "BELFRY_DISPATCHER_FANOUT_WORKERS": "fan-out workers (each holds a database connection); 0: this replica only accepts",
     "BELFRY_DISPATCHER_PUBLISH_WRITERS": "writers that batch published events into the database",
     "BELFRY_DISPATCHER_AUTO_FOLLOW": "who follows an object automatically (`topic-pattern=sources,...`)",
     "BELFRY_DISPATCHER_FANOUT_ASSIST_LAG_SECONDS": "fan-out lag from which each publishing call fans out as many "

@@ -34,8 +34,12 @@ def build_for(settings: Settings) -> Callable[[asyncpg.Pool], Awaitable[service.
         pressure = Backpressure(pool, settings.backpressure)
         await pressure.refresh()
         planner = Planner(pool, preferences, settings.auto_follow)
-        fanout = Fanout(
-            pool, planner, settings.fanout, workers=settings.fanout_workers, accounts=settings.common.accounts
+        # No workers: this replica only accepts (and never assists); replicas with workers fan out behind it,
+        # so a deployment can keep the producers' calls off the processes that plan and render.
+        fanout = (
+            Fanout(pool, planner, settings.fanout, workers=settings.fanout_workers, accounts=settings.common.accounts)
+            if settings.fanout_workers
+            else None
         )
         dispatcher = Dispatcher(pool, planner, pressure, fanout=fanout)
         servicer = DispatcherServicer(
@@ -67,11 +71,7 @@ def build_for(settings: Settings) -> Callable[[asyncpg.Pool], Awaitable[service.
         return service.Built(
             registrations=[register],
             service_names=[dispatcher_pb2.DESCRIPTOR.services_by_name[name].full_name for name in _SERVICES],
-            background=[
-                pressure.loop,
-                purge,
-                fanout.run,
-            ],
+            background=[pressure.loop, purge, *([fanout.run] if fanout is not None else [])],
             cleanup=[close],
         )
 

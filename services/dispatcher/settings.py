@@ -55,7 +55,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         key_hours=env.float("BELFRY_DISPATCHER_IDEMPOTENCY_HOURS", 24.0, minimum=0.001),
         retention_days=env.float("BELFRY_DISPATCHER_RETENTION_DAYS", 30.0, minimum=0.001),
         purge_seconds=env.float("BELFRY_DISPATCHER_PURGE_SECONDS", 60.0, minimum=0.01),
-        fanout_workers=env.int("BELFRY_DISPATCHER_FANOUT_WORKERS", 2, minimum=1),
+        fanout_workers=env.int("BELFRY_DISPATCHER_FANOUT_WORKERS", 2, minimum=0),
         publish_writers=env.int("BELFRY_DISPATCHER_PUBLISH_WRITERS", 1, minimum=1),
         auto_follow=_auto_follow(env),
         fanout=fanout.Tuning(

@@ -207,3 +207,47 @@ async def test_fan_out_bound_to_an_account_range_takes_only_those_accounts_event
         assert await world.backlog() == set()
         told = await world.pool.fetch("select distinct account_id from queue.deliveries")
         assert {r["account_id"] for r in told} == set(accounts)
+
+
+async def test_a_replica_without_workers_accepts_and_leaves_the_fan_out_to_the_replicas_with_them(
+    mesh: Mesh, account_id: str, admin_dsn: str, token_keys: dict[str, bytes]
+) -> None:
+    """``BELFRY_DISPATCHER_FANOUT_WORKERS=0``: producers' calls on one set of processes, fan-out on another."""
+    await seed(mesh, account_id)
+    async with fresh_database(admin_dsn) as url, open_pool(url) as pool:
+
+        async def start(workers: str) -> service.Running:
+            settings = load_settings(
+                common_env(
+                    url,
+                    token_keys,
+                    identity="dispatcher",
+                    BELFRY_PREFERENCES_ADDRESS=mesh.preferences_address,
+                    BELFRY_DISPATCHER_FANOUT_WORKERS=workers,
+                )
+            )
+            return await service.start("dispatcher", settings.common, build_for(settings))
+
+        accepting = await start("0")
+        try:
+            async with rpc.connect(f"127.0.0.1:{accepting.port}", NO_TLS) as channel:
+                stub = dispatcher_pb2_grpc.DispatcherServiceStub(channel)
+                events = [event(account_id, recipient_user_ids=["ana", "ben"]) for _ in range(30)]
+                answer = await stub.PublishBatch(pb.PublishBatchRequest(events=events))
+                assert all(s.outcome == pb.OUTCOME_ACCEPTED for s in answer.statuses)
+                single = await stub.Publish(pb.PublishRequest(event=event(account_id, recipient_user_ids=["ana"])))
+                assert single.notification_id
+            await asyncio.sleep(1.5)  # past the fan-out poll: a worker here would have claimed them
+            assert await pool.fetchval("select count(*) from dispatcher.fanout") == 31
+            assert await pool.fetchval("select count(*) from queue.deliveries") == 0
+            fanning = await start("1")
+            try:
+                await asyncio.wait_for(fanned_out(pool, account_id), 60)
+            finally:
+                await fanning.stop(0.1)
+            told = await pool.fetchval(
+                "select count(*) from dispatcher.recipients where account_id = $1 and state = 'accepted'", account_id
+            )
+            assert told == 30 * 2 + 1
+        finally:
+            await accepting.stop(0.1)
