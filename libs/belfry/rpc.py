@@ -151,6 +151,9 @@ class _Interceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc sh
         self._service = service
         self._gate = gate
         self._user_tokens = user_tokens
+        # The wrapped handler of each method, built on its first call: grpc asks for the handler on every
+        # call, and the wrapping (closures, a new method handler) depends only on the method.
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self,
@@ -161,7 +164,12 @@ class _Interceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc sh
         method = handler_call_details.method
         if handler is None or method.startswith(("/grpc.health", "/grpc.reflection")):
             return handler
-        return _wrap(handler, method, self._service, _Admission(method, self._gate, self._user_tokens))
+        known = self._wrapped.get(method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        wrapped = _wrap(handler, method, self._service, _Admission(method, self._gate, self._user_tokens))
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
 
 
 class _Admission:
