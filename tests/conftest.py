@@ -66,8 +66,12 @@ def admin_dsn() -> Iterator[str]:
 
 
 @contextlib.asynccontextmanager
-async def fresh_database(admin_dsn: str) -> AsyncIterator[str]:
-    """Create and migrate a database of its own; drop it afterwards."""
+async def fresh_database(admin_dsn: str, *, before: tuple[str, str] | None = None) -> AsyncIterator[str]:
+    """Create and migrate a database of its own; drop it afterwards.
+
+    ``before`` = (owner, version): migrated up to, not including, that owner's
+    migration and its later ones (an upgrade test's yesterday).
+    """
     name = f"belfry_test_{uuid.uuid4().hex[:12]}"
     admin = await asyncpg.connect(admin_dsn)
     try:
@@ -75,7 +79,18 @@ async def fresh_database(admin_dsn: str) -> AsyncIterator[str]:
     finally:
         await admin.close()
     url = _dsn_for(admin_dsn, name)
-    await migrate.migrate_url(url)
+    if before is None:
+        await migrate.migrate_url(url)
+    else:
+        everything = migrate.discover()
+        owner, version = before
+        old = [m for m in everything if not (m.owner == owner and m.version >= version)]
+        assert len(old) < len(everything), f"no migration {owner}/{version} to stop before"
+        conn = await asyncpg.connect(url)
+        try:
+            await migrate.migrate(conn, old)
+        finally:
+            await conn.close()
     try:
         yield url
     finally:

@@ -8,7 +8,7 @@ import asyncpg
 from belfry import migrate
 
 from services.dispatcher import store
-from tests.conftest import _dsn_for
+from tests.conftest import fresh_database
 
 _BEFORE_FANOUT = "0002_fanout"
 
@@ -16,45 +16,38 @@ _BEFORE_FANOUT = "0002_fanout"
 async def test_notifications_written_before_fan_out_are_untouched_and_nothing_is_fanned_out_twice(
     admin_dsn: str,
 ) -> None:
-    name = f"belfry_test_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(admin_dsn)
-    await admin.execute(f'create database "{name}"')
-    await admin.close()
-    conn = await asyncpg.connect(_dsn_for(admin_dsn, name))
-    try:
-        everything = migrate.discover()
-        old = [m for m in everything if not (m.owner == "dispatcher" and m.version >= _BEFORE_FANOUT)]
-        assert len(old) < len(everything)
-        await migrate.migrate(conn, old)
-        # Yesterday's dispatcher wrote a whole notification synchronously: its record, a recipient, a delivery.
-        nid = uuid.uuid4()
-        await conn.execute(
-            """insert into dispatcher.notifications
-                   (account_id, notification_id, idempotency_key, body_hash, topic, occurred_at, object)
-               values ('acc', $1, 'k1', '\\x00', 'deals.stage_changed', now(), '{}')""",
-            nid,
-        )
-        await conn.execute(
-            """insert into dispatcher.recipients (account_id, notification_id, user_id, state)
-               values ('acc', $1, 'ana', 'accepted')""",
-            nid,
-        )
-        await conn.execute(
-            """insert into queue.deliveries (account_id, notification_id, user_id, channel, topic, payload, expires_at)
-               values ('acc', $1, 'ana', 'email', 'deals.stage_changed', '{}', now() + interval '1 hour')""",
-            nid,
-        )
-        applied = await migrate.migrate(conn)
-        assert {m.version for m in applied if m.owner == "dispatcher"} >= {_BEFORE_FANOUT}
-        # In place: the old rows are as they were, and fan-out has nothing to redo.
-        assert await conn.fetchval("select count(*) from dispatcher.fanout") == 0
-        assert await conn.fetchval("select event from dispatcher.notifications where notification_id = $1", nid) is None
-        assert await conn.fetchval("select state from queue.deliveries where notification_id = $1", nid) == "queued"
-        # A replay of the old key is still recognised on the new path.
-        found = await store.find_keys(conn, [("acc", "k1")])
-        assert found[("acc", "k1")][0] == nid
-    finally:
-        await conn.close()
-        admin = await asyncpg.connect(admin_dsn)
-        await admin.execute(f'drop database if exists "{name}" with (force)')
-        await admin.close()
+    async with fresh_database(admin_dsn, before=("dispatcher", _BEFORE_FANOUT)) as url:
+        conn = await asyncpg.connect(url)
+        try:
+            # Yesterday's dispatcher wrote a whole notification synchronously: its record, a recipient, a delivery.
+            nid = uuid.uuid4()
+            await conn.execute(
+                """insert into dispatcher.notifications
+                       (account_id, notification_id, idempotency_key, body_hash, topic, occurred_at, object)
+                   values ('acc', $1, 'k1', '\\x00', 'deals.stage_changed', now(), '{}')""",
+                nid,
+            )
+            await conn.execute(
+                """insert into dispatcher.recipients (account_id, notification_id, user_id, state)
+                   values ('acc', $1, 'ana', 'accepted')""",
+                nid,
+            )
+            await conn.execute(
+                """insert into queue.deliveries (account_id, notification_id, user_id, channel, topic, payload, expires_at)
+                   values ('acc', $1, 'ana', 'email', 'deals.stage_changed', '{}', now() + interval '1 hour')""",
+                nid,
+            )
+            applied = await migrate.migrate(conn)
+            assert {m.version for m in applied if m.owner == "dispatcher"} >= {_BEFORE_FANOUT}
+            # In place: the old rows are as they were, and fan-out has nothing to redo.
+            assert await conn.fetchval("select count(*) from dispatcher.fanout") == 0
+            assert (
+                await conn.fetchval("select event from dispatcher.notifications where notification_id = $1", nid)
+                is None
+            )
+            assert await conn.fetchval("select state from queue.deliveries where notification_id = $1", nid) == "queued"
+            # A replay of the old key is still recognised on the new path.
+            found = await store.find_keys(conn, [("acc", "k1")])
+            assert found[("acc", "k1")][0] == nid
+        finally:
+            await conn.close()

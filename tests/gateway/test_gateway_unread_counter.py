@@ -20,7 +20,7 @@ from belfry import migrate
 from belfry.message import Message
 
 from services.gateway import store
-from tests.conftest import _dsn_for
+from tests.conftest import fresh_database
 
 
 def _message(account_id: str, user_id: str, *, bell: bool = True) -> Message:
@@ -150,22 +150,12 @@ async def test_reads_and_stores_racing_on_one_user_keep_the_count_exact(pool: as
 @pytest.fixture
 async def before_counter(admin_dsn: str) -> AsyncIterator[asyncpg.Connection]:
     """A database migrated up to, not including, the kept count."""
-    name = f"belfry_test_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(admin_dsn)
-    await admin.execute(f'create database "{name}"')
-    await admin.close()
-    conn = await asyncpg.connect(_dsn_for(admin_dsn, name))
-    try:
-        everything = migrate.discover()
-        old = [m for m in everything if not (m.owner == "gateway" and m.version >= "0004_unread_counter")]
-        assert len(old) == len(everything) - 1
-        await migrate.migrate(conn, old)
-        yield conn
-    finally:
-        await conn.close()
-        admin = await asyncpg.connect(admin_dsn)
-        await admin.execute(f'drop database if exists "{name}" with (force)')
-        await admin.close()
+    async with fresh_database(admin_dsn, before=("gateway", "0004_unread_counter")) as url:
+        conn = await asyncpg.connect(url)
+        try:
+            yield conn
+        finally:
+            await conn.close()
 
 
 async def test_the_upgrade_counts_the_items_already_in_the_feed(before_counter: asyncpg.Connection) -> None:

@@ -17,7 +17,7 @@ import pytest
 from belfry import db, migrate
 from belfry.queue import Lease, Queue, Sent, ops
 
-from tests.conftest import _dsn_for
+from tests.conftest import fresh_database
 
 _HOT_CLAIMS = "0003_hot_claims"
 
@@ -25,23 +25,12 @@ _HOT_CLAIMS = "0003_hot_claims"
 @pytest.fixture
 async def old_queue(admin_dsn: str) -> AsyncIterator[tuple[asyncpg.Connection, str]]:
     """A database migrated up to, not including, the HOT-claims migration; (connection, dsn)."""
-    name = f"belfry_test_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(admin_dsn)
-    await admin.execute(f'create database "{name}"')
-    await admin.close()
-    dsn = _dsn_for(admin_dsn, name)
-    conn = await asyncpg.connect(dsn)
-    try:
-        everything = migrate.discover()
-        old = [m for m in everything if not (m.owner == "queue" and m.version >= _HOT_CLAIMS)]
-        assert len(old) < len(everything)
-        await migrate.migrate(conn, old)
-        yield conn, dsn
-    finally:
-        await conn.close()
-        admin = await asyncpg.connect(admin_dsn)
-        await admin.execute(f'drop database if exists "{name}" with (force)')
-        await admin.close()
+    async with fresh_database(admin_dsn, before=("queue", _HOT_CLAIMS)) as dsn:
+        conn = await asyncpg.connect(dsn)
+        try:
+            yield conn, dsn
+        finally:
+            await conn.close()
 
 
 async def _row(conn: asyncpg.Connection, user: str, state: str, **columns: object) -> int:
