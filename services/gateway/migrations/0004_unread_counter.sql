@@ -47,8 +47,8 @@ create trigger feed_unread_update after update on gateway.feed
 create trigger feed_unread_delete after delete on gateway.feed
     referencing old table as old_rows for each statement execute function gateway.feed_unread_delta();
 
--- Counted once, under the lock that keeps writers out until the triggers are in place.
-lock table gateway.feed in share mode;
+-- Counted once. Creating the triggers locked gateway.feed against writers until this transaction
+-- commits, so no write falls between this count and the triggers that move it from now on.
 update gateway.feed_seq s set unread = c.n
 from (select account_id, user_id, count(*) as n from gateway.feed
       where in_feed and read_at is null and archived_at is null group by account_id, user_id) c
