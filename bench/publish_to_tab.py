@@ -69,6 +69,7 @@ from belfry import log
 from belfry.api.dispatcher.v1 import dispatcher_pb2 as pb
 from belfry.api.dispatcher.v1 import dispatcher_pb2_grpc
 from belfry.auth import TokenIssuer
+from belfry.client import Publisher
 from belfry.local import supervisor
 
 from bench import datapath_common as common
@@ -131,8 +132,14 @@ async def _tab(ws: websockets.ClientConnection, s: Stream) -> None:
         s.closed[str(exc.rcvd.code if exc.rcvd else "none")] += 1
 
 
-async def _caller(stub: dispatcher_pb2_grpc.DispatcherServiceStub, s: Stream, batch: int) -> None:
-    """Take the next due call, wait until it is due, make it; open loop over every caller."""
+async def _caller(
+    stub: dispatcher_pb2_grpc.DispatcherServiceStub, s: Stream, batch: int, publisher: Publisher | None = None
+) -> None:
+    """Take the next due call, wait until it is due, make it; open loop over every caller.
+
+    With ``publisher``, each single event goes through ``Publisher.submit`` (the client library gathers
+    the events waiting into batch calls) instead of its own ``Publish`` call.
+    """
     while s.next_call < len(s.calls):
         j = s.next_call
         s.next_call += 1
@@ -144,18 +151,7 @@ async def _caller(stub: dispatcher_pb2_grpc.DispatcherServiceStub, s: Stream, ba
         for k in range(len(events)):
             s.started[first + k] = started
         try:
-            if batch == 0:
-                one = await stub.Publish(pb.PublishRequest(event=events[0]), timeout=60)
-                ids = [one.notification_id]
-            else:
-                answer = await stub.PublishBatch(pb.PublishBatchRequest(events=events), timeout=60)
-                ids = []
-                for status in answer.statuses:
-                    if status.outcome == pb.OUTCOME_ACCEPTED:
-                        ids.append(status.notification_id)
-                    else:
-                        ids.append("")
-                        s.refused[f"{pb.Outcome.Name(status.outcome)} {status.code}"] += 1
+            ids = await _send(stub, events, batch, publisher, s)
         except grpc.aio.AioRpcError as exc:
             s.refused[exc.code().name] += len(events)
             continue
@@ -164,6 +160,31 @@ async def _caller(stub: dispatcher_pb2_grpc.DispatcherServiceStub, s: Stream, ba
             if nid:
                 s.nid[nid] = first + k
                 s.answered[first + k] = ended
+
+
+async def _send(
+    stub: dispatcher_pb2_grpc.DispatcherServiceStub,
+    events: list[pb.Event],
+    batch: int,
+    publisher: Publisher | None,
+    s: Stream,
+) -> list[str]:
+    """Make one call; each event's notification id ("" when refused, counted in ``s.refused``)."""
+    if publisher is not None:
+        statuses = [await publisher.submit(events[0])]
+    elif batch == 0:
+        one = await stub.Publish(pb.PublishRequest(event=events[0]), timeout=60)
+        return [one.notification_id]
+    else:
+        statuses = list((await stub.PublishBatch(pb.PublishBatchRequest(events=events), timeout=60)).statuses)
+    ids = []
+    for status in statuses:
+        if status.outcome == pb.OUTCOME_ACCEPTED:
+            ids.append(status.notification_id)
+        else:
+            ids.append("")
+            s.refused[f"{pb.Outcome.Name(status.outcome)} {status.code}"] += 1
+    return ids
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -298,7 +319,8 @@ async def run_mesh(args: argparse.Namespace, run: int) -> Result:
         await meter.start(conn)
         began = time.monotonic()
         s.t0 = time.time() + 0.05
-        await asyncio.gather(*(_caller(stub, s, args.batch) for _ in range(args.callers)))
+        publisher = Publisher(channel, gatherings=args.gatherings) if args.submit else None
+        await asyncio.gather(*(_caller(stub, s, args.batch, publisher) for _ in range(args.callers)))
         sending_ended = time.time()
         deadline = time.monotonic() + args.settle
         while time.monotonic() < deadline and any(q not in s.arrived for q in s.answered):  # noqa: ASYNC110 - a bench waits on a count
@@ -370,13 +392,19 @@ async def main() -> None:
     parser.add_argument("--settle", type=float, default=15.0, help="seconds to wait for the last frames")
     parser.add_argument("--no-peers", action="store_true", help="skip the queue-only path and the websockets floor")
     parser.add_argument(
+        "--submit",
+        action="store_true",
+        help="single events through the client library's Publisher.submit (gathered into batch calls)",
+    )
+    parser.add_argument("--gatherings", type=int, default=1, help="with --submit: batch calls in flight at once")
+    parser.add_argument(
         "--split-fanout",
         action="store_true",
         help="the producers' dispatcher only accepts (BELFRY_DISPATCHER_FANOUT_WORKERS=0); a second one fans out",
     )
     args = parser.parse_args()
     log.configure(service="bench", level="warning")  # the scratch databases' migrations are not news
-    mode = f"PublishBatch of {args.batch}" if args.batch else "single Publish"
+    mode = f"PublishBatch of {args.batch}" if args.batch else "Publisher.submit" if args.submit else "single Publish"
     print(
         f"{mode}, {args.rate:,.0f} events/s offered, {args.seconds:.0f} s measured after {args.warmup:.0f} s warm-up, "
         f"{args.users} tabs, {args.callers} callers, topic {args.topic}, {args.runs} runs, {os.cpu_count()} cores",

@@ -5,6 +5,11 @@
 - ``publish(event)``: one event, one round trip;
 - ``publish_batch(events)``: any number of events, sent in calls of at most
   1,000, one status per event back in input order;
+- ``submit(event)``: one event, sent together with whatever other ``submit``
+  calls are waiting (one ``PublishBatch`` per gathering, no timer: an event
+  that arrives alone goes at once), its final status back; the way for many
+  concurrent single-event producers to cost the dispatcher one call per
+  gathering instead of one per event;
 - ``stream(events)``: the bidirectional stream for high rates, at most
   ``window`` events unacknowledged at a time (backpressure: a slow dispatcher
   slows the producer instead of piling events up in memory), re-opened and
@@ -119,6 +124,7 @@ class Publisher:
         window: int = 2000,
         rng: Callable[[], float] = random.random,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+        gatherings: int = 1,
     ) -> None:
         self._stub = dispatcher_pb2_grpc.DispatcherServiceStub(channel)
         self.deadline = deadline
@@ -126,6 +132,10 @@ class Publisher:
         self.window = window
         self._rng = rng
         self._sleep = sleep
+        # submit(): events waiting for a batch call, and the calls in flight (at most ``gatherings``).
+        self.gatherings = max(1, gatherings)
+        self._waiting: list[tuple[pb.Event, asyncio.Future[pb.EventStatus]]] = []
+        self._senders: set[asyncio.Task[None]] = set()
 
     async def _call(self, attempt_call: Callable[[], Awaitable[T]]) -> T:
         """Run one RPC, retrying transient failures."""
@@ -174,6 +184,43 @@ class Publisher:
                 break
             await self._sleep(self.retries.delay(attempt, hint, self._rng))
         return [s for s in final if s is not None]
+
+    async def submit(self, event: pb.Event) -> pb.EventStatus:
+        """Publish one event in a batch with the other submits waiting; its final status (as ``publish_batch``).
+
+        Up to ``gatherings`` batch calls are in flight; while they are, new
+        events wait and go together in the next one. A refused event gets its
+        own status (``OUTCOME_REJECTED``, the code and message), not an
+        exception; a call that fails for good raises for every event in it.
+        A caller that stops waiting does not take its event back: it may
+        still be published (its idempotency key makes a retry a replay).
+        """
+        done: asyncio.Future[pb.EventStatus] = asyncio.get_running_loop().create_future()
+        self._waiting.append((event, done))
+        if len(self._senders) < self.gatherings:
+            sender = asyncio.create_task(self._send_waiting())
+            self._senders.add(sender)
+            sender.add_done_callback(self._senders.discard)
+        return await done
+
+    async def _send_waiting(self) -> None:
+        while self._waiting:
+            batch, self._waiting = self._waiting[:MAX_BATCH], self._waiting[MAX_BATCH:]
+            try:
+                statuses = await self.publish_batch([event for event, _ in batch])
+            except asyncio.CancelledError:
+                for _, done in batch:
+                    done.cancel()
+                raise
+            except Exception as exc:  # the caller of each event hears it
+                for _, done in batch:
+                    if not done.done():
+                        done.set_exception(exc)
+                continue
+            for (_, done), status in zip(batch, statuses, strict=True):
+                status.index = 0  # its position in the caller's one-event view
+                if not done.done():
+                    done.set_result(status)
 
     def stream(self, events: AsyncIterable[pb.Event]) -> AsyncIterator[tuple[pb.Event, pb.EventStatus]]:
         """Publish events as they come; yield (event, final status) as acknowledgements arrive.

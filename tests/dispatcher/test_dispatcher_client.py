@@ -11,6 +11,7 @@ import pytest
 from belfry import rpc, service
 from belfry.api.dispatcher.v1 import dispatcher_pb2 as pb
 from belfry.client import Publisher, Retries
+from prometheus_client import REGISTRY
 
 from services.dispatcher.server import build_for
 from services.dispatcher.settings import load_settings
@@ -179,3 +180,35 @@ async def test_a_broken_stream_is_resumed_and_nothing_is_lost_or_doubled(
     assert all(s.outcome in {pb.OUTCOME_ACCEPTED, pb.OUTCOME_REPLAYED} for _, s in results)
     count = await mesh.pool.fetchval("select count(*) from dispatcher.notifications where account_id = $1", account_id)
     assert count == 60
+
+
+def _calls(method: str) -> float:
+    """RPCs the in-process dispatcher has answered for ``method`` (its own request counter)."""
+    return sum(
+        sample.value
+        for family in REGISTRY.collect()
+        if family.name == "belfry_rpc_requests"
+        for sample in family.samples
+        if sample.name == "belfry_rpc_requests_total"
+        and sample.labels.get("method") == f"/belfry.api.dispatcher.v1.DispatcherService/{method}"
+    )
+
+
+async def test_concurrent_submits_go_together_and_each_gets_its_own_status(
+    mesh: Mesh, account_id: str, publisher: Publisher
+) -> None:
+    await seed(mesh, account_id)
+    batches, singles = _calls("PublishBatch"), _calls("Publish")
+    events = [event(account_id, recipient_user_ids=["ana"]) for _ in range(200)]
+    events[17] = event(account_id, topic="deals.ghost", recipient_user_ids=["ana"])  # unknown topic
+    statuses = await asyncio.gather(*(publisher.submit(e) for e in events))
+    assert statuses[17].outcome == pb.OUTCOME_REJECTED
+    assert statuses[17].code == grpc.StatusCode.NOT_FOUND.value[0] and "deals.ghost" in statuses[17].message
+    accepted = [s for i, s in enumerate(statuses) if i != 17]
+    assert all(s.outcome == pb.OUTCOME_ACCEPTED and s.notification_id for s in accepted)
+    assert len({s.notification_id for s in accepted}) == 199
+    stored = await mesh.pool.fetchval("select count(*) from dispatcher.notifications where account_id = $1", account_id)
+    assert stored == 199
+    # Gathered: a few batch calls (at most ``gatherings`` at once), no single Publish.
+    assert 1 <= _calls("PublishBatch") - batches < 200
+    assert _calls("Publish") == singles
