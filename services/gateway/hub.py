@@ -115,6 +115,10 @@ class Hub:
         self._left = 0  # tabs that left while (perhaps) still in the heap
         self._pending: asyncio.Queue[tuple[str, str, int]] = asyncio.Queue()
         self._relisten = False  # the listening connection was lost: tabs resume once it is back
+        # Set while the feed channel is listened to. A tab reads its starting point only once it is: an item
+        # announced before the LISTEN (a replica starting, or listening again) would reach it neither live nor
+        # in its resume.
+        self.listening = asyncio.Event()
 
     async def join(self, tab: Tab) -> None:
         """Register a tab (and its token's expiry); the user's presence row (one per user and replica) is refreshed."""
@@ -212,6 +216,7 @@ class Hub:
         if self._relisten:
             self._relisten = False
             self.close_all(1012, "feed connection restored: resume")
+        self.listening.set()
         stopping = asyncio.ensure_future(stop.wait())
         lost = False
         try:
@@ -233,6 +238,7 @@ class Hub:
                 except (OSError, asyncpg.PostgresError) as exc:  # tabs resume from their last id on reconnect
                     _LOG.warning("fan-out read failed", error=str(exc), items=len(batch))
         finally:
+            self.listening.clear()
             stopping.cancel()
             if not lost:
                 conn.remove_termination_listener(self._on_lost)

@@ -281,8 +281,10 @@ class Endpoint:
 
         Everything sent here is as of one snapshot of the feed (``store.position``):
         the unread count covers exactly the ids up to ``ready``'s ``last_id``.
-        Items committed after it reach the tab live (it joined the hub first).
+        Items committed after it reach the tab live (it joined the hub first, and the
+        snapshot is read only once the hub listens).
         """
+        await self.hub.listening.wait()
         now = await store.position(self.pool, tab.account_id, tab.user_id)
         if last_id is None:
             await _send_text(tab.send, json.dumps({"type": "ready", "last_id": now.last_id, "unread": now.unread}))

@@ -52,3 +52,29 @@ async def test_a_lost_feed_listener_sends_tabs_to_resume_and_live_items_flow_aga
     frame = json.loads(await asyncio.wait_for(again.recv(), 30))
     assert frame["type"] == "item" and frame["item"]["title"] == "after"
     await again.close()
+
+
+async def test_a_tab_learns_its_starting_point_only_while_the_replica_listens(
+    replica: Replica, issuer: TokenIssuer, publish: Publish, account_id: str
+) -> None:
+    """Before its first LISTEN (a replica starting) a replica tells no tab where the feed stands: an item
+    announced before the LISTEN would reach that tab neither live nor in its resume."""
+    hub = replica.build.hub
+    assert hub is not None
+    # A replica serves HTTP before its LISTEN is in place (the window this closes; the fixture returns in it).
+    await asyncio.wait_for(hub.listening.wait(), 30)
+    hub.listening.clear()  # back to the moments before the replica's LISTEN
+    try:
+        ws = await connect(replica.ws, issuer.issue(account_id, "u1"))
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(ws.recv(), 0.5)  # no ready yet
+        await publish(account_id, "u1", "meanwhile")
+    finally:
+        hub.listening.set()
+    [ready] = await asyncio.wait_for(frames_until(ws, "ready"), 30)
+    if ready["unread"] == 0:  # stored after the starting point: it comes live
+        live = json.loads(await asyncio.wait_for(ws.recv(), 30))
+        assert live["type"] == "item" and live["item"]["title"] == "meanwhile"
+    else:  # stored before: counted in the starting point (the page loads it with the feed)
+        assert ready["unread"] == 1 and ready["last_id"] == 1
+    await ws.close()
