@@ -107,6 +107,35 @@ async def look_away(page: Page) -> Page:
     return other
 
 
+async def record_shown(page: Page) -> None:
+    """From now on, note every notification the page has the browser show (``showNotification`` resolved).
+
+    The real call still runs; this only writes down what the page asked for and
+    that the browser accepted it. Headless Chromium was seen to accept a
+    notification (the call resolved, the tab without focus) and then list none
+    in ``getNotifications`` for 30 s, one run in about ten: what the page did
+    is what a test of the page checks.
+    """
+    await page.evaluate(
+        """() => {
+            window.__shown = [];
+            const show = ServiceWorkerRegistration.prototype.showNotification;
+            ServiceWorkerRegistration.prototype.showNotification = function (title, options) {
+                return show.call(this, title, options).then((r) => {
+                    window.__shown.push({ title, body: options.body, tag: options.tag });
+                    return r;
+                });
+            };
+        }"""
+    )
+
+
+async def recorded_shown(page: Page) -> list[dict[str, str]]:
+    """What ``record_shown`` noted, once there is something (polled up to 30 s)."""
+    await page.wait_for_function("() => window.__shown.length > 0", timeout=30_000)
+    return await page.evaluate("window.__shown")  # type: ignore[no-any-return]
+
+
 async def shown_notifications(page: Page, *, at_least: int = 1) -> list[dict[str, str]]:
     """What the service worker registration really shows (``getNotifications``), once there are some."""
     script = """async () => {

@@ -48,8 +48,9 @@ async def test_hidden_tab_shows_a_browser_notification_instead(
     page = await b.open_app(context, web.http, issuer.issue(account_id, "u1"))
     await page.evaluate("navigator.serviceWorker.ready.then(() => true)")
     await b.look_away(page)
+    await b.record_shown(page)
     notification_id = await publish(account_id, "u1", "Quote accepted", body="ACME signed", popup=True, browser=True)
-    shown = await b.shown_notifications(page)
+    shown = await b.recorded_shown(page)
     state = await page.evaluate("[document.visibilityState, document.hasFocus(), Notification.permission]")
     assert shown == [{"title": "Quote accepted", "body": "ACME signed", "tag": notification_id}], state
     assert await page.locator(".toast").count() == 0  # hidden: no toast
