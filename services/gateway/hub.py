@@ -128,7 +128,7 @@ class Hub:
         tabs.append(tab)
         self._watch(tab)
         if len(tabs) == 1:
-            await presence.touch(self.pool, tab.account_id, tab.user_id, self.replica, self.replica, self.presence_ttl)
+            await presence.touch_many(self.pool, [tab.key], self.replica, self.replica, self.presence_ttl)
 
     async def leave(self, tab: Tab) -> None:
         """Forget a tab; the presence row goes with the user's last tab on this replica."""

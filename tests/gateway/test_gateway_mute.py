@@ -15,7 +15,7 @@ from belfry import rpc, service
 from belfry.api.dispatcher.v1 import dispatcher_pb2 as pb
 from belfry.api.dispatcher.v1 import dispatcher_pb2_grpc
 from belfry.auth import TokenIssuer
-from playwright.async_api import Browser, BrowserContext, Page
+from playwright.async_api import BrowserContext, Page
 
 from services.dispatcher.server import build_for as dispatcher_build_for
 from services.dispatcher.settings import load_settings as dispatcher_settings
@@ -45,10 +45,11 @@ async def dispatcher(
 
 
 @pytest.fixture
-async def gateway(
+async def web(
     start_replica: StartReplica, preferences: service.Running, dispatcher: service.Running, account_id: str
 ) -> Replica:
-    """A gateway wired to the preferences service and the dispatcher, the test user in the directory."""
+    """A gateway wired to the preferences service and the dispatcher, the test user in the directory (the
+    browser tests' ``context`` opens on it)."""
     await b.seed_user(preferences.port, account_id, "u1")
     return await start_replica(
         BELFRY_PREFERENCES_ADDRESS=f"127.0.0.1:{preferences.port}",
@@ -119,11 +120,11 @@ def _follow(answer: httpx.Response) -> tuple[str, str, bool, bool, str]:
 
 # --- (a) the HTTP API ------------------------------------------------------------------------------
 async def test_follow_mute_unmute_unfollow_and_list_through_the_gateway(
-    gateway: Replica, mesh: Mesh, issuer: TokenIssuer, account_id: str
+    web: Replica, mesh: Mesh, issuer: TokenIssuer, account_id: str
 ) -> None:
     headers = {"authorization": f"Bearer {issuer.issue(account_id, 'u1')}"}
     deal = {"object": DEAL}
-    async with httpx.AsyncClient(base_url=gateway.http, headers=headers) as http:
+    async with httpx.AsyncClient(base_url=web.http, headers=headers) as http:
         assert _follow(await http.post("/api/follows/Follow", json=deal)) == ("deal", "D-1", True, False, "explicit")
         assert _follow(await http.post("/api/follows/Mute", json=deal)) == ("deal", "D-1", True, True, "explicit")
         assert await mesh.listed() == [("deal", "D-1", True, True)]  # the dispatcher's own store says so
@@ -145,10 +146,10 @@ async def test_follow_mute_unmute_unfollow_and_list_through_the_gateway(
 
 
 async def test_the_follow_proxy_needs_a_token_and_passes_the_services_refusals_on(
-    gateway: Replica, mesh: Mesh, issuer: TokenIssuer, account_id: str
+    web: Replica, mesh: Mesh, issuer: TokenIssuer, account_id: str
 ) -> None:
     headers = {"authorization": f"Bearer {issuer.issue(account_id, 'u1')}"}
-    async with httpx.AsyncClient(base_url=gateway.http) as http:
+    async with httpx.AsyncClient(base_url=web.http) as http:
         anonymous = await http.post("/api/follows/Mute", json={"object": DEAL})
         assert anonymous.status_code == 401
         no_type = await http.post("/api/follows/Mute", json={"object": {"id": "D-1"}}, headers=headers)
@@ -170,15 +171,6 @@ async def test_the_follow_proxy_needs_a_token_and_passes_the_services_refusals_o
 
 
 # --- (b) the web app ------------------------------------------------------------------------------
-@pytest.fixture
-async def context(chromium: Browser, gateway: Replica) -> AsyncIterator[BrowserContext]:
-    """A fresh browser profile allowed to show notifications on the app's origin."""
-    ctx = await chromium.new_context()
-    await ctx.grant_permissions(["notifications"], origin=gateway.http)
-    yield ctx
-    await ctx.close()
-
-
 async def _open_menu(page: Page, title: str) -> None:
     row = page.locator("#feed li[data-id]", has_text=title)
     await row.locator(".more").click()
@@ -187,9 +179,9 @@ async def _open_menu(page: Page, title: str) -> None:
 
 @pytest.mark.browser
 async def test_a_bell_item_about_one_record_mutes_and_unmutes_its_thread(
-    gateway: Replica, context: BrowserContext, mesh: Mesh, issuer: TokenIssuer, account_id: str, pool: asyncpg.Pool
+    web: Replica, context: BrowserContext, mesh: Mesh, issuer: TokenIssuer, account_id: str, pool: asyncpg.Pool
 ) -> None:
-    page = await b.open_app(context, gateway.http, issuer.issue(account_id, "u1"))
+    page = await b.open_app(context, web.http, issuer.issue(account_id, "u1"))
     await mesh.publish(pool, "deals.stage_changed", "Acme renewal")
     await page.wait_for_selector("#badge:has-text('1')")
     await page.click("#bell")
@@ -236,7 +228,7 @@ async def test_a_bell_item_about_one_record_mutes_and_unmutes_its_thread(
 
 @pytest.mark.browser
 async def test_unfollow_from_the_menu_and_mute_from_a_pop_up(
-    gateway: Replica,
+    web: Replica,
     context: BrowserContext,
     mesh: Mesh,
     issuer: TokenIssuer,
@@ -244,7 +236,7 @@ async def test_unfollow_from_the_menu_and_mute_from_a_pop_up(
     publish: Publish,
 ) -> None:
     await mesh.follows.Follow(pb.FollowRequest(object=pb.FollowedObject(type="quote", id="Q-7")), metadata=mesh.user)
-    page = await b.open_app(context, gateway.http, issuer.issue(account_id, "u1"))
+    page = await b.open_app(context, web.http, issuer.issue(account_id, "u1"))
     quote = {"type": "quote", "id": "Q-7", "display_name": "Quote Q-7", "url": "https://app.example/q/7"}
     other = {"type": "quote", "id": "Q-8", "display_name": "Quote Q-8", "url": "https://app.example/q/8"}
     await publish(account_id, "u1", "Quote Q-7 was updated", topic="academy.reward_updated", items=[quote])

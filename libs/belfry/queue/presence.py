@@ -11,30 +11,6 @@ from collections.abc import Sequence
 import asyncpg
 
 
-async def touch(
-    conn: asyncpg.Connection | asyncpg.Pool,
-    account_id: str,
-    user_id: str,
-    connection: str,
-    replica: str,
-    ttl_seconds: float,
-) -> None:
-    """Record (or refresh) one live tab for ``ttl_seconds``."""
-    await conn.execute(
-        """
-        insert into queue.presence (account_id, user_id, connection, replica, expires_at)
-        values ($1, $2, $3, $4, now() + make_interval(secs => $5))
-        on conflict (account_id, user_id, connection)
-        do update set replica = excluded.replica, expires_at = excluded.expires_at
-        """,
-        account_id,
-        user_id,
-        connection,
-        replica,
-        ttl_seconds,
-    )
-
-
 async def touch_many(
     conn: asyncpg.Connection | asyncpg.Pool,
     users: Sequence[tuple[str, str]],
@@ -42,7 +18,8 @@ async def touch_many(
     replica: str,
     ttl_seconds: float,
 ) -> None:
-    """Refresh the rows of many (account, user) pairs under one connection name, in one statement.
+    """Record (or refresh) the rows of (account, user) pairs under one connection name for ``ttl_seconds``,
+    in one statement.
 
     Rows are taken in key order, so two replicas refreshing users in common
     queue up instead of deadlocking.
