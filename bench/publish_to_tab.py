@@ -316,6 +316,7 @@ async def run_mesh(args: argparse.Namespace, run: int) -> Result:
         procs["client"] = psutil.Process()
         meter = common.Cpu(procs, name)
         load_before = " ".join(f"{x:.1f}" for x in os.getloadavg())
+        wal_start = await conn.fetchval("select pg_current_wal_lsn()")
         await meter.start(conn)
         began = time.monotonic()
         s.t0 = time.time() + 0.05
@@ -327,6 +328,8 @@ async def run_mesh(args: argparse.Namespace, run: int) -> Result:
             await asyncio.sleep(0.05)
         used = await meter.stop(conn)
         wall = time.monotonic() - began
+        # Server-wide (the tabs' presence refreshes and any other database's work count too).
+        wal = float(await conn.fetchval("select pg_current_wal_lsn() - $1::pg_lsn", wal_start))
         warm = int(args.rate * args.warmup)
         measured = {q for q in s.answered if q >= warm}
         lost = sorted(q for q in s.answered if q not in s.arrived)
@@ -343,7 +346,8 @@ async def run_mesh(args: argparse.Namespace, run: int) -> Result:
             + (f", first lost seqs {lost[:10]}" if lost else ""),
             await _stages(conn, s, measured),
             f"CPU (warm-up + window + arrival wait, {wall:.1f} s, {len(s.answered):,} events): "
-            + common.cpu_line(used, wall, max(1, len(s.answered)), "event"),
+            + common.cpu_line(used, wall, max(1, len(s.answered)), "event")
+            + f"; WAL {wal / max(1, len(s.answered)):,.0f} B per event",
         ]
         return Result(
             sent=total - warm,
