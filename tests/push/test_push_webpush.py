@@ -15,7 +15,7 @@ from belfry.api.webpush.v1 import webpush_pb2_grpc as pb_grpc
 from belfry.message import Item
 from belfry.openlink import OpenSigner
 from belfry.queue import Drop, Fail, Retry, Sent
-from belfry.queue.presence import touch
+from belfry.queue.presence import touch_many
 from belfry.unsubscribe import Links
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -99,7 +99,7 @@ async def test_a_user_with_a_live_tab_gets_no_web_push(
 ) -> None:
     sub = push_service.subscribe()
     await register(channel, token_keys, account_id, "u1", sub)
-    await touch(pool, account_id, "u1", "tab-1", "gw-1", 60)
+    await touch_many(pool, [(account_id, "u1")], "tab-1", "gw-1", 60)
     msg = message(account_id, "u1")
     await enqueue_message(pool, "browser", msg)
     row = await settled(pool, msg, "browser")
