@@ -119,10 +119,12 @@ async def record_shown(page: Page) -> None:
     await page.evaluate(
         """() => {
             window.__shown = [];
+            window.__shownArgs = [];
             const show = ServiceWorkerRegistration.prototype.showNotification;
             ServiceWorkerRegistration.prototype.showNotification = function (title, options) {
                 return show.call(this, title, options).then((r) => {
                     window.__shown.push({ title, body: options.body, tag: options.tag });
+                    window.__shownArgs.push([title, options]);
                     return r;
                 });
             };
@@ -134,6 +136,12 @@ async def recorded_shown(page: Page) -> list[dict[str, str]]:
     """What ``record_shown`` noted, once there is something (polled up to 30 s)."""
     await page.wait_for_function("() => window.__shown.length > 0", timeout=30_000)
     return await page.evaluate("window.__shown")  # type: ignore[no-any-return]
+
+
+async def shown_arguments(page: Page) -> list[tuple[str, dict[str, Any]]]:
+    """The title and options of each notification ``record_shown`` noted, as the page passed them."""
+    await recorded_shown(page)
+    return [(title, options) for title, options in await page.evaluate("window.__shownArgs")]
 
 
 async def shown_notifications(page: Page, *, at_least: int = 1) -> list[dict[str, str]]:
