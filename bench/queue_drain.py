@@ -25,7 +25,11 @@ holds afterwards. ``--shared`` runs on the server of ``BELFRY_TEST_ADMIN_DSN``
 instead (rates only: its WAL and CPU mix in other work).
 
 Usage: python bench/queue_drain.py [--items 20000] [--runs 3] [--workers 2] [--batch 1000]
-           [--peer-items 5000] [--no-procrastinate] [--shared]
+           [--peer-items 5000] [--no-procrastinate] [--shared] [--default-gc]
+
+The process runs the garbage collector as every service process does once
+started (``belfry.service.tune_gc``: start-up objects frozen, gen-0 threshold
+20,000); ``--default-gc`` keeps CPython's defaults.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-from belfry import db, log, migrate
+from belfry import db, log, migrate, service
 from belfry.message import Message
 from belfry.queue import Lease, NewDelivery, Outcome, Queue, Sent, enqueue, worker
 from procrastinate import App, PsycopgConnector
@@ -317,12 +321,16 @@ async def main() -> None:
     parser.add_argument("--accounts", type=int, default=10)
     parser.add_argument("--no-procrastinate", action="store_true", help="Belfry and raw only (larger runs)")
     parser.add_argument("--shared", action="store_true", help="the shared server, rates only")
+    parser.add_argument("--default-gc", action="store_true", help="CPython's collector settings, not the services'")
     parser.add_argument("--py-spy", default="", help="py-spy raw samples of the first Belfry drain to this file")
     parser.add_argument("--perf", default="", help="perf samples of the backends during the first Belfry drain")
     args = parser.parse_args()
     # Warnings only, as a production sender with info lines off would run: the worker writes an info line per
     # settled delivery ("delivery settled"), which would measure the terminal, not the queue.
     log.configure(service="bench-drain", level="warning")
+    if not args.default_gc:
+        # The workers here are a sender's loop: the collector runs as in every service process once started.
+        service.tune_gc()
     async with contextlib.AsyncExitStack() as stack:
         cluster = None if args.shared else await stack.enter_async_context(DurableCluster())
         admin = ADMIN if cluster is None else cluster.admin_dsn

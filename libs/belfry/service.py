@@ -215,16 +215,23 @@ def _readiness(pool: asyncpg.Pool, health_servicer: health.aio.HealthServicer, n
     return loop
 
 
+def tune_gc() -> None:
+    """The collector as every service process runs it, once started (bench scripts that host a service's loop too).
+
+    What start-up made (modules, generated message classes, settings) lives as long as the process:
+    it is moved out of the collector's view, so each collection walks only what requests made.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*_GC_THRESHOLDS)
+
+
 async def _run(name: str, common: CommonSettings, build: Callable[[asyncpg.Pool], Awaitable[Built]]) -> None:
     import signal  # noqa: PLC0415 - only processes (not tests) handle signals
 
     metrics_port = metrics.serve_metrics(common.metrics_address)
     running = await start(name, common, build)
-    # What start-up made (modules, generated message classes, settings) lives as long as the process:
-    # move it out of the collector's view, so each collection walks only what requests made.
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(*_GC_THRESHOLDS)
+    tune_gc()
     # Handlers first: a supervisor may send SIGTERM as soon as it reads the line below.
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
