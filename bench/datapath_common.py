@@ -315,6 +315,33 @@ async def snapshot(conn: asyncpg.Connection) -> Snapshot:
     )
 
 
+# WAL between two positions by what it wrote (pg_walinspect): each record counts for the relation of
+# its first block reference (a record naming several blocks — an update moving a row to another page, an
+# index page split — counts once, for the first), records naming no relation by resource manager.
+_WAL_BY_RELATION = r"""
+with recs as (
+    select resource_manager as rm, record_length as len, fpi_length as fpi,
+           regexp_match(block_ref, 'rel \d+/(\d+)/(\d+)') as ref
+    from pg_get_wal_records_info('0/0'::pg_lsn + $1::numeric, least('0/0'::pg_lsn + $2::numeric,
+                                                                    pg_current_wal_flush_lsn()))
+)
+select case when ref is null then '(' || rm || ')'
+            when ref[1]::oid <> (select oid from pg_database where datname = current_database())
+                then '(other databases)'
+            else coalesce((select c.oid::regclass::text from pg_class c where c.relfilenode = ref[2]::oid limit 1),
+                          '(relation ' || ref[2] || ')') end as what,
+       sum(len)::bigint as bytes, sum(fpi)::bigint as fpi, count(*) as records
+from recs group by 1 order by 2 desc
+"""
+
+
+async def wal_by_relation(conn: asyncpg.Connection, start: int, end: int) -> list[tuple[str, int, int, int]]:
+    """(what, WAL bytes, of which full-page images, records) between two ``Snapshot.lsn``, largest first."""
+    await conn.execute("create extension if not exists pg_walinspect")
+    rows = await conn.fetch(_WAL_BY_RELATION, start, end)
+    return [(r["what"], r["bytes"], r["fpi"], r["records"]) for r in rows]
+
+
 async def settle_stats(conn: asyncpg.Connection, patience: float = 60.0) -> None:
     """Wait until no other backend is connected to this database, so every counter has been flushed."""
     deadline = time.monotonic() + patience

@@ -30,7 +30,11 @@ full-page images out of the figures (the count is printed). WAL is
 server-wide: the commits and row writes of other databases in the same
 window are printed beside it.
 
-Usage: python bench/write_cost.py [--notifications 5000] [--shapes 1x2,3x3] [--users 100]
+With ``--wal-by-relation``, each stage's WAL is also split by the table or
+index it wrote (``pg_walinspect``; full-page images shown apart): where a
+notification's WAL goes.
+
+Usage: python bench/write_cost.py [--notifications 5000] [--shapes 1x2,3x3] [--users 100] [--wal-by-relation]
 """
 
 from __future__ import annotations
@@ -96,6 +100,7 @@ class Result:
     seconds: dict[str, float]
     held: dict[str, int]  # table sizes after the drain (everything still retained)
     states: dict[str, int]
+    wal_by: dict[str, list[tuple[str, int, int, int]]]  # per stage, with --wal-by-relation
 
 
 async def _wait_drained(conn: asyncpg.Connection, patience: float = 900.0) -> None:
@@ -130,7 +135,7 @@ async def _retention(dsn: str, conn: asyncpg.Connection) -> dict[str, int]:
     return done
 
 
-async def measure(shape: Shape, n: int, users: list[str], smtp_port: int) -> Result:
+async def measure(shape: Shape, n: int, users: list[str], smtp_port: int, *, by_relation: bool = False) -> Result:
     """Publish, drain and purge ``n`` notifications of ``shape`` on a fresh database."""
     dsn = await scratch_database()
     name = dsn.rsplit("/", 1)[1]
@@ -193,7 +198,14 @@ async def measure(shape: Shape, n: int, users: list[str], smtp_port: int) -> Res
         await common.settle_stats(conn)
         stages["retention"] = common.delta(drained, await common.snapshot(conn))
         print(f"  purged: {purged}", flush=True)
-        return Result(shape, n, stages, cpu, seconds, {k: t.size for k, t in drained.tables.items()}, states)
+        wal_by = {}
+        if by_relation:
+            bounds = {"accept": (before, accepted), "drain": (accepted, drained), "retention": (drained, None)}
+            end = await common.snapshot(conn)
+            for stage, (a, b) in bounds.items():
+                wal_by[stage] = await common.wal_by_relation(conn, a.lsn, (b or end).lsn)
+        held = {k: t.size for k, t in drained.tables.items()}
+        return Result(shape, n, stages, cpu, seconds, held, states, wal_by)
     finally:
         await supervisor.stop_all(children, 10)
         await conn.close()
@@ -250,6 +262,13 @@ def report(res: Result) -> None:
             if t.ins or t.upd or t.dele:
                 parts.append(f"{table} {t.ins / n:.2f}/{t.upd / n:.2f}({t.hot / n:.2f})/{t.dele / n:.2f}")
         print(f"  {stage}: " + "; ".join(parts))
+    for stage, rows in res.wal_by.items():
+        print(f"\nWAL of {stage} by relation (B/notification, of which full-page images; records/notification):")
+        for what, size, fpi, records in rows[:14]:
+            print(f"  {what:48s} {size / n:8,.0f}  ({fpi / n:7,.0f})  {records / n:6.2f}")
+        rest = rows[14:]
+        if rest:
+            print(f"  {'(the rest)':48s} {sum(r[1] for r in rest) / n:8,.0f}  ({sum(r[2] for r in rest) / n:7,.0f})")
 
 
 async def main() -> None:
@@ -259,6 +278,9 @@ async def main() -> None:
     parser.add_argument("--shapes", default="1x2,3x3", help="comma-separated RxC: recipients × queue channels")
     parser.add_argument("--users", type=int, default=100)
     parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument(
+        "--wal-by-relation", action="store_true", help="each stage's WAL by table and index (pg_walinspect)"
+    )
     args = parser.parse_args()
     shapes = [parse_shape(s) for s in args.shapes.split(",")]
     users = common.user_ids(args.users)
@@ -278,7 +300,7 @@ async def main() -> None:
         for run in range(args.runs):
             for shape in shapes:
                 print(f"run {run + 1} shape {shape.name} …", flush=True)
-                res = await measure(shape, args.notifications, users, port)
+                res = await measure(shape, args.notifications, users, port, by_relation=args.wal_by_relation)
                 results[shape.name].append(res)
                 report(res)
         if args.runs > 1:
