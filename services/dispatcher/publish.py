@@ -48,8 +48,10 @@ class Dispatcher:
         *,
         clock: Callable[[], datetime] = _utcnow,
         fanout: Fanout | None = None,
+        key_seconds: float = store.KEY_SECONDS,
     ) -> None:
         self._pool = pool
+        self._key_seconds = key_seconds  # how long an idempotency key is remembered
         self._planner = planner
         self.backpressure = backpressure
         self.clock = clock
@@ -82,13 +84,13 @@ class Dispatcher:
             for i, refused in zip(todo, refusals, strict=True)
             if not refused
         }
-        try:
-            written = await store.accept(self._pool, list(rows.values())) if rows else set()
-        except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.DeadlockDetectedError) as exc:
-            # Nothing was committed: the whole call may be retried as is (the keys make it safe).
-            raise errors.Unavailable(
-                f"the database could not take these events now ({type(exc).__name__}); retry"
-            ) from exc
+        written = await self._accept(list(rows.values()))
+        taken = [row for row in rows.values() if row.notification_id not in written]
+        # A key found taken is a replay, unless its time is up and the purge has not cleared it yet: then
+        # it is cleared now and the event inserted, so a key is free again exactly when its time is up.
+        keys = [(row.account_id, row.idempotency_key) for row in taken]
+        if taken and await store.forget_stale_keys(self._pool, keys, key_seconds=self._key_seconds):
+            written |= await self._accept(taken)
         for i, refused in zip(todo, refusals, strict=True):
             row = rows.get(i)
             if row is not None and row.notification_id in written:
@@ -109,6 +111,16 @@ class Dispatcher:
             except Exception:  # what this call accepted is committed: its answer stands, the backlog keeps the rest
                 _LOG.warning("fan-out assist failed; the background workers carry on", exc_info=True)
         return final
+
+    async def _accept(self, rows: list[store.NotificationRow]) -> set[uuid.UUID]:
+        """``store.accept``; a database that cannot take them is Unavailable (nothing was committed)."""
+        try:
+            return await store.accept(self._pool, rows) if rows else set()
+        except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.DeadlockDetectedError) as exc:
+            # Nothing was committed: the whole call may be retried as is (the keys make it safe).
+            raise errors.Unavailable(
+                f"the database could not take these events now ({type(exc).__name__}); retry"
+            ) from exc
 
     def _refuse_heavy(self, items: Sequence[Event | errors.BelfryError], results: list[Result | None]) -> None:
         """While the backlog is over a limit: refuse the events of accounts holding more than an equal share of it."""
@@ -160,7 +172,7 @@ class Dispatcher:
         if not repeats:
             return
         keys = [(_event(items[i]).account_id, _event(items[i]).idempotency_key) for i in repeats]
-        found = await store.find_keys(self._pool, keys)
+        found = await store.find_keys(self._pool, keys, key_seconds=self._key_seconds)
         for i, key in zip(repeats, keys, strict=True):
             if key in found:
                 results[i] = _replay(_event(items[i]), found[key])

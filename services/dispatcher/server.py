@@ -41,7 +41,7 @@ def build_for(settings: Settings) -> Callable[[asyncpg.Pool], Awaitable[service.
             if settings.fanout_workers
             else None
         )
-        dispatcher = Dispatcher(pool, planner, pressure, fanout=fanout)
+        dispatcher = Dispatcher(pool, planner, pressure, fanout=fanout, key_seconds=settings.key_hours * 3600)
         servicer = DispatcherServicer(
             dispatcher,
             pool,
@@ -60,7 +60,7 @@ def build_for(settings: Settings) -> Callable[[asyncpg.Pool], Awaitable[service.
         async def purge_once() -> None:
             keys, old = await store.purge(pool, key_hours=settings.key_hours, retention_days=settings.retention_days)
             if keys or old:
-                _LOG.info("purged", idempotency_keys=keys, recipient_rows=old)
+                _LOG.info("purged", idempotency_keys=keys, notifications=old)
 
         async def purge(stop: asyncio.Event) -> None:
             await background.every("dispatcher purge", settings.purge_seconds, purge_once, stop)
