@@ -22,7 +22,7 @@ import time
 
 from belfry import db, log
 
-from bench.queue_common import drop_database, scratch_database, versions
+from bench.queue_common import drop_database, scratch_database, server_versions
 from services.dispatcher import store
 
 _FILL = """
@@ -63,11 +63,7 @@ async def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
     log.configure(service="bench-purge", level="warning")
-    probe = await scratch_database(migrated=False)
-    try:
-        print(await versions(probe, "asyncpg", "uvloop"))
-    finally:
-        await drop_database(probe)
+    print(await server_versions("asyncpg", "uvloop"))
     rates = []
     for i in range(args.runs):
         keys, purged, seconds = await run(args.notifications, args.age_days)

@@ -84,6 +84,15 @@ class CpuMeter:
         )
 
 
+async def server_versions(*packages: str) -> str:
+    """``versions`` of the server ``ADMIN`` names, read from a scratch database made and dropped for it."""
+    probe = await scratch_database(migrated=False)
+    try:
+        return await versions(probe, *packages)
+    finally:
+        await drop_database(probe)
+
+
 async def versions(dsn: str, *packages: str) -> str:
     """A line naming Python, PostgreSQL and the packages used."""
     conn = await asyncpg.connect(dsn)

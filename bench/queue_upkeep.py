@@ -25,7 +25,7 @@ import asyncpg
 from belfry import db, log
 from belfry.queue import Queue, ops
 
-from bench.queue_common import drop_database, scratch_database, versions
+from bench.queue_common import drop_database, scratch_database, server_versions
 
 # Due deliveries written in one statement (the enqueue path's cost is not what is measured here).
 _FILL = """
@@ -72,11 +72,7 @@ async def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
     log.configure(service="bench-upkeep", level="warning")
-    probe = await scratch_database(migrated=False)
-    try:
-        print(await versions(probe, "asyncpg", "uvloop"))
-    finally:
-        await drop_database(probe)
+    print(await server_versions("asyncpg", "uvloop"))
     for backlog in (int(x) for x in args.backlog.split(",")):
         for name, ms in (await measure(backlog, args.repeat)).items():
             print(f"backlog {backlog:>9,}  {name:13s} {ms:8.1f} ms (median of {args.repeat})", flush=True)

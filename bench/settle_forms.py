@@ -40,7 +40,7 @@ import asyncpg
 from belfry import db, log
 from belfry.queue import Lease, NewDelivery, Queue, Sent, enqueue
 
-from bench.queue_common import drop_database, scratch_database, versions
+from bench.queue_common import drop_database, scratch_database, server_versions
 
 CHUNK = 1000
 FORMS = ("update", "move")
@@ -187,11 +187,7 @@ async def main() -> None:
     parser.add_argument("--checkpoint", action="store_true", help="a CHECKPOINT between the claims and the settles")
     args = parser.parse_args()
     log.configure(service="bench-settle", level="warning")
-    probe = await scratch_database(migrated=False)
-    try:
-        print(await versions(probe, "asyncpg", "uvloop"))
-    finally:
-        await drop_database(probe)
+    print(await server_versions("asyncpg", "uvloop"))
     print(f"deliveries={args.deliveries} accounts={args.accounts} checkpoint={args.checkpoint}")
     results: dict[str, list[dict[str, float]]] = {form: [] for form in FORMS}
     for i in range(args.runs):
