@@ -144,13 +144,16 @@ async def shown_arguments(page: Page) -> list[tuple[str, dict[str, Any]]]:
     return [(title, options) for title, options in await page.evaluate("window.__shownArgs")]
 
 
-async def shown_notifications(page: Page, *, at_least: int = 1) -> list[dict[str, str]]:
-    """What the service worker registration really shows (``getNotifications``), once there are some."""
+async def shown_notifications(page: Page, *, at_least: int = 1, patience: float = 30.0) -> list[dict[str, str]]:
+    """What the service worker registration really shows (``getNotifications``), once there are some.
+
+    Polled for up to ``patience`` seconds: the page shows them asynchronously after the websocket frame.
+    """
     script = """async () => {
         const r = await navigator.serviceWorker.ready;
         return (await r.getNotifications()).map(n => ({title: n.title, body: n.body, tag: n.tag}));
     }"""
-    for _ in range(1200):  # polled (up to 30 s): the page shows it asynchronously after the websocket frame
+    for _ in range(int(patience / 0.025)):
         shown: list[dict[str, str]] = await page.evaluate(script)
         if len(shown) >= at_least:
             return shown
