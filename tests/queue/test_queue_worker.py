@@ -117,3 +117,27 @@ async def test_retention_purges_old_finished_rows_and_gauges_follow(pool: asyncp
     )
     assert await ops.purge(pool, older_than_seconds=3600, batch=7) >= 29
     assert await states(pool, account_id) == {"dead": 1}  # dead letters stay until an operator acts
+
+
+async def _bounded_sleep(seconds: float) -> str:
+    """A send bounded to ``seconds`` that would sleep for a minute: how it ended."""
+    bound = worker._Bound()
+    timer = bound.arm(seconds)
+    try:
+        await asyncio.sleep(60)
+    except asyncio.CancelledError:
+        if bound.expired():
+            return "timed out"
+        raise
+    finally:
+        timer.cancel()
+    return "finished"
+
+
+async def test_a_send_bound_tells_its_own_timeout_from_the_worker_being_cancelled() -> None:
+    assert await _bounded_sleep(0.05) == "timed out"
+    task = asyncio.create_task(_bounded_sleep(60))
+    await asyncio.sleep(0.05)
+    task.cancel()  # the worker stops: the cancellation goes on up, it is not a timed-out send
+    done, _ = await asyncio.wait([task], timeout=10)
+    assert done and task.cancelled()
