@@ -133,3 +133,47 @@ def quantity(value: str | int) -> float:
 def port_of(address: str) -> int:
     """The port of ``host:port`` or ``[::]:port``."""
     return int(address.rsplit(":", 1)[1])
+
+
+def assert_locked_down(workload: Obj) -> None:
+    """A workload runs as non-root on a read-only root, with no privilege to gain (and a writable /tmp)."""
+    pod = workload["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"].get("runAsUser", 0) != 0
+    assert pod.get("automountServiceAccountToken") is False
+    for spec in pod["containers"]:
+        ctx = spec["securityContext"]
+        assert ctx["allowPrivilegeEscalation"] is False
+        assert ctx["readOnlyRootFilesystem"] is True
+        assert ctx["capabilities"]["drop"] == ["ALL"]
+        assert not ctx.get("privileged", False)
+        # A read-only root still needs a writable /tmp.
+        assert "/tmp" in {m["mountPath"] for m in spec.get("volumeMounts", [])}  # noqa: S108 - checking the mount
+
+
+def secret_refs(workload: Obj) -> dict[str, bool]:
+    """Secret name → optional, for every Secret a workload reads."""
+    refs: dict[str, bool] = {}
+    pod = workload["spec"]["template"]["spec"]
+    for spec in pod["containers"]:
+        for item in spec.get("env", []):
+            ref = item.get("valueFrom", {}).get("secretKeyRef")
+            if ref:
+                refs[ref["name"]] = refs.get(ref["name"], True) and ref.get("optional", False)
+        for source in spec.get("envFrom", []):
+            if "secretRef" in source:
+                refs[source["secretRef"]["name"]] = source["secretRef"].get("optional", False)
+    for volume in pod.get("volumes", []):
+        if "secret" in volume:
+            name = volume["secret"]["secretName"]
+            refs[name] = refs.get(name, True) and volume["secret"].get("optional", False)
+    return refs
+
+
+def names_read_by_code() -> set[str]:
+    """Every BELFRY_* variable name the code mentions."""
+    names: set[str] = set()
+    for folder in (ROOT / "libs" / "belfry", ROOT / "services"):
+        for path in folder.rglob("*.py"):
+            names |= set(re.findall(r"[\"'](BELFRY_[A-Z0-9_]+)[\"']", path.read_text()))
+    return names

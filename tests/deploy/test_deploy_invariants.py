@@ -6,12 +6,22 @@ so the manifests cannot drift from what the services actually bind.
 
 from __future__ import annotations
 
-import re
-
 import pytest
 from belfry import service
 
-from tests.deploy.manifests import ROOT, Obj, container, environment, of_kind, port_of, quantity, render
+from tests.deploy.manifests import (
+    ROOT,
+    Obj,
+    assert_locked_down,
+    container,
+    environment,
+    names_read_by_code,
+    of_kind,
+    port_of,
+    quantity,
+    render,
+    secret_refs,
+)
 
 GRPC_PORTS = {d.name: d.port for d in service.declared()}
 SERVICES = tuple(GRPC_PORTS)
@@ -77,24 +87,9 @@ def test_resources_requested_and_limited(overlay: str, name: str) -> None:
         assert 0 < quantity(request) <= quantity(limit), f"{name}: {resource} request {request} > limit {limit}"
 
 
-def _assert_locked_down(workload: Obj) -> None:
-    pod = workload["spec"]["template"]["spec"]
-    assert pod["securityContext"]["runAsNonRoot"] is True
-    assert pod["securityContext"].get("runAsUser", 0) != 0
-    assert pod.get("automountServiceAccountToken") is False
-    for spec in pod["containers"]:
-        ctx = spec["securityContext"]
-        assert ctx["allowPrivilegeEscalation"] is False
-        assert ctx["readOnlyRootFilesystem"] is True
-        assert ctx["capabilities"]["drop"] == ["ALL"]
-        assert not ctx.get("privileged", False)
-        # A read-only root still needs a writable /tmp.
-        assert "/tmp" in {m["mountPath"] for m in spec.get("volumeMounts", [])}  # noqa: S108 - checking the mount
-
-
 @pytest.mark.parametrize(("overlay", "name"), _cases())
 def test_non_root_read_only_no_escalation(overlay: str, name: str) -> None:
-    _assert_locked_down(_deployment(overlay, name))
+    assert_locked_down(_deployment(overlay, name))
 
 
 @pytest.mark.parametrize(("overlay", "name"), _cases())
@@ -123,25 +118,6 @@ def test_services_accounts_and_selectors(overlay: str) -> None:
     assert {p["name"] for p in services["gateway"]["spec"]["ports"]} >= {"http"}
 
 
-def _secret_refs(workload: Obj) -> dict[str, bool]:
-    """Secret name → optional, for every Secret a workload reads."""
-    refs: dict[str, bool] = {}
-    pod = workload["spec"]["template"]["spec"]
-    for spec in pod["containers"]:
-        for item in spec.get("env", []):
-            ref = item.get("valueFrom", {}).get("secretKeyRef")
-            if ref:
-                refs[ref["name"]] = refs.get(ref["name"], True) and ref.get("optional", False)
-        for source in spec.get("envFrom", []):
-            if "secretRef" in source:
-                refs[source["secretRef"]["name"]] = source["secretRef"].get("optional", False)
-    for volume in pod.get("volumes", []):
-        if "secret" in volume:
-            name = volume["secret"]["secretName"]
-            refs[name] = refs.get(name, True) and volume["secret"].get("optional", False)
-    return refs
-
-
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_reference_resolves_or_is_documented(overlay: str) -> None:
     objs = render(overlay)
@@ -152,7 +128,7 @@ def test_every_reference_resolves_or_is_documented(overlay: str) -> None:
         for source in container(workload).get("envFrom", []):
             if "configMapRef" in source:
                 assert source["configMapRef"]["name"] in maps
-        for secret, optional in _secret_refs(workload).items():
+        for secret, optional in secret_refs(workload).items():
             if secret in rendered_secrets or secret in CONTROLLER_SECRETS:
                 continue
             assert secret in OPERATOR_SECRETS, f"{workload['metadata']['name']} reads unknown Secret {secret}"
@@ -168,7 +144,7 @@ def test_migration_job(overlay: str) -> None:
     images = {container(d)["image"] for d in of_kind(objs, "Deployment").values()}
     assert images == {spec["image"]}, "the Job and the services run one image"
     assert ":" in spec["image"] and not spec["image"].endswith(":latest")
-    _assert_locked_down(job)
+    assert_locked_down(job)
     assert job["spec"]["template"]["spec"]["restartPolicy"] in {"OnFailure", "Never"}
 
 
@@ -320,14 +296,6 @@ def test_dev_has_no_tls_material() -> None:
         assert not any(e["name"].startswith("BELFRY_TLS_") for e in container(deployment)["env"]), name
 
 
-def _names_read_by_code() -> set[str]:
-    names: set[str] = set()
-    for folder in (ROOT / "libs" / "belfry", ROOT / "services"):
-        for path in folder.rglob("*.py"):
-            names |= set(re.findall(r"[\"'](BELFRY_[A-Z0-9_]+)[\"']", path.read_text()))
-    return names
-
-
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_only_services_that_verify_user_tokens_hold_the_token_keys(overlay: str) -> None:
     # Whoever reads the user-token keys from a pod can mint a token for any user: only services that verify
@@ -342,7 +310,7 @@ def test_only_services_that_verify_user_tokens_hold_the_token_keys(overlay: str)
 def test_every_variable_is_read_by_the_code(overlay: str) -> None:
     # A misspelt variable would be ignored silently and the default used instead.
     objs = render(overlay)
-    read = _names_read_by_code()
+    read = names_read_by_code()
     (config,) = of_kind(objs, "ConfigMap").values()
     assert set(config["data"]) - read == set()
     for name, deployment in _deployments(overlay):

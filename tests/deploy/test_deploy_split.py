@@ -26,18 +26,20 @@ from tests.deploy.manifests import (
     K8S,
     ROOT,
     Obj,
+    assert_locked_down,
     container,
     environment,
     kubectl,
+    names_read_by_code,
     of_kind,
     port_of,
     quantity,
     render,
+    secret_refs,
     validate,
 )
 from tests.deploy.pki import Authority
 from tests.deploy.podenv import pod_environ
-from tests.deploy.test_deploy_invariants import _assert_locked_down, _names_read_by_code, _secret_refs
 
 OVERLAYS = ("dev", "prod")
 COMPONENT = "dispatcher-split"
@@ -156,7 +158,7 @@ def test_fan_out_is_the_same_process(overlay: str) -> None:
     assert container(fanout)["image"] == container(accept)["image"]
     assert container(fanout)["args"] == ["serve", "dispatcher"]
     assert container(fanout)["envFrom"] == container(accept)["envFrom"]
-    assert _secret_refs(fanout) == _secret_refs(accept)
+    assert secret_refs(fanout) == secret_refs(accept)
     database = [[e for e in container(d)["env"] if e["name"] == "BELFRY_DATABASE_URL"] for d in (accept, fanout)]
     assert database[0] == database[1] and len(database[0]) == 1
     # Scrape annotations on the pods, Reloader's on the Deployment (mtls): the same on both.
@@ -201,11 +203,11 @@ def test_fan_out_keeps_the_rules_every_deployment_keeps(overlay: str) -> None:
         assert spec[probe]["grpc"]["port"] == health and spec[probe]["grpc"].get("service", "") == ""
     for resource in ("cpu", "memory"):
         assert 0 < quantity(spec["resources"]["requests"][resource]) <= quantity(spec["resources"]["limits"][resource])
-    _assert_locked_down(fanout)
+    assert_locked_down(fanout)
     pre_stop = spec["lifecycle"]["preStop"]["sleep"]["seconds"]
     assert pod["terminationGracePeriodSeconds"] > pre_stop + float(env.get("BELFRY_DRAIN_SECONDS", "10"))
     assert pod["serviceAccountName"] in of_kind(objs, "ServiceAccount")
-    assert {e["name"] for e in spec["env"]} - _names_read_by_code() == set()
+    assert {e["name"] for e in spec["env"]} - names_read_by_code() == set()
     # Every file a variable names comes from a mounted, required Secret volume.
     volumes = {v["name"]: v for v in pod.get("volumes", [])}
     mounts = {m["mountPath"]: m["name"] for m in spec.get("volumeMounts", [])}
