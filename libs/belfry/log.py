@@ -1,7 +1,8 @@
 """structlog set-up: one line per event, context bound per request.
 
 Every line carries the service (bound at start-up), the logger (the module
-that logged) and whatever the current call or delivery bound
+that logged) and whatever the current call bound or the current task is
+working on (``working_on``, e.g. a sender's delivery)
 (``docs/observability.md`` lists the fields). Lines are JSON when stdout is
 not a terminal (a pod, a pipe, a file) and human-readable when it is, unless
 ``BELFRY_LOG_JSON`` says which.
@@ -9,11 +10,12 @@ not a terminal (a pod, a pipe, a file) and human-readable when it is, unless
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import sys
 from collections.abc import Mapping
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 import structlog
 
@@ -50,6 +52,39 @@ class _NamedWriteLoggerFactory:
         return _NamedWriteLogger(self._file, str(args[0]) if args else "")
 
 
+class Subject(Protocol):
+    """What a task is working on, named on every line it logs (e.g. a sender's lease)."""
+
+    def log_fields(self) -> dict[str, object]:
+        """The fields to add to each line."""
+        ...
+
+
+# Set per task (asyncio copies the context into each task): one ContextVar.set per unit of work instead of
+# a bind_contextvars of several names, and the fields are built only when a line is written.
+_SUBJECT: contextvars.ContextVar[Subject | None] = contextvars.ContextVar("belfry_log_subject", default=None)
+
+
+def working_on(subject: Subject | None) -> None:
+    """Name ``subject`` on every line this task logs from now on (None: nothing)."""
+    _SUBJECT.set(subject)
+
+
+def context() -> dict[str, object]:
+    """The fields a line logged now, from this task, would carry from its context (bound names, the subject)."""
+    return dict(_merge_subject(None, "", structlog.contextvars.get_contextvars()))
+
+
+def _merge_subject(
+    logger: structlog.typing.WrappedLogger, method: str, event: structlog.typing.EventDict
+) -> structlog.typing.EventDict:
+    subject = _SUBJECT.get()
+    if subject is not None:
+        for key, value in subject.log_fields().items():
+            event.setdefault(key, value)
+    return event
+
+
 def configure(*, service: str, level: str = "info", json: bool | None = None) -> None:
     """Configure structlog once per process; every line carries the service name (``json``: see ``wants_json``)."""
     renderer: structlog.typing.Processor = (
@@ -60,6 +95,7 @@ def configure(*, service: str, level: str = "info", json: bool | None = None) ->
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            _merge_subject,
             structlog.processors.add_log_level,
             structlog.stdlib.add_logger_name,
             structlog.processors.TimeStamper(fmt="iso", utc=True),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import json
+import subprocess
 import sys
 import uuid
 
@@ -81,3 +83,34 @@ def test_log_lines_are_json_unless_stdout_is_a_terminal_and_belfry_log_json_deci
     # Set: it decides, terminal or not.
     assert log.wants_json(True, {"BELFRY_LOG_JSON": "true"}) is True
     assert log.wants_json(False, {"BELFRY_LOG_JSON": "false"}) is False
+
+
+def test_a_line_names_what_its_task_is_working_on_and_only_that_task() -> None:
+    # In a process of its own: log.configure sets structlog up for the whole process.
+    script = """
+import asyncio, json, sys
+from belfry import log
+
+class Lease:
+    def log_fields(self):
+        return {"delivery_id": 7, "channel": "email"}
+
+async def handler(subject):
+    log.working_on(subject)
+    log.get("t").warning("in the handler", channel="given")
+
+async def main():
+    log.configure(service="probe", json=True)
+    await asyncio.gather(asyncio.create_task(handler(Lease())), asyncio.create_task(handler(None)))
+    log.get("t").warning("outside")
+
+asyncio.run(main())
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout  # noqa: S603
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [(x["event"], x.get("delivery_id"), x.get("channel")) for x in lines] == [
+        ("in the handler", 7, "given"),  # the subject's fields; a field the line gives itself wins
+        ("in the handler", None, "given"),
+        ("outside", None, None),  # set inside a task: the task's context only
+    ]
+    assert all(x["service"] == "probe" for x in lines)

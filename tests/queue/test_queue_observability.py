@@ -15,6 +15,7 @@ from typing import Any
 
 import asyncpg
 import structlog
+from belfry import log
 from belfry.queue import Lease, Outcome, Queue, Sent, worker
 from prometheus_client import REGISTRY
 
@@ -38,7 +39,7 @@ async def test_each_outcome_is_bound_logged_with_its_trace_counted_and_observed(
     seen: dict[str, dict[str, Any]] = {}
 
     async def handle(lease: Lease) -> Outcome:
-        seen[lease.user_id] = structlog.contextvars.get_contextvars()
+        seen[lease.user_id] = log.context()
         if lease.user_id == "quick":
             return Sent()
         await asyncio.sleep(3600)  # outlives its lease: the worker ends it and retries it
@@ -72,7 +73,7 @@ async def test_each_outcome_is_bound_logged_with_its_trace_counted_and_observed(
         }
         assert isinstance(seen[user]["delivery_id"], int)
     # Bound for the lease only: the handler's task handles other leases next.
-    assert "delivery_id" not in structlog.contextvars.get_contextvars()
+    assert "delivery_id" not in log.context()
 
     lines = {line["notification_id"]: line for line in logs if line["event"] == "delivery settled"}
     assert set(lines) == {str(quick.notification_id), str(slow.notification_id)}

@@ -90,6 +90,15 @@ class Lease:
     token: int
     expires_at: datetime
 
+    def log_fields(self) -> dict[str, object]:
+        """What names this delivery on a log line (``belfry.log.working_on``)."""
+        return {
+            "account_id": self.account_id,
+            "notification_id": str(self.notification_id),
+            "delivery_id": self.delivery_id,
+            "channel": self.channel,
+        }
+
 
 @dataclass(frozen=True)
 class Sent:
