@@ -21,9 +21,11 @@ outcomes and writes them once the database is back (fencing tokens make a
 late write of a lease someone else has since taken change nothing).
 
 What an operator sees (docs/observability.md): while a lease is handled its
-``account_id``, ``notification_id``, ``delivery_id`` and ``channel`` are bound
-to every line the handler logs; every outcome is counted in
-``belfry_deliveries_total{channel,outcome}`` as it is known, and once
+``account_id``, ``notification_id``, ``delivery_id`` and ``channel`` are on
+every line the handler logs (``belfry.log.working_on``); every outcome is
+counted in ``belfry_deliveries_total{channel,outcome}`` once it is known
+(by the settler, as it takes the outcome to write: before the write, so an
+outcome whose write fails is counted all the same), and once
 recorded it gets one info line ("delivery settled", with the publishing
 call's ``trace_id``) and an observation of ``belfry_end_to_end_seconds``
 (the delivery's age). The outcome labels are ``OUTCOMES``, the only
