@@ -367,7 +367,7 @@ class Queue:
 # `state = 'leased'` test here would add nothing but an estimate: the statistics usually see almost no
 # leased rows (few are leased at any instant), and on a table of up to a few hundred thousand rows the
 # planner then scanned the whole table and compared every leased row with every outcome (a nested loop
-# over the unnest: 450 ms for 1,000 outcomes on 20,000 rows, against 20 ms by key; bench/queue_drain.py).
+# over the unnest: 553 ms for 1,000 outcomes on 20,000 rows, against 20 ms by key; docs/benchmarks.md).
 _SETTLE = f"""
     update queue.deliveries d
     set state = case when x.state = 'queued' and now() + make_interval(secs => x.delay) >= d.expires_at
