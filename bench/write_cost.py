@@ -15,9 +15,9 @@ supervisor):
 3. **retention** — the purge functions the services run on a schedule are
    called directly with a zero retention (waiting out 7 and 30 days is not
    practical): ``belfry.queue.ops.purge`` (finished deliveries, then
-   ``VACUUM`` of the queue), the dispatcher's ``store.purge`` until nothing
-   is left (idempotency keys cleared, then notifications and decisions
-   deleted), the email cap counters (``purge_counts``); then a plain
+   ``VACUUM`` of the queue), the dispatcher's ``store.purge`` twice
+   (idempotency keys cleared, then notifications and decisions deleted, as
+   their windows of a day and 30 days come in production), the email cap counters (``purge_counts``); then a plain
    ``VACUUM`` of every data-path table, as autovacuum would do. The bell
    feed is never purged (there is no retention for it today).
 
@@ -117,12 +117,10 @@ async def _retention(dsn: str, conn: asyncpg.Connection) -> dict[str, int]:
     done = {"queue": 0, "keys": 0, "notifications": 0, "email_counts": 0}
     try:
         done["queue"] = await ops.purge(pool, older_than_seconds=0)
-        while True:
-            keys, gone = await dispatcher_store.purge(pool, key_hours=0, retention_days=0)
-            done["keys"] += keys
-            done["notifications"] += gone
-            if not keys and not gone:
-                break
+        # Keys first, then the records, as in production, where every key is cleared 29 days before its
+        # record goes (a purge that finds a record past both windows deletes it without clearing its key).
+        done["keys"], _ = await dispatcher_store.purge(pool, key_hours=0, retention_days=3650)
+        _, done["notifications"] = await dispatcher_store.purge(pool, key_hours=0, retention_days=0)
         done["email_counts"] = await email_store.purge_counts(pool, keep_days=-1)
         names = await conn.fetch(
             "select schemaname || '.' || relname as name from pg_stat_user_tables where schemaname = any($1::text[])",
