@@ -335,7 +335,9 @@ from recs group by 1 order by 2 desc
 """
 
 
-async def wal_by_relation(conn: asyncpg.Connection, start: int, end: int) -> list[tuple[str, int, int, int]]:
+async def wal_by_relation(
+    conn: asyncpg.Connection | asyncpg.Pool, start: int, end: int
+) -> list[tuple[str, int, int, int]]:
     """(what, WAL bytes, of which full-page images, records) between two ``Snapshot.lsn``, largest first."""
     await conn.execute("create extension if not exists pg_walinspect")
     rows = await conn.fetch(_WAL_BY_RELATION, start, end)

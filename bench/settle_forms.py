@@ -40,6 +40,7 @@ import asyncpg
 from belfry import db, log
 from belfry.queue import Lease, NewDelivery, Queue, Sent, enqueue
 
+from bench.datapath_common import wal_by_relation
 from bench.queue_common import drop_database, scratch_database, server_versions
 
 CHUNK = 1000
@@ -111,12 +112,7 @@ async def _lsn(pool: asyncpg.Pool) -> int:
 
 async def _records(pool: asyncpg.Pool, start: int, end: int) -> int:
     """WAL records between two positions (pg_walinspect: exact, unlike pg_stat_wal, flushed by each backend later)."""
-    count: int = await pool.fetchval(
-        "select count(*) from pg_get_wal_records_info('0/0'::pg_lsn + $1::numeric, '0/0'::pg_lsn + $2::numeric)",
-        start,
-        end,
-    )
-    return count
+    return sum(records for _, _, _, records in await wal_by_relation(pool, start, end))
 
 
 async def _settle(pool: asyncpg.Pool, queue: Queue, form: str, leases: list[Lease]) -> None:
@@ -139,7 +135,6 @@ async def run(form: str, n: int, accounts: int, checkpoint: bool) -> dict[str, f
     dsn = await scratch_database()
     pool = await db.create_pool(dsn, application_name="bench-settle", min_size=1, max_size=2)
     try:
-        await pool.execute("create extension if not exists pg_walinspect")
         await pool.execute(_OUTCOMES)
         await _fill(pool, n, accounts)
         await pool.execute("vacuum analyze queue.deliveries")

@@ -144,7 +144,7 @@ async def shown_arguments(page: Page) -> list[tuple[str, dict[str, Any]]]:
     return [(title, options) for title, options in await page.evaluate("window.__shownArgs")]
 
 
-async def shown_notifications(page: Page, *, at_least: int = 1, patience: float = 30.0) -> list[dict[str, str]]:
+async def shown_notifications(page: Page, *, patience: float = 30.0) -> list[dict[str, str]]:
     """What the service worker registration really shows (``getNotifications``), once there are some.
 
     Polled for up to ``patience`` seconds: the page shows them asynchronously after the websocket frame.
@@ -155,7 +155,7 @@ async def shown_notifications(page: Page, *, at_least: int = 1, patience: float 
     }"""
     for _ in range(int(patience / 0.025)):
         shown: list[dict[str, str]] = await page.evaluate(script)
-        if len(shown) >= at_least:
+        if shown:
             return shown
         await page.wait_for_timeout(25)
     return await page.evaluate(script)  # type: ignore[no-any-return]
