@@ -17,7 +17,8 @@ schema as migrated today, plus the outcome table for the second form):
 3. every lease is settled as sent, 1,000 to a statement, by one form.
 
 Per settled delivery: the wall time of the settles (client and server
-together, one connection, nothing else running), their WAL bytes
+together, one connection, nothing else running), the CPU of this process
+and of PostgreSQL's processes meanwhile, their WAL bytes
 (``pg_current_wal_lsn()`` difference) and WAL records (``pg_walinspect``). The
 claims' WAL is printed too (not their time: every delivery is claimed before
 any is settled, so later claims step over the leased rows as no worker's
@@ -41,7 +42,7 @@ from belfry import db, log
 from belfry.queue import Lease, NewDelivery, Queue, Sent, enqueue
 
 from bench.datapath_common import wal_by_relation
-from bench.queue_common import drop_database, scratch_database, server_versions
+from bench.queue_common import CpuMeter, drop_database, scratch_database, server_versions
 
 CHUNK = 1000
 FORMS = ("update", "move")
@@ -148,7 +149,8 @@ async def run(form: str, n: int, accounts: int, checkpoint: bool) -> dict[str, f
         if checkpoint:
             await pool.execute("checkpoint")
         lsn2, started = await _lsn(pool), time.perf_counter()
-        await _settle(pool, queue, form, leases)
+        with CpuMeter() as cpu:
+            await _settle(pool, queue, form, leases)
         settle_s, lsn3 = time.perf_counter() - started, await _lsn(pool)
         left = await pool.fetchval("select count(*) from queue.deliveries where finished_at is null")
         if left:
@@ -158,6 +160,8 @@ async def run(form: str, n: int, accounts: int, checkpoint: bool) -> dict[str, f
             "claim_wal": (lsn1 - lsn0) / k,
             "claim_records": claim_records / k,
             "settle_us": 1e6 * settle_s / k,
+            "client_us": 1e6 * cpu.own / k,
+            "postgres_us": 1e6 * cpu.postgres / k,
             "settle_wal": (lsn3 - lsn2) / k,
             "settle_records": await _records(pool, lsn2, lsn3) / k,
         }
@@ -168,8 +172,9 @@ async def run(form: str, n: int, accounts: int, checkpoint: bool) -> dict[str, f
 
 def _line(form: str, r: dict[str, float]) -> str:
     return (
-        f"{form:7s} settle {r['settle_us']:6.1f} µs, WAL {r['settle_wal']:6,.0f} B, {r['settle_records']:5.2f} records"
-        f" per delivery | claim WAL {r['claim_wal']:5,.0f} B, {r['claim_records']:5.2f} records"
+        f"{form:7s} settle {r['settle_us']:6.1f} µs (CPU: client {r['client_us']:5.1f}, postgres {r['postgres_us']:5.1f}),"
+        f" WAL {r['settle_wal']:6,.0f} B, {r['settle_records']:5.2f} records per delivery"
+        f" | claim WAL {r['claim_wal']:5,.0f} B, {r['claim_records']:5.2f} records"
     )
 
 
